@@ -1,0 +1,21 @@
+"""vkconv: ONNX-exact convolutions as GLSL compute shaders on any Vulkan device.
+
+Arrays in, arrays out (numpy float32, NCHW).  The SPIR-V is embedded (``vkconv/_spirv.py``), so no
+shader compiler is needed at run time.  See ``python -m vkconv info`` for the devices.
+"""
+from __future__ import annotations
+
+from .activation import Activation
+from .context import (Context, DeviceInfo, close_context, get_context, list_devices,
+                      validation_messages)
+from .conv import Conv, conv
+from .errors import NoDeviceError, ValidationError, VkconvError
+from .shapes import resolve_auto_pad
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Activation", "Context", "Conv", "DeviceInfo", "NoDeviceError", "ValidationError",
+    "VkconvError", "__version__", "close_context", "conv", "get_context", "list_devices",
+    "resolve_auto_pad", "validation_messages",
+]

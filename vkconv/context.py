@@ -1,0 +1,344 @@
+"""Vulkan instance, device choice, queue, and the bookkeeping every other module relies on.
+
+One :class:`Context` owns a ``VkInstance``, one logical device with one compute queue, a command
+pool, a ``VkPipelineCache`` and the pipelines built from embedded SPIR-V.  Objects made on it
+(buffers, descriptor sets, command buffers) register their handles in :attr:`Context.live` so that
+tests can prove nothing leaks, and are destroyed by ``close()`` or by a finalizer.
+
+Environment:
+
+``VKCONV_DEVICE``
+    index (in :func:`list_devices` order) or case-insensitive substring of the device name.
+``VKCONV_VALIDATION=1``
+    enable ``VK_LAYER_KHRONOS_validation`` with a debug messenger; every warning or error it reports
+    is kept in :func:`validation_messages` (tests fail on any).
+``VKCONV_TIMEOUT``
+    seconds to wait for a submission before raising instead of hanging (default 120).
+"""
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import weakref
+from dataclasses import dataclass, field
+
+from .errors import NoDeviceError, VkconvError
+
+try:
+    import vulkan as vk
+except (ImportError, OSError) as exc:  # cffi raises OSError when libvulkan.so.1 is missing
+    vk = None
+    _IMPORT_ERROR: Exception | None = exc
+else:
+    _IMPORT_ERROR = None
+
+VALIDATION_LAYER = "VK_LAYER_KHRONOS_validation"
+_TYPE_NAMES = {0: "other", 1: "integrated", 2: "discrete", 3: "virtual", 4: "cpu"}
+# Lower rank is preferred: a real GPU first, lavapipe (CPU) last.
+_TYPE_RANK = {2: 0, 1: 1, 3: 2, 4: 3, 0: 4}
+
+
+def require_vulkan():
+    """The ``vulkan`` module, or :class:`NoDeviceError` saying what to install."""
+    if vk is None:
+        raise NoDeviceError(
+            f"no Vulkan loader: {_IMPORT_ERROR}. Install the loader and a driver, e.g. "
+            "`apt-get install libvulkan1 mesa-vulkan-drivers` (lavapipe runs on the CPU)")
+    return vk
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation messages.  The `vulkan` binding routes every messenger through one module-level
+# callback, so the messages live in one process-wide list.
+_messages: list[str] = []
+_messages_lock = threading.Lock()
+
+
+def _on_validation_message(severity, types, data, user_data):
+    text = vk.ffi.string(data.pMessage).decode(errors="replace")
+    with _messages_lock:
+        _messages.append(text)
+    return 0  # VK_FALSE: never abort the call that triggered the message
+
+
+def validation_messages(clear: bool = False) -> list[str]:
+    """Warnings and errors the validation layer reported so far (optionally clearing them)."""
+    with _messages_lock:
+        out = list(_messages)
+        if clear:
+            _messages.clear()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What `vkconv info` prints and what kernels size themselves from."""
+
+    index: int
+    name: str
+    type: str
+    api_version: str
+    driver_version: int
+    vendor_id: int
+    max_workgroup_invocations: int
+    max_workgroup_size: tuple[int, int, int]
+    max_workgroup_count: tuple[int, int, int]
+    max_shared_memory: int
+    max_storage_buffer_range: int
+    max_push_constants_size: int
+    subgroup_size: int
+    fp16_storage: bool
+    fp16_arithmetic: bool
+    unified_memory: bool
+    has_compute_queue: bool
+    rank: int = field(repr=False)
+
+
+def _version_str(v: int) -> str:
+    return f"{v >> 22}.{(v >> 12) & 0x3FF}.{v & 0xFFF}"
+
+
+def _create_instance(validation: bool):
+    v = require_vulkan()
+    app = v.VkApplicationInfo(pApplicationName="vkconv", applicationVersion=1, pEngineName="vkconv",
+                              engineVersion=1, apiVersion=v.VK_MAKE_VERSION(1, 1, 0))
+    layers, extensions = [], []
+    if validation:
+        available = {p.layerName for p in v.vkEnumerateInstanceLayerProperties()}
+        if VALIDATION_LAYER not in available:
+            raise VkconvError(f"VKCONV_VALIDATION=1 but {VALIDATION_LAYER} is not installed "
+                              "(Debian: apt-get install vulkan-validationlayers)")
+        layers.append(VALIDATION_LAYER)
+        extensions.append(v.VK_EXT_DEBUG_UTILS_EXTENSION_NAME)
+    info = v.VkInstanceCreateInfo(pApplicationInfo=app, enabledLayerCount=len(layers),
+                                  ppEnabledLayerNames=layers or None,
+                                  enabledExtensionCount=len(extensions),
+                                  ppEnabledExtensionNames=extensions or None)
+    try:
+        return v.vkCreateInstance(info, None)
+    except (v.VkError, v.VkException) as exc:
+        raise NoDeviceError(f"vkCreateInstance failed ({type(exc).__name__}): no Vulkan driver? "
+                            "Install one, e.g. `apt-get install mesa-vulkan-drivers`") from exc
+
+
+def _describe(index: int, pd) -> DeviceInfo:
+    v = vk
+    props = v.vkGetPhysicalDeviceProperties(pd)
+    lim = props.limits
+    f16 = v.VkPhysicalDevice16BitStorageFeatures()
+    f16a = v.VkPhysicalDeviceShaderFloat16Int8Features(pNext=f16)
+    feats = v.VkPhysicalDeviceFeatures2(pNext=f16a)
+    v.vkGetPhysicalDeviceFeatures2(pd, feats)
+    sub = v.VkPhysicalDeviceSubgroupProperties()
+    props2 = v.VkPhysicalDeviceProperties2(pNext=sub)
+    v.vkGetPhysicalDeviceProperties2(pd, props2)
+    mem = v.vkGetPhysicalDeviceMemoryProperties(pd)
+    need = (v.VK_MEMORY_PROPERTY_DEVICE_LOCAL_BIT | v.VK_MEMORY_PROPERTY_HOST_VISIBLE_BIT
+            | v.VK_MEMORY_PROPERTY_HOST_COHERENT_BIT)
+    unified = all(
+        (mem.memoryTypes[i].propertyFlags & need) == need
+        for i in range(mem.memoryTypeCount)
+        if mem.memoryTypes[i].propertyFlags & v.VK_MEMORY_PROPERTY_DEVICE_LOCAL_BIT)
+    queues = v.vkGetPhysicalDeviceQueueFamilyProperties(pd)
+    return DeviceInfo(
+        index=index, name=props.deviceName, type=_TYPE_NAMES.get(props.deviceType, "other"),
+        api_version=_version_str(props.apiVersion), driver_version=props.driverVersion,
+        vendor_id=props.vendorID,
+        max_workgroup_invocations=lim.maxComputeWorkGroupInvocations,
+        max_workgroup_size=tuple(lim.maxComputeWorkGroupSize),
+        max_workgroup_count=tuple(lim.maxComputeWorkGroupCount),
+        max_shared_memory=lim.maxComputeSharedMemorySize,
+        max_storage_buffer_range=lim.maxStorageBufferRange,
+        max_push_constants_size=lim.maxPushConstantsSize,
+        subgroup_size=sub.subgroupSize,
+        fp16_storage=bool(f16.storageBuffer16BitAccess),
+        fp16_arithmetic=bool(f16a.shaderFloat16),
+        unified_memory=unified,
+        has_compute_queue=any(q.queueFlags & v.VK_QUEUE_COMPUTE_BIT for q in queues),
+        rank=_TYPE_RANK.get(props.deviceType, 4),
+    )
+
+
+def list_devices() -> list[DeviceInfo]:
+    """Every Vulkan physical device, in the loader's order (the index ``VKCONV_DEVICE`` takes)."""
+    v = require_vulkan()
+    instance = _create_instance(validation=False)
+    try:
+        return [_describe(i, pd) for i, pd in enumerate(v.vkEnumeratePhysicalDevices(instance))]
+    finally:
+        v.vkDestroyInstance(instance, None)
+
+
+def choose_device(devices: list[DeviceInfo], selector: str | None = None) -> DeviceInfo:
+    """Discrete > integrated > virtual > CPU, or what ``selector`` (index or name part) names."""
+    usable = [d for d in devices if d.has_compute_queue]
+    if not usable:
+        raise NoDeviceError("no Vulkan device with a compute queue; install a driver, e.g. "
+                            "`apt-get install mesa-vulkan-drivers` for lavapipe")
+    if selector:
+        if selector.strip().isdigit():
+            idx = int(selector)
+            match = [d for d in usable if d.index == idx]
+        else:
+            match = [d for d in usable if selector.lower() in d.name.lower()]
+        if not match:
+            names = ", ".join(f"{d.index}: {d.name}" for d in usable)
+            raise NoDeviceError(f"VKCONV_DEVICE={selector!r} matches no device (have {names})")
+        return match[0]
+    return min(usable, key=lambda d: (d.rank, d.index))
+
+
+# ---------------------------------------------------------------------------------------------
+class Context:
+    """A logical device with one compute queue; thread-safe for submission."""
+
+    def __init__(self, device: str | None = None, validation: bool | None = None):
+        v = require_vulkan()
+        if validation is None:
+            validation = os.environ.get("VKCONV_VALIDATION", "") not in ("", "0")
+        self.validation = validation
+        self.timeout_ns = int(float(os.environ.get("VKCONV_TIMEOUT", "120")) * 1e9)
+        self.lock = threading.RLock()
+        self.live: collections.Counter[str] = collections.Counter()
+        self.stats: collections.Counter[str] = collections.Counter()
+        self._children: weakref.WeakSet = weakref.WeakSet()
+        self._pipelines: dict = {}
+        self._closed = False
+        self.instance = _create_instance(validation)
+        self._messenger = None
+        try:
+            if validation:
+                self._create_messenger()
+            physical = v.vkEnumeratePhysicalDevices(self.instance)
+            infos = [_describe(i, pd) for i, pd in enumerate(physical)]
+            self.info = choose_device(infos, device if device is not None
+                                      else os.environ.get("VKCONV_DEVICE"))
+            self.physical_device = physical[self.info.index]
+            self._create_device()
+        except BaseException:
+            self._destroy_instance()
+            raise
+
+    # -- creation ------------------------------------------------------------------------------
+    def _create_messenger(self):
+        v = vk
+        sev = (v.VK_DEBUG_UTILS_MESSAGE_SEVERITY_WARNING_BIT_EXT
+               | v.VK_DEBUG_UTILS_MESSAGE_SEVERITY_ERROR_BIT_EXT)
+        kinds = (v.VK_DEBUG_UTILS_MESSAGE_TYPE_GENERAL_BIT_EXT
+                 | v.VK_DEBUG_UTILS_MESSAGE_TYPE_VALIDATION_BIT_EXT
+                 | v.VK_DEBUG_UTILS_MESSAGE_TYPE_PERFORMANCE_BIT_EXT)
+        info = v.VkDebugUtilsMessengerCreateInfoEXT(messageSeverity=sev, messageType=kinds,
+                                                    pfnUserCallback=_on_validation_message)
+        create = v.vkGetInstanceProcAddr(self.instance, "vkCreateDebugUtilsMessengerEXT")
+        self._destroy_messenger = v.vkGetInstanceProcAddr(self.instance,
+                                                          "vkDestroyDebugUtilsMessengerEXT")
+        self._messenger = create(self.instance, info, None)
+
+    def _create_device(self):
+        v = vk
+        families = v.vkGetPhysicalDeviceQueueFamilyProperties(self.physical_device)
+        compute = [i for i, q in enumerate(families) if q.queueFlags & v.VK_QUEUE_COMPUTE_BIT]
+        # A compute-only family is the dedicated async-compute queue on discrete GPUs.
+        compute.sort(key=lambda i: bool(families[i].queueFlags & v.VK_QUEUE_GRAPHICS_BIT))
+        self.queue_family = compute[0]
+        priorities = v.ffi.new("float[]", [1.0])
+        queue_info = v.VkDeviceQueueCreateInfo(queueFamilyIndex=self.queue_family, queueCount=1,
+                                               pQueuePriorities=priorities)
+        device_info = v.VkDeviceCreateInfo(queueCreateInfoCount=1, pQueueCreateInfos=[queue_info])
+        self.device = v.vkCreateDevice(self.physical_device, device_info, None)
+        self.queue = v.vkGetDeviceQueue(self.device, self.queue_family, 0)
+        pool_info = v.VkCommandPoolCreateInfo(
+            flags=v.VK_COMMAND_POOL_CREATE_RESET_COMMAND_BUFFER_BIT,
+            queueFamilyIndex=self.queue_family)
+        self.command_pool = v.vkCreateCommandPool(self.device, pool_info, None)
+        self.pipeline_cache = v.vkCreatePipelineCache(self.device, v.VkPipelineCacheCreateInfo(), None)
+        self.memory_properties = v.vkGetPhysicalDeviceMemoryProperties(self.physical_device)
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    def track(self, kind: str, delta: int) -> None:
+        with self.lock:
+            self.live[kind] += delta
+
+    def adopt(self, obj) -> None:
+        """Register an object with a ``close()`` so that closing the context closes it first."""
+        self._children.add(obj)
+
+    def check(self) -> None:
+        if self._closed:
+            raise VkconvError("the vkconv context was closed")
+
+    def memory_type(self, type_bits: int, want: int, avoid: int = 0) -> int:
+        props = self.memory_properties
+        for i in range(props.memoryTypeCount):
+            flags = props.memoryTypes[i].propertyFlags
+            if type_bits & (1 << i) and (flags & want) == want and not flags & avoid:
+                return i
+        if avoid:
+            return self.memory_type(type_bits, want)
+        raise VkconvError(f"no Vulkan memory type with flags {want:#x} on {self.info.name}")
+
+    def pipeline(self, name: str, n_buffers: int, push_size: int, spec: tuple = ()):
+        """The compute pipeline for embedded shader ``name`` with specialization ``spec``, cached."""
+        from .pipeline import Pipeline
+
+        key = (name, n_buffers, push_size, tuple(spec))
+        with self.lock:
+            self.check()
+            pipe = self._pipelines.get(key)
+            if pipe is None:
+                pipe = self._pipelines[key] = Pipeline(self, name, n_buffers, push_size, spec)
+        return pipe
+
+    # -- teardown ------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Destroy every object made on this context, then the device and the instance."""
+        with self.lock:
+            if self._closed:
+                return
+            self._closed = True
+            vk.vkDeviceWaitIdle(self.device)
+            for child in list(self._children):
+                child.close()
+            for pipe in self._pipelines.values():
+                pipe.close()
+            self._pipelines.clear()
+            vk.vkDestroyPipelineCache(self.device, self.pipeline_cache, None)
+            vk.vkDestroyCommandPool(self.device, self.command_pool, None)
+            vk.vkDestroyDevice(self.device, None)
+            self._destroy_instance()
+
+    def _destroy_instance(self):
+        if self._messenger is not None:
+            self._destroy_messenger(self.instance, self._messenger, None)
+            self._messenger = None
+        vk.vkDestroyInstance(self.instance, None)
+
+    def __enter__(self) -> "Context":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_default: Context | None = None
+_default_lock = threading.Lock()
+
+
+def get_context() -> Context:
+    """The process-wide context, created on first use."""
+    global _default
+    with _default_lock:
+        if _default is None or _default._closed:
+            _default = Context()
+        return _default
+
+
+def close_context() -> None:
+    """Destroy the process-wide context (the next op creates a new one)."""
+    global _default
+    with _default_lock:
+        if _default is not None:
+            _default.close()
+            _default = None

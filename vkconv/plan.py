@@ -1,0 +1,76 @@
+"""Per-shape execution plans: buffers, descriptor sets and one recorded command buffer.
+
+An op with resident weights builds one :class:`Plan` per input shape and replays it: after the
+first call at a shape, a call is a memcpy in, one queue submit, and a memcpy out, with no Vulkan
+object created.  :class:`PlanCache` keeps the few most recent shapes.
+"""
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Hashable, Sequence
+
+import numpy as np
+
+from .buffer import Buffer
+from .command import CommandBuffer
+from .context import Context
+
+
+class Plan:
+    """Staged input/output buffers plus whatever the recorded body needs (``keep``)."""
+
+    def __init__(self, ctx: Context, inputs: Sequence[tuple[str, tuple[int, ...]]],
+                 outputs: Sequence[tuple[str, tuple[int, ...]]]):
+        self.ctx = ctx
+        self.input_shapes = [tuple(s) for _, s in inputs]
+        self.output_shapes = [tuple(s) for _, s in outputs]
+        self.inputs = [Buffer(ctx, 4 * int(np.prod(s)), staged=True, name=n) for n, s in inputs]
+        self.outputs = [Buffer(ctx, 4 * int(np.prod(s)), staged=True, name=n) for n, s in outputs]
+        self.keep: list = []  # descriptor sets and scratch buffers the commands refer to
+        self.cmd = CommandBuffer(ctx)
+
+    def record(self, body: Callable[[CommandBuffer], None]) -> None:
+        cmd = self.cmd
+        cmd.begin()
+        for b in self.inputs:
+            b.record_upload(cmd)
+        cmd.barrier()
+        body(cmd)
+        cmd.barrier()
+        for b in self.outputs:
+            b.record_download(cmd)
+        cmd.host_barrier()
+        cmd.end()
+
+    def run(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        for buf, arr in zip(self.inputs, arrays):
+            buf.write(arr)
+        self.cmd.submit()
+        return [b.read(np.float32, s) for b, s in zip(self.outputs, self.output_shapes)]
+
+    def close(self) -> None:
+        for obj in [self.cmd, *self.keep, *self.inputs, *self.outputs]:
+            obj.close()
+        self.keep.clear()
+
+
+class PlanCache:
+    """The ``capacity`` most recently used plans, keyed by input shape."""
+
+    def __init__(self, capacity: int = 4):
+        self.capacity = capacity
+        self._plans: collections.OrderedDict[Hashable, Plan] = collections.OrderedDict()
+
+    def get(self, key: Hashable, build: Callable[[], Plan]) -> Plan:
+        plan = self._plans.pop(key, None)
+        if plan is None:
+            plan = build()
+        self._plans[key] = plan
+        while len(self._plans) > self.capacity:
+            self._plans.popitem(last=False)[1].close()
+        return plan
+
+    def clear(self) -> None:
+        for plan in self._plans.values():
+            plan.close()
+        self._plans.clear()

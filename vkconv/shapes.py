@@ -1,0 +1,76 @@
+"""Argument checking and the ONNX shape arithmetic shared by every convolution-like op."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def as_float32(name: str, value, ndim: int | tuple[int, ...] | None = None) -> np.ndarray:
+    """``value`` as a C-contiguous float32 array (non-contiguous input is copied).
+
+    Any other dtype is refused rather than converted, so that a float64 or int array passed by
+    mistake is reported instead of silently losing precision.
+    """
+    if not isinstance(value, np.ndarray):
+        raise ValueError(f"{name}: expected a numpy.ndarray, got {type(value).__name__}")
+    if value.dtype != np.float32:
+        raise ValueError(f"{name}: dtype must be float32, got {value.dtype} (use .astype(np.float32))")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else ndim
+        if value.ndim not in allowed:
+            want = " or ".join(str(d) for d in allowed)
+            raise ValueError(f"{name}: expected rank {want}, got shape {value.shape}")
+    return np.ascontiguousarray(value)
+
+
+def spatial(name: str, value, n: int, *, minimum: int) -> tuple[int, ...]:
+    """A scalar or length-``n`` sequence of ints, each at least ``minimum``."""
+    if isinstance(value, (int, np.integer)):
+        out = (int(value),) * n
+    elif isinstance(value, Sequence) and len(value) == n and all(
+            isinstance(v, (int, np.integer)) for v in value):
+        out = tuple(int(v) for v in value)
+    else:
+        raise ValueError(f"{name}: expected an int or {n} ints, got {value!r}")
+    if any(v < minimum for v in out):
+        raise ValueError(f"{name}: every value must be >= {minimum}, got {out}")
+    return out
+
+
+def pads(value, n: int) -> tuple[int, ...]:
+    """ONNX pads ``(begin_0..begin_n-1, end_0..end_n-1)`` from a scalar, ``n`` (symmetric) or ``2n``
+    non-negative ints."""
+    if isinstance(value, Sequence) and len(value) == n and n != 0:
+        value = tuple(value) * 2
+    return spatial("pads", value, 2 * n, minimum=0)
+
+
+def conv_out_size(size: int, kernel: int, stride: int, pad_begin: int, pad_end: int,
+                  dilation: int) -> int:
+    return (size + pad_begin + pad_end - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def resolve_auto_pad(auto_pad: str, in_spatial: Sequence[int], kernel: Sequence[int],
+                     strides: Sequence[int], dilations: Sequence[int]) -> tuple[int, ...] | None:
+    """Explicit ONNX pads for ``auto_pad`` SAME_UPPER / SAME_LOWER / VALID; None for NOTSET.
+
+    SAME_* pads so that ``out = ceil(in / stride)``; the odd pixel goes at the end for SAME_UPPER and
+    at the beginning for SAME_LOWER, as the ONNX Conv specification says.
+    """
+    mode = auto_pad.upper() if isinstance(auto_pad, str) else auto_pad
+    n = len(in_spatial)
+    if mode in ("NOTSET", ""):
+        return None
+    if mode == "VALID":
+        return (0,) * (2 * n)
+    if mode not in ("SAME_UPPER", "SAME_LOWER"):
+        raise ValueError(f"auto_pad: expected NOTSET, SAME_UPPER, SAME_LOWER or VALID, got {auto_pad!r}")
+    begins, ends = [], []
+    for size, k, s, d in zip(in_spatial, kernel, strides, dilations):
+        out = -(-size // s)
+        total = max(0, (out - 1) * s + d * (k - 1) + 1 - size)
+        small, big = total // 2, total - total // 2
+        begins.append(small if mode == "SAME_UPPER" else big)
+        ends.append(big if mode == "SAME_UPPER" else small)
+    return tuple(begins + ends)
