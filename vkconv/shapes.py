@@ -74,3 +74,69 @@ def resolve_auto_pad(auto_pad: str, in_spatial: Sequence[int], kernel: Sequence[
         begins.append(small if mode == "SAME_UPPER" else big)
         ends.append(big if mode == "SAME_UPPER" else small)
     return tuple(begins + ends)
+
+
+def conv_output_shape(x_shape: Sequence[int], w_shape: Sequence[int], strides: Sequence[int],
+                      pads_: Sequence[int], dilations: Sequence[int], group: int,
+                      auto_pad: str = "NOTSET") -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(output shape, resolved pads)`` of ONNX Conv, without touching a device.
+
+    ``x_shape`` is ``[N, C, *spatial]``, ``w_shape`` ``[C_out, C / group, *kernel]``. ValueError names
+    the argument when the input cannot be convolved with these weights.
+    """
+    x_shape, w_shape = tuple(int(s) for s in x_shape), tuple(int(s) for s in w_shape)
+    nd = len(w_shape) - 2
+    if len(x_shape) != nd + 2:
+        raise ValueError(f"x: expected rank {nd + 2} for weights of shape {w_shape}, got shape {x_shape}")
+    if x_shape[1] != w_shape[1] * group:
+        raise ValueError(f"x: {x_shape[1]} channels, but w {w_shape} with group={group} expects "
+                         f"{w_shape[1] * group}")
+    kernel = w_shape[2:]
+    auto = resolve_auto_pad(auto_pad, x_shape[2:], kernel, strides, dilations)
+    resolved = tuple(pads_) if auto is None else auto
+    out = [conv_out_size(s, k, st, resolved[i], resolved[i + nd], d)
+           for i, (s, k, st, d) in enumerate(zip(x_shape[2:], kernel, strides, dilations))]
+    if any(o < 1 for o in out):
+        raise ValueError(f"x: spatial size {x_shape[2:]} with pads {resolved} is smaller than the dilated "
+                         f"kernel {kernel} (dilations {tuple(dilations)}); output would be {out}")
+    return (x_shape[0], w_shape[0], *out), resolved
+
+
+def conv_transpose_out_size(size: int, kernel: int, stride: int, pad_begin: int, pad_end: int,
+                            dilation: int, output_padding: int) -> int:
+    """ONNX ConvTranspose output length along one axis for explicit pads."""
+    return stride * (size - 1) + output_padding + dilation * (kernel - 1) + 1 - pad_begin - pad_end
+
+
+def resolve_conv_transpose_pads(auto_pad: str, in_spatial: Sequence[int], kernel: Sequence[int],
+                                strides: Sequence[int], dilations: Sequence[int],
+                                output_padding: Sequence[int],
+                                output_shape: Sequence[int] | None = None) -> tuple[int, ...] | None:
+    """Pads ``(begin..., end...)`` of ONNX ConvTranspose when ``output_shape`` or ``auto_pad`` decides
+    them; None when the explicit ``pads`` attribute applies (NOTSET and no ``output_shape``).
+
+    As the specification says: SAME_UPPER / SAME_LOWER target ``output_shape = in * stride``, a
+    given ``output_shape`` wins over ``pads``, and the total padding
+    ``stride * (in - 1) + output_padding + dilation * (kernel - 1) + 1 - output_shape`` is split with
+    the smaller half at the beginning for SAME_UPPER and at the end otherwise.  The halves use
+    floor division, as the ONNX reference and its conformance data do, so an ``output_shape`` larger
+    than the natural size gives a negative pad (extra outputs, holding just the bias).
+    """
+    mode = auto_pad.upper() if isinstance(auto_pad, str) else auto_pad
+    if mode not in ("NOTSET", "", "SAME_UPPER", "SAME_LOWER", "VALID"):
+        raise ValueError(f"auto_pad: expected NOTSET, SAME_UPPER, SAME_LOWER or VALID, got {auto_pad!r}")
+    n = len(in_spatial)
+    if output_shape is None:
+        if mode in ("NOTSET", ""):
+            return None
+        if mode == "VALID":
+            return (0,) * (2 * n)
+        output_shape = [size * s for size, s in zip(in_spatial, strides)]
+    begins, ends = [], []
+    for size, k, s, d, adj, out in zip(in_spatial, kernel, strides, dilations, output_padding,
+                                       output_shape):
+        total = conv_transpose_out_size(size, k, s, 0, 0, d, adj) - out
+        half = total // 2
+        begins.append(half if mode == "SAME_UPPER" else total - half)
+        ends.append(total - half if mode == "SAME_UPPER" else half)
+    return tuple(begins + ends)

@@ -1,0 +1,197 @@
+"""The Python layers OpenCV's dnn calls, and where their state really lives.
+
+OpenCV never frees layer instances and hangs if ``forward`` raises, so a layer here is a thin,
+exception-proof shell: it holds ``(net id, node key)`` and forwards to an *op* object kept in the
+plugin-level :data:`NETS` registry.  Closing the :class:`cv_plugin.net.Net` drops its ops (weights,
+Vulkan buffers, recorded commands).  Errors are stored on the net's state and raised by the wrapper
+around ``forward``; the layer returns zeros of the declared shape meanwhile.
+
+Every op node carries integer attributes written by the rewrite: ``vk_net`` (net id), ``vk_const``
+(bit i set when node input i is a constant, which OpenCV moves to ``blobs``) and ``vk_ninputs``, and
+the string ``vk_key`` (unique node key).
+"""
+from __future__ import annotations
+
+import threading
+import traceback
+from dataclasses import dataclass, field
+
+import numpy as np
+
+import vkconv
+from vkconv import shapes
+
+from . import compat
+
+
+@dataclass
+class NetState:
+    """What one loaded net owns: its ops, pending errors, and per-op forward counts."""
+
+    ops: dict[str, "Op"] = field(default_factory=dict)
+    errors: list[BaseException] = field(default_factory=list)
+    forwards: dict[str, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def fail(self, where: str, exc: BaseException) -> None:
+        exc.add_note(f"in vkconv layer {where}")
+        with self.lock:
+            self.errors.append(exc)
+
+    def take_errors(self) -> list[BaseException]:
+        with self.lock:
+            errors, self.errors = self.errors, []
+        return errors
+
+    def close(self) -> None:
+        for op in self.ops.values():
+            op.close()
+        self.ops.clear()
+
+
+NETS: dict[int, NetState] = {}
+_orphan = NetState()  # errors from layers whose net id is unknown (malformed nodes)
+
+
+def _ints(params: dict, key: str, n: int, default: int) -> tuple[int, ...]:
+    """An int-list attribute; OpenCV hands a 1-element list over as a scalar."""
+    value = params.get(key, default)
+    if isinstance(value, (int, float)):
+        return (int(value),) * n
+    return tuple(int(v) for v in value)
+
+
+def _flat(blob: np.ndarray) -> np.ndarray:
+    # OpenCV turns 1-D constants into (N, 1) blobs.
+    return np.ascontiguousarray(blob.reshape(-1), dtype=np.float32)
+
+
+class Op:
+    """Base of the objects behind the layers: shapes without a device, forward on it."""
+
+    def __init__(self, params: dict, blobs: list[np.ndarray]):
+        self.name = str(params.get("vk_key", "?"))
+        self.ninputs = int(params["vk_ninputs"])
+        self.const_mask = int(params["vk_const"])
+        self.blobs = list(blobs)
+
+    def merge(self, runtime: list, constants: list) -> list:
+        """Node inputs in ONNX order: ``constants`` (what OpenCV moved to blobs) merged back
+        between the ``runtime`` inputs; works on arrays and on shapes alike."""
+        const, rt = iter(constants), iter(runtime)
+        return [next(const) if self.const_mask >> i & 1 else next(rt) for i in range(self.ninputs)]
+
+    @property
+    def runtime_weights(self) -> bool:
+        """Whether any input after X arrives at forward time (W, B fed with net.setInput)."""
+        return any(not self.const_mask >> i & 1 for i in range(1, self.ninputs))
+
+    def output_shapes(self, in_shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        raise NotImplementedError
+
+    def forward(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class ConvOp(Op):
+    """ONNX Conv (1-D/2-D) with fused BatchNorm/activation; W and B may be blobs or runtime inputs."""
+
+    def __init__(self, params: dict, blobs: list[np.ndarray]):
+        super().__init__(params, blobs)
+        self.nd = int(params["vk_nd"])
+        self.group = int(params.get("vk_group", 1))
+        self.strides = _ints(params, "vk_strides", self.nd, 1)
+        self.dilations = _ints(params, "vk_dilations", self.nd, 1)
+        self.pads = _ints(params, "vk_pads", 2 * self.nd, 0)
+        self.auto_pad = str(params.get("vk_auto_pad", "NOTSET"))
+        act = str(params.get("vk_act", ""))
+        self.activation = (act, float(params.get("vk_act_a", 0.0)), float(params.get("vk_act_b", 0.0))) \
+            if act else None
+        self.conv: vkconv.Conv | None = None
+        self._w_src = self._b_src = None  # the runtime W/B the device weights were made from
+
+    def output_shapes(self, in_shapes):
+        x, w = in_shapes[0], in_shapes[1]
+        out, _ = shapes.conv_output_shape(x, w, self.strides, self.pads, self.dilations, self.group,
+                                          self.auto_pad)
+        return [out]
+
+    def forward(self, arrays):
+        x, w, *rest = arrays
+        b = _flat(rest[0]) if rest else None
+        if self.conv is None:
+            self.conv = vkconv.Conv(w, b, strides=self.strides, pads=self.pads,
+                                    dilations=self.dilations, group=self.group,
+                                    activation=self.activation, auto_pad=self.auto_pad)
+        elif self.runtime_weights and not (_same(w, self._w_src) and _same(b, self._b_src)):
+            self.conv.set_weights(w, b)
+        self._w_src, self._b_src = w, b
+        return [self.conv(x)]
+
+    def close(self):
+        if self.conv is not None:
+            self.conv.close()
+            self.conv = None
+
+
+def _same(a, b) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a is b or (a.shape == b.shape and np.array_equal(a, b))
+
+
+class Layer:
+    """The class registered with ``cv2.dnn_registerLayer``; subclasses set ``op_class``."""
+
+    op_class: type[Op] = Op
+
+    def __init__(self, params, blobs):
+        self.net_id = int(params.get("vk_net", -1))
+        self.key = str(params.get("vk_key", "?"))
+        self.state = NETS.get(self.net_id, _orphan)
+        self.last_shapes: list[list[int]] = [[1]]
+        try:
+            op = self.op_class(params, blobs)
+            self.state.ops[self.key] = op
+        except BaseException as exc:  # noqa: BLE001 - nothing may cross the bridge
+            self.state.fail(self.key, exc)
+
+    def _op(self) -> Op:
+        op = self.state.ops.get(self.key)
+        if op is None:
+            raise vkconv.VkconvError(f"vkconv layer {self.key}: its net was closed or failed to load")
+        return op
+
+    def getMemoryShapes(self, inputs):
+        try:
+            op = self._op()
+            full = op.merge([tuple(int(d) for d in s) for s in inputs], [b.shape for b in op.blobs])
+            self.last_shapes = [list(s) for s in op.output_shapes(full)]
+        except BaseException as exc:  # noqa: BLE001
+            self.state.fail(self.key, exc)
+            self.last_shapes = [list(inputs[0])] if inputs else [[1]]
+        return self.last_shapes
+
+    def forward(self, inputs):
+        try:
+            op = self._op()
+            outs = op.forward(op.merge(list(inputs), op.blobs))
+            with self.state.lock:
+                self.state.forwards[self.key] = self.state.forwards.get(self.key, 0) + 1
+            return [compat.as_cv_output(o) for o in outs]
+        except BaseException as exc:  # noqa: BLE001
+            if not isinstance(exc, (ValueError, vkconv.VkconvError)):
+                exc.add_note(traceback.format_exc())
+            self.state.fail(self.key, exc)
+            return [compat.as_cv_output(np.zeros(s, np.float32)) for s in self.last_shapes]
+
+
+class ConvLayer(Layer):
+    op_class = ConvOp
+
+
+# layer type (domain.op) -> class; register() registers each exactly once per process
+LAYER_TYPES: dict[str, type[Layer]] = {"vkconv.Conv": ConvLayer}

@@ -1,0 +1,108 @@
+"""``read_net``: load an ONNX model into ``cv2.dnn`` with its convolutions routed to vkconv."""
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from . import compat, registry
+from .layers import NETS, NetState
+from .rewrite import RewriteReport, rewrite
+
+_ids = itertools.count(1)
+_ids_lock = threading.Lock()
+
+
+class Net:
+    """A ``cv2.dnn.Net`` whose vkconv layers report their errors to the caller.
+
+    Every attribute of the underlying net is available (``setInput``, ``getLayerNames``...);
+    ``forward`` raises the first error a vkconv layer met during that call, with its real message.
+    ``close()`` (or ``with``) frees the Vulkan resources of this net's layers.
+    """
+
+    def __init__(self, cv_net, net_id: int, state: NetState, report: RewriteReport):
+        self._net = cv_net
+        self.net_id = net_id
+        self.state = state
+        self.report = report
+
+    def __getattr__(self, name):
+        return getattr(self._net, name)
+
+    @property
+    def cv_net(self):
+        """The wrapped ``cv2.dnn.Net`` (its forward does not raise vkconv's errors)."""
+        return self._net
+
+    def _raise_pending(self) -> None:
+        errors = self.state.take_errors()
+        if errors:
+            raise errors[0]
+
+    def forward(self, *args, **kwargs):
+        self._raise_pending()  # errors left over from an earlier, unchecked call
+        out = self._net.forward(*args, **kwargs)
+        self._raise_pending()
+        return out
+
+    def vulkan_forwards(self) -> dict[str, int]:
+        """How many times each routed node ran on Vulkan so far (node key -> count)."""
+        with self.state.lock:
+            return dict(self.state.forwards)
+
+    def close(self) -> None:
+        self.state.close()
+        NETS.pop(self.net_id, None)
+
+    def __enter__(self) -> "Net":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+def _load(model) -> onnx.ModelProto:
+    if isinstance(model, onnx.ModelProto):
+        return model
+    if isinstance(model, (bytes, bytearray, memoryview, np.ndarray)):
+        return onnx.load_from_string(bytes(model))
+    if isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        if not path.is_file():
+            raise ValueError(f"model: no such file {str(path)!r}")
+        return onnx.load(str(path))
+    raise ValueError(f"model: expected a path, bytes or onnx.ModelProto, got {type(model).__name__}")
+
+
+def read_net(model, *, fuse: bool = True) -> Net:
+    """Load ``model`` (a path, serialized bytes or ``onnx.ModelProto``) with Conv on Vulkan.
+
+    ``fuse``: fold a following BatchNormalization and fuse a following activation into the conv.
+    Registers vkconv's layers first if :func:`cv_plugin.register` was not called.
+    """
+    registry.register()
+    proto = _load(model)
+    with _ids_lock:
+        net_id = next(_ids)
+    routed, report = rewrite(proto, net_id, fuse=fuse)
+    state = NETS[net_id] = NetState()
+    try:
+        cv_net = compat.read_onnx(routed.SerializeToString())
+    except BaseException:
+        state.close()
+        NETS.pop(net_id, None)
+        raise
+    net = Net(cv_net, net_id, state, report)
+    net._raise_pending()  # a layer that could not be built: report it now, not at forward
+    return net

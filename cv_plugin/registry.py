@@ -1,0 +1,52 @@
+"""Once-per-process registration of vkconv's layer types with ``cv2.dnn``.
+
+Registering a name twice aborts the process, and OpenCV does not keep the class alive, so the
+registered names and classes are tracked here for the life of the process.
+"""
+from __future__ import annotations
+
+import threading
+
+from . import compat
+from .layers import LAYER_TYPES
+
+_registered: dict[str, type] = {}  # keeps every class object alive: OpenCV holds a raw pointer
+_lock = threading.Lock()
+
+
+def register_layer(type_name: str, cls: type) -> None:
+    with _lock:
+        if _registered.get(type_name) is cls:
+            return
+        cv2 = compat.cv2_module()
+        cv2.dnn_registerLayer(type_name, cls)
+        _registered[type_name] = cls
+
+
+def register() -> None:
+    """Register vkconv's layers with ``cv2.dnn`` (idempotent).
+
+    Raises VkconvError with one clear sentence when the installed OpenCV cannot host Python layers
+    (OpenCV 5.0.0, or older than 4.10).
+    """
+    compat.check_python_layers(register_layer)
+    for type_name, cls in LAYER_TYPES.items():
+        register_layer(type_name, cls)
+
+
+def unregister() -> None:
+    """Remove vkconv's layer types from ``cv2.dnn``; nets loaded afterwards use no vkconv layer.
+
+    The classes stay referenced: nets loaded earlier still hold instances of them.
+    """
+    with _lock:
+        cv2 = compat.cv2_module()
+        for type_name in list(_registered):
+            if type_name != compat.PROBE_TYPE:
+                cv2.dnn_unregisterLayer(type_name)
+                del _registered[type_name]
+
+
+def registered() -> list[str]:
+    with _lock:
+        return sorted(_registered)

@@ -1,0 +1,217 @@
+"""In-memory ONNX rewrite that routes convolutions to vkconv's layers.
+
+Standard ``Conv`` nodes (1-D and 2-D) become nodes of the custom domain ``vkconv`` (layer type
+``vkconv.Conv``), which OpenCV's importer hands to our registered Python layer, so no built-in layer is
+ever overridden.  A directly following ``BatchNormalization`` is folded into constant weights and a
+directly following activation is fused into the shader's epilogue, each only when nothing else reads
+the intermediate tensor and it is not a graph output.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+DOMAIN = "vkconv"
+ROUTED_CONV_RANKS = (1, 2)  # spatial dims vkconv.conv serves; others stay with OpenCV
+
+# ONNX activation -> (vkconv activation name, attribute defaults (a, b))
+_ACTIVATIONS = {
+    "Relu": ("Relu", {}),
+    "LeakyRelu": ("LeakyRelu", {"alpha": 0.01}),
+    "HardSigmoid": ("HardSigmoid", {"alpha": 0.2, "beta": 0.5}),
+    "HardSwish": ("HardSwish", {}),
+    "Sigmoid": ("Sigmoid", {}),
+    "Tanh": ("Tanh", {}),
+    "Clip": ("Clip", {}),
+}
+
+
+@dataclass
+class RewriteReport:
+    """What the rewrite did, for tests and for ``read_net`` users."""
+
+    routed: list[str]
+    folded_batchnorm: int = 0
+    fused_activations: int = 0
+    left_to_opencv: list[str] | None = None
+
+
+class _Graph:
+    """Lookups over one ONNX graph that the rewrite keeps up to date."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.graph = graph
+        self.initializers = {t.name: t for t in graph.initializer}
+        self.constants: dict[str, np.ndarray] = {
+            t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        for node in graph.node:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                for a in node.attribute:
+                    if a.name == "value":
+                        self.constants[node.output[0]] = numpy_helper.to_array(a.t)
+        self.graph_outputs = {o.name for o in graph.output}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in graph.node:
+            for name in node.input:
+                self.consumers[name].append(node)
+        self.shapes: dict[str, list] = {}
+        for vi in [*graph.input, *graph.value_info, *graph.output]:
+            dims = vi.type.tensor_type.shape.dim
+            if vi.type.tensor_type.HasField("shape"):
+                self.shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+
+    def sole_consumer(self, tensor: str) -> onnx.NodeProto | None:
+        users = self.consumers.get(tensor, [])
+        if len(users) == 1 and tensor not in self.graph_outputs:
+            return users[0]
+        return None
+
+    def add_initializer(self, name: str, value: np.ndarray) -> str:
+        tensor = numpy_helper.from_array(value.astype(np.float32), name)
+        self.graph.initializer.append(tensor)
+        self.initializers[name] = tensor
+        self.constants[name] = value
+        return name
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    values = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return {k: v.decode() if isinstance(v, bytes) else v for k, v in values.items()}
+
+
+def _fold_batchnorm(g: _Graph, conv: onnx.NodeProto, bn: onnx.NodeProto, key: str) -> bool:
+    """Fold ``bn`` into ``conv``'s constant W and B (in place). False when it cannot be folded."""
+    attrs = _attrs(bn)
+    if attrs.get("training_mode", 0) or len(bn.output) > 1 and any(bn.output[1:]):
+        return False
+    w_name = conv.input[1]
+    b_name = conv.input[2] if len(conv.input) > 2 and conv.input[2] else None
+    needed = [w_name, *bn.input[1:5]] + ([b_name] if b_name else [])
+    if any(n not in g.initializers for n in needed):
+        return False
+    w = g.constants[w_name].astype(np.float64)
+    scale, beta, mean, var = (g.constants[n].astype(np.float64) for n in bn.input[1:5])
+    b = g.constants[b_name].astype(np.float64) if b_name else np.zeros(w.shape[0])
+    s = scale / np.sqrt(var + attrs.get("epsilon", 1e-5))
+    w_folded = w * s.reshape(-1, *([1] * (w.ndim - 1)))
+    b_folded = (b - mean) * s + beta
+    x_name = conv.input[0]
+    del conv.input[:]
+    conv.input.extend([x_name, g.add_initializer(f"{key}__vk_w", w_folded),
+                       g.add_initializer(f"{key}__vk_b", b_folded)])
+    conv.output[0] = bn.output[0]
+    return True
+
+
+def _activation(g: _Graph, node: onnx.NodeProto) -> tuple[str, float, float] | None:
+    """``(name, a, b)`` for a fusable activation node, None otherwise."""
+    if node.domain not in ("", "ai.onnx") or node.op_type not in _ACTIVATIONS:
+        return None
+    name, defaults = _ACTIVATIONS[node.op_type]
+    attrs = {**defaults, **_attrs(node)}
+    if node.op_type == "Clip":
+        lo, hi = attrs.get("min", -np.inf), attrs.get("max", np.inf)  # opset < 11 attributes
+        bounds = list(node.input[1:3])
+        for i, tensor in enumerate(bounds):
+            if not tensor:
+                continue
+            if tensor not in g.constants:
+                return None  # runtime bounds cannot be baked into the pipeline
+            value = float(np.asarray(g.constants[tensor]).reshape(-1)[0])
+            lo, hi = (value, hi) if i == 0 else (lo, value)
+        return name, float(lo), float(hi)
+    if node.op_type == "LeakyRelu":
+        return name, float(attrs["alpha"]), 0.0
+    if node.op_type == "HardSigmoid":
+        return name, float(attrs["alpha"]), float(attrs["beta"])
+    return name, 0.0, 0.0
+
+
+def _conv_rank(g: _Graph, node: onnx.NodeProto) -> tuple[int, list[int]] | None:
+    """``(spatial rank, kernel shape)`` from the kernel_shape attribute or W's known shape."""
+    w_shape = list(g.constants[node.input[1]].shape) if node.input[1] in g.constants \
+        else g.shapes.get(node.input[1])
+    kernel = _attrs(node).get("kernel_shape")
+    if kernel is None and w_shape and all(d for d in w_shape[2:]):
+        kernel = w_shape[2:]
+    if not kernel:
+        return None
+    return len(kernel), [int(k) for k in kernel]
+
+
+def rewrite(model: onnx.ModelProto, net_id: int, *, fuse: bool = True) -> tuple[onnx.ModelProto, RewriteReport]:
+    """A copy of ``model`` whose routable Conv nodes are ``vkconv.Conv`` nodes tagged with ``net_id``."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    g = _Graph(model.graph)
+    report = RewriteReport(routed=[], left_to_opencv=[])
+    removed: set[int] = set()
+    keys: set[str] = set()
+    nodes = list(model.graph.node)
+    for index, node in enumerate(nodes):
+        if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
+            continue
+        rank = _conv_rank(g, node)
+        label = node.name or f"Conv#{index}"
+        if rank is None or rank[0] not in ROUTED_CONV_RANKS:
+            report.left_to_opencv.append(label)
+            continue
+        nd, kernel = rank
+        key = label
+        while key in keys:
+            key += "'"
+        keys.add(key)
+        attrs = _attrs(node)
+        act = None
+        if fuse:
+            nxt = g.sole_consumer(node.output[0])
+            if nxt is not None and nxt.op_type == "BatchNormalization" and nxt.domain in ("", "ai.onnx") \
+                    and _fold_batchnorm(g, node, nxt, key):
+                removed.add(id(nxt))
+                report.folded_batchnorm += 1
+            nxt = g.sole_consumer(node.output[0])
+            if nxt is not None and id(nxt) not in removed:
+                act = _activation(g, nxt)
+                if act is not None:
+                    node.output[0] = nxt.output[0]
+                    removed.add(id(nxt))
+                    report.fused_activations += 1
+        inputs = list(node.input)
+        while inputs and not inputs[-1]:
+            inputs.pop()
+        const = sum(1 << i for i, name in enumerate(inputs) if name in g.initializers)
+        new_attrs = dict(
+            kernel_shape=kernel, vk_nd=nd, vk_group=int(attrs.get("group", 1)),
+            vk_strides=list(attrs.get("strides", [1] * nd)),
+            vk_dilations=list(attrs.get("dilations", [1] * nd)),
+            vk_pads=list(attrs.get("pads", [0] * (2 * nd))),
+            vk_auto_pad=attrs.get("auto_pad", "NOTSET"),
+            vk_net=net_id, vk_key=key, vk_const=const, vk_ninputs=len(inputs))
+        if act is not None:
+            new_attrs.update(vk_act=act[0], vk_act_a=act[1], vk_act_b=act[2])
+        replacement = helper.make_node("Conv", inputs, [node.output[0]], name=key, domain=DOMAIN,
+                                       **new_attrs)
+        node.CopyFrom(replacement)
+        report.routed.append(key)
+    kept = [n for n in nodes if id(n) not in removed]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    _drop_dangling(model.graph)
+    if report.routed and not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    return model, report
+
+
+def _drop_dangling(graph: onnx.GraphProto) -> None:
+    """Remove initializers and value_info that no node uses any more (folded BN parameters)."""
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    produced = {name for node in graph.node for name in node.output} | {i.name for i in graph.input}
+    keep_init = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep_init)
+    keep_vi = [v for v in graph.value_info if v.name in produced]
+    del graph.value_info[:]
+    graph.value_info.extend(keep_vi)

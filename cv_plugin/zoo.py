@@ -1,0 +1,70 @@
+"""Models built with ``onnx.helper`` from their published architectures, with seeded random weights.
+
+Nothing is downloaded: the weights are He-initialised so activations keep a sane range through the
+whole network, which keeps comparisons against OpenCV's CPU layers meaningful.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+# VGG-16 (Simonyan & Zisserman, configuration D): conv widths, "M" = 2x2 max pool
+VGG16_CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+def vgg16(seed: int = 0, size: int = 224, classes: int = 1000) -> onnx.ModelProto:
+    """VGG-16 for a ``[1, 3, size, size]`` NCHW input ``input``, output ``logits [1, classes]``.
+
+    13 Conv(3x3, pad 1)+Relu, 5 MaxPool(2x2), Flatten and 3 Gemm layers (the first two with Relu),
+    as torchvision's ``vgg16`` exports to ONNX (its adaptive pool is the identity at 224x224).
+    """
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+
+    def const(name: str, value: np.ndarray) -> str:
+        inits.append(numpy_helper.from_array(value.astype(np.float32), name))
+        return name
+
+    x, channels, spatial = "input", 3, size
+    for i, item in enumerate(VGG16_CONFIG):
+        if item == "M":
+            nodes.append(helper.make_node("MaxPool", [x], [f"pool{i}"], kernel_shape=[2, 2], strides=[2, 2]))
+            x, spatial = f"pool{i}", spatial // 2
+            continue
+        fan_in = channels * 9
+        w = rng.standard_normal((item, channels, 3, 3), dtype=np.float32) * np.sqrt(2.0 / fan_in)
+        b = rng.standard_normal(item, dtype=np.float32) * 0.01
+        nodes.append(helper.make_node("Conv", [x, const(f"conv{i}.w", w), const(f"conv{i}.b", b)],
+                                      [f"conv{i}"], name=f"conv{i}", kernel_shape=[3, 3],
+                                      pads=[1, 1, 1, 1]))
+        nodes.append(helper.make_node("Relu", [f"conv{i}"], [f"relu{i}"]))
+        x, channels = f"relu{i}", item
+    nodes.append(helper.make_node("Flatten", [x], ["flat"], axis=1))
+    x, features = "flat", channels * spatial * spatial
+    for j, width in enumerate((4096, 4096, classes)):
+        w = rng.standard_normal((width, features), dtype=np.float32) * np.sqrt(2.0 / features)
+        b = rng.standard_normal(width, dtype=np.float32) * 0.01
+        out = "logits" if j == 2 else f"fc{j}"
+        nodes.append(helper.make_node("Gemm", [x, const(f"fc{j}.w", w), const(f"fc{j}.b", b)], [out],
+                                      transB=1))
+        if j < 2:
+            nodes.append(helper.make_node("Relu", [out], [f"fc{j}_relu"]))
+            out = f"fc{j}_relu"
+        x, features = out, width
+    graph = helper.make_graph(
+        nodes, "vgg16", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, classes])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def vgg16_conv_flops(size: int = 224) -> float:
+    """2 x multiply-accumulates of VGG-16's 13 convolutions at ``size`` x ``size`` (30.7 GFLOP at 224)."""
+    total, channels, spatial = 0.0, 3, size
+    for item in VGG16_CONFIG:
+        if item == "M":
+            spatial //= 2
+        else:
+            total += 2.0 * item * channels * 9 * spatial * spatial
+            channels = item
+    return total
