@@ -53,16 +53,22 @@ def read_onnx(data: bytes):
         logging_mod.setLogLevel(level)
 
 
-def as_cv_output(array: np.ndarray):
-    """A layer output OpenCV converts to a Mat of exactly ``array.shape``.
+def as_nd_mat(array: np.ndarray):
+    """``array`` wrapped so that OpenCV converts it to a Mat of exactly ``array.shape``.
 
-    A plain 3-D ndarray whose last dimension is small becomes a 2-D multi-channel Mat (so a 1-D
-    conv's ``[N, C, W]`` output would be refused); ``cv2.Mat(..., wrap_channels=False)`` keeps
-    every dimension.
+    A plain 3-D ndarray whose last dimension is small becomes a 2-D multi-channel Mat: a 1-D conv's
+    ``[N, C, W]`` tensor is then refused as a layer output (4.10-4.14) and misread as a net input
+    (4.10). ``cv2.Mat(..., wrap_channels=False)`` keeps every dimension.
     """
-    array = np.ascontiguousarray(array, dtype=np.float32)
     mat = getattr(cv2_module(), "Mat", None)
-    return array if mat is None else mat(array, wrap_channels=False)
+    if mat is None or not isinstance(array, np.ndarray) or isinstance(array, mat):
+        return array
+    return mat(array, wrap_channels=False)
+
+
+def as_cv_output(array: np.ndarray):
+    """A layer output: C-contiguous float32 of exactly the declared shape."""
+    return as_nd_mat(np.ascontiguousarray(array, dtype=np.float32))
 
 
 class _ProbeLayer:

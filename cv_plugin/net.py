@@ -44,6 +44,10 @@ class Net:
         if errors:
             raise errors[0]
 
+    def setInput(self, blob, *args, **kwargs):  # noqa: N802 - the cv2.dnn.Net name
+        """``cv2.dnn.Net.setInput``; a 3-D blob keeps its 3 dimensions on every OpenCV version."""
+        self._net.setInput(compat.as_nd_mat(blob), *args, **kwargs)
+
     def forward(self, *args, **kwargs):
         self._raise_pending()  # errors left over from an earlier, unchecked call
         out = self._net.forward(*args, **kwargs)

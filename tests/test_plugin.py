@@ -20,7 +20,18 @@ from conftest import conformance_root
 from cv_plugin import compat, zoo
 from oracles import assert_close
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def _opencv_problem() -> str | None:
+    try:
+        cv_plugin.register()
+    except vkconv.VkconvError as exc:
+        return str(exc)
+    return None
+
+
+OPENCV_PROBLEM = _opencv_problem()
+pytestmark = pytest.mark.skipif(OPENCV_PROBLEM is not None, reason=f"{OPENCV_PROBLEM}")
 
 
 def _conv_cases() -> list[Path]:
