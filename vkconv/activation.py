@@ -35,7 +35,12 @@ class Activation:
             return cls()
         if isinstance(spec, Activation):
             return spec
-        name, params = (spec, ()) if isinstance(spec, str) else (spec[0], tuple(spec[1:]))
+        if isinstance(spec, str):
+            name, params = spec, ()
+        elif isinstance(spec, (tuple, list)) and spec:
+            name, params = spec[0], tuple(spec[1:])
+        else:
+            name, params = None, ()
         if not isinstance(name, str):
             raise ValueError(f"activation: expected a name or (name, *params), got {spec!r}")
         key = name.lower().replace("_", "")

@@ -91,6 +91,7 @@ class Buffer:
 
     # -- host access ---------------------------------------------------------------------------
     def _host(self) -> np.ndarray:
+        self.ctx.check()  # after Context.close() the mapping is gone: say so, not "no host memory"
         if self._map is None:
             raise VkconvError(f"{self.name} has no host-visible memory (create it with staged=True)")
         return self._map

@@ -205,6 +205,9 @@ class Context:
         self.stats: collections.Counter[str] = collections.Counter()
         self._children: weakref.WeakSet = weakref.WeakSet()
         self._pipelines: dict = {}
+        # _closing refuses new work from the start of close(); _closed (device destroyed) is set
+        # only after the children are closed, because their finalizers skip destruction once it is.
+        self._closing = False
         self._closed = False
         self.instance = _create_instance(validation)
         self._messenger = None
@@ -266,7 +269,7 @@ class Context:
         self._children.add(obj)
 
     def check(self) -> None:
-        if self._closed:
+        if self._closing:
             raise VkconvError("the vkconv context was closed")
 
     def memory_type(self, type_bits: int, want: int, avoid: int = 0) -> int:
@@ -295,15 +298,16 @@ class Context:
     def close(self) -> None:
         """Destroy every object made on this context, then the device and the instance."""
         with self.lock:
-            if self._closed:
+            if self._closing:
                 return
-            self._closed = True
+            self._closing = True
             vk.vkDeviceWaitIdle(self.device)
             for child in list(self._children):
                 child.close()
             for pipe in self._pipelines.values():
                 pipe.close()
             self._pipelines.clear()
+            self._closed = True
             vk.vkDestroyPipelineCache(self.device, self.pipeline_cache, None)
             vk.vkDestroyCommandPool(self.device, self.command_pool, None)
             vk.vkDestroyDevice(self.device, None)
@@ -330,7 +334,7 @@ def get_context() -> Context:
     """The process-wide context, created on first use."""
     global _default
     with _default_lock:
-        if _default is None or _default._closed:
+        if _default is None or _default._closing:
             _default = Context()
         return _default
 
