@@ -10,6 +10,9 @@ import threading
 from . import compat
 from .layers import LAYER_TYPES
 
+# Modules that add layer types to LAYER_TYPES (and routes to rewrite.ROUTES) when imported.
+from . import layers  # noqa: E402,F401  isort: skip
+
 _registered: dict[str, type] = {}  # keeps every class object alive: OpenCV holds a raw pointer
 _lock = threading.Lock()
 

@@ -1,7 +1,7 @@
 """In-memory ONNX rewrite that routes convolutions to vkconv's layers.
 
-Standard ``Conv`` nodes (1-D and 2-D) become nodes of the custom domain ``vkconv`` (layer type
-``vkconv.Conv``), which OpenCV's importer hands to our registered Python layer, so no built-in layer is
+Standard nodes listed in :data:`ROUTES` (``Conv`` with 1-D and 2-D input...) become nodes of the
+custom domain ``vkconv`` (layer type ``vkconv.<Op>``), which OpenCV's importer hands to our registered Python layer, so no built-in layer is
 ever overridden.  A directly following ``BatchNormalization`` is folded into constant weights and a
 directly following activation is fused into the shader's epilogue, each only when nothing else reads
 the intermediate tensor and it is not a graph output.
@@ -9,6 +9,7 @@ the intermediate tensor and it is not a graph output.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,7 +17,6 @@ import onnx
 from onnx import helper, numpy_helper
 
 DOMAIN = "vkconv"
-ROUTED_CONV_RANKS = (1, 2)  # spatial dims vkconv.conv serves; others stay with OpenCV
 
 # ONNX activation -> (vkconv activation name, attribute defaults (a, b))
 _ACTIVATIONS = {
@@ -131,20 +131,86 @@ def _activation(g: _Graph, node: onnx.NodeProto) -> tuple[str, float, float] | N
     return name, 0.0, 0.0
 
 
-def _conv_rank(g: _Graph, node: onnx.NodeProto) -> tuple[int, list[int]] | None:
-    """``(spatial rank, kernel shape)`` from the kernel_shape attribute or W's known shape."""
-    w_shape = list(g.constants[node.input[1]].shape) if node.input[1] in g.constants \
-        else g.shapes.get(node.input[1])
+@dataclass(frozen=True)
+class Route:
+    """How one standard ONNX op becomes a node of the ``vkconv`` domain.
+
+    ``inputs``: positions, in the source node, of the inputs in vkconv's order (X, W, ...), so that
+    exporters with another order (mmcv's x, offset, mask, weight, bias) share one layer.
+    ``attributes(attrs, nd)`` maps the source attributes onto vkconv's ``vk_*`` attributes.
+    """
+
+    layer: str
+    ranks: tuple[int, ...]
+    attributes: Callable[[dict, int], dict]
+    inputs: tuple[int, ...] | None = None
+    fold_batchnorm: bool = False
+    fuse_activation: bool = True
+
+
+def _conv_attributes(attrs: dict, nd: int) -> dict:
+    return dict(vk_group=int(attrs.get("group", 1)),
+                vk_strides=list(attrs.get("strides", [1] * nd)),
+                vk_dilations=list(attrs.get("dilations", [1] * nd)),
+                vk_pads=list(attrs.get("pads", [0] * (2 * nd))),
+                vk_auto_pad=attrs.get("auto_pad", "NOTSET"))
+
+
+# (domain, op_type) -> Route; extended by the op modules that serve more ops
+ROUTES: dict[tuple[str, str], Route] = {
+    ("", "Conv"): Route("Conv", (1, 2), _conv_attributes, fold_batchnorm=True),
+}
+
+
+def _kernel(g: _Graph, node: onnx.NodeProto, w_name: str) -> list[int] | None:
+    """The kernel shape from the kernel_shape attribute or from W's known shape."""
     kernel = _attrs(node).get("kernel_shape")
-    if kernel is None and w_shape and all(d for d in w_shape[2:]):
-        kernel = w_shape[2:]
-    if not kernel:
+    if kernel is None:
+        w_shape = list(g.constants[w_name].shape) if w_name in g.constants else g.shapes.get(w_name)
+        if w_shape and len(w_shape) > 2 and all(d for d in w_shape[2:]):
+            kernel = w_shape[2:]
+    return [int(k) for k in kernel] if kernel else None
+
+
+def _unique(label: str, keys: set[str]) -> str:
+    key = label
+    while key in keys:
+        key += "'"
+    keys.add(key)
+    return key
+
+
+def _fuse_followers(g: _Graph, node: onnx.NodeProto, route: Route, key: str, removed: set[int],
+                    report: RewriteReport) -> tuple[str, float, float] | None:
+    """Fold a following BatchNormalization and absorb a following activation into ``node``."""
+    nxt = g.sole_consumer(node.output[0])
+    if route.fold_batchnorm and nxt is not None and nxt.op_type == "BatchNormalization" \
+            and nxt.domain in ("", "ai.onnx") and _fold_batchnorm(g, node, nxt, key):
+        removed.add(id(nxt))
+        report.folded_batchnorm += 1
+        nxt = g.sole_consumer(node.output[0])
+    if not route.fuse_activation or nxt is None or id(nxt) in removed:
         return None
-    return len(kernel), [int(k) for k in kernel]
+    act = _activation(g, nxt)
+    if act is not None:
+        node.output[0] = nxt.output[0]
+        removed.add(id(nxt))
+        report.fused_activations += 1
+    return act
+
+
+def _bookkeeping(g: _Graph, inputs: list[str], net_id: int, key: str) -> dict:
+    """The attributes every vkconv layer reads: which inputs OpenCV turns into blobs, and who it is."""
+    const = sum(1 << i for i, name in enumerate(inputs) if name in g.initializers)
+    return dict(vk_net=net_id, vk_key=key, vk_const=const, vk_ninputs=len(inputs))
 
 
 def rewrite(model: onnx.ModelProto, net_id: int, *, fuse: bool = True) -> tuple[onnx.ModelProto, RewriteReport]:
-    """A copy of ``model`` whose routable Conv nodes are ``vkconv.Conv`` nodes tagged with ``net_id``."""
+    """A copy of ``model`` whose routable nodes are ``vkconv``-domain nodes tagged with ``net_id``.
+
+    Nodes the model already has in the ``vkconv`` domain (sparse encoders, ConvLSTM from the Keras
+    converter...) keep their attributes and get the bookkeeping ones.
+    """
     model = onnx.ModelProto.FromString(model.SerializeToString())
     g = _Graph(model.graph)
     report = RewriteReport(routed=[], left_to_opencv=[])
@@ -152,49 +218,39 @@ def rewrite(model: onnx.ModelProto, net_id: int, *, fuse: bool = True) -> tuple[
     keys: set[str] = set()
     nodes = list(model.graph.node)
     for index, node in enumerate(nodes):
-        if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
+        label = node.name or f"{node.op_type}#{index}"
+        if node.domain == DOMAIN:
+            key = _unique(label, keys)
+            inputs = list(node.input)
+            for name, value in _bookkeeping(g, inputs, net_id, key).items():
+                node.attribute.append(helper.make_attribute(name, value))
+            node.name = key
+            report.routed.append(key)
             continue
-        rank = _conv_rank(g, node)
-        label = node.name or f"Conv#{index}"
-        if rank is None or rank[0] not in ROUTED_CONV_RANKS:
+        route = ROUTES.get(("" if node.domain == "ai.onnx" else node.domain, node.op_type))
+        if route is None:
+            continue
+        order = route.inputs or tuple(range(len(node.input)))
+        inputs = [node.input[i] if i < len(node.input) else "" for i in order]
+        kernel = _kernel(g, node, inputs[1]) if len(inputs) > 1 else None
+        if kernel is None or len(kernel) not in route.ranks:
             report.left_to_opencv.append(label)
             continue
-        nd, kernel = rank
-        key = label
-        while key in keys:
-            key += "'"
-        keys.add(key)
-        attrs = _attrs(node)
-        act = None
-        if fuse:
-            nxt = g.sole_consumer(node.output[0])
-            if nxt is not None and nxt.op_type == "BatchNormalization" and nxt.domain in ("", "ai.onnx") \
-                    and _fold_batchnorm(g, node, nxt, key):
-                removed.add(id(nxt))
-                report.folded_batchnorm += 1
-            nxt = g.sole_consumer(node.output[0])
-            if nxt is not None and id(nxt) not in removed:
-                act = _activation(g, nxt)
-                if act is not None:
-                    node.output[0] = nxt.output[0]
-                    removed.add(id(nxt))
-                    report.fused_activations += 1
+        key = _unique(label, keys)
+        if route.inputs:
+            del node.input[:]
+            node.input.extend(inputs)
+        act = _fuse_followers(g, node, route, key, removed, report) if fuse else None
         inputs = list(node.input)
         while inputs and not inputs[-1]:
             inputs.pop()
-        const = sum(1 << i for i, name in enumerate(inputs) if name in g.initializers)
-        new_attrs = dict(
-            kernel_shape=kernel, vk_nd=nd, vk_group=int(attrs.get("group", 1)),
-            vk_strides=list(attrs.get("strides", [1] * nd)),
-            vk_dilations=list(attrs.get("dilations", [1] * nd)),
-            vk_pads=list(attrs.get("pads", [0] * (2 * nd))),
-            vk_auto_pad=attrs.get("auto_pad", "NOTSET"),
-            vk_net=net_id, vk_key=key, vk_const=const, vk_ninputs=len(inputs))
+        new_attrs = dict(kernel_shape=kernel, vk_nd=len(kernel),
+                         **route.attributes(_attrs(node), len(kernel)),
+                         **_bookkeeping(g, inputs, net_id, key))
         if act is not None:
             new_attrs.update(vk_act=act[0], vk_act_a=act[1], vk_act_b=act[2])
-        replacement = helper.make_node("Conv", inputs, [node.output[0]], name=key, domain=DOMAIN,
-                                       **new_attrs)
-        node.CopyFrom(replacement)
+        node.CopyFrom(helper.make_node(route.layer, inputs, [node.output[0]], name=key, domain=DOMAIN,
+                                       **new_attrs))
         report.routed.append(key)
     kept = [n for n in nodes if id(n) not in removed]
     del model.graph.node[:]
