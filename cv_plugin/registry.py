@@ -5,13 +5,15 @@ registered names and classes are tracked here for the life of the process.
 """
 from __future__ import annotations
 
+import importlib
 import threading
+
 
 from . import compat
 from .layers import LAYER_TYPES
 
-# Modules that add layer types to LAYER_TYPES (and routes to rewrite.ROUTES) when imported.
-from . import layers  # noqa: E402,F401  isort: skip
+# Op modules: importing one adds its layer types to LAYER_TYPES and its routes to rewrite.ROUTES.
+OP_MODULES = ("cv_plugin.layers",)
 
 _registered: dict[str, type] = {}  # keeps every class object alive: OpenCV holds a raw pointer
 _lock = threading.Lock()
@@ -33,6 +35,8 @@ def register() -> None:
     (OpenCV 5.0.0, or older than 4.10).
     """
     compat.check_python_layers(register_layer)
+    for module in OP_MODULES:
+        importlib.import_module(module)
     for type_name, cls in LAYER_TYPES.items():
         register_layer(type_name, cls)
 
