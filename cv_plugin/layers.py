@@ -7,8 +7,10 @@ Vulkan buffers, recorded commands).  Errors are stored on the net's state and ra
 around ``forward``; the layer returns zeros of the declared shape meanwhile.
 
 Every op node carries integer attributes written by the rewrite: ``vk_net`` (net id), ``vk_const``
-(bit i set when node input i is a constant, which OpenCV moves to ``blobs``) and ``vk_ninputs``, and
-the string ``vk_key`` (unique node key).
+(bit i set when node input i was a constant) and ``vk_ninputs``, and the string ``vk_key`` (unique
+node key).  The rewrite takes constant inputs (weights, bias) out of the graph and keeps them in
+``NetState.constants``: OpenCV never copies them into the layer instances it leaks, and they keep
+their dtype and shape (OpenCV would make 1-D blobs ``(N, 1)`` and int64 int32).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from . import compat
 class NetState:
     """What one loaded net owns: its ops, pending errors, and per-op forward counts."""
 
+    constants: dict[str, list[np.ndarray]] = field(default_factory=dict)  # node key -> constants
     ops: dict[str, "Op"] = field(default_factory=dict)
     errors: list[BaseException] = field(default_factory=list)
     forwards: dict[str, int] = field(default_factory=dict)
@@ -47,6 +50,7 @@ class NetState:
         for op in self.ops.values():
             op.close()
         self.ops.clear()
+        self.constants.clear()
 
 
 NETS: dict[int, NetState] = {}
@@ -61,23 +65,20 @@ def _ints(params: dict, key: str, n: int, default: int) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
-def _flat(blob: np.ndarray) -> np.ndarray:
-    # OpenCV turns 1-D constants into (N, 1) blobs.
-    return np.ascontiguousarray(blob.reshape(-1), dtype=np.float32)
-
-
 class Op:
     """Base of the objects behind the layers: shapes without a device, forward on it."""
 
-    def __init__(self, params: dict, blobs: list[np.ndarray]):
+    def __init__(self, params: dict, constants: list[np.ndarray]):
+        """``params``: the node's attributes as OpenCV hands them over; ``constants``: the node's
+        constant inputs in ONNX order (taken out of the graph by the rewrite)."""
         self.name = str(params.get("vk_key", "?"))
         self.ninputs = int(params["vk_ninputs"])
         self.const_mask = int(params["vk_const"])
-        self.blobs = list(blobs)
+        self.constants = list(constants)
 
     def merge(self, runtime: list, constants: list) -> list:
-        """Node inputs in ONNX order: ``constants`` (what OpenCV moved to blobs) merged back
-        between the ``runtime`` inputs; works on arrays and on shapes alike."""
+        """Node inputs in ONNX order: ``constants`` merged back between the ``runtime`` inputs;
+        works on arrays and on shapes alike."""
         const, rt = iter(constants), iter(runtime)
         return [next(const) if self.const_mask >> i & 1 else next(rt) for i in range(self.ninputs)]
 
@@ -97,10 +98,10 @@ class Op:
 
 
 class ConvOp(Op):
-    """ONNX Conv (1-D/2-D) with fused BatchNorm/activation; W and B may be blobs or runtime inputs."""
+    """ONNX Conv (1-D/2-D) with fused BatchNorm/activation; W and B may be constants or runtime inputs."""
 
-    def __init__(self, params: dict, blobs: list[np.ndarray]):
-        super().__init__(params, blobs)
+    def __init__(self, params: dict, constants: list[np.ndarray]):
+        super().__init__(params, constants)
         self.nd = int(params["vk_nd"])
         self.group = int(params.get("vk_group", 1))
         self.strides = _ints(params, "vk_strides", self.nd, 1)
@@ -121,7 +122,7 @@ class ConvOp(Op):
 
     def forward(self, arrays):
         x, w, *rest = arrays
-        b = _flat(rest[0]) if rest else None
+        b = rest[0].reshape(-1) if rest else None
         if self.conv is None:
             self.conv = vkconv.Conv(w, b, strides=self.strides, pads=self.pads,
                                     dilations=self.dilations, group=self.group,
@@ -149,12 +150,13 @@ class Layer:
     op_class: type[Op] = Op
 
     def __init__(self, params, blobs):
+        # ``blobs`` is empty: the rewrite moved every constant input into the net's state.
         self.net_id = int(params.get("vk_net", -1))
         self.key = str(params.get("vk_key", "?"))
         self.state = NETS.get(self.net_id, _orphan)
         self.last_shapes: list[list[int]] = [[1]]
         try:
-            op = self.op_class(params, blobs)
+            op = self.op_class(params, self.state.constants.get(self.key, []))
             self.state.ops[self.key] = op
         except BaseException as exc:  # noqa: BLE001 - nothing may cross the bridge
             self.state.fail(self.key, exc)
@@ -168,7 +170,7 @@ class Layer:
     def getMemoryShapes(self, inputs):
         try:
             op = self._op()
-            full = op.merge([tuple(int(d) for d in s) for s in inputs], [b.shape for b in op.blobs])
+            full = op.merge([tuple(int(d) for d in s) for s in inputs], [c.shape for c in op.constants])
             self.last_shapes = [list(s) for s in op.output_shapes(full)]
         except BaseException as exc:  # noqa: BLE001
             self.state.fail(self.key, exc)
@@ -178,7 +180,7 @@ class Layer:
     def forward(self, inputs):
         try:
             op = self._op()
-            outs = op.forward(op.merge(list(inputs), op.blobs))
+            outs = op.forward(op.merge(list(inputs), op.constants))
             with self.state.lock:
                 self.state.forwards[self.key] = self.state.forwards.get(self.key, 0) + 1
             return [compat.as_cv_output(o) for o in outs]

@@ -100,7 +100,7 @@ def read_net(model, *, fuse: bool = True) -> Net:
     with _ids_lock:
         net_id = next(_ids)
     routed, report = rewrite(proto, net_id, fuse=fuse)
-    state = NETS[net_id] = NetState()
+    state = NETS[net_id] = NetState(constants=report.constants)
     try:
         cv_net = compat.read_onnx(routed.SerializeToString())
     except BaseException:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib
 import threading
 
-
 from . import compat
 from .layers import LAYER_TYPES
 

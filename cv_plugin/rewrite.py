@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -37,7 +37,9 @@ class RewriteReport:
     routed: list[str]
     folded_batchnorm: int = 0
     fused_activations: int = 0
-    left_to_opencv: list[str] | None = None
+    left_to_opencv: list[str] = field(default_factory=list)
+    # node key -> its constant inputs (in ONNX order), removed from the graph
+    constants: dict[str, list[np.ndarray]] = field(default_factory=dict, repr=False)
 
 
 class _Graph:
@@ -71,7 +73,8 @@ class _Graph:
         return None
 
     def add_initializer(self, name: str, value: np.ndarray) -> str:
-        tensor = numpy_helper.from_array(value.astype(np.float32), name)
+        value = value.astype(np.float32)
+        tensor = numpy_helper.from_array(value, name)
         self.graph.initializer.append(tensor)
         self.initializers[name] = tensor
         self.constants[name] = value
@@ -199,10 +202,18 @@ def _fuse_followers(g: _Graph, node: onnx.NodeProto, route: Route, key: str, rem
     return act
 
 
-def _bookkeeping(g: _Graph, inputs: list[str], net_id: int, key: str) -> dict:
-    """The attributes every vkconv layer reads: which inputs OpenCV turns into blobs, and who it is."""
-    const = sum(1 << i for i, name in enumerate(inputs) if name in g.initializers)
-    return dict(vk_net=net_id, vk_key=key, vk_const=const, vk_ninputs=len(inputs))
+def _take_constants(g: _Graph, node: onnx.NodeProto, net_id: int, key: str,
+                    report: RewriteReport) -> dict:
+    """Move ``node``'s constant inputs into ``report.constants``; return the bookkeeping attributes
+    every vkconv layer reads (which inputs were constant, how many there were, who it is)."""
+    inputs = list(node.input)
+    while inputs and not inputs[-1]:
+        inputs.pop()
+    const = [i for i, name in enumerate(inputs) if name in g.initializers]
+    report.constants[key] = [g.constants[inputs[i]] for i in const]
+    del node.input[:]
+    node.input.extend(name for i, name in enumerate(inputs) if i not in const)
+    return dict(vk_net=net_id, vk_key=key, vk_const=sum(1 << i for i in const), vk_ninputs=len(inputs))
 
 
 def rewrite(model: onnx.ModelProto, net_id: int, *, fuse: bool = True) -> tuple[onnx.ModelProto, RewriteReport]:
@@ -213,7 +224,7 @@ def rewrite(model: onnx.ModelProto, net_id: int, *, fuse: bool = True) -> tuple[
     """
     model = onnx.ModelProto.FromString(model.SerializeToString())
     g = _Graph(model.graph)
-    report = RewriteReport(routed=[], left_to_opencv=[])
+    report = RewriteReport(routed=[])
     removed: set[int] = set()
     keys: set[str] = set()
     nodes = list(model.graph.node)
@@ -221,8 +232,7 @@ def rewrite(model: onnx.ModelProto, net_id: int, *, fuse: bool = True) -> tuple[
         label = node.name or f"{node.op_type}#{index}"
         if node.domain == DOMAIN:
             key = _unique(label, keys)
-            inputs = list(node.input)
-            for name, value in _bookkeeping(g, inputs, net_id, key).items():
+            for name, value in _take_constants(g, node, net_id, key, report).items():
                 node.attribute.append(helper.make_attribute(name, value))
             node.name = key
             report.routed.append(key)
@@ -241,16 +251,13 @@ def rewrite(model: onnx.ModelProto, net_id: int, *, fuse: bool = True) -> tuple[
             del node.input[:]
             node.input.extend(inputs)
         act = _fuse_followers(g, node, route, key, removed, report) if fuse else None
-        inputs = list(node.input)
-        while inputs and not inputs[-1]:
-            inputs.pop()
         new_attrs = dict(kernel_shape=kernel, vk_nd=len(kernel),
                          **route.attributes(_attrs(node), len(kernel)),
-                         **_bookkeeping(g, inputs, net_id, key))
+                         **_take_constants(g, node, net_id, key, report))
         if act is not None:
             new_attrs.update(vk_act=act[0], vk_act_a=act[1], vk_act_b=act[2])
-        node.CopyFrom(helper.make_node(route.layer, inputs, [node.output[0]], name=key, domain=DOMAIN,
-                                       **new_attrs))
+        node.CopyFrom(helper.make_node(route.layer, list(node.input), [node.output[0]], name=key,
+                                       domain=DOMAIN, **new_attrs))
         report.routed.append(key)
     kept = [n for n in nodes if id(n) not in removed]
     del model.graph.node[:]
