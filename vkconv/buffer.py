@@ -127,9 +127,8 @@ class Buffer:
             from .command import CommandBuffer
 
             with CommandBuffer(self.ctx) as cmd:
-                cmd.begin()
-                self.record_upload(cmd)
-                cmd.end()
+                with cmd.recording():
+                    self.record_upload(cmd)
                 cmd.submit()
 
     def drop_staging(self) -> None:

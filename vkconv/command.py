@@ -1,6 +1,7 @@
 """Command buffers: record transfers and dispatches once, submit many times, wait on a fence."""
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 from .context import Context, vk
@@ -13,7 +14,8 @@ def _destroy(ctx: Context, handles: list) -> None:
         return
     cb, fence = handles
     handles.clear()
-    vk.vkFreeCommandBuffers(ctx.device, ctx.command_pool, 1, [cb])
+    with ctx.lock:  # the pool is externally synchronized
+        vk.vkFreeCommandBuffers(ctx.device, ctx.command_pool, 1, [cb])
     vk.vkDestroyFence(ctx.device, fence, None)
     ctx.track("command_buffer", -1)
     ctx.track("fence", -1)
@@ -45,6 +47,15 @@ class CommandBuffer:
 
     def end(self) -> None:
         vk.vkEndCommandBuffer(self.handle)
+
+    @contextlib.contextmanager
+    def recording(self):
+        """``begin()`` ... ``end()`` holding the context lock: every command buffer comes from one
+        pool, and Vulkan requires a pool's buffers to be recorded from one thread at a time."""
+        with self.ctx.lock:
+            self.begin()
+            yield self
+            self.end()
 
     def dispatch(self, pipeline: Pipeline, dset: DescriptorSet, push: bytes,
                  groups: tuple[int, int, int]) -> None:

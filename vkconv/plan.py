@@ -30,17 +30,15 @@ class Plan:
         self.cmd = CommandBuffer(ctx)
 
     def record(self, body: Callable[[CommandBuffer], None]) -> None:
-        cmd = self.cmd
-        cmd.begin()
-        for b in self.inputs:
-            b.record_upload(cmd)
-        cmd.barrier()
-        body(cmd)
-        cmd.barrier()
-        for b in self.outputs:
-            b.record_download(cmd)
-        cmd.host_barrier()
-        cmd.end()
+        with self.cmd.recording() as cmd:
+            for b in self.inputs:
+                b.record_upload(cmd)
+            cmd.barrier()
+            body(cmd)
+            cmd.barrier()
+            for b in self.outputs:
+                b.record_download(cmd)
+            cmd.host_barrier()
 
     def run(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
         for buf, arr in zip(self.inputs, arrays):
