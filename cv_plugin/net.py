@@ -4,10 +4,13 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
 import onnx
+
+import vkconv
 
 from . import compat, registry
 from .layers import NETS, NetState
@@ -89,14 +92,24 @@ def _load(model) -> onnx.ModelProto:
     raise ValueError(f"model: expected a path, bytes or onnx.ModelProto, got {type(model).__name__}")
 
 
-def read_net(model, *, fuse: bool = True) -> Net:
+def read_net(model, *, fuse: bool = True, fallback: bool = False) -> Net:
     """Load ``model`` (a path, serialized bytes or ``onnx.ModelProto``) with Conv on Vulkan.
 
     ``fuse``: fold a following BatchNormalization and fuse a following activation into the conv.
+    ``fallback``: when there is no usable Vulkan device, warn and load the unmodified model with
+    OpenCV's own layers instead of raising :class:`vkconv.NoDeviceError`.
     Registers vkconv's layers first if :func:`cv_plugin.register` was not called.
     """
-    registry.register()
     proto = _load(model)
+    try:
+        vkconv.get_context()
+    except vkconv.NoDeviceError as exc:
+        if not fallback:
+            raise
+        warnings.warn(f"vkconv: {exc}; running the model on OpenCV's own layers", RuntimeWarning,
+                      stacklevel=2)
+        return Net(compat.read_onnx(proto.SerializeToString()), 0, NetState(), RewriteReport(routed=[]))
+    registry.register()
     with _ids_lock:
         net_id = next(_ids)
     routed, report = rewrite(proto, net_id, fuse=fuse)

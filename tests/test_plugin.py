@@ -245,3 +245,34 @@ def test_vgg16_matches_opencv_cpu():
         assert sorted(net.vulkan_forwards().values()) == [1] * 13
         assert "Convolution" not in net.getLayerTypes()
     assert_close(out, expected, 1e-3, "vgg16")
+
+
+NO_DEVICE_SCRIPT = """
+import warnings, numpy as np, onnx, cv_plugin, vkconv
+from test_plugin import _model, _conv, W, B, X
+model = _model([_conv(out="y")], {"w": W, "b": B}, X.shape, (1, 8, 10, 5))
+try:
+    cv_plugin.read_net(model)
+except vkconv.NoDeviceError as exc:
+    print("raised:", exc)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    net = cv_plugin.read_net(model, fallback=True)
+net.setInput(X)
+print("fallback:", net.forward().shape, net.report.routed, caught[0].message)
+"""
+
+
+def test_no_vulkan_device_raises_or_falls_back(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, VK_DRIVER_FILES=str(tmp_path / "none.json"),
+               VK_ICD_FILENAMES=str(tmp_path / "none.json"), VKCONV_VALIDATION="0",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    res = subprocess.run([sys.executable, "-c", NO_DEVICE_SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "raised:" in res.stdout and "mesa-vulkan-drivers" in res.stdout
+    assert "fallback: (1, 8, 10, 5) []" in res.stdout and "OpenCV's own layers" in res.stdout
