@@ -94,7 +94,7 @@ def _fold_batchnorm(g: _Graph, conv: onnx.NodeProto, bn: onnx.NodeProto, key: st
     w_name = conv.input[1]
     b_name = conv.input[2] if len(conv.input) > 2 and conv.input[2] else None
     needed = [w_name, *bn.input[1:5]] + ([b_name] if b_name else [])
-    if any(n not in g.initializers for n in needed):
+    if any(n not in g.constants for n in needed):
         return False
     w = g.constants[w_name].astype(np.float64)
     scale, beta, mean, var = (g.constants[n].astype(np.float64) for n in bn.input[1:5])
@@ -209,7 +209,9 @@ def _take_constants(g: _Graph, node: onnx.NodeProto, net_id: int, key: str,
     inputs = list(node.input)
     while inputs and not inputs[-1]:
         inputs.pop()
-    const = [i for i, name in enumerate(inputs) if name in g.initializers]
+    # Initializers and Constant-node outputs alike (exporters such as Paddle2ONNX store weights in
+    # Constant nodes, which OpenCV also turns into blobs).
+    const = [i for i, name in enumerate(inputs) if name in g.constants]
     report.constants[key] = [g.constants[inputs[i]] for i in const]
     del node.input[:]
     node.input.extend(name for i, name in enumerate(inputs) if i not in const)
@@ -269,8 +271,13 @@ def rewrite(model: onnx.ModelProto, net_id: int, *, fuse: bool = True) -> tuple[
 
 
 def _drop_dangling(graph: onnx.GraphProto) -> None:
-    """Remove initializers and value_info that no node uses any more (folded BN parameters)."""
+    """Remove initializers, Constant nodes and value_info that nothing uses any more (constants the
+    layers now hold, folded BatchNorm parameters)."""
     used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    keep_nodes = [n for n in graph.node
+                  if not (n.op_type == "Constant" and n.domain in ("", "ai.onnx") and n.output[0] not in used)]
+    del graph.node[:]
+    graph.node.extend(keep_nodes)
     produced = {name for node in graph.node for name in node.output} | {i.name for i in graph.input}
     keep_init = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]

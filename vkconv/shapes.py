@@ -82,7 +82,8 @@ def conv_output_shape(x_shape: Sequence[int], w_shape: Sequence[int], strides: S
     """``(output shape, resolved pads)`` of ONNX Conv, without touching a device.
 
     ``x_shape`` is ``[N, C, *spatial]``, ``w_shape`` ``[C_out, C / group, *kernel]``. ValueError names
-    the argument when the input cannot be convolved with these weights.
+    the argument when the input cannot be convolved with these weights.  Unknown dimensions (<= 0,
+    as OpenCV reports dynamic ones while importing) stay unknown in the output.
     """
     x_shape, w_shape = tuple(int(s) for s in x_shape), tuple(int(s) for s in w_shape)
     nd = len(w_shape) - 2
@@ -94,9 +95,10 @@ def conv_output_shape(x_shape: Sequence[int], w_shape: Sequence[int], strides: S
     kernel = w_shape[2:]
     auto = resolve_auto_pad(auto_pad, x_shape[2:], kernel, strides, dilations)
     resolved = tuple(pads_) if auto is None else auto
-    out = [conv_out_size(s, k, st, resolved[i], resolved[i + nd], d)
-           for i, (s, k, st, d) in enumerate(zip(x_shape[2:], kernel, strides, dilations))]
-    if any(o < 1 for o in out):
+    known = [s > 0 for s in x_shape[2:]]
+    out = [conv_out_size(s, k, st, resolved[i], resolved[i + nd], d) if ok else s
+           for i, (s, k, st, d, ok) in enumerate(zip(x_shape[2:], kernel, strides, dilations, known))]
+    if any(o < 1 for o, ok in zip(out, known) if ok):
         raise ValueError(f"x: spatial size {x_shape[2:]} with pads {resolved} is smaller than the dilated "
                          f"kernel {kernel} (dilations {tuple(dilations)}); output would be {out}")
     return (x_shape[0], w_shape[0], *out), resolved
