@@ -167,14 +167,18 @@ class Layer:
             raise vkconv.VkconvError(f"vkconv layer {self.key}: its net was closed or failed to load")
         return op
 
-    def getMemoryShapes(self, inputs):
+    def getMemoryShapes(self, inputs):  # noqa: N802 - OpenCV's name
+        # While importing a model with dynamic input sizes OpenCV passes unknown dimensions as -1 or
+        # 0, and it crashes on a declared shape holding them; it asks again with the real sizes
+        # before the first forward, so unknown dimensions are declared as 1 meanwhile.
         try:
             op = self._op()
             full = op.merge([tuple(int(d) for d in s) for s in inputs], [c.shape for c in op.constants])
-            self.last_shapes = [list(s) for s in op.output_shapes(full)]
+            shapes = op.output_shapes(full)
         except BaseException as exc:  # noqa: BLE001
             self.state.fail(self.key, exc)
-            self.last_shapes = [list(inputs[0])] if inputs else [[1]]
+            shapes = [inputs[0]] if inputs else [(1,)]
+        self.last_shapes = [[max(int(d), 1) for d in s] for s in shapes]
         return self.last_shapes
 
     def forward(self, inputs):
