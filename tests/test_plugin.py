@@ -276,3 +276,23 @@ def test_no_vulkan_device_raises_or_falls_back(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "raised:" in res.stdout and "mesa-vulkan-drivers" in res.stdout
     assert "fallback: (1, 8, 10, 5) []" in res.stdout and "OpenCV's own layers" in res.stdout
+
+
+def test_dynamic_input_dims_and_constant_node_weights():
+    """Paddle2ONNX-style model: symbolic input dims, weights in Constant nodes (as the PP-OCR models)."""
+    w2 = RNG.standard_normal((5, 8, 1, 1), dtype=np.float32)
+    nodes = [helper.make_node("Constant", [], ["wc"], value=numpy_helper.from_array(W)),
+             helper.make_node("Constant", [], ["w2"], value=numpy_helper.from_array(w2)),
+             helper.make_node("Conv", ["x", "wc"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=2),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Conv", ["r", "w2"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "dyn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6, "H", "W"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5, "H", "W"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    with cv_plugin.read_net(model) as net:
+        assert len(net.report.routed) == 2 and net.report.fused_activations == 1
+        for shape in [(1, 6, 9, 11), (2, 6, 16, 5)]:
+            x = RNG.standard_normal(shape, dtype=np.float32)
+            net.setInput(x)
+            assert_close(net.forward(), _ort(model, x), 1e-4, str(shape))
