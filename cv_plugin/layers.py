@@ -97,8 +97,10 @@ class Op:
         pass
 
 
-class ConvOp(Op):
-    """ONNX Conv (1-D/2-D) with fused BatchNorm/activation; W and B may be constants or runtime inputs."""
+class ResidentWeightsOp(Op):
+    """An op with inputs X, W[, B] and attributes of the Conv family, run by a vkconv object that
+    keeps W and B on the device; W and B may be constants or runtime inputs (re-uploaded only when
+    they change)."""
 
     def __init__(self, params: dict, constants: list[np.ndarray]):
         super().__init__(params, constants)
@@ -111,31 +113,62 @@ class ConvOp(Op):
         act = str(params.get("vk_act", ""))
         self.activation = (act, float(params.get("vk_act_a", 0.0)), float(params.get("vk_act_b", 0.0))) \
             if act else None
-        self.conv: vkconv.Conv | None = None
+        self.device_op = None
         self._w_src = self._b_src = None  # the runtime W/B the device weights were made from
 
-    def output_shapes(self, in_shapes):
-        x, w = in_shapes[0], in_shapes[1]
-        out, _ = shapes.conv_output_shape(x, w, self.strides, self.pads, self.dilations, self.group,
-                                          self.auto_pad)
-        return [out]
+    def build(self, w: np.ndarray, b: np.ndarray | None):
+        """The vkconv object (with ``set_weights``, ``__call__`` and ``close``) for these weights."""
+        raise NotImplementedError
 
     def forward(self, arrays):
         x, w, *rest = arrays
         b = rest[0].reshape(-1) if rest else None
-        if self.conv is None:
-            self.conv = vkconv.Conv(w, b, strides=self.strides, pads=self.pads,
-                                    dilations=self.dilations, group=self.group,
-                                    activation=self.activation, auto_pad=self.auto_pad)
+        if self.device_op is None:
+            self.device_op = self.build(w, b)
         elif self.runtime_weights and not (_same(w, self._w_src) and _same(b, self._b_src)):
-            self.conv.set_weights(w, b)
+            self.device_op.set_weights(w, b)
         self._w_src, self._b_src = w, b
-        return [self.conv(x)]
+        return [self.device_op(x)]
 
     def close(self):
-        if self.conv is not None:
-            self.conv.close()
-            self.conv = None
+        if self.device_op is not None:
+            self.device_op.close()
+            self.device_op = None
+
+
+class ConvOp(ResidentWeightsOp):
+    """ONNX Conv (1-D/2-D) with fused BatchNorm/activation."""
+
+    def output_shapes(self, in_shapes):
+        out, _ = shapes.conv_output_shape(in_shapes[0], in_shapes[1], self.strides, self.pads,
+                                          self.dilations, self.group, self.auto_pad)
+        return [out]
+
+    def build(self, w, b):
+        return vkconv.Conv(w, b, strides=self.strides, pads=self.pads, dilations=self.dilations,
+                           group=self.group, activation=self.activation, auto_pad=self.auto_pad)
+
+
+class ConvTransposeOp(ResidentWeightsOp):
+    """ONNX ConvTranspose (1-D/2-D/3-D), output_padding and output_shape included."""
+
+    def __init__(self, params: dict, constants: list[np.ndarray]):
+        super().__init__(params, constants)
+        self.output_padding = _ints(params, "vk_output_padding", self.nd, 0)
+        self.target_shape = _ints(params, "vk_output_shape", self.nd, 0) \
+            if "vk_output_shape" in params else None
+
+    def output_shapes(self, in_shapes):
+        out, _ = shapes.conv_transpose_output_shape(
+            in_shapes[0], in_shapes[1], self.strides, self.pads, self.dilations, self.group,
+            self.output_padding, self.target_shape, self.auto_pad)
+        return [out]
+
+    def build(self, w, b):
+        return vkconv.ConvTranspose(w, b, strides=self.strides, pads=self.pads, dilations=self.dilations,
+                                    group=self.group, output_padding=self.output_padding,
+                                    output_shape=self.target_shape, auto_pad=self.auto_pad,
+                                    activation=self.activation)
 
 
 def _same(a, b) -> bool:
@@ -199,5 +232,10 @@ class ConvLayer(Layer):
     op_class = ConvOp
 
 
+class ConvTransposeLayer(Layer):
+    op_class = ConvTransposeOp
+
+
 # layer type (domain.op) -> class; register() registers each exactly once per process
-LAYER_TYPES: dict[str, type[Layer]] = {"vkconv.Conv": ConvLayer}
+LAYER_TYPES: dict[str, type[Layer]] = {"vkconv.Conv": ConvLayer,
+                                       "vkconv.ConvTranspose": ConvTransposeLayer}

@@ -159,9 +159,17 @@ def _conv_attributes(attrs: dict, nd: int) -> dict:
                 vk_auto_pad=attrs.get("auto_pad", "NOTSET"))
 
 
+def _conv_transpose_attributes(attrs: dict, nd: int) -> dict:
+    extra = {"vk_output_padding": list(attrs.get("output_padding", [0] * nd))}
+    if "output_shape" in attrs:
+        extra["vk_output_shape"] = list(attrs["output_shape"])[-nd:]
+    return {**_conv_attributes(attrs, nd), **extra}
+
+
 # (domain, op_type) -> Route; extended by the op modules that serve more ops
 ROUTES: dict[tuple[str, str], Route] = {
     ("", "Conv"): Route("Conv", (1, 2), _conv_attributes, fold_batchnorm=True),
+    ("", "ConvTranspose"): Route("ConvTranspose", (1, 2, 3), _conv_transpose_attributes),
 }
 
 

@@ -34,21 +34,22 @@ OPENCV_PROBLEM = _opencv_problem()
 pytestmark = pytest.mark.skipif(OPENCV_PROBLEM is not None, reason=f"{OPENCV_PROBLEM}")
 
 
-def _conv_cases() -> list[Path]:
+def _cases(op_type: str, weight_ranks: tuple[int, ...]) -> list[Path]:
+    """Conformance cases made of one ``op_type`` node whose weights have one of ``weight_ranks``."""
     root = conformance_root()
     if root is None:
         return []
     cases = []
-    for d in sorted(glob.glob(str(root / "onnx-node" / "test_*conv*"))) + sorted(
-            glob.glob(str(root / "onnx-pytorch" / "test_Conv*"))):
+    for d in sorted(glob.glob(str(root / "onnx-node" / "test_*"))) + sorted(
+            glob.glob(str(root / "onnx-pytorch" / "test_*"))):
         model = onnx.load(str(Path(d) / "model.onnx"), load_external_data=False)
-        if {n.op_type for n in model.graph.node} != {"Conv"}:
+        if [n.op_type for n in model.graph.node] != [op_type]:
             continue
         w = model.graph.node[0].input[1]
         w_dims = next((len(t.dims) for t in model.graph.initializer if t.name == w), None)
         if w_dims is None:
             w_dims = next(len(i.type.tensor_type.shape.dim) for i in model.graph.input if i.name == w)
-        if w_dims in (3, 4):  # 1-D and 2-D convolutions
+        if w_dims in weight_ranks:
             cases.append(Path(d))
     return cases
 
@@ -63,7 +64,8 @@ def _load_case(case: Path):
     return model, dict(zip(names, inputs)), expected
 
 
-CONV_CASES = _conv_cases()
+CONV_CASES = _cases("Conv", (3, 4))  # 1-D and 2-D convolutions
+CONV_TRANSPOSE_CASES = _cases("ConvTranspose", (3, 4, 5))
 
 
 @pytest.mark.skipif(not CONV_CASES, reason="ONNX conformance data not found (shared/conformance)")
@@ -79,10 +81,17 @@ def test_conformance_conv(case: Path):
     assert_close(out, expected, 1e-4, case.name)
 
 
+@pytest.mark.skipif(not CONV_TRANSPOSE_CASES, reason="ONNX conformance data not found (shared/conformance)")
+@pytest.mark.parametrize("case", CONV_TRANSPOSE_CASES, ids=[c.name for c in CONV_TRANSPOSE_CASES])
+def test_conformance_conv_transpose(case: Path):
+    test_conformance_conv(case)
+
+
 def test_conformance_cases_found():
     if conformance_root() is None:
         pytest.skip("ONNX conformance data not found (shared/conformance)")
     assert len(CONV_CASES) == 20  # 6 node tests + 8 Conv1d + 6 Conv2d
+    assert len(CONV_TRANSPOSE_CASES) == 12  # 11 node tests + ConvTranspose2d
 
 
 # -- fusion -------------------------------------------------------------------------------------

@@ -142,3 +142,34 @@ def resolve_conv_transpose_pads(auto_pad: str, in_spatial: Sequence[int], kernel
         begins.append(half if mode == "SAME_UPPER" else total - half)
         ends.append(total - half if mode == "SAME_UPPER" else half)
     return tuple(begins + ends)
+
+
+def conv_transpose_output_shape(x_shape: Sequence[int], w_shape: Sequence[int], strides: Sequence[int],
+                                pads_: Sequence[int], dilations: Sequence[int], group: int,
+                                output_padding: Sequence[int], output_shape: Sequence[int] | None = None,
+                                auto_pad: str = "NOTSET") -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(output shape, resolved pads)`` of ONNX ConvTranspose, without touching a device.
+
+    ``x_shape`` is ``[N, C_in, *spatial]``, ``w_shape`` ``[C_in, C_out / group, *kernel]``; the pads
+    may be negative when ``output_shape`` asks for more than the natural size. ValueError names the
+    argument when the input does not fit these weights.
+    """
+    x_shape, w_shape = tuple(int(s) for s in x_shape), tuple(int(s) for s in w_shape)
+    nd = len(w_shape) - 2
+    if len(x_shape) != nd + 2:
+        names = ("N, C, W", "N, C, H, W", "N, C, D, H, W")[min(nd, 3) - 1]
+        raise ValueError(f"x: expected rank {nd + 2} ({names}) for these weights, got shape {x_shape}")
+    if x_shape[1] != w_shape[0]:
+        raise ValueError(f"x: {x_shape[1]} channels, but w {w_shape} expects {w_shape[0]} "
+                         f"(ConvTranspose weights are [C_in, C_out / group, *kernel])")
+    if any(s < 1 for s in x_shape[2:]):
+        raise ValueError(f"x: spatial dimensions must be >= 1, got shape {x_shape}")
+    kernel = w_shape[2:]
+    auto = resolve_conv_transpose_pads(auto_pad, x_shape[2:], kernel, strides, dilations,
+                                       output_padding, output_shape)
+    resolved = tuple(pads_) if auto is None else auto
+    out = [conv_transpose_out_size(s, k, st, resolved[i], resolved[i + nd], d, a)
+           for i, (s, k, st, d, a) in enumerate(zip(x_shape[2:], kernel, strides, dilations, output_padding))]
+    if any(o < 1 for o in out):
+        raise ValueError(f"pads: {resolved} crop away the whole output of x {x_shape} (output would be {out})")
+    return (x_shape[0], w_shape[1] * group, *out), resolved
