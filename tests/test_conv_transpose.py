@@ -336,12 +336,24 @@ W2 = np.zeros((4, 3, 3, 3), np.float32)
     ((X2, W2), {"output_shape": (10,)}, "output_shape"),
     ((X2, W2), {"output_shape": (0, 4)}, "output_shape"),
     ((X2, W2), {"activation": "Softmax"}, "activation"),
-    ((X2, np.zeros((4, 0, 3, 3), np.float32)), {}, "w"),
     ((np.zeros((1, 4, 0, 5), np.float32), W2), {}, "x"),
 ])
 def test_bad_input(args, kwargs, name):
     with pytest.raises(ValueError, match=f"^{name}:"):
         vkconv.conv_transpose(*args, **kwargs)
+
+
+def test_zero_channels_follow_onnx():
+    """No input channels: every output is the bias (then the activation); no output channels: empty."""
+    b = np.array([0.5, -2.0, 1.5], np.float32)
+    y = vkconv.conv_transpose(np.zeros((2, 0, 3, 4), np.float32), np.zeros((0, 3, 2, 2), np.float32), b,
+                              strides=2, activation="Relu")
+    expected = onnxruntime_reference("ConvTranspose", {"x": np.zeros((2, 0, 3, 4), np.float32),
+                                                       "w": np.zeros((0, 3, 2, 2), np.float32), "b": b},
+                                     {"strides": [2, 2]})
+    assert_close(y, np.maximum(expected, 0))
+    y = vkconv.conv_transpose(X2, np.zeros((4, 0, 3, 3), np.float32))
+    assert y.shape == (X2.shape[0], 0, *y.shape[2:]) and y.size == 0
 
 
 def test_closed_context_is_refused():

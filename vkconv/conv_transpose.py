@@ -125,8 +125,8 @@ class ConvTranspose:
         w = shapes.as_float32("w", w, self.nd + 2)
         if self._weights is not None and w.shape != self.weight_shape:
             raise ValueError(f"w: shape {w.shape} differs from this ConvTranspose's {self.weight_shape}")
-        if min(w.shape) < 1:
-            raise ValueError(f"w: every dimension must be >= 1, got shape {w.shape}")
+        if min(w.shape[2:]) < 1:
+            raise ValueError(f"w: kernel dimensions must be >= 1, got shape {w.shape}")
         if w.shape[0] % self.group:
             raise ValueError(f"w: {w.shape[0]} input channels are not divisible by group={self.group}")
         cout = w.shape[1] * self.group
@@ -162,7 +162,7 @@ class ConvTranspose:
         """``x`` ``[N, C_in, *spatial]`` float32 -> ``[N, C_out, *out]`` float32."""
         x = shapes.as_float32("x", x, self.nd + 2)
         y_shape = self.output_shape(x.shape)
-        if x.shape[0] == 0:
+        if 0 in y_shape:  # zero input channels still give the bias: only an empty output skips the device
             return np.zeros(y_shape, np.float32)
         with self._lock:
             plan = self._plans.get(x.shape, lambda: self._build_plan(x.shape, y_shape))
