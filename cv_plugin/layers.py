@@ -120,15 +120,18 @@ class ResidentWeightsOp(Op):
         """The vkconv object (with ``set_weights``, ``__call__`` and ``close``) for these weights."""
         raise NotImplementedError
 
-    def forward(self, arrays):
-        x, w, *rest = arrays
-        b = rest[0].reshape(-1) if rest else None
+    def weights(self, w: np.ndarray, b: np.ndarray | None):
+        """The device op holding ``w``/``b``: built on first use, re-uploaded when runtime W/B change."""
         if self.device_op is None:
             self.device_op = self.build(w, b)
         elif self.runtime_weights and not (_same(w, self._w_src) and _same(b, self._b_src)):
             self.device_op.set_weights(w, b)
         self._w_src, self._b_src = w, b
-        return [self.device_op(x)]
+        return self.device_op
+
+    def forward(self, arrays):
+        x, w, *rest = arrays
+        return [self.weights(w, rest[0].reshape(-1) if rest else None)(x)]
 
     def close(self):
         if self.device_op is not None:

@@ -140,6 +140,8 @@ class Route:
 
     ``inputs``: positions, in the source node, of the inputs in vkconv's order (X, W, ...), so that
     exporters with another order (mmcv's x, offset, mask, weight, bias) share one layer.
+    ``scalar_inputs``: source input position -> attribute name, for exporters that pass attributes
+    as constant inputs (torchvision's ``deform_conv2d``); they join the attributes.
     ``attributes(attrs, nd)`` maps the source attributes onto vkconv's ``vk_*`` attributes.
     """
 
@@ -147,11 +149,12 @@ class Route:
     ranks: tuple[int, ...]
     attributes: Callable[[dict, int], dict]
     inputs: tuple[int, ...] | None = None
+    scalar_inputs: dict[int, str] = field(default_factory=dict)
     fold_batchnorm: bool = False
     fuse_activation: bool = True
 
 
-def _conv_attributes(attrs: dict, nd: int) -> dict:
+def conv_attributes(attrs: dict, nd: int) -> dict:
     return dict(vk_group=int(attrs.get("group", 1)),
                 vk_strides=list(attrs.get("strides", [1] * nd)),
                 vk_dilations=list(attrs.get("dilations", [1] * nd)),
@@ -163,12 +166,12 @@ def _conv_transpose_attributes(attrs: dict, nd: int) -> dict:
     extra = {"vk_output_padding": list(attrs.get("output_padding", [0] * nd))}
     if "output_shape" in attrs:
         extra["vk_output_shape"] = list(attrs["output_shape"])[-nd:]
-    return {**_conv_attributes(attrs, nd), **extra}
+    return {**conv_attributes(attrs, nd), **extra}
 
 
 # (domain, op_type) -> Route; extended by the op modules that serve more ops
 ROUTES: dict[tuple[str, str], Route] = {
-    ("", "Conv"): Route("Conv", (1, 2), _conv_attributes, fold_batchnorm=True),
+    ("", "Conv"): Route("Conv", (1, 2), conv_attributes, fold_batchnorm=True),
     ("", "ConvTranspose"): Route("ConvTranspose", (1, 2, 3), _conv_transpose_attributes),
 }
 
@@ -252,6 +255,12 @@ def rewrite(model: onnx.ModelProto, net_id: int, *, fuse: bool = True) -> tuple[
             continue
         order = route.inputs or tuple(range(len(node.input)))
         inputs = [node.input[i] if i < len(node.input) else "" for i in order]
+        attrs = _attrs(node)
+        scalars = {name: node.input[i] for i, name in route.scalar_inputs.items() if i < len(node.input)}
+        if any(t not in g.constants for t in scalars.values()):
+            report.left_to_opencv.append(label)  # attributes computed at run time: not ours
+            continue
+        attrs.update({name: np.asarray(g.constants[t]).reshape(-1)[0].item() for name, t in scalars.items()})
         kernel = _kernel(g, node, inputs[1]) if len(inputs) > 1 else None
         if kernel is None or len(kernel) not in route.ranks:
             report.left_to_opencv.append(label)
@@ -262,7 +271,7 @@ def rewrite(model: onnx.ModelProto, net_id: int, *, fuse: bool = True) -> tuple[
             node.input.extend(inputs)
         act = _fuse_followers(g, node, route, key, removed, report) if fuse else None
         new_attrs = dict(kernel_shape=kernel, vk_nd=len(kernel),
-                         **route.attributes(_attrs(node), len(kernel)),
+                         **route.attributes(attrs, len(kernel)),
                          **_take_constants(g, node, net_id, key, report))
         if act is not None:
             new_attrs.update(vk_act=act[0], vk_act_a=act[1], vk_act_b=act[2])

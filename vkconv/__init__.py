@@ -10,13 +10,14 @@ from .context import (Context, DeviceInfo, close_context, get_context, list_devi
                       validation_messages)
 from .conv import Conv, conv
 from .conv_transpose import ConvTranspose, conv_transpose
+from .deform_conv import DeformConv, deform_conv
 from .errors import NoDeviceError, ValidationError, VkconvError
 from .shapes import resolve_auto_pad
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Activation", "Context", "Conv", "ConvTranspose", "DeviceInfo", "NoDeviceError", "ValidationError",
-    "VkconvError", "__version__", "close_context", "conv", "conv_transpose", "get_context", "list_devices",
+    "Activation", "Context", "Conv", "ConvTranspose", "DeformConv", "DeviceInfo", "NoDeviceError", "ValidationError",
+    "VkconvError", "__version__", "close_context", "conv", "conv_transpose", "deform_conv", "get_context", "list_devices",
     "resolve_auto_pad", "validation_messages",
 ]

@@ -1,0 +1,326 @@
+"""vkconv.deform_conv / DeformConv against independent oracles.
+
+Oracles: the ONNX conformance data, onnx.reference (tiny shapes: it loops in Python and divides
+by zero when H or W is 1), onnxruntime's CPU DeformConv (opset 19 and 22), ONNX Conv for the
+cases where a deformable conv reduces to a plain one, and tests/deform_reference.py (float64
+numpy, written from the specification).  Tolerance: max abs error <= 1e-4 x max|expected|.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+import vkconv
+from vkconv.deform_conv import BlockLayout, DeformConv, deform_conv
+
+from deform_reference import deform_conv_ref
+from oracles import assert_close, onnx_reference, onnxruntime_reference
+
+REL = 1e-4
+
+
+def _rand(rng, *shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def _out_size(size, k, s, p0, p1, d):
+    return (size + p0 + p1 - d * (k - 1) - 1) // s + 1
+
+
+def _problem(seed, n=1, cin=4, cout=4, h=6, w=6, k=(3, 3), strides=(1, 1), pads=(1, 1, 1, 1),
+             dilations=(1, 1), group=1, offset_group=1, mask=True, bias=True, scale=1.5):
+    """Random inputs in ONNX order plus the keyword arguments of deform_conv."""
+    rng = np.random.default_rng(seed)
+    oh = _out_size(h, k[0], strides[0], pads[0], pads[2], dilations[0])
+    ow = _out_size(w, k[1], strides[1], pads[1], pads[3], dilations[1])
+    taps = k[0] * k[1]
+    inputs = dict(
+        x=_rand(rng, n, cin, h, w),
+        w=_rand(rng, cout, cin // group, *k),
+        offset=_rand(rng, n, offset_group * 2 * taps, oh, ow, scale=scale),
+        b=_rand(rng, cout) if bias else None,
+        mask=rng.random((n, offset_group * taps, oh, ow)).astype(np.float32) if mask else None)
+    attrs = dict(strides=strides, pads=pads, dilations=dilations, group=group,
+                 offset_group=offset_group)
+    return inputs, attrs
+
+
+def _run(inputs, attrs):
+    return deform_conv(inputs["x"], inputs["w"], inputs["offset"], inputs["b"], inputs["mask"], **attrs)
+
+
+def _ref(inputs, attrs):
+    return deform_conv_ref(inputs["x"], inputs["w"], inputs["offset"], inputs["b"], inputs["mask"],
+                           **attrs)
+
+
+def _onnx_inputs(inputs):
+    return {"X": inputs["x"], "W": inputs["w"], "offset": inputs["offset"], "B": inputs["b"],
+            "mask": inputs["mask"]}
+
+
+def _onnx_attrs(inputs, attrs):
+    return {"kernel_shape": list(inputs["w"].shape[2:]), "strides": list(attrs["strides"]),
+            "pads": list(attrs["pads"]), "dilations": list(attrs["dilations"]),
+            "group": attrs["group"], "offset_group": attrs["offset_group"]}
+
+
+# -- conformance -------------------------------------------------------------------------------
+def _load_pb(path):
+    t = onnx.TensorProto()
+    t.ParseFromString(path.read_bytes())
+    return numpy_helper.to_array(t)
+
+
+@pytest.mark.parametrize("name", ["test_basic_deform_conv_with_padding", "test_deform_conv_with_mask_bias"])
+def test_onnx_conformance(conformance, name):
+    case = conformance / "onnx-node" / name
+    model = onnx.load(case / "model.onnx")
+    node = model.graph.node[0]
+    assert node.op_type == "DeformConv"
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    data = case / "test_data_set_0"
+    feeds = {i.name: _load_pb(data / f"input_{k}.pb") for k, i in enumerate(model.graph.input)}
+    args = [feeds.get(name) if name else None for name in node.input]
+    args += [None] * (5 - len(args))
+    expected = _load_pb(data / "output_0.pb")
+    kwargs = {k: attrs[k] for k in ("strides", "pads", "dilations", "group", "offset_group") if k in attrs}
+    got = deform_conv(args[0], args[1], args[2], args[3], args[4], **kwargs)
+    assert_close(got, expected, rel=REL, what=name)
+
+
+# -- randomized against onnx.reference (tiny) -----------------------------------------------------
+@pytest.mark.parametrize("seed, kw", [
+    (0, dict(cin=2, cout=2, h=3, w=4, k=(2, 2), pads=(0, 0, 0, 0))),
+    (1, dict(cin=2, cout=2, h=4, w=3, k=(2, 2), pads=(1, 0, 0, 1), mask=False)),
+    (2, dict(cin=4, cout=2, h=4, w=4, k=(2, 2), group=2, offset_group=2, strides=(2, 1), pads=(1, 1, 1, 1))),
+    (3, dict(cin=2, cout=2, h=5, w=4, k=(3, 2), dilations=(1, 2), pads=(1, 1, 1, 1), bias=False)),
+])
+def test_against_onnx_reference(seed, kw):
+    inputs, attrs = _problem(seed, **kw)
+    expected = onnx_reference("DeformConv", _onnx_inputs(inputs), _onnx_attrs(inputs, attrs))
+    assert_close(_run(inputs, attrs), expected, rel=REL)
+
+
+def test_numpy_reference_matches_onnx_reference():
+    """The float64 reference itself agrees with onnx.reference, so the grid below is anchored."""
+    inputs, attrs = _problem(7, cin=4, cout=2, h=4, w=5, k=(2, 3), group=2, offset_group=2,
+                             pads=(1, 0, 0, 1), scale=2.5)
+    expected = onnx_reference("DeformConv", _onnx_inputs(inputs), _onnx_attrs(inputs, attrs))
+    assert_close(_ref(inputs, attrs).astype(np.float32), expected, rel=1e-5)
+
+
+# -- randomized against the numpy reference -----------------------------------------------------
+GRID = [
+    dict(),
+    dict(strides=(2, 2), pads=(0, 0, 0, 0)),
+    dict(strides=(2, 1), dilations=(2, 1), pads=(2, 1, 0, 1), h=9, w=7),
+    dict(k=(1, 1), pads=(0, 0, 0, 0)),
+    dict(k=(5, 3), pads=(2, 1, 2, 1), h=8, w=5),
+    dict(cin=8, cout=6, group=2),
+    dict(cin=12, cout=6, group=3, offset_group=2),        # conv groups straddle offset groups
+    dict(cin=12, cout=12, group=4, offset_group=4, mask=False),
+    dict(cin=6, cout=4, group=2, offset_group=3, bias=False),
+    dict(cin=12, cout=3, group=3, offset_group=2, n=2),   # padding blocks in one group
+    dict(cin=5, cout=7, offset_group=5),                  # 1-channel offset groups
+    dict(cin=9, cout=4, offset_group=3, mask=False, bias=False),
+    dict(cin=3, cout=20, n=3, h=5, w=9),                  # several output-channel tiles
+    dict(cin=36, cout=17, h=11, w=13, group=1, offset_group=4),
+    dict(cin=4, cout=4, h=2, w=2, pads=(1, 1, 1, 1), scale=3.0),
+]
+
+
+@pytest.mark.parametrize("kw", GRID, ids=[str(i) for i in range(len(GRID))])
+def test_against_numpy_reference(kw):
+    inputs, attrs = _problem(100 + len(str(kw)), **kw)
+    assert_close(_run(inputs, attrs), _ref(inputs, attrs), rel=REL)
+
+
+@pytest.mark.parametrize("opset", [19, 22])
+def test_against_onnxruntime(opset):
+    inputs, attrs = _problem(11, n=2, cin=8, cout=6, h=9, w=7, group=2, offset_group=4,
+                             strides=(1, 2), pads=(1, 2, 0, 1), scale=2.0)
+    expected = onnxruntime_reference("DeformConv", _onnx_inputs(inputs), _onnx_attrs(inputs, attrs),
+                                     opset=opset)
+    assert_close(_run(inputs, attrs), expected, rel=REL)
+
+
+def test_samples_off_every_edge():
+    """Points beyond each edge, exactly on -1 and H/W, and just inside: all by the boundary rule."""
+    inputs, attrs = _problem(21, cin=4, cout=3, h=5, w=6, k=(2, 2), pads=(0, 0, 0, 0))
+    h, w = inputs["x"].shape[2:]
+    off = inputs["offset"]
+    picks = np.array([-h - 3.0, -1.0 - h, -h + 0.25, -0.5, 0.75, h - 1.5, float(h), h + 0.5, 40.0,
+                      -float(w), float(w) - 0.25, -1e6, 1e6], np.float32)
+    rng = np.random.default_rng(3)
+    off[...] = rng.choice(picks, size=off.shape)
+    assert_close(_run(inputs, attrs), _ref(inputs, attrs), rel=REL)
+
+
+def test_all_samples_outside_give_bias():
+    inputs, attrs = _problem(22, cin=4, cout=5, h=4, w=4)
+    inputs["offset"][:, 0::2] = 4.0 + 1.0     # dy pushes every point below the image
+    got = _run(inputs, attrs)
+    np.testing.assert_array_equal(got, np.broadcast_to(inputs["b"][None, :, None, None], got.shape))
+
+
+def test_integer_offsets_equal_shifted_conv():
+    """A constant integer offset (dy, dx) is a plain Conv of the input shifted by (dy, dx)."""
+    inputs, attrs = _problem(23, cin=6, cout=4, h=7, w=8, group=2, pads=(1, 2, 1, 0), mask=False)
+    dy, dx = 2, -3
+    inputs["offset"][:, 0::2] = dy
+    inputs["offset"][:, 1::2] = dx
+    # Padding positions can sample real pixels too, so pad explicitly before shifting.
+    top, left, bottom, right = attrs["pads"]
+    h, w = inputs["x"].shape[2:]
+    margin = 8
+    xp = np.pad(inputs["x"], ((0, 0), (0, 0), (margin, margin), (margin, margin)))
+    shifted = xp[:, :, margin + dy - top:margin + dy + h + bottom, margin + dx - left:margin + dx + w + right]
+    expected = onnx_reference("Conv", {"X": np.ascontiguousarray(shifted), "W": inputs["w"], "B": inputs["b"]},
+                              {"group": attrs["group"]})
+    assert_close(_run(inputs, attrs), expected, rel=REL)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(),
+    dict(cin=8, cout=4, group=4, offset_group=2, strides=(2, 1), dilations=(1, 2), pads=(0, 2, 1, 1), h=9, w=9),
+])
+def test_zero_offsets_equal_conv(kw):
+    inputs, attrs = _problem(24, mask=False, **kw)
+    inputs["offset"][...] = 0.0
+    expected = onnx_reference("Conv", {"X": inputs["x"], "W": inputs["w"], "B": inputs["b"]},
+                              {"pads": list(attrs["pads"]), "strides": list(attrs["strides"]),
+                               "dilations": list(attrs["dilations"]), "group": attrs["group"]})
+    assert_close(_run(inputs, attrs), expected, rel=REL)
+
+
+# -- documented non-finite behaviour -----------------------------------------------------------
+def test_nan_offset_propagates():
+    """A NaN dy poisons exactly the outputs that read that (offset group, tap, pixel)."""
+    inputs, attrs = _problem(25, cin=4, cout=4, group=2, offset_group=2, h=5, w=5)
+    inputs["offset"][0, 2 * (9 + 4), 2, 3] = np.nan      # offset group 1, centre tap, pixel (2, 3)
+    got = _run(inputs, attrs)
+    nan = np.isnan(got)
+    expected_nan = np.zeros_like(nan)
+    expected_nan[0, 2:, 2, 3] = True                     # conv group 1 reads offset group 1
+    np.testing.assert_array_equal(nan, expected_nan)
+    ref = _ref(inputs, attrs)
+    assert_close(np.where(nan, 0, got), np.where(nan, 0, ref), rel=REL)
+
+
+def test_infinite_offsets_sample_zero():
+    inputs, attrs = _problem(26, cin=4, cout=3, mask=False, bias=False)
+    inputs["offset"][:, 0::2] = np.inf
+    np.testing.assert_array_equal(_run(inputs, attrs), 0.0)
+
+
+# -- the layer object --------------------------------------------------------------------------
+def test_layer_reuse_shapes_and_one_submit():
+    inputs, attrs = _problem(30, n=2, cin=8, cout=8, h=9, w=10, offset_group=2)
+    with DeformConv(inputs["w"], inputs["b"], **attrs) as op:
+        ctx = op.ctx
+        assert op.output_shape(inputs["x"].shape) == (2, 8, 9, 10)
+        first = op(inputs["x"], inputs["offset"], inputs["mask"])
+        before = ctx.stats["submits"]
+        again = op(inputs["x"], inputs["offset"], inputs["mask"])
+        assert ctx.stats["submits"] - before == 1
+        np.testing.assert_array_equal(first, again)
+        assert_close(first, _ref(inputs, attrs), rel=REL)
+        small, sattrs = _problem(31, n=1, cin=8, cout=8, h=4, w=5, offset_group=2, mask=False)
+        assert_close(op(small["x"], small["offset"]),
+                     _ref({**small, "w": inputs["w"], "b": inputs["b"]}, sattrs), rel=REL)
+        w2 = inputs["w"][::-1].copy()
+        op.set_weights(w2, None)
+        assert_close(op(inputs["x"], inputs["offset"], inputs["mask"]),
+                     _ref({**inputs, "w": w2, "b": None}, attrs), rel=REL)
+
+
+def test_column_chunks():
+    """A small column budget splits the pixels into many chunks; the result does not change."""
+    inputs, attrs = _problem(32, n=2, cin=8, cout=6, h=23, w=19, group=2, offset_group=2)
+    with DeformConv(inputs["w"], inputs["b"], **attrs) as op:
+        rows = op.layout.group_blocks * 9
+        op.column_budget = op.group * rows * op.tiling.tile_px * 16  # one tile per chunk
+        got = op(inputs["x"], inputs["offset"], inputs["mask"])
+    assert_close(got, _ref(inputs, attrs), rel=REL)
+
+
+def test_small_workgroup_count_limit():
+    """A device allowing only 16 workgroups per dimension: the pack stage loops over its pixels
+    and every chunk holds one tile, instead of a dispatch past the limit."""
+    inputs, attrs = _problem(35, n=2, cin=8, cout=4, h=30, w=17, offset_group=2)
+    with vkconv.Context() as ctx:
+        ctx.info = dataclasses.replace(ctx.info, max_workgroup_count=(16, 65535, 65535))
+        with DeformConv(inputs["w"], inputs["b"], ctx=ctx, **attrs) as op:
+            got = op(inputs["x"], inputs["offset"], inputs["mask"])
+    assert_close(got, _ref(inputs, attrs), rel=REL)
+
+
+def test_fused_activation():
+    inputs, attrs = _problem(33, cin=4, cout=5)
+    with DeformConv(inputs["w"], inputs["b"], activation=("LeakyRelu", 0.1), **attrs) as op:
+        got = op(inputs["x"], inputs["offset"], inputs["mask"])
+    ref = _ref(inputs, attrs)
+    assert_close(got, np.where(ref < 0, 0.1 * ref, ref), rel=REL)
+
+
+def test_empty_batch():
+    inputs, attrs = _problem(34, n=0)
+    got = _run(inputs, attrs)
+    assert got.shape == (0, 4, 6, 6) and got.dtype == np.float32
+
+
+def test_block_layout_never_straddles_groups():
+    lay = BlockLayout.build(cin=12, group=3, offset_group=2)
+    cin_g, cin_og = 4, 6
+    owner = np.repeat(np.arange(2), np.diff(lay.og_start))
+    assert owner.size == lay.source.size == 3 * lay.group_blocks
+    for b, (src, n) in enumerate(zip(lay.source, lay.length)):
+        chans = np.arange(src, src + max(n, 1))   # an empty block names a channel of its group
+        assert set(chans // cin_g) == {b // lay.group_blocks}
+        assert set(chans // cin_og) == {owner[b]}
+    assert (lay.length == 0).any()                # group 1 has two blocks, groups 0 and 2 one
+
+
+# -- bad input ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("change, name", [
+    (lambda i: {"offset": i["offset"][:, :-2]}, "offset"),              # wrong offset channels
+    (lambda i: {"offset": i["offset"][:, :, :-1]}, "offset"),           # wrong spatial size
+    (lambda i: {"offset": np.concatenate([i["offset"]] * 2)}, "offset"),  # wrong batch
+    (lambda i: {"offset": i["offset"][0]}, "offset"),                   # wrong rank
+    (lambda i: {"mask": i["mask"][:, :-1]}, "mask"),                    # wrong mask channels
+    (lambda i: {"mask": i["mask"][:, :, :, :-1]}, "mask"),
+    (lambda i: {"mask": i["mask"].astype(np.float64)}, "mask"),
+    (lambda i: {"x": i["x"][0]}, "x"),
+    (lambda i: {"x": i["x"][:, :3]}, "x"),                              # channels vs w and group
+    (lambda i: {"x": i["x"].astype(np.float16)}, "x"),
+    (lambda i: {"x": i["x"][:, :, :1, :1]}, "x"),                       # smaller than the kernel
+    (lambda i: {"b": i["b"][:3]}, "b"),
+    (lambda i: {"w": i["w"][:, :, :, :, None]}, "w"),
+    (lambda i: {"w": i["w"][:3]}, "w"),                                 # C_out not divisible by group
+    (lambda i: {"offset_group": 3}, "offset_group"),                    # C_in not divisible
+    (lambda i: {"offset_group": 0}, "offset_group"),
+    (lambda i: {"group": 0}, "group"),
+    (lambda i: {"strides": (0, 1)}, "strides"),
+    (lambda i: {"pads": (1, 1, -1, 1)}, "pads"),
+    (lambda i: {"dilations": "2"}, "dilations"),
+    (lambda i: {"offset": [[0.0]]}, "offset"),
+])
+def test_bad_input(change, name):
+    inputs, attrs = _problem(40, cin=4, cout=4, group=2, offset_group=2)
+    for key, value in change(inputs).items():
+        (inputs if key in inputs else attrs)[key] = value
+    with pytest.raises(ValueError, match=name):
+        _run(inputs, attrs)
+
+
+def test_closed_layer_refuses():
+    inputs, attrs = _problem(41)
+    op = DeformConv(inputs["w"], inputs["b"], **attrs)
+    op.close()
+    with pytest.raises(vkconv.VkconvError):
+        op(inputs["x"], inputs["offset"], inputs["mask"])
