@@ -21,14 +21,25 @@ def conformance_root() -> Path | None:
     return None
 
 
-@pytest.fixture(autouse=True)
-def no_validation_messages():
-    """Fail the test during which the Khronos validation layer reported anything."""
-    vkconv.validation_messages(clear=True)
-    yield
+def _fail_on_validation_messages() -> None:
     messages = vkconv.validation_messages(clear=True)
     if messages:
         pytest.fail("Vulkan validation layer reported:\n" + "\n".join(messages), pytrace=False)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """Fail the test during whose body the Khronos validation layer reported anything."""
+    vkconv.validation_messages(clear=True)
+    yield
+    _fail_on_validation_messages()
+
+
+@pytest.fixture(autouse=True)
+def no_validation_messages():
+    """Messages from fixture teardown (objects left alive at vkDestroyDevice...) fail it too."""
+    yield
+    _fail_on_validation_messages()
 
 
 @pytest.fixture(scope="session")

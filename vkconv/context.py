@@ -10,14 +10,19 @@ Environment:
 ``VKCONV_DEVICE``
     index (in :func:`list_devices` order) or case-insensitive substring of the device name.
 ``VKCONV_VALIDATION=1``
-    enable ``VK_LAYER_KHRONOS_validation`` with a debug messenger; every warning or error it reports
-    is kept in :func:`validation_messages` (tests fail on any).
+    enable ``VK_LAYER_KHRONOS_validation`` (core and synchronization validation) with a debug
+    messenger; every warning or error it reports is kept in :func:`validation_messages` (tests fail
+    on any).
 ``VKCONV_TIMEOUT``
     seconds to wait for a submission before raising instead of hanging (default 120).
+``VKCONV_LIMITS=mobile``
+    cap the reported limits at a small mobile GPU's (128 invocations per workgroup, 16 KiB of
+    shared memory), so that tests can check every kernel still runs there.
 """
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import threading
 import weakref
@@ -111,8 +116,13 @@ def _create_instance(validation: bool):
             raise VkconvError(f"VKCONV_VALIDATION=1 but {VALIDATION_LAYER} is not installed "
                               "(Debian: apt-get install vulkan-validationlayers)")
         layers.append(VALIDATION_LAYER)
-        extensions.append(v.VK_EXT_DEBUG_UTILS_EXTENSION_NAME)
-    info = v.VkInstanceCreateInfo(pApplicationInfo=app, enabledLayerCount=len(layers),
+        extensions += [v.VK_EXT_DEBUG_UTILS_EXTENSION_NAME, v.VK_EXT_VALIDATION_FEATURES_EXTENSION_NAME]
+    # Synchronization validation catches missing barriers, which core validation does not.
+    features = v.VkValidationFeaturesEXT(
+        enabledValidationFeatureCount=1,
+        pEnabledValidationFeatures=[v.VK_VALIDATION_FEATURE_ENABLE_SYNCHRONIZATION_VALIDATION_EXT]) \
+        if validation else None
+    info = v.VkInstanceCreateInfo(pNext=features, pApplicationInfo=app, enabledLayerCount=len(layers),
                                   ppEnabledLayerNames=layers or None,
                                   enabledExtensionCount=len(extensions),
                                   ppEnabledExtensionNames=extensions or None)
@@ -159,6 +169,24 @@ def _describe(index: int, pd) -> DeviceInfo:
         has_compute_queue=any(q.queueFlags & v.VK_QUEUE_COMPUTE_BIT for q in queues),
         rank=_TYPE_RANK.get(props.deviceType, 4),
     )
+
+
+# VKCONV_LIMITS=mobile: the limits kernels size themselves from, as on a small mobile GPU.
+_MOBILE_LIMITS = {"max_workgroup_invocations": 128, "max_workgroup_size": (128, 128, 64),
+                  "max_shared_memory": 16384}
+
+
+def simulated_limits(info: DeviceInfo, profile: str | None) -> DeviceInfo:
+    """``info`` with its limits capped by the ``VKCONV_LIMITS`` profile (``""``: unchanged)."""
+    if not profile:
+        return info
+    if profile != "mobile":
+        raise VkconvError(f"VKCONV_LIMITS={profile!r}: expected 'mobile' or nothing")
+    capped = {}
+    for name, cap in _MOBILE_LIMITS.items():
+        have = getattr(info, name)
+        capped[name] = tuple(map(min, have, cap)) if isinstance(cap, tuple) else min(have, cap)
+    return dataclasses.replace(info, **capped)
 
 
 def list_devices() -> list[DeviceInfo]:
@@ -219,6 +247,7 @@ class Context:
             self.info = choose_device(infos, device if device is not None
                                       else os.environ.get("VKCONV_DEVICE"))
             self.physical_device = physical[self.info.index]
+            self.info = simulated_limits(self.info, os.environ.get("VKCONV_LIMITS"))
             self._create_device()
         except BaseException:
             self._destroy_instance()
