@@ -207,13 +207,16 @@ class Layer:
         # While importing a model with dynamic input sizes OpenCV passes unknown dimensions as -1 or
         # 0, and it crashes on a declared shape holding them; it asks again with the real sizes
         # before the first forward, so unknown dimensions are declared as 1 meanwhile.
+        # Unlike forward, getMemoryShapes may raise: OpenCV 4.10-4.14 turn that into a catchable
+        # cv2.error that stops the import (or the forward) before any layer sees a wrong shape;
+        # the wrapper then raises the error recorded here instead.
         try:
             op = self._op()
             full = op.merge([tuple(int(d) for d in s) for s in inputs], [c.shape for c in op.constants])
             shapes = op.output_shapes(full)
         except BaseException as exc:  # noqa: BLE001
             self.state.fail(self.key, exc)
-            shapes = [inputs[0]] if inputs else [(1,)]
+            raise
         self.last_shapes = [[max(int(d), 1) for d in s] for s in shapes]
         return self.last_shapes
 

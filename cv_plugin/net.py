@@ -53,7 +53,13 @@ class Net:
 
     def forward(self, *args, **kwargs):
         self._raise_pending()  # errors left over from an earlier, unchecked call
-        out = self._net.forward(*args, **kwargs)
+        try:
+            out = self._net.forward(*args, **kwargs)
+        except compat.cv2_module().error as exc:
+            errors = self.state.take_errors()
+            if errors:
+                raise errors[0] from exc  # the layer's own error, not OpenCV's wrapper of it
+            raise
         self._raise_pending()
         return out
 
@@ -83,12 +89,18 @@ def _load(model) -> onnx.ModelProto:
     if isinstance(model, onnx.ModelProto):
         return model
     if isinstance(model, (bytes, bytearray, memoryview, np.ndarray)):
-        return onnx.load_from_string(bytes(model))
+        try:
+            return onnx.load_from_string(bytes(model))
+        except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
+            raise ValueError(f"model: not a serialized ONNX model ({type(exc).__name__}: {exc})") from exc
     if isinstance(model, (str, os.PathLike)):
         path = Path(model)
         if not path.is_file():
             raise ValueError(f"model: no such file {str(path)!r}")
-        return onnx.load(str(path))
+        try:
+            return onnx.load(str(path))
+        except Exception as exc:  # noqa: BLE001
+            raise ValueError(f"model: {str(path)!r} is not an ONNX model ({type(exc).__name__}: {exc})") from exc
     raise ValueError(f"model: expected a path, bytes or onnx.ModelProto, got {type(model).__name__}")
 
 
@@ -101,6 +113,8 @@ def read_net(model, *, fuse: bool = True, fallback: bool = False) -> Net:
     Registers vkconv's layers first if :func:`cv_plugin.register` was not called.
     """
     proto = _load(model)
+    if not proto.graph.node:
+        raise ValueError("model: the ONNX model has no nodes (empty or not an ONNX file)")
     try:
         vkconv.get_context()
     except vkconv.NoDeviceError as exc:
@@ -116,9 +130,12 @@ def read_net(model, *, fuse: bool = True, fallback: bool = False) -> Net:
     state = NETS[net_id] = NetState(constants=report.constants)
     try:
         cv_net = compat.read_onnx(routed.SerializeToString())
-    except BaseException:
+    except BaseException as exc:
+        errors = state.take_errors()
         state.close()
         NETS.pop(net_id, None)
+        if errors:
+            raise errors[0] from exc
         raise
     net = Net(cv_net, net_id, state, report)
     net._raise_pending()  # a layer that could not be built: report it now, not at forward

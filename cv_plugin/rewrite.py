@@ -186,6 +186,34 @@ def _kernel(g: _Graph, node: onnx.NodeProto, w_name: str) -> list[int] | None:
     return [int(k) for k in kernel] if kernel else None
 
 
+_INT32_MAX = 2**31 - 1
+# attribute -> (minimum, length as a multiple of the spatial rank)
+_LIMITS = {"kernel_shape": (1, 1), "vk_strides": (1, 1), "vk_dilations": (1, 1), "vk_pads": (0, 2),
+           "vk_output_padding": (0, 1), "vk_output_shape": (1, 1)}
+
+
+def _check_attributes(label: str, op_type: str, attrs: dict, nd: int, w_shape) -> None:
+    """Refuse out-of-range attributes before OpenCV sees them (it breaks on ints >= 2^31, and a
+    layer must never be asked to dispatch nonsense)."""
+    where = f"model: node {label!r} ({op_type})"
+    for name, (minimum, per) in _LIMITS.items():
+        if name not in attrs:
+            continue
+        values = [int(v) for v in attrs[name]]
+        if len(values) != per * nd:
+            raise ValueError(f"{where}: {name.removeprefix('vk_')} has {len(values)} values, expected "
+                             f"{per * nd} for a {nd}-D op")
+        if any(v < minimum or v > _INT32_MAX for v in values):
+            raise ValueError(f"{where}: {name.removeprefix('vk_')} {values} out of range "
+                             f"[{minimum}, 2^31 - 1]")
+    for name in ("vk_group", "vk_offset_group"):
+        if name in attrs and not 1 <= int(attrs[name]) <= _INT32_MAX:
+            raise ValueError(f"{where}: {name.removeprefix('vk_')}={attrs[name]} must be >= 1")
+    if w_shape is not None and list(w_shape[2:]) != list(attrs["kernel_shape"]):
+        raise ValueError(f"{where}: kernel_shape {list(attrs['kernel_shape'])} does not match the "
+                         f"weights' shape {list(w_shape)}")
+
+
 def _unique(label: str, keys: set[str]) -> str:
     key = label
     while key in keys:
@@ -270,9 +298,10 @@ def rewrite(model: onnx.ModelProto, net_id: int, *, fuse: bool = True) -> tuple[
             del node.input[:]
             node.input.extend(inputs)
         act = _fuse_followers(g, node, route, key, removed, report) if fuse else None
-        new_attrs = dict(kernel_shape=kernel, vk_nd=len(kernel),
-                         **route.attributes(attrs, len(kernel)),
-                         **_take_constants(g, node, net_id, key, report))
+        w_shape = g.constants[inputs[1]].shape if inputs[1] in g.constants else None
+        new_attrs = dict(kernel_shape=kernel, vk_nd=len(kernel), **route.attributes(attrs, len(kernel)))
+        _check_attributes(label, node.op_type, new_attrs, len(kernel), w_shape)
+        new_attrs.update(_take_constants(g, node, net_id, key, report))
         if act is not None:
             new_attrs.update(vk_act=act[0], vk_act_a=act[1], vk_act_b=act[2])
         node.CopyFrom(helper.make_node(route.layer, list(node.input), [node.output[0]], name=key,
