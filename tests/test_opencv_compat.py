@@ -6,7 +6,7 @@ import pytest
 
 import cv_plugin
 import vkconv
-from cv_plugin import compat
+from cv_plugin import compat, soak
 
 MAJOR = compat.cv2_version()[0]
 
@@ -22,7 +22,7 @@ def test_opencv5_is_refused_clearly():
     with pytest.raises(vkconv.VkconvError, match=r"OpenCV 5\.\S+ cannot host vkconv's Python layers.*<5"):
         cv_plugin.register()
     with pytest.raises(vkconv.VkconvError, match="cannot host"):
-        cv_plugin.read_net(b"")
+        cv_plugin.read_net(soak.small_net())
 
 
 def test_nd_mat_keeps_three_dimensions():
