@@ -121,7 +121,10 @@ class ResidentWeightsOp(Op):
         raise NotImplementedError
 
     def weights(self, w: np.ndarray, b: np.ndarray | None):
-        """The device op holding ``w``/``b``: built on first use, re-uploaded when runtime W/B change."""
+        """The device op holding ``w``/``b``: built on first use, re-uploaded when runtime W/B change,
+        rebuilt on a new device after the old one was lost."""
+        if self.device_op is not None and self.device_op.ctx.lost:
+            self.close()
         if self.device_op is None:
             self.device_op = self.build(w, b)
         elif self.runtime_weights and not (_same(w, self._w_src) and _same(b, self._b_src)):

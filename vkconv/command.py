@@ -106,18 +106,25 @@ class CommandBuffer:
         """Submit and wait; raises instead of hanging when the device does not finish in time."""
         v, ctx = vk, self.ctx
         info = v.VkSubmitInfo(commandBufferCount=1, pCommandBuffers=[self.handle])
-        with ctx.lock:
-            ctx.check()
-            v.vkQueueSubmit(ctx.queue, 1, [info], self.fence)
-            ctx.stats["submits"] += 1
-            ctx.stats["dispatches"] += self.dispatches
         try:
+            with ctx.lock:
+                ctx.check()
+                v.vkQueueSubmit(ctx.queue, 1, [info], self.fence)
+                ctx.stats["submits"] += 1
+                ctx.stats["dispatches"] += self.dispatches
             v.vkWaitForFences(ctx.device, 1, [self.fence], v.VK_TRUE, ctx.timeout_ns)
         except v.VkTimeout as exc:
+            # A device that misses the deadline is treated as lost (drivers reset a hung GPU and then
+            # report VK_ERROR_DEVICE_LOST); the next vkconv.get_context() opens it anew.
+            ctx.mark_lost()
             raise VkconvError(f"the device did not finish within VKCONV_TIMEOUT="
-                              f"{ctx.timeout_ns / 1e9:g} s") from exc
-        except v.VkErrorDeviceLost as exc:
-            raise VkconvError("Vulkan device lost while running a submission") from exc
+                              f"{ctx.timeout_ns / 1e9:g} s; it is treated as lost") from exc
+        except (v.VkErrorDeviceLost, v.VkErrorOutOfDeviceMemory, v.VkErrorOutOfHostMemory) as exc:
+            lost = isinstance(exc, v.VkErrorDeviceLost)
+            if lost:
+                ctx.mark_lost()
+            raise VkconvError(f"Vulkan {'device lost' if lost else 'ran out of memory'} while running a "
+                              f"submission ({type(exc).__name__})") from exc
         v.vkResetFences(ctx.device, 1, [self.fence])
 
     def close(self) -> None:

@@ -236,6 +236,7 @@ class Context:
         # _closing refuses new work from the start of close(); _closed (device destroyed) is set
         # only after the children are closed, because their finalizers skip destruction once it is.
         self._closing = False
+        self.lost = False  # set when the driver reports VK_ERROR_DEVICE_LOST
         self._closed = False
         self.instance = _create_instance(validation)
         self._messenger = None
@@ -297,7 +298,19 @@ class Context:
         """Register an object with a ``close()`` so that closing the context closes it first."""
         self._children.add(obj)
 
+    def mark_lost(self) -> None:
+        """Refuse further work on this device, after waiting for what it still runs (a lost device
+        answers at once) so that its objects can be destroyed."""
+        self.lost = True
+        try:
+            vk.vkDeviceWaitIdle(self.device)
+        except (vk.VkError, vk.VkException):
+            pass
+
     def check(self) -> None:
+        if self.lost:
+            raise VkconvError("the Vulkan device was lost; objects made on it cannot be used again "
+                              "(vkconv.get_context() opens the device anew)")
         if self._closing:
             raise VkconvError("the vkconv context was closed")
 
@@ -330,7 +343,11 @@ class Context:
             if self._closing:
                 return
             self._closing = True
-            vk.vkDeviceWaitIdle(self.device)
+            try:
+                vk.vkDeviceWaitIdle(self.device)
+            except vk.VkErrorDeviceLost:
+                self.lost = True  # destroying objects of a lost device is still valid
+
             for child in list(self._children):
                 child.close()
             for pipe in self._pipelines.values():
@@ -363,6 +380,8 @@ def get_context() -> Context:
     """The process-wide context, created on first use."""
     global _default
     with _default_lock:
+        if _default is not None and _default.lost:
+            _default.close()
         if _default is None or _default._closing:
             _default = Context()
         return _default
