@@ -9,6 +9,7 @@ from .activation import Activation
 from .context import (Context, DeviceInfo, close_context, get_context, list_devices,
                       validation_messages)
 from .conv import Conv, conv
+from .conv_lstm import ConvLSTM2D, conv_lstm2d
 from .conv_transpose import ConvTranspose, conv_transpose
 from .deform_conv import DeformConv, deform_conv
 from .errors import NoDeviceError, ValidationError, VkconvError
@@ -17,7 +18,7 @@ from .shapes import resolve_auto_pad
 __version__ = "0.1.0"
 
 __all__ = [
-    "Activation", "Context", "Conv", "ConvTranspose", "DeformConv", "DeviceInfo", "NoDeviceError", "ValidationError",
-    "VkconvError", "__version__", "close_context", "conv", "conv_transpose", "deform_conv", "get_context", "list_devices",
+    "Activation", "Context", "Conv", "ConvLSTM2D", "ConvTranspose", "DeformConv", "DeviceInfo", "NoDeviceError", "ValidationError",
+    "VkconvError", "__version__", "close_context", "conv", "conv_lstm2d", "conv_transpose", "deform_conv", "get_context", "list_devices",
     "resolve_auto_pad", "validation_messages",
 ]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import os
 import threading
 import weakref
@@ -38,6 +39,7 @@ except (ImportError, OSError) as exc:  # cffi raises OSError when libvulkan.so.1
 else:
     _IMPORT_ERROR = None
 
+log = logging.getLogger(__name__)
 VALIDATION_LAYER = "VK_LAYER_KHRONOS_validation"
 _TYPE_NAMES = {0: "other", 1: "integrated", 2: "discrete", 3: "virtual", 4: "cpu"}
 # Lower rank is preferred: a real GPU first, lavapipe (CPU) last.
@@ -249,6 +251,9 @@ class Context:
                                       else os.environ.get("VKCONV_DEVICE"))
             self.physical_device = physical[self.info.index]
             self.info = simulated_limits(self.info, os.environ.get("VKCONV_LIMITS"))
+            log.debug("device [%d] %s (%s, Vulkan %s) chosen of %d; validation %s", self.info.index,
+                      self.info.name, self.info.type, self.info.api_version, len(infos),
+                      "on" if validation else "off")
             self._create_device()
         except BaseException:
             self._destroy_instance()
@@ -313,6 +318,10 @@ class Context:
                               "(vkconv.get_context() opens the device anew)")
         if self._closing:
             raise VkconvError("the vkconv context was closed")
+
+    def local_size(self, want: int = 64) -> int:
+        """A 1-D workgroup size of at most ``want`` that this device accepts."""
+        return max(1, min(want, self.info.max_workgroup_invocations, self.info.max_workgroup_size[0]))
 
     def memory_type(self, type_bits: int, want: int, avoid: int = 0) -> int:
         props = self.memory_properties

@@ -28,12 +28,6 @@ TILES = ((4, 1), (4, 2), (8, 1), (8, 2), (8, 4), (8, 8))
 _INT32_MAX = 2**31 - 1
 
 
-def _local_size(ctx: Context, want: int = 64) -> int:
-    """Invocations per workgroup: ``want`` unless the device allows fewer."""
-    info = ctx.info
-    return max(1, min(want, info.max_workgroup_invocations, info.max_workgroup_size[0]))
-
-
 def _lift3(values, unit: int, nd: int) -> tuple[int, int, int]:
     """Per-axis values of an ``nd``-D op as (D, H, W): missing leading axes get ``unit``."""
     return (unit,) * (3 - nd) + tuple(values)
@@ -109,7 +103,7 @@ class ConvTranspose:
         self.auto_pad = auto_pad
         self.activation = Activation.parse(activation)
         self.ctx = ctx or get_context()
-        self.local_size = _local_size(self.ctx)
+        self.local_size = self.ctx.local_size()
         self.pix, ocv = choose_tile(self.ctx, w.shape[1])
         self.oc_block = 4 * ocv
         self.pipeline = self.ctx.pipeline(f"conv_transpose_{self.pix}x{self.oc_block}", 4, _PUSH.size,

@@ -1,0 +1,78 @@
+"""The ``vkconv.ConvLSTM2D`` custom ONNX op as a ``cv2.dnn`` layer (made by :mod:`cv_plugin.keras`).
+
+Node: domain ``vkconv``, op ``ConvLSTM2D``, inputs ``X [N, T, C, H, W]``, ``kernel [kh, kw, C, 4F]``,
+``recurrent_kernel [rkh, rkw, F, 4F]``, ``bias [4F]`` (Keras layouts, gates i, f, c, o) and
+optionally ``h0``, ``c0`` ``[N, F, H', W']``; output ``[N, T, F, H', W']`` or ``[N, F, H', W']``.
+Attributes (``vk_``-prefixed so that OpenCV does not rename them): ``vk_padding`` ("same" /
+"valid"), ``vk_strides``, ``vk_dilations`` (2 ints), ``vk_return_sequences`` (0/1),
+``vk_activation``, ``vk_recurrent_activation`` (Keras activation names).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+import vkconv
+from vkconv import conv_lstm
+
+from . import layers
+from .layers import _ints, _same
+
+OP_TYPE = "ConvLSTM2D"
+
+
+class ConvLSTMOp(layers.Op):
+    """Keras ConvLSTM2D; weights may be constants or runtime inputs."""
+
+    def __init__(self, params: dict, constants: list[np.ndarray]):
+        super().__init__(params, constants)
+        if self.ninputs not in (4, 6):
+            raise ValueError(f"{OP_TYPE}: expected inputs (X, kernel, recurrent_kernel, bias[, h0, c0]), "
+                             f"got {self.ninputs}")
+        self.padding = str(params.get("vk_padding", "same"))
+        self.strides = _ints(params, "vk_strides", 2, 1)
+        self.dilations = _ints(params, "vk_dilations", 2, 1)
+        self.return_sequences = bool(int(params.get("vk_return_sequences", 1)))
+        self.activation = str(params.get("vk_activation", "tanh"))
+        self.recurrent_activation = str(params.get("vk_recurrent_activation", "sigmoid"))
+        # Checks the attributes now, so that a bad node fails at readNet rather than at forward.
+        if self.padding not in ("same", "valid"):
+            raise ValueError(f"vk_padding: expected 'same' or 'valid', got {self.padding!r}")
+        conv_lstm.keras_activation("vk_activation", self.activation)
+        conv_lstm.keras_activation("vk_recurrent_activation", self.recurrent_activation)
+        self.lstm: vkconv.ConvLSTM2D | None = None
+        self._src: tuple | None = None  # the runtime weights the device copy was made from
+
+    def output_shapes(self, in_shapes):
+        return [conv_lstm.output_shape(in_shapes[0], in_shapes[1], padding=self.padding,
+                                       strides=self.strides, dilation=self.dilations,
+                                       return_sequences=self.return_sequences)]
+
+    def forward(self, arrays):
+        x = arrays[0]
+        # Constants keep their ONNX dtype and shape; runtime inputs arrive as float32 from OpenCV.
+        kernel, recurrent, bias = (np.asarray(a, np.float32) for a in arrays[1:4])
+        bias = bias.reshape(-1)
+        state = tuple(arrays[4:6]) or None
+        if self.lstm is None:
+            self.lstm = vkconv.ConvLSTM2D(kernel, recurrent, bias, padding=self.padding,
+                                          strides=self.strides, dilation=self.dilations,
+                                          return_sequences=self.return_sequences,
+                                          activation=self.activation,
+                                          recurrent_activation=self.recurrent_activation)
+        elif self.runtime_weights and not all(_same(a, b) for a, b in zip((kernel, recurrent, bias),
+                                                                            self._src)):
+            self.lstm.set_weights(kernel, recurrent, bias)
+        self._src = (kernel, recurrent, bias)
+        return [self.lstm(x, state)]
+
+    def close(self):
+        if self.lstm is not None:
+            self.lstm.close()
+            self.lstm = None
+
+
+class ConvLSTMLayer(layers.Layer):
+    op_class = ConvLSTMOp
+
+
+layers.LAYER_TYPES[f"vkconv.{OP_TYPE}"] = ConvLSTMLayer
