@@ -299,3 +299,39 @@ def to_onnx(model, *, name: str | None = None) -> onnx.ModelProto:
     graph = helper.make_graph(b.nodes, name or model.name, graph_inputs, graph_outputs, b.initializers)
     return helper.make_model(graph, producer_name="cv_plugin.keras",
                              opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)])
+
+
+def next_frame_model(size: int = 40, filters: int = 64, seed: int | None = None):
+    """Keras' next-frame-prediction architecture (keras.io examples/vision/conv_lstm): three
+    ConvLSTM2D (5x5, 3x3, 1x1, relu, return_sequences) each followed by BatchNormalization, then
+    Conv3D(1, 3x3x3, sigmoid); input ``[N, T, size, size, 1]``.  With ``seed``, every weight and
+    BatchNormalization statistic is random (fan-in scaled), so nothing is an identity."""
+    import keras
+
+    layers = keras.layers
+    inp = layers.Input(shape=(None, size, size, 1))
+    x = inp
+    for kernel in (5, 3, 1):
+        x = layers.ConvLSTM2D(filters, kernel, padding="same", return_sequences=True, activation="relu")(x)
+        x = layers.BatchNormalization()(x)
+    x = layers.Conv3D(1, 3, activation="sigmoid", padding="same")(x)
+    model = keras.Model(inp, x)
+    if seed is not None:
+        randomize_weights(model, seed)
+    return model
+
+
+def randomize_weights(model, seed: int) -> None:
+    """Random weights everywhere, BatchNormalization statistics included (they start as identity)."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        weights = layer.get_weights()
+        if type(layer).__name__ == "BatchNormalization":
+            layer.set_weights([rng.uniform(0.5, 1.5, w.shape).astype(np.float32)
+                               if v.path.endswith(("gamma", "moving_variance"))
+                               else (0.3 * rng.standard_normal(w.shape)).astype(np.float32)
+                               for w, v in zip(weights, layer.weights)])
+        elif weights:
+            fan_in = [np.prod(w.shape[:-1]) if w.ndim > 1 else 1 for w in weights]
+            layer.set_weights([(rng.standard_normal(w.shape) / np.sqrt(fi)).astype(np.float32)
+                               for w, fi in zip(weights, fan_in)])

@@ -15,7 +15,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import cv_plugin
-from cv_plugin.keras import to_onnx
+from cv_plugin.keras import next_frame_model, randomize_weights, to_onnx
 import vkconv
 import vkconv.conv_lstm as conv_lstm_module
 from conv_lstm_reference import conv_lstm2d as reference
@@ -258,22 +258,6 @@ keras, KERAS_PROBLEM = _keras()
 needs_keras = pytest.mark.skipif(KERAS_PROBLEM is not None, reason=f"{KERAS_PROBLEM}")
 
 
-def _randomize(model, seed):
-    """Random weights everywhere, BatchNormalization statistics included (they start as identity)."""
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        weights = layer.get_weights()
-        if type(layer).__name__ == "BatchNormalization":
-            layer.set_weights([rng.uniform(0.5, 1.5, w.shape).astype(np.float32)
-                               if v.path.endswith(("gamma", "moving_variance"))
-                               else (0.3 * rng.standard_normal(w.shape)).astype(np.float32)
-                               for w, v in zip(weights, layer.weights)])
-        elif weights:
-            fan_in = [np.prod(w.shape[:-1]) if w.ndim > 1 else 1 for w in weights]
-            layer.set_weights([(rng.standard_normal(w.shape) / np.sqrt(fi)).astype(np.float32)
-                               for w, fi in zip(weights, fan_in)])
-
-
 def _keras_run(model, x):
     return np.asarray(keras.ops.convert_to_numpy(model(x, training=False)))
 
@@ -336,7 +320,7 @@ def test_converted_model_with_every_supported_layer_matches_keras():
     for seed, (m, x, routed) in enumerate([(model, rng.standard_normal((2, 3, 9, 10, 2)), 3),
                                            (conv1d, rng.standard_normal((2, 12, 3)), 1),
                                            (any_size, rng.standard_normal((1, 9, 8, 3)), 1)]):
-        _randomize(m, seed)
+        randomize_weights(m, seed)
         x = x.astype(np.float32)
         with cv_plugin.read_net(to_onnx(m)) as net:
             net.setInput(x)
@@ -354,7 +338,7 @@ def test_converted_channels_first_model_and_dynamic_time_steps():
     y = layers.ConvLSTM2D(4, 3, padding="valid", data_format="channels_first")(y)  # N, F, H', W'
     y = layers.Conv2D(3, 3, padding="same", strides=2, data_format="channels_first")(y)
     model = keras.Model(inp, y)
-    _randomize(model, 8)
+    randomize_weights(model, 8)
     with cv_plugin.read_net(to_onnx(model)) as net:
         for steps in (2, 4):
             x = np.random.default_rng(steps).standard_normal((1, steps, 2, 9, 10)).astype(np.float32)
@@ -376,24 +360,10 @@ def test_converter_refuses_what_it_cannot_convert():
         to_onnx(keras.Sequential([layers.ConvLSTM2D(4, 3)]))
 
 
-def next_frame_model(size: int = 40, filters: int = 64):
-    """Keras' next-frame-prediction architecture (keras.io examples/vision/conv_lstm), with a
-    BatchNormalization after each of the three ConvLSTM2D layers."""
-    layers = keras.layers
-    inp = layers.Input(shape=(None, size, size, 1))
-    x = inp
-    for kernel in (5, 3, 1):
-        x = layers.ConvLSTM2D(filters, kernel, padding="same", return_sequences=True, activation="relu")(x)
-        x = layers.BatchNormalization()(x)
-    x = layers.Conv3D(1, 3, activation="sigmoid", padding="same")(x)
-    return keras.Model(inp, x)
-
-
 @needs_keras
 @needs_opencv
 def test_next_frame_model_through_cv2_matches_keras():
-    model = next_frame_model()
-    _randomize(model, 9)
+    model = next_frame_model(seed=9)
     frames = (np.random.default_rng(10).uniform(size=(1, 10, 40, 40, 1)) > 0.8).astype(np.float32)
     expected = _keras_run(model, frames)
     proto = to_onnx(model)
