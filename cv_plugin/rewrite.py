@@ -1,6 +1,6 @@
 """In-memory ONNX rewrite that routes convolutions to vkconv's layers.
 
-Standard nodes listed in :data:`ROUTES` (``Conv`` with 1-D and 2-D input...) become nodes of the
+Standard nodes listed in :data:`ROUTES` (``Conv``, ``ConvTranspose``...) become nodes of the
 custom domain ``vkconv`` (layer type ``vkconv.<Op>``), which OpenCV's importer hands to our registered Python layer, so no built-in layer is
 ever overridden.  A directly following ``BatchNormalization`` is folded into constant weights and a
 directly following activation is fused into the shader's epilogue, each only when nothing else reads
@@ -171,7 +171,7 @@ def _conv_transpose_attributes(attrs: dict, nd: int) -> dict:
 
 # (domain, op_type) -> Route; extended by the op modules that serve more ops
 ROUTES: dict[tuple[str, str], Route] = {
-    ("", "Conv"): Route("Conv", (1, 2), conv_attributes, fold_batchnorm=True),
+    ("", "Conv"): Route("Conv", (1, 2, 3), conv_attributes, fold_batchnorm=True),
     ("", "ConvTranspose"): Route("ConvTranspose", (1, 2, 3), _conv_transpose_attributes),
 }
 

@@ -64,7 +64,7 @@ def _load_case(case: Path):
     return model, dict(zip(names, inputs)), expected
 
 
-CONV_CASES = _cases("Conv", (3, 4))  # 1-D and 2-D convolutions
+CONV_CASES = _cases("Conv", (3, 4, 5))  # 1-D, 2-D and 3-D convolutions
 CONV_TRANSPOSE_CASES = _cases("ConvTranspose", (3, 4, 5))
 
 
@@ -90,7 +90,7 @@ def test_conformance_conv_transpose(case: Path):
 def test_conformance_cases_found():
     if conformance_root() is None:
         pytest.skip("ONNX conformance data not found (shared/conformance)")
-    assert len(CONV_CASES) == 20  # 6 node tests + 8 Conv1d + 6 Conv2d
+    assert len(CONV_CASES) == 26  # 6 node tests + 8 Conv1d + 6 Conv2d + 6 Conv3d
     assert len(CONV_TRANSPOSE_CASES) == 12  # 11 node tests + ConvTranspose2d
 
 

@@ -1,51 +1,32 @@
-"""Dense convolution (ONNX ``Conv``) for 1-D and 2-D inputs: host side of ``shaders/conv2d.comp``.
+"""Dense convolution (ONNX ``Conv``) for 1-D, 2-D and 3-D inputs.
 
-Layouts: input ``x`` is NCW or NCHW, weights ``w`` are ``[C_out, C_in / group, kW]`` or
-``[C_out, C_in / group, kH, kW]``, bias ``b`` is ``[C_out]``, the output is NC(H)W; all float32.
-A 1-D convolution runs as a 2-D one with H = 1.
+Layouts: input ``x`` is NCW, NCHW or NCDHW, weights ``w`` are ``[C_out, C_in / group, *kernel]``
+with one kernel extent per spatial dim, bias ``b`` is ``[C_out]``, the output is NC[D][H]W; all
+float32.  The kernel that runs is chosen by shape (see :mod:`vkconv.conv_kernels`): ``depthwise``,
+``gemm1x1``, ``winograd`` or ``implicit_gemm``, with ``direct`` as the fallback when a kernel's
+scratch buffers would not fit the device.  ``kernel=`` or ``VKCONV_CONV_KERNEL`` forces one.
 """
 from __future__ import annotations
 
-import struct
+import os
 import threading
 
 import numpy as np
 
 from . import shapes
 from .activation import Activation
-from .buffer import upload_constant
 from .context import Context, get_context
-from .pipeline import DescriptorSet
+from .conv_kernels import KERNELS, Geometry, Kernel, eligible, make_kernel, select, tuning
 from .plan import Plan, PlanCache
 
-_OC_BLOCK = 4   # output channels per invocation (vec4 weights)
-_PIX_BLOCK = 4  # output pixels per invocation
-_PUSH = struct.Struct("<16i2f")
+_NAMES = {1: "N, C, W", 2: "N, C, H, W", 3: "N, C, D, H, W"}
 
 
-def _local_size(ctx: Context, want: int = 64) -> int:
-    info = ctx.info
-    return max(1, min(want, info.max_workgroup_invocations, info.max_workgroup_size[0]))
-
-
-def pack_weights(w: np.ndarray, group: int) -> np.ndarray:
-    """``[C_out, C_in/g, *k]`` -> ``[g, ceil(C_out/g / 4), C_in/g * prod(k), 4]``, zero-padded."""
-    cout = w.shape[0]
-    cout_g = cout // group
-    blocks = -(-cout_g // _OC_BLOCK)
-    k = int(np.prod(w.shape[1:]))
-    packed = np.zeros((group, blocks * _OC_BLOCK, k), np.float32)
-    packed[:, :cout_g] = w.reshape(group, cout_g, k)
-    return np.ascontiguousarray(packed.reshape(group, blocks, _OC_BLOCK, k).transpose(0, 1, 3, 2))
-
-
-def pack_bias(b: np.ndarray | None, cout: int, group: int) -> np.ndarray:
-    cout_g = cout // group
-    blocks = -(-cout_g // _OC_BLOCK)
-    packed = np.zeros((group, blocks * _OC_BLOCK), np.float32)
-    if b is not None:
-        packed[:, :cout_g] = b.reshape(group, cout_g)
-    return packed
+def _kernel_request(kernel: str | None) -> str:
+    name = kernel if kernel is not None else os.environ.get("VKCONV_CONV_KERNEL", "") or "auto"
+    if name != "auto" and name not in KERNELS:
+        raise ValueError(f"kernel: unknown {name!r}; expected 'auto' or one of {', '.join(KERNELS)}")
+    return name
 
 
 class Conv:
@@ -53,21 +34,19 @@ class Conv:
 
     ``auto_pad`` (``NOTSET``, ``SAME_UPPER``, ``SAME_LOWER``, ``VALID``) overrides ``pads`` per input
     shape, as in ONNX.  The first call at a new input shape records a command buffer; later calls
-    at that shape reuse it (one submit each).
+    at that shape reuse it (one submit each, no Vulkan object created).  ``kernel`` forces a kernel
+    (``"direct"``, ``"implicit_gemm"``, ``"gemm1x1"``, ``"depthwise"``, ``"winograd"``; default
+    ``VKCONV_CONV_KERNEL`` or ``"auto"``); a forced kernel that cannot run a shape raises ValueError.
     """
 
     def __init__(self, w: np.ndarray, b: np.ndarray | None = None, *, strides=1, pads=0,
                  dilations=1, group: int = 1, activation=None, auto_pad: str = "NOTSET",
-                 ctx: Context | None = None):
-        w = shapes.as_float32("w", w, (3, 4))
+                 ctx: Context | None = None, kernel: str | None = None):
+        w = shapes.as_float32("w", w, (3, 4, 5))
         self.nd = w.ndim - 2
-        if not isinstance(group, (int, np.integer)) or group < 1:
+        if not isinstance(group, (int, np.integer)) or isinstance(group, bool) or group < 1:
             raise ValueError(f"group: expected a positive int, got {group!r}")
         self.group = int(group)
-        if w.shape[0] % self.group:
-            raise ValueError(f"w: {w.shape[0]} output channels are not divisible by group={group}")
-        if any(k < 1 for k in w.shape[2:]):
-            raise ValueError(f"w: kernel dimensions must be >= 1, got {w.shape[2:]}")
         self.strides = shapes.spatial("strides", strides, self.nd, minimum=1)
         self.dilations = shapes.spatial("dilations", dilations, self.nd, minimum=1)
         self.pads = shapes.pads(pads, self.nd)
@@ -75,23 +54,27 @@ class Conv:
                                 (1,) * self.nd)  # validates the name
         self.auto_pad = auto_pad
         self.activation = Activation.parse(activation)
+        self.kernel = _kernel_request(kernel)
         self.ctx = ctx or get_context()
-        self.local_size = _local_size(self.ctx)
-        self.pipeline = self.ctx.pipeline("conv2d", 4, _PUSH.size,
-                                          (self.local_size, 1, 1, self.activation.kind))
+        self.ctx.check()
+        self.tuning = tuning(self.ctx)
         self._plans = PlanCache()
+        self._kernels: dict[str, Kernel] = {}
         self._lock = threading.Lock()
-        self._weights = self._bias = None
+        self._w: np.ndarray | None = None
+        self._b: np.ndarray | None = None
         self.set_weights(w, b)
 
     # -- weights -------------------------------------------------------------------------------
     def set_weights(self, w: np.ndarray, b: np.ndarray | None = None) -> None:
         """Replace the weights (and bias) by arrays of the same layout; plans are rebuilt."""
         w = shapes.as_float32("w", w, self.nd + 2)
-        if self._weights is not None and w.shape != self.weight_shape:
+        if self._w is not None and w.shape != self.weight_shape:
             raise ValueError(f"w: shape {w.shape} differs from this Conv's {self.weight_shape}")
         if w.shape[0] % self.group:
             raise ValueError(f"w: {w.shape[0]} output channels are not divisible by group={self.group}")
+        if any(k < 1 for k in w.shape[2:]):
+            raise ValueError(f"w: kernel dimensions must be >= 1, got {w.shape[2:]}")
         if b is not None:
             b = shapes.as_float32("b", b, 1)
             if b.shape[0] != w.shape[0]:
@@ -99,11 +82,13 @@ class Conv:
         with self._lock:
             self._release()
             self.weight_shape = w.shape
-            self._weights = upload_constant(self.ctx, pack_weights(w, self.group), "conv weights")
-            self._bias = upload_constant(self.ctx, pack_bias(b, w.shape[0], self.group), "conv bias")
+            # Host copies, lifted to 3-D: kernels pack their own layouts from them on first use.
+            self._w = w.reshape(w.shape[:2] + (1,) * (3 - self.nd) + w.shape[2:]).copy()
+            self._b = None if b is None else b.copy()
 
     # -- shapes --------------------------------------------------------------------------------
     def resolved_pads(self, x_shape) -> tuple[int, ...]:
+        """Explicit ONNX pads ``(begin..., end...)`` for an input of ``x_shape``."""
         auto = shapes.resolve_auto_pad(self.auto_pad, x_shape[2:], self.weight_shape[2:],
                                        self.strides, self.dilations)
         return self.pads if auto is None else auto
@@ -113,8 +98,8 @@ class Conv:
         x_shape = tuple(int(s) for s in x_shape)
         cout, cin_g, *kernel = self.weight_shape
         if len(x_shape) != self.nd + 2:
-            raise ValueError(f"x: expected rank {self.nd + 2} (N, C, {'H, ' if self.nd == 2 else ''}W) "
-                             f"for these weights, got shape {x_shape}")
+            raise ValueError(f"x: expected rank {self.nd + 2} ({_NAMES[self.nd]}) for these weights, "
+                             f"got shape {x_shape}")
         if x_shape[1] != cin_g * self.group:
             raise ValueError(f"x: {x_shape[1]} channels, but w {self.weight_shape} with group={self.group} "
                              f"expects {cin_g * self.group}")
@@ -126,53 +111,68 @@ class Conv:
                              f"kernel {tuple(kernel)} (dilations {self.dilations}); output would be {out}")
         return (x_shape[0], cout, *out)
 
+    def _geometry(self, x_shape) -> Geometry:
+        x_shape = tuple(int(s) for s in x_shape)
+        return Geometry.lift(x_shape, self.weight_shape, self.group, self.strides, self.dilations,
+                             self.resolved_pads(x_shape), self.output_shape(x_shape))
+
+    def kernel_for(self, x_shape) -> str:
+        """The kernel a call with input shape ``x_shape`` runs (ValueError if a forced kernel
+        cannot run it)."""
+        geo = self._geometry(x_shape)
+        with self._lock:
+            return self._select(geo)
+
+    def _select(self, geo: Geometry) -> str:
+        if self.kernel != "auto":
+            reason = eligible(self.kernel, geo)
+            if reason is not None:
+                raise ValueError(f"kernel: {self.kernel!r} cannot run x of shape {geo.x_shape}: {reason}")
+            return self.kernel
+        name = select(geo)
+        return name if self._kernel(name).fits(geo) else "direct"
+
     # -- execution -----------------------------------------------------------------------------
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        """``x`` ``[N, C_in, *spatial]`` float32 -> ``[N, C_out, *out]`` float32."""
         x = shapes.as_float32("x", x, self.nd + 2)
         y_shape = self.output_shape(x.shape)
-        if x.size == 0 or 0 in y_shape:
+        if 0 in y_shape:
             return np.zeros(y_shape, np.float32)
         with self._lock:
-            plan = self._plans.get(x.shape, lambda: self._build_plan(x.shape, y_shape))
-            return plan.run([x])[0]
+            return self._plan(x.shape).run([x])[0]
 
-    def _build_plan(self, x_shape, y_shape) -> Plan:
-        ctx = self.ctx
-        plan = Plan(ctx, [("conv input x", x_shape)], [("conv output", y_shape)])
-        dset = DescriptorSet(self.pipeline, [plan.inputs[0], self._weights, self._bias, plan.outputs[0]])
-        plan.keep.append(dset)
-        cout, cin_g, *kernel = self.weight_shape
-        pads = self.resolved_pads(x_shape)
-        # 1-D runs as 2-D with a unit height and no vertical padding.
-        def lift(t, unit=1):
-            return (unit, *t) if self.nd == 1 else tuple(t)
+    def plan(self, x_shape) -> Plan:
+        """The recorded plan for inputs of ``x_shape`` (built on first use, then cached): its
+        ``body`` records the dispatches alone (bench/conv.py times them with GPU timestamps)."""
+        x_shape = tuple(int(s) for s in x_shape)
+        self.output_shape(x_shape)
+        with self._lock:
+            return self._plan(x_shape)
 
-        in_h, in_w = lift(x_shape[2:])
-        out_h, out_w = lift(y_shape[2:])
-        k_h, k_w = lift(kernel)
-        s_h, s_w = lift(self.strides)
-        d_h, d_w = lift(self.dilations)
-        p_h, p_w = lift(pads[:self.nd], 0)
-        cout_g = cout // self.group
-        blocks = -(-cout_g // _OC_BLOCK)
-        act = self.activation
-        push = _PUSH.pack(cin_g, in_h, in_w, cout_g, out_h, out_w, k_h, k_w, s_h, s_w, p_h, p_w,
-                          d_h, d_w, self.group, blocks, act.a, act.b)
-        pixel_groups = -(-(out_h * out_w) // (_PIX_BLOCK * self.local_size))
-        groups = (pixel_groups, self.group * blocks, x_shape[0])
-        plan.record(lambda cmd: cmd.dispatch(self.pipeline, dset, push, groups))
-        return plan
+    def _plan(self, x_shape) -> Plan:
+        def build() -> Plan:
+            geo = self._geometry(x_shape)
+            return self._kernel(self._select(geo)).plan(geo)
+        return self._plans.get(tuple(x_shape), build)
+
+    def _kernel(self, name: str) -> Kernel:
+        kernel = self._kernels.get(name)
+        if kernel is None:
+            self.ctx.check()
+            kernel = self._kernels[name] = make_kernel(name, self.ctx, self._w, self._b, self.group,
+                                                       self.activation, self.tuning)
+        return kernel
 
     # -- lifetime ------------------------------------------------------------------------------
     def _release(self) -> None:
         self._plans.clear()
-        for buf in (self._weights, self._bias):
-            if buf is not None:
-                buf.close()
-        self._weights = self._bias = None
+        for kernel in self._kernels.values():
+            kernel.close()
+        self._kernels.clear()
 
     def close(self) -> None:
-        """Free the device buffers and recorded plans (the shared pipeline stays cached)."""
+        """Free the device buffers and recorded plans (the shared pipelines stay cached)."""
         with self._lock:
             self._release()
 
@@ -185,7 +185,7 @@ class Conv:
 
 def conv(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, *, strides=1, pads=0,
          dilations=1, group: int = 1, activation=None) -> np.ndarray:
-    """ONNX ``Conv`` on the Vulkan device, for NCW (1-D) or NCHW (2-D) float32 input.
+    """ONNX ``Conv`` on the Vulkan device, for NCW (1-D), NCHW (2-D) or NCDHW (3-D) float32 input.
 
     ``strides``/``dilations``: an int or one per spatial dim. ``pads``: an int, one per spatial dim
     (symmetric), or ONNX order ``(begin..., end...)``. ``group``: 1, C (depthwise) or any divisor.
@@ -193,10 +193,12 @@ def conv(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, *, strides=1
     caller: :func:`vkconv.shapes.resolve_auto_pad` gives the explicit pads.
     Returns ``[N, C_out, *out]`` float32. Raises ValueError naming the bad argument.
     """
-    x = shapes.as_float32("x", x, (3, 4))
-    w = shapes.as_float32("w", w, (3, 4))
+    x = shapes.as_float32("x", x, (3, 4, 5))
+    w = shapes.as_float32("w", w, (3, 4, 5))
     if w.ndim != x.ndim:
-        raise ValueError(f"w: rank {w.ndim} does not match x's rank {x.ndim}")
+        # Either could be the wrong one: name both.
+        raise ValueError(f"w: rank {w.ndim} ({w.ndim - 2}-D weights) does not match x: rank {x.ndim} "
+                         f"({x.ndim - 2}-D input)")
     with Conv(w, b, strides=strides, pads=pads, dilations=dilations, group=group,
               activation=activation) as op:
         return op(x)

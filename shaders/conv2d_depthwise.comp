@@ -1,0 +1,110 @@
+#version 450
+// Depthwise convolution (group == input channels, any channel multiplier), NC[D][H]W float32,
+// any rank 1..3, stride, dilation, bias and fused activation. Input: the zero-padded, row-aligned
+// copy written by conv2d_pack.comp. Host code: vkconv/conv_kernels.py.
+//
+// One invocation owns PB consecutive output pixels of one row of one output channel. Per kernel row it loads the input
+// row segment once (SEGV aligned vec4s) and the KW weights of that row (KWV vec4s, the row
+// zero-padded to 4 at load), then the column taps are compile-time register selections.
+//
+// variant: conv2d_depthwise -DTEXEL=1
+// variant: conv2d_depthwise_ssbo
+#extension GL_GOOGLE_include_directive : require
+#extension GL_EXT_control_flow_attributes : require
+#include "activation.glsl"
+#include "conv_grid.glsl"
+
+layout(local_size_x_id = 0, local_size_y = 1, local_size_z = 1) in;
+layout(constant_id = 5) const int PB = 16;       // output pixels per invocation, multiple of 4
+layout(constant_id = 6) const int KW = 3;
+layout(constant_id = 7) const int SW = 1;
+layout(constant_id = 8) const int DW = 1;
+layout(constant_id = 9) const bool VEC_OUT = false;  // out_w % 4 == 0: store vec4s of pixels
+const int KWV = (KW + 3) / 4;
+const int SEGV = ((PB - 1) * SW + (KW - 1) * DW + 4) / 4;
+
+#ifdef TEXEL
+layout(binding = 0) uniform samplerBuffer xp;
+layout(binding = 1) uniform samplerBuffer wp;
+#define LOAD_X(i) texelFetch(xp, i)
+#define LOAD_W(i) texelFetch(wp, i)
+#else
+layout(std430, binding = 0) readonly buffer Padded { vec4 xp[]; };
+layout(std430, binding = 1) readonly buffer Weight { vec4 wp[]; };
+#define LOAD_X(i) xp[i]
+#define LOAD_W(i) wp[i]
+#endif
+layout(std430, binding = 2) readonly buffer Bias { float bias[]; };
+layout(std430, binding = 3) writeonly buffer Output { vec4 y[]; };
+
+layout(push_constant) uniform Params {
+    int channels, mult;            // input channels, output channels per input channel
+    int pd, ph, pw4;
+    int k_d, k_h, s_d, s_h, d_d, d_h;
+    int out_d, out_h, out_w, tiles_w;
+    int row_groups;
+    float act_a, act_b;
+} p;
+
+void main()
+{
+    // Invocations run over (output channel, tile) with the tile fastest, so that a small image
+    // still fills whole SIMD groups.
+    const int tiles = p.tiles_w * p.out_h * p.out_d;
+    const int cout = p.channels * p.mult;
+    const int id = flat_invocation(p.row_groups);
+    if (id >= tiles * cout) return;
+    const int tile = id % tiles;
+    const int oc = id / tiles;
+    const int n = int(gl_WorkGroupID.z);
+    const int ox0 = (tile % p.tiles_w) * PB;
+    const int oy = (tile / p.tiles_w) % p.out_h;
+    const int oz = tile / (p.tiles_w * p.out_h);
+
+    const int row = p.pw4, slice = p.ph * p.pw4;
+    const int xr0 = (n * p.channels + oc / p.mult) * p.pd * slice + oz * p.s_d * slice + oy * p.s_h * row
+              + (ox0 * SW) / 4;
+    int wi = oc * p.k_d * p.k_h * KWV;
+
+    vec4 acc[PB / 4];
+    [[unroll]] for (int j = 0; j < PB / 4; ++j) acc[j] = vec4(0.0);
+    // One flat loop over (kz, ky) rows (lavapipe masks every value written in nested loops).
+    const int rows = p.k_d * p.k_h;
+    const int step_y = p.d_h * row;
+    const int jump_z = p.d_d * slice - p.k_h * step_y;  // last ky -> next kz
+    int xr = xr0, ky = 0;
+    for (int r = 0; r < rows; ++r) {
+        vec4 seg[SEGV];
+        [[unroll]] for (int v = 0; v < SEGV; ++v) seg[v] = LOAD_X(xr + v);
+        vec4 wrow[KWV];
+        [[unroll]] for (int v = 0; v < KWV; ++v) wrow[v] = LOAD_W(wi + v);
+        wi += KWV;
+        [[unroll]] for (int kx = 0; kx < KW; ++kx) {
+            const float wk = wrow[kx >> 2][kx & 3];
+            [[unroll]] for (int j = 0; j < PB; ++j) {
+                const int e = j * SW + kx * DW;
+                acc[j >> 2][j & 3] = fma(seg[e >> 2][e & 3], wk, acc[j >> 2][j & 3]);
+            }
+        }
+        ++ky;
+        xr += step_y;
+        const bool wrap_y = ky == p.k_h;
+        ky = wrap_y ? 0 : ky;
+        xr += wrap_y ? jump_z : 0;
+    }
+
+    const int out_hw = p.out_h * p.out_w * p.out_d;
+    const int y0 = (n * cout + oc) * out_hw + (oz * p.out_h + oy) * p.out_w + ox0;
+    const float b = bias[oc];
+    [[unroll]] for (int j = 0; j < PB; j += 4) {
+        if (ox0 + j >= p.out_w) break;
+        const vec4 r = activate4(acc[j >> 2] + b, p.act_a, p.act_b);
+        if (VEC_OUT) {
+            y[(y0 + j) >> 2] = r;
+        } else {
+            [[unroll]] for (int c = 0; c < 4; ++c) {
+                if (ox0 + j + c < p.out_w) y[(y0 + j + c) >> 2][(y0 + j + c) & 3] = r[c];
+            }
+        }
+    }
+}

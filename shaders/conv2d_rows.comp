@@ -1,0 +1,137 @@
+#version 450
+// Implicit-GEMM convolution over aligned row segments: NC[D][H]W float32, any rank 1..3 (1-D and
+// 2-D arrive with unit depth/height), groups, stride, dilation, bias and fused activation. The
+// input is the zero-padded, row-aligned copy written by conv2d_pack.comp (or, for a 1x1 stride-1
+// convolution, the input itself seen as one long row: a plain GEMM). Host code:
+// vkconv/conv_kernels.py.
+//
+// One invocation owns an MB output channels x PB output pixels register tile (PB consecutive
+// pixels of one output row). For each input channel and kernel row it loads the input row segment
+// those pixels need once, as SEGV aligned vec4s, and reuses it for all KW kernel columns: the
+// column shift is a compile-time register selection, since KW, stride and dilation along W are
+// specialization constants and the tap loops are unrolled. Weights are repacked at load as
+// [group][oc block][cin][kd][kh][kw][MB], so each tap is MB/4 vec4 loads with no remainder, and an
+// outer product of MB weights by PB pixels. No shared memory: lavapipe runs barriers and shared
+// loads slowly, and texel fetches of both operands keep loads per FMA low (see conv_bindings.py).
+//
+// variant: conv2d_rows -DTEXEL=1
+// variant: conv2d_rows_ssbo
+#extension GL_GOOGLE_include_directive : require
+#extension GL_EXT_control_flow_attributes : require
+#include "activation.glsl"
+#include "conv_grid.glsl"
+
+layout(local_size_x_id = 0, local_size_y = 1, local_size_z = 1) in;
+layout(constant_id = 4) const int MB = 16;       // output channels per invocation, multiple of 4
+layout(constant_id = 5) const int PB = 16;       // output pixels per invocation, multiple of 4
+layout(constant_id = 6) const int KW = 3;        // kernel width
+layout(constant_id = 7) const int SW = 1;        // stride along W
+layout(constant_id = 8) const int DW = 1;        // dilation along W
+layout(constant_id = 9) const bool VEC_OUT = false;  // out_w % 4 == 0: store vec4s of pixels
+const int MV = MB / 4;
+const int SEGV = ((PB - 1) * SW + (KW - 1) * DW + 4) / 4;  // vec4s in one input row segment
+
+#ifdef TEXEL
+layout(binding = 0) uniform samplerBuffer xp;
+layout(binding = 1) uniform samplerBuffer wp;
+#define LOAD_X(i) texelFetch(xp, i)
+#define LOAD_W(i) texelFetch(wp, i)
+#else
+layout(std430, binding = 0) readonly buffer Padded { vec4 xp[]; };
+layout(std430, binding = 1) readonly buffer Weight { vec4 wp[]; };
+#define LOAD_X(i) xp[i]
+#define LOAD_W(i) wp[i]
+#endif
+// [group][oc block][MB] as vec4, zero-padded like the weights
+layout(std430, binding = 2) readonly buffer Bias { vec4 bias[]; };
+layout(std430, binding = 3) writeonly buffer Output { vec4 y[]; };
+
+layout(push_constant) uniform Params {
+    int cin_g, cout_g, groups, oc_blocks;
+    int pd, ph, pw4;               // padded input: depth, height, width / 4
+    int k_d, k_h, s_d, s_h, d_d, d_h;
+    int out_d, out_h, out_w, tiles_w;  // tiles_w = ceil(out_w / PB)
+    int row_groups;
+    float act_a, act_b;
+} p;
+
+void main()
+{
+    // Invocations run over (oc block, tile) with the tile fastest: neighbouring invocations
+    // share weights, and a small image still fills whole SIMD groups (lavapipe runs 8 at a time).
+    const int tiles = p.tiles_w * p.out_h * p.out_d;
+    const int id = flat_invocation(p.row_groups);
+    if (id >= tiles * p.oc_blocks) return;
+    const int tile = id % tiles;
+    const int ocb = id / tiles;
+    const int ng = int(gl_WorkGroupID.z);  // n * groups + g
+    const int g = ng % p.groups;
+    const int ox0 = (tile % p.tiles_w) * PB;
+    const int oy = (tile / p.tiles_w) % p.out_h;
+    const int oz = tile / (p.tiles_w * p.out_h);
+
+    const int row = p.pw4, slice = p.ph * p.pw4, plane = p.pd * slice;
+    const int xc = ng * p.cin_g * plane + oz * p.s_d * slice + oy * p.s_h * row + (ox0 * SW) / 4;
+    int wi = (g * p.oc_blocks + ocb) * p.cin_g * p.k_d * p.k_h * KW * MV;
+
+    vec4 acc[PB][MV];
+    [[unroll]] for (int j = 0; j < PB; ++j)
+        [[unroll]] for (int m = 0; m < MV; ++m) acc[j][m] = vec4(0.0);
+
+    // One flat loop over (input channel, kz, ky) rows: lavapipe masks every value written inside
+    // nested runtime loops, which made the (ci, kz, ky) nest 2.5x slower than this.
+    const int rows = p.cin_g * p.k_d * p.k_h;
+    const int step_y = p.d_h * row;
+    const int jump_z = p.d_d * slice - p.k_h * step_y;   // last ky -> next kz
+    const int jump_c = plane - p.k_d * p.d_d * slice;    // last kz -> next input channel
+    int xr = xc, ky = 0, kz = 0;
+    for (int r = 0; r < rows; ++r) {
+        vec4 seg[SEGV];
+        [[unroll]] for (int v = 0; v < SEGV; ++v) seg[v] = LOAD_X(xr + v);
+        [[unroll]] for (int kx = 0; kx < KW; ++kx) {
+            vec4 wv[MV];
+            [[unroll]] for (int m = 0; m < MV; ++m) wv[m] = LOAD_W(wi + m);
+            wi += MV;
+            [[unroll]] for (int j = 0; j < PB; ++j) {
+                const int e = j * SW + kx * DW;
+                const vec4 xv = vec4(seg[e >> 2][e & 3]);
+                [[unroll]] for (int m = 0; m < MV; ++m) acc[j][m] = fma(xv, wv[m], acc[j][m]);
+            }
+        }
+        // Next row without branches: ky, then kz, then the input channel wrap around.
+        ++ky;
+        xr += step_y;
+        const bool wrap_y = ky == p.k_h;
+        ky = wrap_y ? 0 : ky;
+        kz += wrap_y ? 1 : 0;
+        xr += wrap_y ? jump_z : 0;
+        const bool wrap_z = kz == p.k_d;
+        kz = wrap_z ? 0 : kz;
+        xr += wrap_z ? jump_c : 0;
+    }
+
+    const int out_hw = p.out_h * p.out_w * p.out_d;
+    const int oc0 = ocb * MB;
+    const int y0 = (ng * p.cout_g + oc0) * out_hw + (oz * p.out_h + oy) * p.out_w + ox0;
+    const int bias0 = (g * p.oc_blocks + ocb) * MV;
+    [[unroll]] for (int m = 0; m < MV; ++m) {
+        const vec4 b = bias[bias0 + m];
+        [[unroll]] for (int c = 0; c < 4; ++c) {
+            if (oc0 + m * 4 + c >= p.cout_g) break;
+            const int yc = y0 + (m * 4 + c) * out_hw;
+            if (VEC_OUT) {
+                // Rows start at multiples of 4 (out_w % 4 == 0), so pixels go out as whole vec4s.
+                [[unroll]] for (int j = 0; j < PB; j += 4) {
+                    if (ox0 + j >= p.out_w) break;
+                    const vec4 r = vec4(acc[j][m][c], acc[j + 1][m][c], acc[j + 2][m][c], acc[j + 3][m][c]);
+                    y[(yc + j) >> 2] = activate4(r + b[c], p.act_a, p.act_b);
+                }
+            } else {
+                [[unroll]] for (int j = 0; j < PB; ++j) {
+                    if (ox0 + j >= p.out_w) break;
+                    y[(yc + j) >> 2][(yc + j) & 3] = activate(acc[j][m][c] + b[c], p.act_a, p.act_b);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,291 @@
+"""Every dense-convolution kernel path, forced, against independent references.
+
+Each case runs one kernel (``kernel=``) in both operand modes (uniform texel buffers, and storage
+buffers via ``VKCONV_CONV_TEXEL=0``) and compares with onnxruntime's CPU ``Conv`` followed by the
+ONNX activation node.  Tolerance: max abs difference <= 1e-4 x max|expected| for every path,
+Winograd F(4x4, 3x3) included (its float32 transform error is about 1e-5 of that scale at 512
+input channels and far less at the channel counts here).  Sizes are chosen so that the register
+tiles have partial last blocks (channels not multiples of 4/8/16, widths not multiples of the pixel
+tile, image sizes not multiples of 4).  The ONNX Conv3d conformance models run through
+``vkconv.conv``; a context with ``VKCONV_LIMITS=mobile`` checks every kernel under a 128-invocation,
+16 KiB shared-memory device.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import vkconv
+from conftest import conformance_root
+from oracles import assert_close
+from vkconv import conv_bindings
+from vkconv.context import Context
+
+REL = 1e-4
+
+_ACT_NODES = {  # vkconv activation spelling -> (ONNX op, attributes)
+    "Relu": ("Relu", {}),
+    "Sigmoid": ("Sigmoid", {}),
+    "Tanh": ("Tanh", {}),
+    "HardSwish": ("HardSwish", {}),
+    "HardSigmoid": ("HardSigmoid", {}),
+    ("LeakyRelu", 0.1): ("LeakyRelu", {"alpha": 0.1}),
+}
+
+
+def reference(x, w, b, *, strides, pads, dilations, group, activation=None) -> np.ndarray:
+    """onnxruntime: a Conv node, then the activation node (Clip takes min/max as inputs)."""
+    import onnxruntime as ort
+
+    inputs = {"x": x, "w": w, "b": b}
+    conv = helper.make_node("Conv", ["x", "w", "b"], ["c"], strides=list(strides), pads=list(pads),
+                            dilations=list(dilations), group=group, kernel_shape=list(w.shape[2:]))
+    nodes, init = [conv], []
+    if activation is None:
+        nodes[0].output[0] = "y"
+    elif isinstance(activation, tuple) and activation[0] == "Clip":
+        init = [numpy_helper.from_array(np.float32(activation[1]), "lo"),
+                numpy_helper.from_array(np.float32(activation[2]), "hi")]
+        nodes.append(helper.make_node("Clip", ["c", "lo", "hi"], ["y"]))
+    else:
+        op, attrs = _ACT_NODES[activation]
+        nodes.append(helper.make_node(op, ["c"], ["y"], **attrs))
+    graph = helper.make_graph(
+        nodes, "conv", [helper.make_tensor_value_info(k, TensorProto.FLOAT, list(v.shape)) for k, v in inputs.items()],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=init)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 22)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, inputs)[0]
+
+
+@dataclass(frozen=True)
+class Case:
+    x_shape: tuple[int, ...]
+    cout: int
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...] = ()
+    pads: tuple[int, ...] = ()
+    dilations: tuple[int, ...] = ()
+    group: int = 1
+    activation: object = None
+
+    def geometry(self) -> dict:
+        nd = len(self.x_shape) - 2
+        return dict(strides=self.strides or (1,) * nd, pads=self.pads or (0,) * (2 * nd),
+                    dilations=self.dilations or (1,) * nd, group=self.group)
+
+    def arrays(self, seed: int):
+        rng = np.random.default_rng(seed)
+        x = rng.standard_normal(self.x_shape).astype(np.float32)
+        cin_g = self.x_shape[1] // self.group
+        scale = 1.0 / math.sqrt(cin_g * math.prod(self.kernel))
+        w = (rng.standard_normal((self.cout, cin_g, *self.kernel)) * scale).astype(np.float32)
+        b = rng.standard_normal(self.cout).astype(np.float32)
+        return x, w, b
+
+    def __str__(self) -> str:
+        g = self.geometry()
+        act = self.activation if not isinstance(self.activation, tuple) else self.activation[0]
+        return (f"x{'x'.join(map(str, self.x_shape))}-o{self.cout}-k{''.join(map(str, self.kernel))}"
+                f"-s{''.join(map(str, g['strides']))}-p{''.join(map(str, g['pads']))}"
+                f"-d{''.join(map(str, g['dilations']))}-g{self.group}-{act}")
+
+
+CASES = {
+    "implicit_gemm": [
+        Case((2, 6, 9, 11), 4, (3, 2), (2, 1), (1, 0, 0, 1), (1, 2), 2, "Relu"),
+        Case((1, 5, 13), 7, (3,), pads=(1, 2)),
+        Case((1, 3, 5, 6, 7), 5, (2, 3, 3), (1, 2, 1), (1, 0, 1, 0, 1, 1)),
+        Case((1, 24, 19, 37), 20, (3, 3), pads=(1, 1, 1, 1), activation=("LeakyRelu", 0.1)),
+        Case((2, 16, 12, 16), 32, (3, 3), (2, 2), (0, 1, 1, 0), activation="HardSwish"),
+        Case((1, 8, 10, 10), 8, (5, 5), pads=(4, 4, 4, 4), dilations=(2, 2), group=2, activation="Sigmoid"),
+        Case((1, 4, 7, 9), 3, (1, 4), (3, 2)),
+    ],
+    "gemm1x1": [
+        Case((1, 8, 7, 5), 12, (1, 1), activation="Relu"),
+        Case((2, 16, 8, 6), 20, (1, 1), activation=("Clip", -0.5, 0.5)),
+        Case((1, 12, 17), 6, (1,), group=3),
+        Case((1, 6, 3, 4, 5), 9, (1, 1, 1)),
+        Case((1, 32, 28, 28), 64, (1, 1), activation="Tanh"),
+    ],
+    "depthwise": [
+        Case((1, 8, 9, 9), 8, (3, 3), pads=(1, 1, 1, 1), group=8),
+        Case((2, 6, 11, 13), 12, (3, 3), (2, 2), (0, 1, 1, 0), group=6, activation="Relu"),
+        Case((1, 4, 10, 17), 12, (3, 5), pads=(2, 2, 2, 2), dilations=(2, 1), group=4,
+             activation="HardSigmoid"),
+        Case((1, 5, 23), 5, (7,), pads=(3, 3), group=5),
+        Case((1, 3, 4, 6, 7), 3, (3, 3, 3), pads=(1,) * 6, group=3),
+        Case((1, 16, 30, 30), 16, (3, 3), pads=(1, 1, 1, 1), group=16, activation=("Clip", 0.0, 6.0)),
+    ],
+    "winograd": [
+        Case((1, 5, 9, 11), 7, (3, 3), pads=(1, 1, 1, 1)),
+        Case((2, 16, 17, 23), 20, (3, 3), pads=(0, 1, 2, 0), activation="Relu"),
+        Case((1, 3, 30, 40), 4, (3, 3), pads=(1, 1, 1, 1)),
+        Case((1, 64, 14, 14), 64, (3, 3), pads=(1, 1, 1, 1), activation=("Clip", 0.0, 6.0)),
+        Case((1, 2, 3, 3), 1, (3, 3)),
+        Case((1, 512, 8, 8), 32, (3, 3), pads=(1, 1, 1, 1)),  # the transform error grows with C_in
+    ],
+    "direct": [
+        Case((2, 6, 9, 11), 4, (3, 2), (2, 1), (1, 0, 0, 1), (1, 2), 2, "Relu"),
+        Case((1, 5, 13), 7, (3,), pads=(1, 2)),
+        Case((1, 3, 5, 6, 7), 5, (2, 3, 3), (1, 2, 1), (1, 0, 1, 0, 1, 1), activation="Tanh"),
+    ],
+}
+_PARAMS = [(k, c) for k, cases in CASES.items() for c in cases]
+
+
+def _run(case: Case, kernel: str, seed: int, ctx: Context | None = None) -> None:
+    x, w, b = case.arrays(seed)
+    g = case.geometry()
+    expected = reference(x, w, b, activation=case.activation, **g)
+    with vkconv.Conv(w, b, activation=case.activation, kernel=kernel, ctx=ctx, **g) as op:
+        assert op.kernel_for(x.shape) == kernel
+        y = op(x)
+        assert_close(y, expected, REL, what=f"{kernel} {case}")
+        assert_close(op(x), expected, REL, what=f"{kernel} {case} (replayed)")
+
+
+@pytest.mark.parametrize("mode", ["texel", "ssbo"])
+@pytest.mark.parametrize("kernel, case", _PARAMS, ids=[f"{k}-{c}" for k, c in _PARAMS])
+def test_forced_kernel_matches_onnxruntime(kernel, case, mode, monkeypatch):
+    monkeypatch.setenv("VKCONV_CONV_TEXEL", "1" if mode == "texel" else "0")
+    _run(case, kernel, seed=hash(str(case)) % 1000)
+
+
+@pytest.fixture(scope="module")
+def mobile_ctx():
+    """A context whose limits are capped at a small mobile GPU's (VKCONV_LIMITS=mobile)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VKCONV_LIMITS", "mobile")
+        ctx = Context()
+    yield ctx
+    ctx.close()
+
+
+@pytest.mark.parametrize("kernel", list(CASES))
+def test_every_kernel_runs_under_mobile_limits(kernel, mobile_ctx):
+    info = mobile_ctx.info
+    assert info.max_workgroup_invocations <= 128 and info.max_shared_memory <= 16384
+    for i, case in enumerate(CASES[kernel][:3]):
+        _run(case, kernel, seed=i, ctx=mobile_ctx)
+    for key in conv_bindings._pipelines.get(mobile_ctx, {}):
+        local = key[3][:3]
+        assert math.prod(local) <= info.max_workgroup_invocations, key
+
+
+def test_storage_buffers_replace_texels_past_the_texel_limit():
+    """A device whose maxTexelBufferElements is too small gets the storage-buffer variants."""
+    case = CASES["implicit_gemm"][3]
+    with Context() as ctx:
+        conv_bindings._texel_limits[ctx] = 64
+        _run(case, "implicit_gemm", seed=3, ctx=ctx)
+        names = {key[0] for key in conv_bindings._pipelines[ctx]}
+        assert names == {"conv2d_pack_ssbo", "conv2d_rows_ssbo"}, names
+
+
+# -- kernel choice ----------------------------------------------------------------------------
+_SELECTION = [
+    (Case((1, 32, 20, 20), 32, (3, 3), pads=(1, 1, 1, 1), group=32), "depthwise"),
+    (Case((1, 32, 20, 20), 64, (1, 1)), "gemm1x1"),
+    (Case((1, 64, 20, 20), 64, (3, 3), pads=(1, 1, 1, 1)), "winograd"),
+    (Case((1, 3, 20, 20), 16, (3, 3), pads=(1, 1, 1, 1)), "implicit_gemm"),
+    (Case((1, 32, 20, 20), 64, (3, 3), (2, 2), (1, 1, 1, 1)), "implicit_gemm"),
+    (Case((1, 32, 20, 20), 64, (1, 1), (2, 2)), "implicit_gemm"),
+    (Case((1, 8, 5, 6, 7), 8, (3, 3, 3)), "implicit_gemm"),
+]
+
+
+@pytest.mark.parametrize("case, expected", _SELECTION, ids=[f"{e}-{c}" for c, e in _SELECTION])
+def test_auto_selection_by_shape(case, expected, monkeypatch):
+    monkeypatch.delenv("VKCONV_CONV_KERNEL", raising=False)
+    x, w, b = case.arrays(0)
+    with vkconv.Conv(w, b, **case.geometry()) as op:
+        assert op.kernel_for(x.shape) == expected
+
+
+def test_falls_back_to_direct_when_the_padded_copy_does_not_fit():
+    case = Case((1, 4, 64, 64), 4, (3, 3), pads=(1, 1, 1, 1))
+    x, w, b = case.arrays(4)
+    with Context() as ctx:
+        # Room for the input and output (64 KiB) but not the padded copy (66 x 68 floats a channel).
+        ctx.info = dataclasses.replace(ctx.info, max_storage_buffer_range=4 * 4 * 64 * 66)
+        with vkconv.Conv(w, b, ctx=ctx, **case.geometry()) as op:
+            assert op.kernel_for(x.shape) == "direct"
+            assert_close(op(x), reference(x, w, b, **case.geometry()), REL)
+
+
+def test_env_var_forces_a_kernel(monkeypatch):
+    case = CASES["winograd"][0]
+    x, w, b = case.arrays(1)
+    monkeypatch.setenv("VKCONV_CONV_KERNEL", "direct")
+    with vkconv.Conv(w, b, **case.geometry()) as op:
+        assert op.kernel_for(x.shape) == "direct"
+
+
+def test_bad_kernel_requests_name_the_argument():
+    x, w, b = CASES["implicit_gemm"][3].arrays(2)
+    with pytest.raises(ValueError, match="^kernel: unknown 'fast'"):
+        vkconv.Conv(w, b, kernel="fast")
+    for kernel in ("gemm1x1", "depthwise", "winograd"):
+        with vkconv.Conv(w, b, strides=2, kernel=kernel) as op:
+            with pytest.raises(ValueError, match=f"^kernel: '{kernel}' cannot run"):
+                op(x)
+
+
+@pytest.mark.parametrize("kernel", list(CASES))
+def test_repeated_calls_allocate_nothing_and_submit_once(kernel):
+    case = CASES[kernel][1]
+    x, w, b = case.arrays(5)
+    ctx = vkconv.get_context()
+    with vkconv.Conv(w, b, kernel=kernel, **case.geometry()) as op:
+        first = op(x)
+        live, stats = dict(ctx.live), dict(ctx.stats)
+        for _ in range(5):
+            np.testing.assert_array_equal(op(x), first)
+        assert dict(ctx.live) == live
+        assert ctx.stats["pipelines_created"] == stats["pipelines_created"]
+        assert ctx.stats["submits"] - stats["submits"] == 5
+
+
+# -- ONNX Conv3d conformance models -----------------------------------------------------------
+def _conv3d_dirs() -> list[str]:
+    root = conformance_root()
+    if root is None:
+        return ["test_Conv3d"]  # the fixture skips with a message
+    return sorted(p.name for p in (root / "onnx-pytorch").glob("test_Conv3d*"))
+
+
+@pytest.mark.parametrize("kernel", [None, "implicit_gemm", "direct"])
+@pytest.mark.parametrize("name", _conv3d_dirs())
+def test_conv3d_conformance(name, kernel, conformance, monkeypatch):
+    if kernel is not None:
+        monkeypatch.setenv("VKCONV_CONV_KERNEL", kernel)
+    else:
+        monkeypatch.delenv("VKCONV_CONV_KERNEL", raising=False)
+    folder = Path(conformance) / "onnx-pytorch" / name
+    model = onnx.load(folder / "model.onnx")
+    (node,) = model.graph.node
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+    def tensor(path: Path) -> np.ndarray:
+        proto = onnx.TensorProto()
+        proto.ParseFromString(path.read_bytes())
+        return numpy_helper.to_array(proto)
+
+    data = folder / "test_data_set_0"
+    x = tensor(data / "input_0.pb")
+    w = consts[node.input[1]]
+    b = consts[node.input[2]] if len(node.input) > 2 and node.input[2] else None
+    expected = tensor(data / "output_0.pb")
+    y = vkconv.conv(x, w, b, strides=tuple(attrs.get("strides", (1,) * 3)),
+                    pads=tuple(attrs.get("pads", (0,) * 6)),
+                    dilations=tuple(attrs.get("dilations", (1,) * 3)), group=attrs.get("group", 1))
+    assert_close(y, expected, REL, what=name)
