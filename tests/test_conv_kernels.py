@@ -25,7 +25,6 @@ from onnx import TensorProto, helper, numpy_helper
 import vkconv
 from conftest import conformance_root
 from oracles import assert_close
-from vkconv import conv_bindings
 from vkconv.context import Context
 
 REL = 1e-4
@@ -175,7 +174,7 @@ def test_every_kernel_runs_under_mobile_limits(kernel, mobile_ctx):
     assert info.max_workgroup_invocations <= 128 and info.max_shared_memory <= 16384
     for i, case in enumerate(CASES[kernel][:3]):
         _run(case, kernel, seed=i, ctx=mobile_ctx)
-    for key in conv_bindings._pipelines.get(mobile_ctx, {}):
+    for key in mobile_ctx._pipelines:
         local = key[3][:3]
         assert math.prod(local) <= info.max_workgroup_invocations, key
 
@@ -184,9 +183,9 @@ def test_storage_buffers_replace_texels_past_the_texel_limit():
     """A device whose maxTexelBufferElements is too small gets the storage-buffer variants."""
     case = CASES["implicit_gemm"][3]
     with Context() as ctx:
-        conv_bindings._texel_limits[ctx] = 64
+        ctx.info = dataclasses.replace(ctx.info, max_texel_buffer_elements=64)
         _run(case, "implicit_gemm", seed=3, ctx=ctx)
-        names = {key[0] for key in conv_bindings._pipelines[ctx]}
+        names = {key[0] for key in ctx._pipelines}
         assert names == {"conv2d_pack_ssbo", "conv2d_rows_ssbo"}, names
 
 

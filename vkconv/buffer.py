@@ -34,7 +34,8 @@ def _destroy(ctx: Context, handles: list) -> None:
 class Buffer:
     """``nbytes`` of storage-buffer memory (at least 16 bytes; Vulkan forbids empty buffers)."""
 
-    def __init__(self, ctx: Context, nbytes: int, *, staged: bool = False, name: str = "buffer"):
+    def __init__(self, ctx: Context, nbytes: int, *, staged: bool = False, texel: bool = False,
+                 name: str = "buffer"):
         ctx.check()
         self.ctx = ctx
         self.name = name
@@ -50,6 +51,10 @@ class Buffer:
         v = vk
         usage = (v.VK_BUFFER_USAGE_STORAGE_BUFFER_BIT | v.VK_BUFFER_USAGE_TRANSFER_SRC_BIT
                  | v.VK_BUFFER_USAGE_TRANSFER_DST_BIT)
+        # texel: may also be bound as a uniform texel buffer (vkconv.pipeline says why)
+        self.texel = texel
+        if texel:
+            usage |= v.VK_BUFFER_USAGE_UNIFORM_TEXEL_BUFFER_BIT
         host = v.VK_MEMORY_PROPERTY_HOST_VISIBLE_BIT | v.VK_MEMORY_PROPERTY_HOST_COHERENT_BIT
         self.host_visible = ctx.info.unified_memory
         if self.host_visible:
@@ -152,9 +157,9 @@ class Buffer:
         self.close()
 
 
-def upload_constant(ctx: Context, array: np.ndarray, name: str) -> Buffer:
+def upload_constant(ctx: Context, array: np.ndarray, name: str, *, texel: bool = False) -> Buffer:
     """A device-local buffer holding ``array`` (weights, bias): uploaded once, staging released."""
-    buf = Buffer(ctx, array.nbytes, staged=True, name=name)
+    buf = Buffer(ctx, array.nbytes, staged=True, texel=texel, name=name)
     buf.upload(array)
     buf.drop_staging()
     return buf

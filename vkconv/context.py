@@ -17,7 +17,8 @@ Environment:
     seconds to wait for a submission before raising instead of hanging (default 120).
 ``VKCONV_LIMITS=mobile``
     cap the reported limits at a small mobile GPU's (128 invocations per workgroup, 16 KiB of
-    shared memory), so that tests can check every kernel still runs there.
+    shared memory, 128 MiB storage buffer range, no 16-bit storage), so that the suite can check
+    every kernel still runs there.
 """
 from __future__ import annotations
 
@@ -101,6 +102,7 @@ class DeviceInfo:
     unified_memory: bool
     has_compute_queue: bool
     rank: int = field(repr=False)
+    max_texel_buffer_elements: int = 0  # 0 when RGBA32F / R32F uniform texel buffers are unsupported
 
 
 def _version_str(v: int) -> str:
@@ -164,6 +166,10 @@ def _describe(index: int, pd) -> DeviceInfo:
         max_shared_memory=lim.maxComputeSharedMemorySize,
         max_storage_buffer_range=lim.maxStorageBufferRange,
         max_push_constants_size=lim.maxPushConstantsSize,
+        max_texel_buffer_elements=lim.maxTexelBufferElements if all(
+            v.vkGetPhysicalDeviceFormatProperties(pd, fmt).bufferFeatures
+            & v.VK_FORMAT_FEATURE_UNIFORM_TEXEL_BUFFER_BIT
+            for fmt in (v.VK_FORMAT_R32G32B32A32_SFLOAT, v.VK_FORMAT_R32_SFLOAT)) else 0,
         subgroup_size=sub.subgroupSize,
         fp16_storage=bool(f16.storageBuffer16BitAccess),
         fp16_arithmetic=bool(f16a.shaderFloat16),
@@ -175,7 +181,8 @@ def _describe(index: int, pd) -> DeviceInfo:
 
 # VKCONV_LIMITS=mobile: the limits kernels size themselves from, as on a small mobile GPU.
 _MOBILE_LIMITS = {"max_workgroup_invocations": 128, "max_workgroup_size": (128, 128, 64),
-                  "max_shared_memory": 16384}
+                  "max_shared_memory": 16384, "max_storage_buffer_range": 128 << 20,
+                  "fp16_storage": False, "fp16_arithmetic": False}
 
 
 def simulated_limits(info: DeviceInfo, profile: str | None) -> DeviceInfo:
@@ -333,16 +340,19 @@ class Context:
             return self.memory_type(type_bits, want)
         raise VkconvError(f"no Vulkan memory type with flags {want:#x} on {self.info.name}")
 
-    def pipeline(self, name: str, n_buffers: int, push_size: int, spec: tuple = ()):
-        """The compute pipeline for embedded shader ``name`` with specialization ``spec``, cached."""
-        from .pipeline import Pipeline
+    def pipeline(self, name: str, bindings, push_size: int, spec: tuple = ()):
+        """The compute pipeline for embedded shader ``name`` with specialization ``spec``, cached.
 
-        key = (name, n_buffers, push_size, tuple(spec))
+        ``bindings``: the number of storage buffers, or one kind per binding (see
+        :func:`vkconv.pipeline.binding_kinds`)."""
+        from .pipeline import Pipeline, binding_kinds
+
+        key = (name, binding_kinds(bindings), push_size, tuple(spec))
         with self.lock:
             self.check()
             pipe = self._pipelines.get(key)
             if pipe is None:
-                pipe = self._pipelines[key] = Pipeline(self, name, n_buffers, push_size, spec)
+                pipe = self._pipelines[key] = Pipeline(self, name, key[1], push_size, spec)
         return pipe
 
     # -- teardown ------------------------------------------------------------------------------

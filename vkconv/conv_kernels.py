@@ -20,7 +20,7 @@ unit depth and height, a 2-D one unit depth) and fuses bias and activation:
 
 Tile sizes and local sizes are specialization constants chosen from the device (:func:`tuning`).
 The operands are read through uniform texel buffers where the device allows
-(:mod:`vkconv.conv_bindings` says why), else through storage buffers; ``VKCONV_CONV_TEXEL=0``
+(:mod:`vkconv.pipeline` says why), else through storage buffers; ``VKCONV_CONV_TEXEL=0``
 forces storage buffers.
 """
 from __future__ import annotations
@@ -35,11 +35,9 @@ import numpy as np
 from .activation import Activation
 from .buffer import Buffer, upload_constant
 from .command import CommandBuffer
-from .conv_bindings import (STORAGE, TEXEL1, TEXEL4, BindingSet, TexelBuffer, binding_pipeline,
-                            texel_fits, upload_texel_constant)
 from .context import Context
 from .errors import VkconvError
-from .pipeline import DescriptorSet
+from .pipeline import STORAGE, TEXEL1, TEXEL4, DescriptorSet, texel_fits
 from .plan import Plan
 
 KERNELS = ("direct", "implicit_gemm", "gemm1x1", "depthwise", "winograd")
@@ -199,8 +197,8 @@ class ConvPlan(Plan):
     def __init__(self, ctx: Context, x_shape, y_shape, slack: int = 0):
         super().__init__(ctx, [], [("conv output", y_shape)])
         try:
-            self.inputs.append(TexelBuffer(ctx, 4 * math.prod(x_shape) + slack, staged=True,
-                                           name="conv input x"))
+            self.inputs.append(Buffer(ctx, 4 * math.prod(x_shape) + slack, staged=True, texel=True,
+                                      name="conv input x"))
         except BaseException:
             self.close()
             raise
@@ -307,14 +305,14 @@ class _PaddedInputKernel(Kernel):
                 and all(texel_fits(self.ctx, b.size) for b in texel_buffers))
 
     def _pack(self, plan: ConvPlan, geo: Geometry, lay: _Padded, texel: bool):
-        """A padded TexelBuffer kept by the plan, and the recorder of the pass that fills it."""
+        """A padded texel buffer kept by the plan, and the recorder of the pass that fills it."""
         ctx, ls = self.ctx, self.tune.local_size
-        padded = TexelBuffer(ctx, lay.nbytes, name="conv padded input")
+        padded = Buffer(ctx, lay.nbytes, texel=True, name="conv padded input")
         plan.keep.append(padded)
         texel_x = texel and texel_fits(ctx, plan.inputs[0].size, TEXEL1)
-        pipe = binding_pipeline(ctx, "conv2d_pack" if texel_x else "conv2d_pack_ssbo",
+        pipe = ctx.pipeline("conv2d_pack" if texel_x else "conv2d_pack_ssbo",
                                 (TEXEL1 if texel_x else STORAGE, STORAGE), _PUSH_PACK.size, (ls, 1, 1))
-        dset = BindingSet(pipe, [plan.inputs[0], padded])
+        dset = DescriptorSet(pipe, [plan.inputs[0], padded])
         plan.keep.append(dset)
         groups, row_groups = _grid(ctx, lay.planes * lay.pd * lay.ph, ls, 1, "x (padded input size)")
         push = _PUSH_PACK.pack(lay.planes, *geo.size, lay.pd, lay.ph, lay.pw4, *geo.pad_begin, row_groups)
@@ -333,7 +331,7 @@ class RowsKernel(_PaddedInputKernel):
         self.name = "gemm1x1" if flat else "implicit_gemm"
         self.flat = flat
         self.mb = choose_mb(self.cout_g, tune)
-        self.weights = upload_texel_constant(ctx, pack_oc_blocks(w, group, self.mb), "conv weights")
+        self.weights = upload_constant(ctx, pack_oc_blocks(w, group, self.mb), "conv weights", texel=True)
         self.bias = upload_constant(ctx, pack_bias_blocks(b, self.cout, group, self.mb), "conv bias")
         self.buffers += [self.weights, self.bias]
 
@@ -395,10 +393,10 @@ class RowsKernel(_PaddedInputKernel):
         kw, sw, dw = g.kernel[2], g.strides[2], g.dilations[2]
         kind = TEXEL4 if texel else STORAGE
         vec_out = g.out[2] % 4 == 0
-        pipe = binding_pipeline(ctx, "conv2d_rows" if texel else "conv2d_rows_ssbo",
+        pipe = ctx.pipeline("conv2d_rows" if texel else "conv2d_rows_ssbo",
                                 (kind, kind, STORAGE, STORAGE), _PUSH_ROWS.size,
                                 (ls, 1, 1, self.act.kind, self.mb, pb, kw, sw, dw, int(vec_out)))
-        dset = BindingSet(pipe, [source, self.weights, self.bias, output])
+        dset = DescriptorSet(pipe, [source, self.weights, self.bias, output])
         plan.keep.append(dset)
         blocks = -(-self.cout_g // self.mb)
         groups, row_groups = _grid(ctx, lay.tiles_w * g.out[1] * g.out[0] * blocks, ls,
@@ -423,7 +421,7 @@ class DepthwiseKernel(_PaddedInputKernel):
         kwv = -(-kw // 4)
         packed = np.zeros((self.cout, kd, kh, 4 * kwv), np.float32)
         packed[..., :kw] = w[:, 0]
-        self.weights = upload_texel_constant(ctx, packed, "depthwise weights")
+        self.weights = upload_constant(ctx, packed, "depthwise weights", texel=True)
         bias = np.zeros(self.cout, np.float32) if b is None else b
         self.bias = upload_constant(ctx, bias, "depthwise bias")
         self.buffers += [self.weights, self.bias]
@@ -444,10 +442,10 @@ class DepthwiseKernel(_PaddedInputKernel):
             source, pack = self._pack(plan, geo, lay, texel)
             kind = TEXEL4 if texel else STORAGE
             kw, sw, dw = geo.kernel[2], geo.strides[2], geo.dilations[2]
-            pipe = binding_pipeline(ctx, "conv2d_depthwise" if texel else "conv2d_depthwise_ssbo",
+            pipe = ctx.pipeline("conv2d_depthwise" if texel else "conv2d_depthwise_ssbo",
                                     (kind, kind, STORAGE, STORAGE), _PUSH_DEPTHWISE.size,
                                     (ls, 1, 1, self.act.kind, 0, pb, kw, sw, dw, int(geo.out[2] % 4 == 0)))
-            dset = BindingSet(pipe, [source, self.weights, self.bias, plan.outputs[0]])
+            dset = DescriptorSet(pipe, [source, self.weights, self.bias, plan.outputs[0]])
             plan.keep.append(dset)
             groups, row_groups = _grid(ctx, lay.tiles_w * geo.out[1] * geo.out[0] * self.cout, ls,
                                        geo.n, "x (conv output size)")
@@ -535,18 +533,18 @@ class WinogradKernel(_PaddedInputKernel):
         try:
             texel = self._use_texel(sizes, [self.gemm.weights])
             padded, pack = self._pack(plan, geo, lay.padded, texel)
-            v = TexelBuffer(ctx, sizes[1], name="winograd transformed input")
-            m = TexelBuffer(ctx, sizes[2], name="winograd transformed output")
+            v = Buffer(ctx, sizes[1], texel=True, name="winograd transformed input")
+            m = Buffer(ctx, sizes[2], texel=True, name="winograd transformed output")
             plan.keep += [v, m]
             kind = TEXEL4 if texel else STORAGE
             suffix = "" if texel else "_ssbo"
-            pipe_in = binding_pipeline(ctx, "conv2d_winograd_in" + suffix, (kind, STORAGE),
+            pipe_in = ctx.pipeline("conv2d_winograd_in" + suffix, (kind, STORAGE),
                                        _PUSH_WINOGRAD_IN.size, (ls, 1, 1))
-            pipe_out = binding_pipeline(ctx, "conv2d_winograd_out" + suffix, (kind, STORAGE, STORAGE),
+            pipe_out = ctx.pipeline("conv2d_winograd_out" + suffix, (kind, STORAGE, STORAGE),
                                         _PUSH_WINOGRAD_OUT.size,
                                         (ls, 1, 1, self.act.kind, 0, 0, 0, 0, 0, int(geo.out[2] % 4 == 0)))
-            set_in = BindingSet(pipe_in, [padded, v])
-            set_out = BindingSet(pipe_out, [m, self.bias, plan.outputs[0]])
+            set_in = DescriptorSet(pipe_in, [padded, v])
+            set_out = DescriptorSet(pipe_out, [m, self.bias, plan.outputs[0]])
             plan.keep += [set_in, set_out]
             tile_rows = geo.n * lay.tiles_h
             groups_in, rows_in = _grid(ctx, geo.cin_g * tile_rows, ls, 1, "x (winograd input tiles)")
