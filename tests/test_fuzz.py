@@ -1,0 +1,256 @@
+"""Hypothesis fuzzing of the public numpy ops: every generated case must end in a result equal to
+onnxruntime's, or in a ValueError / VkconvError naming the bad argument — never a crash, a hang
+(pytest-timeout plus VKCONV_TIMEOUT) or a silent wrong answer.
+
+Inputs cover zero-size and mismatched shapes, wrong ranks, NaN/Inf, wrong dtypes, non-contiguous and
+read-only arrays, negative or oversized attributes, groups that do not divide the channels and
+kernels larger than the input.  Failures hypothesis finds are kept below as ``@example`` regression
+cases.  Tolerance: max abs diff <= 1e-4 x max |expected| (NaN and Inf must match exactly).
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+import vkconv
+from oracles import onnxruntime_reference
+
+pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
+
+FUZZ = settings(max_examples=1000, deadline=None, derandomize=True, database=None,
+                suppress_health_check=list(HealthCheck))
+
+# Refusals that are documented choices rather than invalid ONNX: onnxruntime would accept these.
+DOCUMENTED_REFUSALS = ("dtype must be float32", "expected a numpy.ndarray",
+                       "spatial dimensions must be >= 1")  # ConvTranspose of an empty input
+
+
+@st.composite
+def conv_case(draw, transpose: bool):
+    nd = draw(st.sampled_from([1, 2, 2, 3] if transpose else [1, 2, 2]))
+    rank_x = nd + 2 + draw(st.sampled_from([0] * 12 + [-1, 1]))
+    rank_w = nd + 2 + draw(st.sampled_from([0] * 12 + [-1, 1]))
+    group = draw(st.sampled_from([1, 1, 1, 2, 3, 4]))
+    cin = draw(st.integers(0, 6)) * (group if draw(st.integers(0, 9)) else 1) or draw(st.integers(0, 1))
+    cout_g = draw(st.integers(0, 4))
+    kernel = [draw(st.integers(1, 5)) for _ in range(nd)]
+    spatial = [draw(st.integers(0, 9)) for _ in range(nd)]
+    batch = draw(st.integers(0, 2))
+    if transpose:
+        w_shape = [cin, cout_g] + kernel
+    else:
+        w_shape = [cout_g * group, max(cin // group, 0) + draw(st.sampled_from([0] * 10 + [1]))] + kernel
+    x_shape = [batch, cin] + spatial
+    x_shape = (x_shape + [3] * 3)[:rank_x]
+    w_shape = (w_shape + [2] * 3)[:rank_w]
+    attr = st.integers(-1, 3)
+    case = {
+        "x_shape": x_shape, "w_shape": w_shape, "group": group,
+        "strides": draw(st.sampled_from([1, 2]) | st.lists(attr, min_size=nd, max_size=nd)),
+        "dilations": draw(st.sampled_from([1]) | st.lists(attr, min_size=nd, max_size=nd)),
+        "pads": draw(st.sampled_from([0, 1]) | st.lists(attr, min_size=2 * nd, max_size=2 * nd)),
+        "bias": draw(st.sampled_from(["none", "ok", "ok", "wrong"])),
+        "dtype": draw(st.sampled_from(["float32"] * 12 + ["float64", "int32", "float16"])),
+        "layout": draw(st.sampled_from(["contiguous"] * 6 + ["strided", "readonly", "list"])),
+        "special": draw(st.sampled_from([None] * 8 + ["nan", "inf"])),
+        "activation": draw(st.sampled_from([None] * 6 + ["Relu", ("Clip", -0.5, 0.5), ("LeakyRelu", 0.1),
+                                                         "HardSwish", "Sigmoid", "Bogus"])),
+        "seed": draw(st.integers(0, 2**16)),
+    }
+    if transpose:
+        case["output_padding"] = draw(st.sampled_from([0, 0, 0, 1]))
+    return case
+
+
+def _arrays(case):
+    rng = np.random.default_rng(case["seed"])
+    x = rng.standard_normal(case["x_shape"]).astype(np.float32)
+    w = rng.standard_normal(case["w_shape"]).astype(np.float32)
+    if case["special"] and x.size:
+        x.reshape(-1)[rng.integers(0, x.size)] = np.nan if case["special"] == "nan" else np.inf
+    cout = (case["w_shape"][1] * case["group"] if case.get("transpose") else case["w_shape"][0]) \
+        if len(case["w_shape"]) > 1 else 1
+    b = {"none": None, "ok": rng.standard_normal(cout).astype(np.float32),
+         "wrong": rng.standard_normal(cout + 1).astype(np.float32)}[case["bias"]]
+    return x, w, b
+
+
+def _present(x: np.ndarray, case):
+    """``x`` in the dtype / memory layout the case asks for (values unchanged)."""
+    if case["dtype"] != "float32":
+        x = x.astype(case["dtype"])
+    if case["layout"] == "strided":
+        big = np.repeat(x, 2, axis=-1) if x.ndim else x
+        x = big[..., ::2] if x.ndim else x
+    elif case["layout"] == "readonly":
+        x = x.copy()
+        x.setflags(write=False)
+    elif case["layout"] == "list":
+        return x.tolist()
+    return x
+
+
+def _reference(op: str, x, w, b, attrs):
+    inputs = {"x": x, "w": w, "b": b}
+    try:
+        return onnxruntime_reference(op, inputs, attrs, opset=17), None
+    except Exception as exc:  # noqa: BLE001 - the oracle refusing the case is information
+        return None, exc
+
+
+def _onnx_attrs(case, nd):
+    def ints(v, n):
+        return [int(v)] * n if isinstance(v, int) else list(v)
+    pads = case["pads"]
+    pads = ints(pads, 2 * nd) if isinstance(pads, int) else list(pads)
+    attrs = {"strides": ints(case["strides"], nd), "dilations": ints(case["dilations"], nd),
+             "pads": pads, "group": case["group"]}
+    if "output_padding" in case:
+        attrs["output_padding"] = [case["output_padding"]] * nd
+    return attrs
+
+
+def _check(op: str, fn, case):
+    x, w, b = _arrays(case)
+    nd = max(len(case["w_shape"]) - 2, 1)
+    kwargs = dict(strides=case["strides"], pads=case["pads"], dilations=case["dilations"],
+                  group=case["group"], activation=case["activation"])
+    if "output_padding" in case:
+        kwargs["output_padding"] = case["output_padding"]
+    try:
+        out = fn(_present(x, case), w, b, **kwargs)
+        error = None
+    except (ValueError, vkconv.VkconvError) as exc:
+        out, error = None, exc
+    # Anything else (TypeError, IndexError, a cffi error...) propagates and fails the case.
+    if error is not None:
+        message = str(error)
+        assert re.match(r"^(x|w|b|strides|pads|dilations|group|activation|output_padding)\b", message) \
+            or "maxStorageBufferRange" in message, f"error does not name the argument: {message!r}"
+        if any(r in message for r in DOCUMENTED_REFUSALS) or case["activation"] == "Bogus":
+            return
+    act = case["activation"]
+    if act == "Bogus" and error is None:
+        pytest.fail("unknown activation accepted")
+    ref, ref_error = _reference(op, x, w, b, _onnx_attrs(case, nd)) if len(case["w_shape"]) > 2 \
+        else (None, ValueError("rank"))
+    if ref is not None and act is not None and act != "Bogus":
+        ref = _apply_activation(ref, act)
+    if error is not None:
+        assert ref is None or ref.size == 0, f"valid case refused: {error} (onnxruntime gave {ref.shape})"
+        return
+    if ref is None:
+        # onnxruntime refuses empty tensors that ONNX itself allows: an empty result is right then.
+        assert out.size == 0 or 0 in case["x_shape"], f"accepted a case onnxruntime refuses: {ref_error}"
+        return
+    assert out.shape == ref.shape
+    assert np.array_equal(np.isnan(out), np.isnan(ref)), "NaN positions differ"
+    finite = np.isfinite(ref)
+    assert np.array_equal(out[~finite & ~np.isnan(ref)], ref[~finite & ~np.isnan(ref)])
+    if finite.any():
+        scale = max(float(np.abs(ref[finite]).max()), 1e-6)
+        err = float(np.abs(out[finite] - ref[finite]).max())
+        assert err <= 1e-4 * scale, f"max abs diff {err} > 1e-4 x {scale}"
+
+
+def _apply_activation(y: np.ndarray, act) -> np.ndarray:
+    from oracles import onnx_reference
+
+    name, params = (act, ()) if isinstance(act, str) else (act[0], act[1:])
+    attrs, inputs = {}, {"x": y}
+    if name == "Clip":
+        inputs.update(lo=np.float32(params[0]), hi=np.float32(params[1]))
+    if name == "LeakyRelu":
+        attrs["alpha"] = params[0]
+    return onnx_reference(name, inputs, attrs)
+
+
+@pytest.mark.timeout(900)
+@FUZZ
+@given(conv_case(transpose=False))
+@example({"x_shape": [1, 0, 5, 4], "w_shape": [2, 0, 3, 3], "group": 1, "strides": 1, "dilations": 1,
+          "pads": 1, "bias": "ok", "dtype": "float32", "layout": "contiguous", "special": None,
+          "activation": "Relu", "seed": 0})
+def test_fuzz_conv(case):
+    _check("Conv", vkconv.conv, case)
+
+
+@pytest.mark.timeout(900)
+@FUZZ
+@given(conv_case(transpose=True))
+def test_fuzz_conv_transpose(case):
+    case = {**case, "transpose": True}
+    _check("ConvTranspose", vkconv.conv_transpose, case)
+
+
+@st.composite
+def deform_case(draw):
+    """A valid DeformConv case, optionally with one mutation that makes it invalid."""
+    group, og = draw(st.sampled_from([1, 1, 2, 3])), draw(st.sampled_from([1, 1, 2, 4]))
+    cin = group * og * draw(st.integers(1, 2))
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    strides = [draw(st.integers(1, 3)) for _ in range(2)]
+    dilations = [draw(st.integers(1, 2)) for _ in range(2)]
+    pads = [draw(st.integers(0, 2)) for _ in range(4)]
+    h = draw(st.integers(max(1, (kh - 1) * dilations[0] + 1 - pads[0] - pads[2]), 9))
+    w = draw(st.integers(max(1, (kw - 1) * dilations[1] + 1 - pads[1] - pads[3]), 9))
+    return {"n": draw(st.integers(0, 2)), "cin": cin, "cout": group * draw(st.integers(1, 3)),
+            "group": group, "og": og, "k": (kh, kw), "hw": (h, w), "strides": strides,
+            "dilations": dilations, "pads": pads, "mask": draw(st.booleans()), "bias": draw(st.booleans()),
+            "scale": draw(st.sampled_from([0.0, 0.5, 3.0, 20.0])),
+            "special": draw(st.sampled_from([None] * 6 + ["nan_x", "inf_x", "nan_offset", "inf_offset"])),
+            "mutation": draw(st.sampled_from([None] * 8 + ["offset_channels", "mask_channels", "offset_size",
+                                                           "dtype", "rank"])),
+            "seed": draw(st.integers(0, 2**16))}
+
+
+@pytest.mark.timeout(900)
+@FUZZ
+@given(deform_case())
+def test_fuzz_deform_conv(case):
+    from deform_reference import deform_conv_ref
+
+    rng = np.random.default_rng(case["seed"])
+    (kh, kw), (h, w_) = case["k"], case["hw"]
+    oh = (h + case["pads"][0] + case["pads"][2] - case["dilations"][0] * (kh - 1) - 1) // case["strides"][0] + 1
+    ow = (w_ + case["pads"][1] + case["pads"][3] - case["dilations"][1] * (kw - 1) - 1) // case["strides"][1] + 1
+    n, taps = case["n"], case["og"] * kh * kw
+    x = rng.standard_normal((n, case["cin"], h, w_)).astype(np.float32)
+    w = rng.standard_normal((case["cout"], case["cin"] // case["group"], kh, kw)).astype(np.float32)
+    offset = (rng.standard_normal((n, 2 * taps, oh, ow)) * case["scale"]).astype(np.float32)
+    mask = rng.uniform(-0.5, 1.5, (n, taps, oh, ow)).astype(np.float32) if case["mask"] else None
+    b = rng.standard_normal(case["cout"]).astype(np.float32) if case["bias"] else None
+    special = case["special"]
+    if special and x.size and offset.size:
+        target = x if special.endswith("_x") else offset
+        target.reshape(-1)[rng.integers(0, target.size)] = np.nan if special.startswith("nan") else np.inf
+    mutation, bad = case["mutation"], None
+    if mutation == "offset_channels":
+        offset, bad = offset[:, :-1], "offset"
+    elif mutation == "mask_channels" and mask is not None:
+        mask, bad = np.concatenate([mask, mask[:, :1]], axis=1), "mask"
+    elif mutation == "offset_size":
+        offset, bad = offset[:, :, :, :-1], "offset"
+    elif mutation == "dtype":
+        x, bad = x.astype(np.float64), "x"
+    elif mutation == "rank":
+        w, bad = w[..., 0], "w"
+    kwargs = dict(strides=case["strides"], pads=case["pads"], dilations=case["dilations"],
+                  group=case["group"], offset_group=case["og"])
+    if bad is not None:
+        with pytest.raises(ValueError, match=f"^{bad}:"):
+            vkconv.deform_conv(x, w, np.ascontiguousarray(offset), b, mask, **kwargs)
+        return
+    out = vkconv.deform_conv(x, w, offset, b, mask, **kwargs)
+    ref = deform_conv_ref(x, w, offset, b, mask, **kwargs)
+    assert out.shape == ref.shape
+    assert np.array_equal(np.isnan(out), np.isnan(ref)), "NaN positions differ"
+    finite = np.isfinite(ref)
+    assert np.array_equal(np.isinf(out), np.isinf(ref))
+    if finite.any():
+        scale = max(float(np.abs(ref[finite]).max()), 1e-6)
+        assert float(np.abs(out[finite] - ref[finite]).max()) <= 1e-4 * scale
