@@ -191,8 +191,7 @@ def pack_bias_blocks(b: np.ndarray | None, cout: int, group: int, mb: int) -> np
 
 class ConvPlan(Plan):
     """A :class:`Plan` whose input can also be read as a texel buffer, with ``slack`` spare bytes
-    after it (row-segment loads of a last partial tile stay inside the buffer), and which keeps
-    its recorded body so that a benchmark can time the dispatches alone."""
+    after it (row-segment loads of a last partial tile stay inside the buffer)."""
 
     def __init__(self, ctx: Context, x_shape, y_shape, slack: int = 0):
         super().__init__(ctx, [], [("conv output", y_shape)])
@@ -203,11 +202,6 @@ class ConvPlan(Plan):
             self.close()
             raise
         self.input_shapes.append(tuple(x_shape))
-        self.body = None
-
-    def record(self, body) -> None:
-        self.body = body
-        super().record(body)
 
 
 # ---------------------------------------------------------------------------------------------

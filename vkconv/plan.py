@@ -7,6 +7,7 @@ object created.  :class:`PlanCache` keeps the few most recent shapes.
 from __future__ import annotations
 
 import collections
+import logging
 from collections.abc import Callable, Hashable, Sequence
 
 import numpy as np
@@ -14,6 +15,8 @@ import numpy as np
 from .buffer import Buffer
 from .command import CommandBuffer
 from .context import Context
+
+log = logging.getLogger(__name__)
 
 
 class Plan:
@@ -28,8 +31,13 @@ class Plan:
         self.outputs = [Buffer(ctx, 4 * int(np.prod(s)), staged=True, name=n) for n, s in outputs]
         self.keep: list = []  # descriptor sets and scratch buffers the commands refer to
         self.cmd = CommandBuffer(ctx)
+        # The recorded dispatches alone, so that they can be replayed inside another command
+        # buffer (benchmarks time them with GPU timestamps; a device-resident graph chains them).
+        self.body: Callable[[CommandBuffer], None] | None = None
+        log.debug("plan created: inputs %s -> outputs %s", list(inputs), list(outputs))
 
     def record(self, body: Callable[[CommandBuffer], None]) -> None:
+        self.body = body
         with self.cmd.recording() as cmd:
             for b in self.inputs:
                 b.record_upload(cmd)
