@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     cpu_net = compat.read_onnx(model.SerializeToString())
     ref, cpu_first, cpu_times = _timed(cpu_net, blob, args.runs)
     with cv_plugin.read_net(model) as net:
-        before = dict(ctx.stats)
+        before = ctx.stats.copy()
         out, vk_first, vk_times = _timed(net, blob, args.runs)
         forwards = args.runs + 1
         submits = (ctx.stats["submits"] - before["submits"]) / forwards

@@ -248,7 +248,7 @@ def test_vgg16_matches_opencv_cpu():
         assert len(net.report.routed) == 13 and not net.report.left_to_opencv
         assert net.report.fused_activations == 13
         net.setInput(blob)
-        before = dict(ctx.stats)
+        before = ctx.stats.copy()
         out = net.forward()
         # every conv ran on Vulkan once: one submit each, at least one dispatch each
         assert sorted(net.vulkan_forwards().values()) == [1] * 13
