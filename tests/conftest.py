@@ -42,6 +42,28 @@ def no_validation_messages():
     _fail_on_validation_messages()
 
 
+_opencv_problem: list[str | None] = []
+
+
+def opencv_problem() -> str | None:
+    """Why the installed cv2 cannot host vkconv's layers (None when it can); probed once."""
+    if not _opencv_problem:
+        import cv_plugin
+
+        try:
+            cv_plugin.register()
+            _opencv_problem.append(None)
+        except vkconv.VkconvError as exc:
+            _opencv_problem.append(str(exc))
+    return _opencv_problem[0]
+
+
+def needs_opencv_layers():
+    """A skip marker for tests that load models through cv2.dnn."""
+    problem = opencv_problem()
+    return pytest.mark.skipif(problem is not None, reason=f"{problem}")
+
+
 @pytest.fixture(scope="session")
 def conformance() -> Path:
     root = conformance_root()

@@ -19,6 +19,7 @@ from cv_plugin.keras import next_frame_model, randomize_weights, to_onnx
 import vkconv
 import vkconv.conv_lstm as conv_lstm_module
 from conv_lstm_reference import conv_lstm2d as reference
+from conftest import needs_opencv_layers
 from oracles import assert_close
 
 REL = 1e-4
@@ -177,16 +178,7 @@ def test_buffer_past_device_limit_is_refused():
 
 
 # -- the cv2 layer, from a hand-made ONNX node (no Keras needed) -----------------------------------
-def _opencv_problem() -> str | None:
-    try:
-        cv_plugin.register()
-    except vkconv.VkconvError as exc:
-        return str(exc)
-    return None
-
-
-OPENCV_PROBLEM = _opencv_problem()
-needs_opencv = pytest.mark.skipif(OPENCV_PROBLEM is not None, reason=f"{OPENCV_PROBLEM}")
+needs_opencv = needs_opencv_layers()
 
 
 def _node_model(x, k, u, b, *, runtime_weights=False, with_state=False, out_shape, **attrs):

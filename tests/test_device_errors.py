@@ -11,7 +11,7 @@ import pytest
 import cv_plugin
 import vkconv
 from cv_plugin import soak
-from test_plugin import OPENCV_PROBLEM
+from conftest import needs_opencv_layers
 from vkconv.context import vk
 
 X = np.random.default_rng(0).standard_normal((1, 3, 9, 7)).astype(np.float32)
@@ -53,7 +53,7 @@ def test_device_lost_is_an_exception_and_a_new_device_serves_the_next_call(monke
     assert np.array_equal(vkconv.conv(X, W, pads=1), expected)
 
 
-@pytest.mark.skipif(OPENCV_PROBLEM is not None, reason=f"{OPENCV_PROBLEM}")
+@needs_opencv_layers()
 def test_cv2_net_recovers_after_device_loss(monkeypatch):
     x = np.random.default_rng(2).standard_normal(soak.INPUT_SHAPE).astype(np.float32)
     with cv_plugin.read_net(soak.small_net()) as net:

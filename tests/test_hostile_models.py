@@ -8,9 +8,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 import cv_plugin
 import vkconv
-from test_plugin import OPENCV_PROBLEM
+from conftest import needs_opencv_layers
 
-pytestmark = pytest.mark.skipif(OPENCV_PROBLEM is not None, reason=f"{OPENCV_PROBLEM}")
+pytestmark = needs_opencv_layers()
 
 W = np.ones((4, 3, 3, 3), np.float32)
 

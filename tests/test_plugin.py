@@ -16,22 +16,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 import cv_plugin
 import vkconv
-from conftest import conformance_root
+from conftest import conformance_root, needs_opencv_layers
 from cv_plugin import compat, zoo
 from oracles import assert_close
 
 
-
-def _opencv_problem() -> str | None:
-    try:
-        cv_plugin.register()
-    except vkconv.VkconvError as exc:
-        return str(exc)
-    return None
-
-
-OPENCV_PROBLEM = _opencv_problem()
-pytestmark = pytest.mark.skipif(OPENCV_PROBLEM is not None, reason=f"{OPENCV_PROBLEM}")
+pytestmark = needs_opencv_layers()
 
 
 def _cases(op_type: str, weight_ranks: tuple[int, ...]) -> list[Path]:
@@ -71,6 +61,11 @@ CONV_TRANSPOSE_CASES = _cases("ConvTranspose", (3, 4, 5))
 @pytest.mark.skipif(not CONV_CASES, reason="ONNX conformance data not found (shared/conformance)")
 @pytest.mark.parametrize("case", CONV_CASES, ids=[c.name for c in CONV_CASES])
 def test_conformance_conv(case: Path):
+    run_conformance_case(case)
+
+
+def run_conformance_case(case: Path) -> None:
+    """One conformance model through read_net + cv2.dnn, its single node routed to Vulkan."""
     model, feeds, expected = _load_case(case)
     with cv_plugin.read_net(model) as net:
         assert len(net.report.routed) == 1
@@ -84,7 +79,7 @@ def test_conformance_conv(case: Path):
 @pytest.mark.skipif(not CONV_TRANSPOSE_CASES, reason="ONNX conformance data not found (shared/conformance)")
 @pytest.mark.parametrize("case", CONV_TRANSPOSE_CASES, ids=[c.name for c in CONV_TRANSPOSE_CASES])
 def test_conformance_conv_transpose(case: Path):
-    test_conformance_conv(case)
+    run_conformance_case(case)
 
 
 def test_conformance_cases_found():

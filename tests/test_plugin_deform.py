@@ -10,11 +10,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import cv_plugin
+from conftest import needs_opencv_layers
 from deform_reference import deform_conv_ref
 from oracles import assert_close
-from test_plugin import OPENCV_PROBLEM, _cases, _load_case
+from test_plugin import _cases, run_conformance_case
 
-pytestmark = pytest.mark.skipif(OPENCV_PROBLEM is not None, reason=f"{OPENCV_PROBLEM}")
+pytestmark = needs_opencv_layers()
 
 DEFORM_CASES = _cases("DeformConv", (4,))
 RNG = np.random.default_rng(11)
@@ -23,13 +24,7 @@ RNG = np.random.default_rng(11)
 @pytest.mark.skipif(not DEFORM_CASES, reason="ONNX conformance data not found (shared/conformance)")
 @pytest.mark.parametrize("case", DEFORM_CASES, ids=[c.name for c in DEFORM_CASES])
 def test_conformance_deform_conv(case):
-    model, feeds, expected = _load_case(case)
-    with cv_plugin.read_net(model) as net:
-        assert len(net.report.routed) == 1
-        for name, value in feeds.items():
-            net.setInput(value, name)
-        out = net.forward()
-    assert_close(out, expected, 1e-4, case.name)
+    run_conformance_case(case)
     assert len(DEFORM_CASES) == 2
 
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from cv_plugin import soak
-from test_plugin import OPENCV_PROBLEM
+from conftest import needs_opencv_layers
 
-pytestmark = pytest.mark.skipif(OPENCV_PROBLEM is not None, reason=f"{OPENCV_PROBLEM}")
+pytestmark = needs_opencv_layers()
 
 # RSS noise of the allocator and OpenCV's own caches over a few hundred calls stays well below this.
 RSS_SLACK = 16 << 20

@@ -17,6 +17,7 @@ from . import shapes
 from .activation import Activation
 from .buffer import upload_constant
 from .context import Context, get_context
+from .conv_kernels import pack_bias_blocks
 from .pipeline import DescriptorSet
 from .plan import Plan, PlanCache
 
@@ -57,16 +58,6 @@ def pack_weights(w: np.ndarray, group: int, oc_block: int) -> np.ndarray:
     packed[:, :, :cout_g] = w.reshape(group, cin_g, cout_g, taps)
     packed = packed.reshape(group, cin_g, blocks, oc_block, taps)
     return np.ascontiguousarray(packed.transpose(0, 2, 4, 1, 3))
-
-
-def pack_bias(b: np.ndarray | None, cout: int, group: int, oc_block: int) -> np.ndarray:
-    """``[C_out]`` (or no bias) -> ``[g, ceil(C_out/g / oc_block) * oc_block]``, zero-padded."""
-    cout_g = cout // group
-    blocks = -(-cout_g // oc_block)
-    packed = np.zeros((group, blocks * oc_block), np.float32)
-    if b is not None:
-        packed[:, :cout_g] = b.reshape(group, cout_g)
-    return packed
 
 
 class ConvTranspose:
@@ -133,7 +124,7 @@ class ConvTranspose:
             self.weight_shape = w.shape
             self._weights = upload_constant(self.ctx, pack_weights(w, self.group, self.oc_block),
                                             "conv_transpose weights")
-            self._bias = upload_constant(self.ctx, pack_bias(b, cout, self.group, self.oc_block),
+            self._bias = upload_constant(self.ctx, pack_bias_blocks(b, cout, self.group, self.oc_block),
                                          "conv_transpose bias")
 
     # -- shapes --------------------------------------------------------------------------------
