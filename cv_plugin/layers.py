@@ -15,6 +15,7 @@ their dtype and shape (OpenCV would make 1-D blobs ``(N, 1)`` and int64 int32).
 from __future__ import annotations
 
 import threading
+import time
 import traceback
 from dataclasses import dataclass, field
 
@@ -34,6 +35,7 @@ class NetState:
     ops: dict[str, "Op"] = field(default_factory=dict)
     errors: list[BaseException] = field(default_factory=list)
     forwards: dict[str, int] = field(default_factory=dict)
+    timings: dict[str, list[float]] | None = None  # opt-in (vkconv profile): node key -> forward seconds
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def fail(self, where: str, exc: BaseException) -> None:
@@ -143,7 +145,7 @@ class ResidentWeightsOp(Op):
 
 
 class ConvOp(ResidentWeightsOp):
-    """ONNX Conv (1-D/2-D) with fused BatchNorm/activation."""
+    """ONNX Conv (1-D/2-D/3-D) with fused BatchNorm/activation."""
 
     def output_shapes(self, in_shapes):
         out, _ = shapes.conv_output_shape(in_shapes[0], in_shapes[1], self.strides, self.pads,
@@ -226,9 +228,13 @@ class Layer:
     def forward(self, inputs):
         try:
             op = self._op()
+            start = time.perf_counter()
             outs = op.forward(op.merge(list(inputs), op.constants))
+            elapsed = time.perf_counter() - start
             with self.state.lock:
                 self.state.forwards[self.key] = self.state.forwards.get(self.key, 0) + 1
+                if self.state.timings is not None:
+                    self.state.timings.setdefault(self.key, []).append(elapsed)
             return [compat.as_cv_output(o) for o in outs]
         except BaseException as exc:  # noqa: BLE001
             if not isinstance(exc, (ValueError, vkconv.VkconvError)):

@@ -139,4 +139,6 @@ def read_net(model, *, fuse: bool = True, fallback: bool = False) -> Net:
         raise
     net = Net(cv_net, net_id, state, report)
     net._raise_pending()  # a layer that could not be built: report it now, not at forward
+    compat.log.debug("read_net: routed to vkconv %s; left to OpenCV %s; %d BatchNorm folded, %d activations "
+                     "fused", report.routed, report.left_to_opencv, report.folded_batchnorm, report.fused_activations)
     return net

@@ -1,17 +1,29 @@
-"""`vkconv info` (python -m vkconv / the console script): text, JSON, device choice, errors."""
+"""The ``vkconv`` command line (python -m vkconv / the console script): ``info`` (text, JSON, device
+choice, errors), ``run`` and ``profile`` (outputs, timing, comparison with OpenCV, inputs, errors)."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 import vkconv
+from cv_plugin import soak, zoo
+from vkconv import cli
 from vkconv.cli import main
 from vkconv.context import choose_device
+
+try:
+    import cv2
+except ImportError:  # the info tests still run
+    cv2 = None
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -133,3 +145,222 @@ def test_unexpected_errors_are_one_line_with_a_hint(monkeypatch, capsys):
     assert main(["info"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "internal error (KeyError)" in err and "--debug" in err
+
+
+# -- run / profile ------------------------------------------------------------------------------
+# Oracles: output shapes computed by hand from the models below; values compared against OpenCV's
+# own CPU run (--compare-cpu) and onnxruntime; image blobs against cv2.imread + numpy.
+
+needs_cv2 = pytest.mark.skipif(cv2 is None, reason="OpenCV is not installed (pip install 'vkconv[cv]')")
+
+
+@pytest.fixture
+def small_model(tmp_path) -> Path:
+    """cv_plugin.soak.small_net: x [1, 8, 19, 23] -> y [1, 4, 10, 12], 3 Conv nodes."""
+    path = tmp_path / "small.onnx"
+    onnx.save(soak.small_net(), str(path))
+    return path
+
+
+def _rgb_conv_model(dims, channels: int = 3) -> onnx.ModelProto:
+    """Conv 3x3 pad 1, ``channels`` -> 2, on input ``dims`` (strings are dynamic): same H and W out."""
+    rng = np.random.default_rng(5)
+    w = numpy_helper.from_array(rng.standard_normal((2, channels, 3, 3)).astype(np.float32), "w")
+    node = helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])
+    out = [dims[0], 2, dims[2], dims[3]]
+    graph = helper.make_graph([node], "rgb", [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, out)], [w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _image(tmp_path, h: int = 29, w: int = 37) -> tuple[Path, np.ndarray]:
+    img = np.random.default_rng(3).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    path = tmp_path / "image.png"
+    assert cv2.imwrite(str(path), img)
+    return path, img
+
+
+def _line(out: str, prefix: str) -> str:
+    found = [line for line in out.splitlines() if line.startswith(prefix)]
+    assert len(found) == 1, out
+    return found[0]
+
+
+@pytest.mark.parametrize("command", ["info", "run", "profile"])
+def test_subcommand_help(command, capsys):
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: vkconv {command}")
+    if command != "info":
+        assert "MODEL.onnx" in out and "--input" in out and "--runs" in out and ".npy" in out
+    if command == "run":
+        assert "--compare-cpu" in out and "subgraph" in " ".join(out.split())
+        assert "not implemented yet" in " ".join(out.split())
+
+
+def test_subgraph_mode_is_refused_as_a_usage_error(small_model, capsys):
+    assert main(["run", str(small_model), "--mode", "subgraph"]) == 2
+    assert "invalid choice: 'subgraph'" in capsys.readouterr().err
+
+
+@needs_cv2
+def test_run_compare_cpu(small_model, capsys):
+    assert main(["run", str(small_model), "--compare-cpu", "--runs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert _line(out, "input  x:").startswith("input  x: (1, 8, 19, 23) float32, random")
+    assert _line(out, "output y:") == "output y: (1, 4, 10, 12) float32"
+    assert "3 routed to vkconv layers (1 BatchNorm folded, 2 activations fused)" in out
+    timing = _line(out, "cv2.dnn + vkconv:")
+    assert re.search(r"first forward [\d.]+ ms, median [\d.]+ ms over 2 more; 3 of 3 vkconv layers ran on "
+                     r"Vulkan", timing), timing
+    diff = re.search(r"max \|vkconv - OpenCV CPU\| y: (\S+) \(max \|CPU\| (\S+), relative (\S+)\)", out)
+    assert diff, out
+    assert float(diff[2]) > 0.1 and float(diff[3]) <= 1e-4
+
+
+@needs_cv2
+def test_run_npy_input_is_the_one_fed(small_model, tmp_path, capsys):
+    ort = pytest.importorskip("onnxruntime")
+    x = np.random.default_rng(8).standard_normal((1, 8, 19, 23)).astype(np.float32) * 3
+    np.save(tmp_path / "x.npy", x.astype(np.float64))  # any numeric dtype is taken as float32
+    assert main(["run", str(small_model), "--input", str(tmp_path / "x.npy"), "--compare-cpu",
+                 "--runs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"input  x: (1, 8, 19, 23) float32, {tmp_path / 'x.npy'}" in out
+    expected = ort.InferenceSession(str(small_model), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    printed = float(re.search(r"max \|CPU\| (\S+),", out)[1])
+    assert printed == pytest.approx(float(np.abs(expected).max()), rel=5e-3)  # printed to 3 digits
+    assert float(re.search(r"relative (\S+)\)", out)[1]) <= 1e-4
+
+
+@needs_cv2
+@pytest.mark.parametrize("dims, out_hw", [([1, 3, "h", "w"], (29, 37)), ([1, 3, 16, 20], (16, 20)),
+                                          (["n", 3, "h", "w"], (29, 37))])
+def test_run_png_input(tmp_path, capsys, dims, out_hw):
+    model = tmp_path / "rgb.onnx"
+    onnx.save(_rgb_conv_model(dims), str(model))
+    image, _ = _image(tmp_path)
+    assert main(["run", str(model), "--input", str(image), "--compare-cpu", "--runs", "1"]) == 0
+    out = capsys.readouterr().out
+    h, w = out_hw
+    assert _line(out, "input  x:") == f"input  x: (1, 3, {h}, {w}) float32, {image} (BGR, scaled by 1/255)"
+    assert _line(out, "output y:") == f"output y: (1, 2, {h}, {w}) float32"
+    assert float(re.search(r"relative (\S+)\)", out)[1]) <= 1e-4
+
+
+@needs_cv2
+def test_image_blob_layout(tmp_path):
+    image, img = _image(tmp_path)
+    dynamic = onnx.ModelProto.FromString(_rgb_conv_model([1, 3, "h", "w"]).SerializeToString())
+    feeds, _ = cli.make_feeds(dynamic, str(image), 0)
+    np.testing.assert_allclose(feeds["x"], img.transpose(2, 0, 1)[None].astype(np.float32) / 255, rtol=1e-6)
+    fixed = _rgb_conv_model([1, 3, 16, 20])
+    resized = cv2.resize(img, (20, 16), interpolation=cv2.INTER_LINEAR)
+    feeds, _ = cli.make_feeds(fixed, str(image), 0)
+    np.testing.assert_allclose(feeds["x"], resized.transpose(2, 0, 1)[None].astype(np.float32) / 255,
+                               rtol=1e-6)
+    gray = _rgb_conv_model([1, 1, "h", "w"], channels=1)
+    feeds, _ = cli.make_feeds(gray, str(image), 0)
+    expected = cv2.imread(str(image), cv2.IMREAD_GRAYSCALE)[None, None].astype(np.float32) / 255
+    np.testing.assert_allclose(feeds["x"], expected, rtol=1e-6)
+
+
+def test_random_input_sizes_dynamic_dims():
+    inp = cli.ModelInput("x", [None, 3, None, 7])
+    x = cli.random_input(inp, np.random.default_rng(0))
+    assert x.shape == (1, 3, cli.DEFAULT_DIM, 7) and x.dtype == np.float32
+    assert 0.0 <= x.min() and x.max() < 1.0
+
+
+@needs_cv2
+def test_run_vgg16(tmp_path, capsys):
+    path = tmp_path / "vgg16.onnx"
+    onnx.save(zoo.vgg16(seed=0, size=32, classes=10), str(path))
+    assert main(["run", str(path), "--compare-cpu", "--runs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert _line(out, "output logits:") == "output logits: (1, 10) float32"
+    assert "13 of 13 vkconv layers ran on Vulkan" in out
+    assert float(re.search(r"relative (\S+)\)", out)[1]) <= 1e-4
+
+
+@needs_cv2
+def test_profile(small_model, capsys):
+    assert main(["profile", str(small_model), "--runs", "2"]) == 0
+    out = capsys.readouterr().out
+    rows = re.findall(r"^  (\S+)\s+(vkconv\.Conv)\s+([\d.]+)\s+([\d.]+)$", out, re.M)
+    assert [r[0].rpartition("!")[2] for r in rows] == ["Conv#0", "Conv#3", "Conv#5"], out
+    for _, _, opencv_ms, vk_ms in rows:
+        # OpenCV times the whole Python layer call, which contains the vkconv op
+        assert 0 < float(vk_ms) <= float(opencv_ms) + 0.002
+    total = re.search(r"^  sum\s+([\d.]+)\s+([\d.]+)$", out, re.M)
+    assert total and float(total[2]) == pytest.approx(sum(float(r[3]) for r in rows), abs=0.003)
+    assert "median of 2 forwards" in out and "3 vkconv layers took" in out
+
+
+def _bad_inputs(tmp_path, small_model):
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    np.save(tmp_path / "wrong.npy", np.zeros((1, 8, 19, 24), np.float32))
+    np.save(tmp_path / "strings.npy", np.array(["a", "b"]))
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"\x08\x07garbage")
+    two = tmp_path / "two.onnx"
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"])], "two",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8]),
+         helper.make_tensor_value_info("w", TensorProto.FLOAT, [4, 5, 3, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(two))
+    m = str(small_model)
+    return {
+        "missing model": (["run", str(tmp_path / "nope.onnx")], "no such model file"),
+        "corrupt model": (["profile", str(corrupt)], "not an ONNX model"),
+        "missing input": (["run", m, "--input", str(tmp_path / "nope.png")], "no such file"),
+        "not an image": (["run", str(tmp_path / "rgb.onnx"), "--input", str(text)], "cannot read it as an image"),
+        "wrong npy shape": (["run", m, "--input", str(tmp_path / "wrong.npy")], "does not fit input 'x'"),
+        "npy of strings": (["run", m, "--input", str(tmp_path / "strings.npy")], "expected a numeric array"),
+        "image for 8 channels": (["run", m, "--input", str(text)], "1 or 3 channels"),
+        "two inputs": (["run", str(two), "--input", str(tmp_path / "wrong.npy")], "this one has 2"),
+        "mismatched channels": (["run", str(two)], "channels"),
+    }
+
+
+BAD = ["missing model", "corrupt model", "missing input", "not an image", "wrong npy shape", "npy of strings",
+       "image for 8 channels", "two inputs", "mismatched channels"]
+
+
+@needs_cv2
+@pytest.mark.parametrize("case", BAD)
+def test_bad_paths_and_inputs_are_one_line(case, small_model, tmp_path, capsys):
+    onnx.save(_rgb_conv_model([1, 3, "h", "w"]), str(tmp_path / "rgb.onnx"))
+    argv, message = _bad_inputs(tmp_path, small_model)[case]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vkconv: error: "), captured.err
+    assert message in lines[0] and "Traceback" not in captured.err and "internal error" not in lines[0]
+    assert main(["--debug", *argv]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_run_errors_through_python_dash_m(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "vkconv", "run", str(tmp_path / "missing.onnx")],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert res.returncode == 1 and res.stdout == ""
+    assert res.stderr.splitlines() == [f"vkconv: error: {tmp_path / 'missing.onnx'}: no such model file"]
+
+
+@needs_cv2
+def test_model_error_is_one_line_on_the_real_stderr(tmp_path):
+    """OpenCV writes its own ERROR line to fd 2 for a node it cannot import; the CLI keeps it out."""
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"])], "bad",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])],
+        [numpy_helper.from_array(np.zeros((4, 5, 3, 3), np.float32), "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "bad.onnx"))
+    res = subprocess.run([sys.executable, "-m", "vkconv", "run", str(tmp_path / "bad.onnx")],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert res.returncode == 1 and res.stdout == ""
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vkconv: error: ") and "channels" in lines[0], res.stderr

@@ -302,3 +302,16 @@ def test_dynamic_input_dims_and_constant_node_weights():
             x = RNG.standard_normal(shape, dtype=np.float32)
             net.setInput(x)
             assert_close(net.forward(), _ort(model, x), 1e-4, str(shape))
+
+
+def test_symbolic_channel_dimension():
+    """OpenCV reports a symbolic channel count as 0 while importing: it must not be refused."""
+    nodes = [_conv(out="y")]
+    graph = helper.make_graph(
+        nodes, "dync", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "C", "H", "W"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, "H2", "W2"])],
+        [numpy_helper.from_array(W, "w"), numpy_helper.from_array(B, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    with cv_plugin.read_net(model) as net:
+        net.setInput(X)
+        assert_close(net.forward(), _ort(model, X), 1e-4)

@@ -5,10 +5,17 @@ Subcommands:
 ``info``
     every Vulkan device with the limits vkconv sizes its kernels from, and which one
     ``VKCONV_DEVICE`` / the default preference (discrete > integrated > virtual > CPU) chooses.
+``run MODEL.onnx``
+    load the model through :func:`cv_plugin.read_net`, feed it an image, a ``.npy`` array or a
+    seeded random input, and print its outputs' shapes, the time per forward and (``--compare-cpu``)
+    the largest difference from OpenCV's own CPU run of the unmodified model.
+``profile MODEL.onnx``
+    per-layer wall time: OpenCV's own per-layer profile (``getPerfProfile``) beside the time spent
+    inside each vkconv layer's op.
 
 Exit status: 0 on success, 1 when vkconv reports an error (no loader, no device, a device
-selector that matches nothing), 2 for a usage error.  Errors are one line on stderr; ``--debug``
-adds the traceback.
+selector that matches nothing, a model or input that cannot be used), 2 for a usage error.
+Errors are one line on stderr; ``--debug`` adds the traceback.
 """
 from __future__ import annotations
 
@@ -16,13 +23,29 @@ import argparse
 import dataclasses
 import json
 import os
+import statistics
 import sys
+import time
 import traceback
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from . import __version__
-from .context import DeviceInfo, choose_device, list_devices
+from .context import DeviceInfo, choose_device, get_context, list_devices
 from .errors import VkconvError
+
+if TYPE_CHECKING:  # onnx and cv2 are imported only by the commands that load a model
+    import onnx
+
+# A dynamic (symbolic) input dimension gets this size in a random input; a dynamic batch gets 1.
+DEFAULT_DIM = 224
+
+
+class CliError(Exception):
+    """A model, input file or option that cannot be used: reported as one line, like VkconvError."""
 
 
 def _size(n: int) -> str:
@@ -81,6 +104,267 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- run / profile ------------------------------------------------------------------------------
+@dataclasses.dataclass
+class ModelInput:
+    """A graph input fed at run time; ``dims`` holds None for each dynamic dimension, and is None
+    itself when the model gives no shape."""
+
+    name: str
+    dims: list[int | None] | None
+
+    def describe(self) -> str:
+        if self.dims is None:
+            return f"{self.name!r} (shape not given)"
+        return f"{self.name!r} [{', '.join('?' if d is None else str(d) for d in self.dims)}]"
+
+
+def _one_line(exc: BaseException) -> str:
+    """``exc``'s message on one line, followed by its one-line notes (``in vkconv layer ...``)."""
+    parts = [" ".join(str(exc).split())]
+    parts += [n for n in getattr(exc, "__notes__", []) if "\n" not in n]
+    return "; ".join(p for p in parts if p)
+
+
+def _load_model(path: str) -> onnx.ModelProto:
+    import onnx
+
+    if not Path(path).is_file():
+        raise CliError(f"{path}: no such model file")
+    try:
+        model = onnx.load(path)
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
+        raise CliError(f"{path}: not an ONNX model ({type(exc).__name__}: {_one_line(exc)})") from exc
+    if not model.graph.node:
+        raise CliError(f"{path}: the ONNX model has no nodes (empty or not an ONNX file)")
+    return model
+
+
+def model_inputs(model: onnx.ModelProto) -> list[ModelInput]:
+    """The graph inputs that are not initializers, in graph order."""
+    constant = {t.name for t in model.graph.initializer}
+    found = []
+    for vi in model.graph.input:
+        if vi.name in constant:
+            continue
+        tensor = vi.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                for d in tensor.shape.dim] if tensor.HasField("shape") else None
+        found.append(ModelInput(vi.name, dims))
+    return found
+
+
+def random_input(inp: ModelInput, rng: np.random.Generator) -> np.ndarray:
+    """Uniform [0, 1) float32 of ``inp``'s shape; a dynamic batch is 1, other dynamic dims 224."""
+    if inp.dims is None:
+        raise CliError(f"input {inp.describe()}: the model does not give its shape; pass --input FILE.npy")
+    shape = [d if d is not None else 1 if i == 0 and len(inp.dims) > 1 else DEFAULT_DIM
+             for i, d in enumerate(inp.dims)]
+    return rng.random(shape, dtype=np.float32)
+
+
+def image_input(path: str, inp: ModelInput) -> np.ndarray:
+    """``cv2.dnn.blobFromImage`` of the image at ``path``: [1, C, H, W] float32, BGR (or gray when
+    the model takes 1 channel), pixels scaled by 1/255, resized to the model's H and W where they are
+    fixed (no crop, aspect ratio not kept), at the image's own size where they are dynamic."""
+    from cv_plugin import compat
+
+    dims = inp.dims
+    if dims is None or len(dims) != 4:
+        raise CliError(f"--input {path}: an image feeds a 4-D [N, C, H, W] input, the model's is "
+                       f"{inp.describe()}; pass a .npy array instead")
+    n, c, h, w = dims
+    if n not in (None, 1) or c not in (None, 1, 3):
+        raise CliError(f"--input {path}: an image gives a batch of 1 with 1 or 3 channels, the model's "
+                       f"input is {inp.describe()}; pass a .npy array instead")
+    cv2 = compat.cv2_module()
+    image = cv2.imread(path, cv2.IMREAD_GRAYSCALE if c == 1 else cv2.IMREAD_COLOR)
+    if image is None:
+        raise CliError(f"--input {path}: OpenCV cannot read it as an image (arrays must end in .npy)")
+    size = (w or image.shape[1], h or image.shape[0])
+    return cv2.dnn.blobFromImage(image, 1.0 / 255.0, size)
+
+
+def npy_input(path: str, inp: ModelInput) -> np.ndarray:
+    """The array saved at ``path`` as float32, checked against ``inp``'s fixed dimensions."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise CliError(f"--input {path}: not a .npy array ({_one_line(exc)})") from exc
+    if not isinstance(array, np.ndarray) or array.dtype.kind not in "biuf":
+        raise CliError(f"--input {path}: expected a numeric array, got {getattr(array, 'dtype', type(array))}")
+    if inp.dims is not None and (array.ndim != len(inp.dims) or any(
+            d is not None and d != a for d, a in zip(inp.dims, array.shape))):
+        raise CliError(f"--input {path}: shape {tuple(array.shape)} does not fit input {inp.describe()}")
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def make_feeds(model: onnx.ModelProto, input_path: str | None, seed: int) -> tuple[dict[str, np.ndarray], str]:
+    """Input name -> blob for every runtime input, and where the blobs came from."""
+    inputs = model_inputs(model)
+    if not inputs:
+        raise CliError("the model has no runtime input to feed")
+    if input_path is None:
+        rng = np.random.default_rng(seed)
+        return {i.name: random_input(i, rng) for i in inputs}, f"random uniform [0, 1), seed {seed}"
+    if len(inputs) != 1:
+        names = ", ".join(i.describe() for i in inputs)
+        raise CliError(f"--input feeds a model with one input, this one has {len(inputs)} ({names}); "
+                       "leave --input out for random inputs")
+    if not Path(input_path).is_file():
+        raise CliError(f"--input {input_path}: no such file")
+    if input_path.lower().endswith(".npy"):
+        return {inputs[0].name: npy_input(input_path, inputs[0])}, input_path
+    return {inputs[0].name: image_input(input_path, inputs[0])}, f"{input_path} (BGR, scaled by 1/255)"
+
+
+def _forward(net, feeds: dict[str, np.ndarray], names: list[str]) -> tuple[list[np.ndarray], float]:
+    """Outputs ``names`` and the seconds that ``setInput`` + ``forward`` took."""
+    from cv_plugin import compat
+
+    start = time.perf_counter()
+    for name, blob in feeds.items():
+        net.setInput(compat.as_nd_mat(blob), name)
+    outs = net.forward(names)
+    return [np.array(o) for o in outs], time.perf_counter() - start
+
+
+def _timed(net, feeds, names, runs: int) -> tuple[list[np.ndarray], float, list[float]]:
+    """Outputs, the first call's seconds, and the seconds of ``runs`` further calls."""
+    outs, first = _forward(net, feeds, names)
+    times = [_forward(net, feeds, names)[1] for _ in range(runs)]
+    return outs, first, times
+
+
+def _ms(seconds: float) -> str:
+    ms = 1e3 * seconds
+    return f"{ms:.1f} ms" if ms >= 10 else f"{ms:.3f} ms"
+
+
+def _prepare(args: argparse.Namespace) -> tuple[onnx.ModelProto, dict[str, np.ndarray], str, list[str]]:
+    """The model, its feeds and where they came from, and its output names; OpenCV's own log is
+    silenced (unless ``--debug``) because it prints an ERROR line of its own for a node it cannot
+    import before raising, and the command line reports every error as one line."""
+    from cv_plugin import compat
+
+    model = _load_model(args.model)
+    feeds, source = make_feeds(model, args.input, args.seed)
+    cv_log = getattr(getattr(compat.cv2_module(), "utils", None), "logging", None)
+    if cv_log is not None and not getattr(args, "debug", False):
+        cv_log.setLogLevel(cv_log.LOG_LEVEL_SILENT)
+    return model, feeds, source, [o.name for o in model.graph.output]
+
+
+def _header(model_path: str, model: onnx.ModelProto, report) -> None:
+    from cv_plugin import compat
+
+    info = get_context().info
+    print(f"vkconv {__version__}, OpenCV {compat.cv2_module().__version__}, device {info.name} ({info.type})")
+    left = f"; not routed: {', '.join(report.left_to_opencv)}" if report.left_to_opencv else ""
+    print(f"model {model_path}: {len(model.graph.node)} nodes; {len(report.routed)} routed to vkconv layers "
+          f"({report.folded_batchnorm} BatchNorm folded, {report.fused_activations} activations fused){left}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import cv_plugin
+    from cv_plugin import compat
+
+    model, feeds, source, names = _prepare(args)
+    with cv_plugin.read_net(model) as net:
+        _header(args.model, model, net.report)
+        outs, first, times = _timed(net, feeds, names, args.runs)
+        ran = sum(1 for count in net.vulkan_forwards().values() if count)
+        routed = len(net.report.routed)
+    for name, blob in feeds.items():
+        print(f"input  {name}: {tuple(blob.shape)} float32, {source}")
+    for name, out in zip(names, outs):
+        print(f"output {name}: {tuple(out.shape)} {out.dtype}")
+    print(f"cv2.dnn + vkconv: first forward {_ms(first)}, median {_ms(statistics.median(times))} over "
+          f"{args.runs} more; {ran} of {routed} vkconv layers ran on Vulkan")
+    if args.compare_cpu:
+        cpu = compat.read_onnx(model.SerializeToString())
+        refs, cpu_first, cpu_times = _timed(cpu, feeds, names, args.runs)
+        print(f"OpenCV CPU (unmodified model): first forward {_ms(cpu_first)}, median "
+              f"{_ms(statistics.median(cpu_times))}")
+        for name, out, ref in zip(names, outs, refs):
+            if out.shape != ref.shape:
+                raise CliError(f"output {name}: vkconv gave shape {out.shape}, OpenCV CPU {ref.shape}")
+            diff = float(np.abs(out.astype(np.float64) - ref).max()) if ref.size else 0.0
+            scale = float(np.abs(ref).max()) if ref.size else 0.0
+            print(f"max |vkconv - OpenCV CPU| {name}: {diff:.3g} (max |CPU| {scale:.3g}, "
+                  f"relative {diff / scale if scale else 0.0:.2g})")
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    import cv_plugin
+    from cv_plugin import compat
+
+    model, feeds, _, names = _prepare(args)
+    tick = compat.cv2_module().getTickFrequency()
+    with cv_plugin.read_net(model) as net:
+        _header(args.model, model, net.report)
+        _forward(net, feeds, names)  # warm-up: pipelines, plans and OpenCV's buffers are made here
+        layers = list(net.getLayerNames())
+        types = {n: net.getLayer(n).type for n in layers}
+        opencv: dict[str, list[float]] = {n: [] for n in layers}
+        walls, totals = [], []
+        net.state.timings = {}
+        for _ in range(args.runs):
+            walls.append(_forward(net, feeds, names)[1])
+            total, per_layer = net.getPerfProfile()
+            totals.append(total / tick)
+            for n, ticks in zip(layers, np.ravel(per_layer)):
+                opencv[n].append(float(ticks) / tick)
+        vk_times = net.state.timings
+        net.state.timings = None
+
+    def vk_key(layer: str) -> str | None:
+        # OpenCV names an ONNX node's layer "onnx_node!<node name>"; vkconv keys are node names.
+        if not types[layer].startswith("vkconv."):
+            return None
+        key = layer.rpartition("!")[2]
+        return key if key in vk_times else None
+
+    rows = [(n, types[n], statistics.median(opencv[n]),
+             statistics.median(vk_times[k]) if (k := vk_key(n)) else None) for n in layers]
+    width = max([len("layer")] + [len(n) for n in layers])
+    twidth = max([len("type")] + [len(t) for t in types.values()])
+    print(f"per-layer wall time, median of {args.runs} forwards after one warm-up, in ms "
+          "(OpenCV: getPerfProfile; vkconv op: inside the layer's vkconv op)")
+    print(f"  {'layer':<{width}}  {'type':<{twidth}}  {'OpenCV':>9}  {'vkconv op':>9}")
+    for name, kind, cv_s, vk_s in rows:
+        vk_col = f"{1e3 * vk_s:9.3f}" if vk_s is not None else f"{'':>9}"
+        print(f"  {name:<{width}}  {kind:<{twidth}}  {1e3 * cv_s:9.3f}  {vk_col}")
+    cv_sum = sum(r[2] for r in rows)
+    vk_rows = [r for r in rows if r[3] is not None]
+    vk_sum = sum(r[3] for r in vk_rows)
+    print(f"  {'sum':<{width}}  {'':<{twidth}}  {1e3 * cv_sum:9.3f}  {1e3 * vk_sum:9.3f}")
+    print(f"forward (setInput + forward): median {_ms(statistics.median(walls))}, OpenCV's total "
+          f"{_ms(statistics.median(totals))}; "
+          f"{len(vk_rows)} vkconv layers took {_ms(sum(r[2] for r in vk_rows))} in OpenCV's profile, "
+          f"{_ms(vk_sum)} of it inside vkconv ops (the rest: OpenCV's Python-layer call and copies)")
+    return 0
+
+
+def _runs(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _add_model_options(parser: argparse.ArgumentParser, runs_help: str) -> None:
+    parser.add_argument("model", metavar="MODEL.onnx", help="the ONNX model to load with cv_plugin.read_net")
+    parser.add_argument("--input", metavar="FILE",
+                        help="an image (read with cv2.imread; [1, C, H, W], BGR or gray, scaled by 1/255, "
+                             "resized to the model's fixed H and W, else kept at its own size) or a .npy "
+                             "array; default: seeded random values in [0, 1) of the model's input shape "
+                             f"(a dynamic batch is 1, other dynamic dimensions {DEFAULT_DIM})")
+    parser.add_argument("--runs", type=_runs, default=3, metavar="N", help=runs_help)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random input (default 0)")
+
+
 def _common() -> argparse.ArgumentParser:
     """Options accepted both before and after the subcommand.
 
@@ -103,7 +387,42 @@ def build_parser() -> argparse.ArgumentParser:
                                       "chooses (VKCONV_DEVICE=<index|name part> overrides).")
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
     info.set_defaults(func=cmd_info)
+
+    run = sub.add_parser(
+        "run", parents=[_common()], help="run an ONNX model through cv2.dnn with vkconv's layers",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Load MODEL.onnx with cv_plugin.read_net (convolutions on Vulkan, the rest on\n"
+                    "OpenCV's CPU layers), run it on one input, and print the outputs' shapes and the\n"
+                    "time per forward (the first one includes building pipelines and plans).",
+        epilog="examples:\n  vkconv run model.onnx --input cat.png --compare-cpu\n"
+               "  vkconv run model.onnx --input batch.npy --runs 10")
+    _add_model_options(run, "timed forwards after the first (default 3)")
+    run.add_argument("--mode", choices=["layer"], default="layer",
+                     help="layer (the default and, so far, the only mode): every routed node is its own "
+                          "cv2.dnn layer, with a copy in and out per layer; a subgraph mode that keeps "
+                          "tensors on the device between layers is not implemented yet")
+    run.add_argument("--compare-cpu", action="store_true",
+                     help="also run the unmodified model on OpenCV's CPU layers and print the max abs "
+                          "difference of every output")
+    run.set_defaults(func=cmd_run)
+
+    profile = sub.add_parser(
+        "profile", parents=[_common()], help="per-layer time of an ONNX model through cv2.dnn + vkconv",
+        description="Run MODEL.onnx through cv_plugin.read_net once to warm up, then N times, and print "
+                    "a table of every cv2.dnn layer's median time from OpenCV's own profile "
+                    "(getPerfProfile) beside the time spent inside each vkconv layer's op, with totals.")
+    _add_model_options(profile, "profiled forwards after the warm-up (default 3)")
+    profile.set_defaults(func=cmd_profile)
     return parser
+
+
+def _user_error(exc: BaseException) -> bool:
+    """Errors about the device, the model or the input, whose message is written for users; cv2.error
+    is one when OpenCV refuses a model."""
+    cv2 = sys.modules.get("cv2")
+    cv2_error = getattr(cv2, "error", None) if cv2 is not None else None
+    return isinstance(exc, (VkconvError, CliError, ValueError, OSError)) or (
+        isinstance(cv2_error, type) and isinstance(exc, cv2_error))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -124,8 +443,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if debug:
             traceback.print_exc()
-        # VkconvError messages are written for users; anything else is a bug worth a traceback.
-        what = "" if isinstance(exc, VkconvError) else f"internal error ({type(exc).__name__}): "
-        hint = "" if debug or isinstance(exc, VkconvError) else " (rerun with --debug for the traceback)"
-        print(f"vkconv: error: {what}{exc}{hint}", file=sys.stderr)
+        # Users' errors are one line of their own; anything else is a bug worth a traceback.
+        user = _user_error(exc)
+        what = "" if user else f"internal error ({type(exc).__name__}): "
+        hint = "" if debug or user else " (rerun with --debug for the traceback)"
+        print(f"vkconv: error: {what}{_one_line(exc)}{hint}", file=sys.stderr)
         return 1

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import weakref
 
 from .context import Context, vk
 from .errors import VkconvError
 from .pipeline import DescriptorSet, Pipeline
+
+log = logging.getLogger(__name__)
 
 
 def _destroy(ctx: Context, handles: list) -> None:
@@ -76,6 +79,7 @@ class CommandBuffer:
             data = v.ffi.new("char[]", push)
             v.vkCmdPushConstants(self.handle, pipeline.layout, v.VK_SHADER_STAGE_COMPUTE_BIT, 0,
                                  len(push), data)
+        log.debug("dispatch %s: %s workgroups of %s", pipeline.name, groups, pipeline.local_size)
         v.vkCmdDispatch(self.handle, *groups)
         self.dispatches += 1
 

@@ -89,7 +89,7 @@ def conv_output_shape(x_shape: Sequence[int], w_shape: Sequence[int], strides: S
     nd = len(w_shape) - 2
     if len(x_shape) != nd + 2:
         raise ValueError(f"x: expected rank {nd + 2} for weights of shape {w_shape}, got shape {x_shape}")
-    if x_shape[1] != w_shape[1] * group:
+    if x_shape[1] != w_shape[1] * group and x_shape[1] > 0:  # <= 0: unknown while importing
         raise ValueError(f"x: {x_shape[1]} channels, but w {w_shape} with group={group} expects "
                          f"{w_shape[1] * group}")
     kernel = w_shape[2:]
