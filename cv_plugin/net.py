@@ -12,7 +12,7 @@ import onnx
 
 import vkconv
 
-from . import compat, registry
+from . import compat, registry, subgraph
 from .layers import NETS, NetState
 from .rewrite import RewriteReport, rewrite
 
@@ -104,14 +104,20 @@ def _load(model) -> onnx.ModelProto:
     raise ValueError(f"model: expected a path, bytes or onnx.ModelProto, got {type(model).__name__}")
 
 
-def read_net(model, *, fuse: bool = True, fallback: bool = False) -> Net:
+def read_net(model, *, fuse: bool = True, fallback: bool = False, mode: str = "layer",
+             min_ops: int = 2) -> Net:
     """Load ``model`` (a path, serialized bytes or ``onnx.ModelProto``) with Conv on Vulkan.
 
     ``fuse``: fold a following BatchNormalization and fuse a following activation into the conv.
     ``fallback``: when there is no usable Vulkan device, warn and load the unmodified model with
     OpenCV's own layers instead of raising :class:`vkconv.NoDeviceError`.
+    ``mode``: ``"layer"`` runs each routed node as its own layer; ``"subgraph"`` runs each
+    connected group of at least ``min_ops`` supported ops as one device-resident layer
+    (:mod:`cv_plugin.subgraph`).
     Registers vkconv's layers first if :func:`cv_plugin.register` was not called.
     """
+    if mode not in subgraph.MODES:
+        raise ValueError(f"mode: expected one of {', '.join(subgraph.MODES)}, got {mode!r}")
     proto = _load(model)
     if not proto.graph.node:
         raise ValueError("model: the ONNX model has no nodes (empty or not an ONNX file)")
@@ -126,8 +132,12 @@ def read_net(model, *, fuse: bool = True, fallback: bool = False) -> Net:
     registry.register()
     with _ids_lock:
         net_id = next(_ids)
+    specs: dict = {}
+    if mode == "subgraph":
+        proto, specs = subgraph.partition(proto, min_ops=min_ops)
     routed, report = rewrite(proto, net_id, fuse=fuse)
     state = NETS[net_id] = NetState(constants=report.constants)
+    subgraph.attach(state, specs)
     try:
         cv_net = compat.read_onnx(routed.SerializeToString())
     except BaseException as exc:

@@ -195,12 +195,20 @@ def test_subcommand_help(command, capsys):
         assert "MODEL.onnx" in out and "--input" in out and "--runs" in out and ".npy" in out
     if command == "run":
         assert "--compare-cpu" in out and "subgraph" in " ".join(out.split())
-        assert "not implemented yet" in " ".join(out.split())
 
 
-def test_subgraph_mode_is_refused_as_a_usage_error(small_model, capsys):
-    assert main(["run", str(small_model), "--mode", "subgraph"]) == 2
-    assert "invalid choice: 'subgraph'" in capsys.readouterr().err
+@needs_cv2
+def test_run_subgraph_mode(small_model, capsys):
+    assert main(["run", str(small_model), "--mode", "subgraph", "--compare-cpu", "--runs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert _line(out, "output y:") == "output y: (1, 4, 10, 12) float32"
+    diff = float(re.search(r"max \|vkconv - OpenCV CPU\| y: ([\d.e+-]+)", out).group(1))
+    assert diff < 1e-4, out
+
+
+def test_unknown_mode_is_a_usage_error(small_model, capsys):
+    assert main(["run", str(small_model), "--mode", "graph"]) == 2
+    assert "invalid choice: 'graph'" in capsys.readouterr().err
 
 
 @needs_cv2

@@ -13,13 +13,14 @@ from .conv_lstm import ConvLSTM2D, conv_lstm2d
 from .conv_transpose import ConvTranspose, conv_transpose
 from .deform_conv import DeformConv, deform_conv
 from .errors import NoDeviceError, ValidationError, VkconvError
+from .graph import Graph
 from .log import configure_logging
 from .shapes import resolve_auto_pad
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Activation", "Context", "Conv", "ConvLSTM2D", "ConvTranspose", "DeformConv", "DeviceInfo", "NoDeviceError", "ValidationError",
+    "Activation", "Context", "Conv", "ConvLSTM2D", "ConvTranspose", "DeformConv", "DeviceInfo", "Graph", "NoDeviceError", "ValidationError",
     "VkconvError", "__version__", "close_context", "configure_logging", "conv", "conv_lstm2d", "conv_transpose", "deform_conv", "get_context", "list_devices",
     "resolve_auto_pad", "validation_messages",
 ]

@@ -270,7 +270,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from cv_plugin import compat
 
     model, feeds, source, names = _prepare(args)
-    with cv_plugin.read_net(model) as net:
+    with cv_plugin.read_net(model, mode=getattr(args, "mode", "layer")) as net:
         _header(args.model, model, net.report)
         outs, first, times = _timed(net, feeds, names, args.runs)
         ran = sum(1 for count in net.vulkan_forwards().values() if count)
@@ -302,7 +302,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     model, feeds, _, names = _prepare(args)
     tick = compat.cv2_module().getTickFrequency()
-    with cv_plugin.read_net(model) as net:
+    with cv_plugin.read_net(model, mode=getattr(args, "mode", "layer")) as net:
         _header(args.model, model, net.report)
         _forward(net, feeds, names)  # warm-up: pipelines, plans and OpenCV's buffers are made here
         layers = list(net.getLayerNames())
@@ -397,10 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  vkconv run model.onnx --input cat.png --compare-cpu\n"
                "  vkconv run model.onnx --input batch.npy --runs 10")
     _add_model_options(run, "timed forwards after the first (default 3)")
-    run.add_argument("--mode", choices=["layer"], default="layer",
-                     help="layer (the default and, so far, the only mode): every routed node is its own "
-                          "cv2.dnn layer, with a copy in and out per layer; a subgraph mode that keeps "
-                          "tensors on the device between layers is not implemented yet")
+    run.add_argument("--mode", choices=["layer", "subgraph"], default="layer",
+                     help="layer (default): every routed node is its own cv2.dnn layer, with a copy in "
+                          "and out per layer; subgraph: each connected group of supported ops runs as "
+                          "one layer with its tensors on the device")
     run.add_argument("--compare-cpu", action="store_true",
                      help="also run the unmodified model on OpenCV's CPU layers and print the max abs "
                           "difference of every output")

@@ -1,0 +1,65 @@
+#version 450
+// 2-D pooling over NCHW float32: ONNX MaxPool, AveragePool (count_include_pad 0/1, ceil_mode,
+// dilations) and GlobalAveragePool (a window of the whole plane). One invocation per output
+// element. Host code: vkconv/pool.py, which sizes the output (ceil_mode included).
+//
+// Windows start at o * stride - pad_begin. Taps outside the input are skipped; the average divides
+// by the taps inside the input (count_include_pad = 0) or by the taps inside the padded extent
+// [-pad_begin, in + pad_end) (count_include_pad = 1), as ONNX's reference and PyTorch do.
+layout(local_size_x_id = 0, local_size_y = 1, local_size_z = 1) in;
+
+#define MODE_MAX 0
+#define MODE_AVG 1
+#define MODE_AVG_INCLUDE_PAD 2
+layout(constant_id = 4) const int MODE = MODE_MAX;
+
+layout(std430, binding = 0) readonly buffer X { float x[]; };
+layout(std430, binding = 1) writeonly buffer Y { float y[]; };
+
+layout(push_constant) uniform Params {
+    ivec2 in_size;     // H, W
+    ivec2 out_size;
+    ivec2 kernel;
+    ivec2 stride;
+    ivec2 dilation;
+    ivec2 pad_begin;
+    ivec2 pad_end;
+    int total;         // N * C * out_h * out_w
+} p;
+
+void main()
+{
+    uint step = gl_NumWorkGroups.x * gl_WorkGroupSize.x;
+    for (uint i = gl_GlobalInvocationID.x; i < uint(p.total); i += step) {
+        int ox = int(i) % p.out_size.y;
+        int oy = (int(i) / p.out_size.y) % p.out_size.x;
+        int plane = int(i) / (p.out_size.x * p.out_size.y);
+        int y0 = oy * p.stride.x - p.pad_begin.x;
+        int x0 = ox * p.stride.y - p.pad_begin.y;
+        int base = plane * p.in_size.x * p.in_size.y;
+        float acc = MODE == MODE_MAX ? -1.0 / 0.0 : 0.0;
+        int inside = 0;
+        int padded = 0;
+        for (int ky = 0; ky < p.kernel.x; ++ky) {
+            int iy = y0 + ky * p.dilation.x;
+            bool row_in = iy >= 0 && iy < p.in_size.x;
+            bool row_padded = iy < p.in_size.x + p.pad_end.x;
+            for (int kx = 0; kx < p.kernel.y; ++kx) {
+                int ix = x0 + kx * p.dilation.y;
+                if (row_padded && ix < p.in_size.y + p.pad_end.y)
+                    padded++;
+                if (!row_in || ix < 0 || ix >= p.in_size.y)
+                    continue;
+                float v = x[base + iy * p.in_size.y + ix];
+                inside++;
+                if (MODE == MODE_MAX)
+                    acc = (v > acc || isnan(v)) ? v : acc;  // NaN propagates, as in numpy's max
+                else
+                    acc += v;
+            }
+        }
+        if (MODE == MODE_AVG) acc /= float(max(inside, 1));
+        if (MODE == MODE_AVG_INCLUDE_PAD) acc /= float(max(padded, 1));
+        y[i] = acc;
+    }
+}

@@ -1,0 +1,47 @@
+#version 450
+// 2-D Resize / Upsample over NCHW float32, nearest or (bi)linear. Host code: vkconv/resize.py.
+//
+// The host computes, in float64 as ONNX's reference does, per output row and per output column
+// the two source indices (already clamped to the input) and the weight of the second one, for the
+// model's coordinate_transformation_mode and nearest_mode; the shader only gathers. Nearest
+// tables have both indices equal and weight 0, and LINEAR = 0 skips the second taps.
+layout(local_size_x_id = 0, local_size_y = 1, local_size_z = 1) in;
+
+layout(constant_id = 4) const int LINEAR = 0;
+
+layout(std430, binding = 0) readonly buffer X { float x[]; };
+// [out_h][2] row indices, then [out_w][2] column indices
+layout(std430, binding = 1) readonly buffer Index { int index[]; };
+// [out_h] row weights, then [out_w] column weights
+layout(std430, binding = 2) readonly buffer Weight { float weight[]; };
+layout(std430, binding = 3) writeonly buffer Y { float y[]; };
+
+layout(push_constant) uniform Params {
+    ivec2 in_size;    // H, W
+    ivec2 out_size;
+    int total;        // N * C * out_h * out_w
+} p;
+
+void main()
+{
+    uint step = gl_NumWorkGroups.x * gl_WorkGroupSize.x;
+    for (uint i = gl_GlobalInvocationID.x; i < uint(p.total); i += step) {
+        int ox = int(i) % p.out_size.y;
+        int oy = (int(i) / p.out_size.y) % p.out_size.x;
+        int plane = int(i) / (p.out_size.x * p.out_size.y);
+        int base = plane * p.in_size.x * p.in_size.y;
+        int r0 = index[2 * oy] * p.in_size.y;
+        int c0 = index[2 * (p.out_size.x + ox)];
+        float v = x[base + r0 + c0];
+        if (LINEAR != 0) {
+            int r1 = index[2 * oy + 1] * p.in_size.y;
+            int c1 = index[2 * (p.out_size.x + ox) + 1];
+            float wy = weight[oy];
+            float wx = weight[p.out_size.x + ox];
+            float top = mix(v, x[base + r0 + c1], wx);
+            float bottom = mix(x[base + r1 + c0], x[base + r1 + c1], wx);
+            v = mix(top, bottom, wy);
+        }
+        y[i] = v;
+    }
+}

@@ -1,0 +1,189 @@
+"""The non-conv kernels of device-resident graphs (vkconv.eltwise, vkconv.pool, vkconv.resize,
+vkconv.graph.Concat) against onnx.reference one-node models, max abs diff <= 1e-5 x max|expected|."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import vkconv
+from vkconv.eltwise import Binary, Unary
+from vkconv.graph import Concat, run_kernel
+from vkconv.pool import Pool
+from vkconv.resize import Resize
+
+from oracles import assert_close, onnx_reference
+
+REL = 1e-5
+
+
+def _rand(rng, *shape, low=-2.0, high=2.0):
+    return rng.uniform(low, high, shape).astype(np.float32)
+
+
+BROADCASTS = [
+    ((2, 3, 5, 7), (2, 3, 5, 7)),      # same shape
+    ((2, 3, 5, 7), (3, 1, 1)),         # per channel
+    ((1, 3, 1, 7), (2, 1, 5, 1)),      # both sides broadcast
+    ((7,), (2, 3, 5, 7)),              # lower rank on the left
+    ((2, 1, 3, 1, 5), (1, 4, 1, 6, 1)),  # rank 5
+    ((), (3, 4)),                      # scalar
+    ((1, 1), (1, 1)),
+]
+
+
+@pytest.mark.parametrize("op", ["Add", "Sub", "Mul", "Div"])
+@pytest.mark.parametrize("a_shape,b_shape", BROADCASTS)
+def test_binary_matches_onnx(op, a_shape, b_shape):
+    rng = np.random.default_rng(hash((op, a_shape, b_shape)) % 2**32)
+    a = _rand(rng, *a_shape)
+    b = _rand(rng, *b_shape, low=0.5, high=2.0) * rng.choice([-1, 1], b_shape).astype(np.float32)
+    got = run_kernel(Binary(op), [a, b])[0]
+    assert_close(got, onnx_reference(op, {"a": a, "b": b}, {}), REL)
+
+
+def test_binary_fused_activation():
+    rng = np.random.default_rng(1)
+    a, b = _rand(rng, 1, 4, 9, 11), _rand(rng, 4, 1, 1)
+    got = run_kernel(Binary("Mul", ("HardSigmoid", 0.3, 0.4)), [a, b])[0]
+    expected = onnx_reference("HardSigmoid", {"x": onnx_reference("Mul", {"a": a, "b": b}, {})},
+                              {"alpha": 0.3, "beta": 0.4})
+    assert_close(got, expected, REL)
+
+
+def test_binary_refuses_mismatched_shapes():
+    with pytest.raises(ValueError, match="B: shape"):
+        Binary("Add").output_shapes([(2, 3), (4,)])
+    with pytest.raises(ValueError, match="op"):
+        Binary("Pow")
+
+
+UNARY = [("Relu", {}, ()), ("LeakyRelu", {"alpha": 0.07}, (0.07,)), ("HardSwish", {}, ()),
+         ("HardSigmoid", {"alpha": 0.25, "beta": 0.45}, (0.25, 0.45)), ("Sigmoid", {}, ()),
+         ("Tanh", {}, ()), ("Clip", None, (-0.5, 1.25))]
+
+
+@pytest.mark.parametrize("name,attrs,params", UNARY)
+def test_unary_matches_onnx(name, attrs, params):
+    rng = np.random.default_rng(2)
+    x = _rand(rng, 2, 3, 7, 13, low=-6, high=6)
+    got = run_kernel(Unary((name, *params)), [x])[0]
+    if name == "Clip":
+        feeds = {"x": x, "min": np.float32(params[0]), "max": np.float32(params[1])}
+        expected = onnx_reference("Clip", feeds, {})
+    else:
+        expected = onnx_reference(name, {"x": x}, attrs)
+    assert_close(got, expected, REL)
+
+
+POOLS = [
+    ("MaxPool", dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])),
+    ("MaxPool", dict(kernel_shape=[2, 2], strides=[2, 2])),
+    ("MaxPool", dict(kernel_shape=[3, 2], strides=[2, 1], pads=[0, 1, 1, 0], ceil_mode=1)),
+    ("MaxPool", dict(kernel_shape=[3, 3], dilations=[2, 2], pads=[2, 2, 2, 2])),
+    ("MaxPool", dict(kernel_shape=[3, 3], strides=[2, 2], auto_pad="SAME_UPPER")),
+    ("AveragePool", dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])),
+    ("AveragePool", dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], count_include_pad=1)),
+    ("AveragePool", dict(kernel_shape=[2, 3], strides=[2, 2], pads=[0, 1, 0, 1], ceil_mode=1)),
+    ("AveragePool", dict(kernel_shape=[2, 3], strides=[2, 2], pads=[1, 0, 1, 1], ceil_mode=1,
+                         count_include_pad=1)),
+    ("AveragePool", dict(kernel_shape=[5, 5])),
+    ("GlobalAveragePool", {}),
+    ("GlobalMaxPool", {}),
+]
+
+
+@pytest.mark.parametrize("kind,attrs", POOLS)
+def test_pool_matches_onnx(kind, attrs):
+    rng = np.random.default_rng(3)
+    x = _rand(rng, 2, 3, 11, 13)
+    kw = {k: v for k, v in attrs.items() if k != "kernel_shape"}
+    got = run_kernel(Pool(kind, attrs.get("kernel_shape"), **kw), [x])[0]
+    assert_close(got, onnx_reference(kind, {"x": x}, attrs), REL)
+
+
+def test_pool_refuses_bad_input():
+    with pytest.raises(ValueError, match="4-D"):
+        Pool("MaxPool", [2, 2]).output_shapes([(1, 3, 8)])
+    with pytest.raises(ValueError, match="window"):
+        Pool("MaxPool", [5, 5]).output_shapes([(1, 3, 3, 3)])
+    with pytest.raises(ValueError, match="kernel_shape"):
+        Pool("AveragePool")
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2, 3, -1])
+def test_concat_matches_onnx(axis):
+    rng = np.random.default_rng(4)
+    base = [2, 3, 5, 7]
+    xs = []
+    for extent in (1, 4, 2):
+        shape = list(base)
+        shape[axis] = extent
+        xs.append(_rand(rng, *shape))
+    got = run_kernel(Concat(axis), xs)[0]
+    assert_close(got, onnx_reference("Concat", {f"x{i}": x for i, x in enumerate(xs)}, {"axis": axis}), REL)
+
+
+def test_concat_refuses_mismatch():
+    with pytest.raises(ValueError, match="input 1"):
+        Concat(1).output_shapes([(1, 2, 3), (1, 2, 4)])
+
+
+RESIZES = [
+    ("nearest", "asymmetric", "floor", [1, 1, 2, 2], None),
+    ("nearest", "half_pixel", "round_prefer_floor", [1, 1, 1.7, 2.3], None),
+    # no sample position lands within rounding error of a tie: the reference and any float
+    # implementation may break such near-ties differently
+    ("nearest", "half_pixel", "round_prefer_ceil", None, [2, 3, 16, 8]),
+    ("nearest", "asymmetric", "round_prefer_ceil", [1, 1, 2, 0.5], None),  # exact ties
+    ("nearest", "align_corners", "ceil", None, [2, 3, 4, 21]),
+    ("nearest", "pytorch_half_pixel", "round_prefer_floor", [1, 1, 0.6, 1.5], None),
+    ("linear", "half_pixel", "round_prefer_floor", [1, 1, 2, 2], None),
+    ("linear", "align_corners", "round_prefer_floor", None, [2, 3, 19, 5]),
+    ("linear", "asymmetric", "round_prefer_floor", [1, 1, 1.5, 3], None),
+    ("linear", "pytorch_half_pixel", "round_prefer_floor", None, [2, 3, 1, 16]),
+]
+
+
+@pytest.mark.parametrize("mode,coord,nearest,scales,sizes", RESIZES)
+def test_resize_matches_onnx(mode, coord, nearest, scales, sizes):
+    rng = np.random.default_rng(5)
+    x = _rand(rng, 2, 3, 7, 10)
+    scales_a = None if scales is None else np.array(scales, np.float32)
+    sizes_a = None if sizes is None else np.array(sizes, np.int64)
+    got = run_kernel(Resize(mode, coord, nearest, scales=scales_a, sizes=sizes_a), [x])[0]
+    feeds = {"x": x, "roi": None, "scales": scales_a, "sizes": sizes_a}
+    expected = onnx_reference("Resize", feeds, dict(mode=mode, coordinate_transformation_mode=coord,
+                                                    nearest_mode=nearest), opset=19)
+    assert_close(got, expected, REL)
+
+
+def test_upsample_matches_onnx():
+    rng = np.random.default_rng(6)
+    x = _rand(rng, 1, 2, 5, 3)
+    scales = np.array([1, 1, 2, 3], np.float32)
+    got = run_kernel(Resize("nearest", "asymmetric", "floor", scales=scales), [x])[0]
+    assert_close(got, onnx_reference("Upsample", {"x": x, "scales": scales}, {"mode": "nearest"}, opset=9), REL)
+
+
+def test_resize_refuses_bad_arguments():
+    with pytest.raises(ValueError, match="scales"):
+        Resize(scales=[2, 1, 2, 2])
+    with pytest.raises(ValueError, match="coordinate_transformation_mode"):
+        Resize(coordinate_transformation_mode="tf_crop_and_resize", scales=[1, 1, 2, 2])
+    with pytest.raises(ValueError, match="sizes"):
+        Resize(sizes=[1, 4, 8, 8]).output_shapes([(1, 3, 4, 4)])
+
+
+def test_kernels_refuse_empty_tensors():
+    with pytest.raises(ValueError, match="no elements"):
+        run_kernel(Unary("Relu"), [np.zeros((0, 3), np.float32)])
+
+
+def test_kernels_leave_no_objects():
+    ctx = vkconv.get_context()
+    before = {k: v for k, v in ctx.live.items() if k not in ("pipeline",)}
+    x = np.ones((1, 2, 4, 4), np.float32)
+    run_kernel(Resize("linear", scales=[1, 1, 2, 2]), [x])
+    run_kernel(Binary("Add"), [x, x])
+    after = {k: v for k, v in ctx.live.items() if k not in ("pipeline",)}
+    assert after == before

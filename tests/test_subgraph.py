@@ -1,0 +1,163 @@
+"""cv_plugin.read_net(mode="subgraph"): groups of supported ops as one device-resident layer each,
+against OpenCV's own CPU layers and onnxruntime (max abs diff <= 1e-3 x max|expected|)."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import cv_plugin
+import vkconv
+from cv_plugin import compat, soak, zoo
+from cv_plugin.subgraph import SubgraphOp, partition
+
+from oracles import assert_close
+
+
+def _cpu(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    net = compat.read_onnx(model.SerializeToString())
+    net.setInput(x)
+    return net.forward()
+
+
+def _subgraphs(net) -> list[SubgraphOp]:
+    return [op for op in net.state.ops.values() if isinstance(op, SubgraphOp)]
+
+
+def _transfers(net) -> int:
+    """Host<->device tensor copies so far: subgraphs' counters, plus one upload and one readback
+    per forward of each layer-mode node."""
+    graph = sum(op.graph.transfers["uploads"] + op.graph.transfers["downloads"] for op in _subgraphs(net))
+    layer = sum(n for key, n in net.vulkan_forwards().items()
+                if not isinstance(net.state.ops.get(key), SubgraphOp))
+    return graph + 2 * layer
+
+
+def _boundaries(net) -> int:
+    """Tensors crossing between OpenCV and the device per forward."""
+    return sum(len(op.spec.inputs) + len(op.spec.outputs) for op in _subgraphs(net)) + 2 * sum(
+        1 for op in net.state.ops.values() if not isinstance(op, SubgraphOp))
+
+
+def _check(model, x, expected, *, subgraphs: int, rel=1e-3, **kw):
+    with cv_plugin.read_net(model, mode="subgraph", **kw) as net:
+        assert len(_subgraphs(net)) == subgraphs
+        for _ in range(2):  # the second forward replays the recorded plan
+            before = _transfers(net)
+            net.setInput(x)
+            out = net.forward()
+            assert _transfers(net) - before == _boundaries(net)
+            assert_close(out, expected, rel)
+        return net
+
+
+def test_vgg16_is_one_subgraph():
+    model = zoo.vgg16(seed=1, size=32, classes=10)
+    x = np.random.default_rng(1).random((1, 3, 32, 32), dtype=np.float32)
+    with cv_plugin.read_net(model, mode="subgraph") as net:
+        (op,) = _subgraphs(net)
+        assert len(op.spec.nodes) == 13 * 2 + 5  # conv + relu, max pools; Flatten/Gemm stay with OpenCV
+        assert [n.op_type for n, _, _ in op.graph.steps].count("Relu") == 0  # fused into the convs
+        net.setInput(x)
+        before = _transfers(net)
+        out = net.forward()
+        assert _transfers(net) - before == 2 == _boundaries(net)
+        assert net.report.routed == [next(iter(net.state.ops))]
+    assert_close(out, _cpu(model, x), 1e-3)
+
+
+def test_small_net():
+    model = soak.small_net(seed=2)
+    x = np.random.default_rng(2).standard_normal(soak.INPUT_SHAPE).astype(np.float32)
+    _check(model, x, _cpu(model, x), subgraphs=1)
+
+
+def _se_model(rng, shape):
+    f = lambda *s: (rng.standard_normal(s) * 0.4).astype(np.float32)  # noqa: E731
+    c = shape[1]
+    inits = [numpy_helper.from_array(v, k) for k, v in {
+        "w0": f(c, c, 3, 3), "w1": f(4, c, 1, 1), "b1": f(4), "w2": f(c, 4, 1, 1), "b2": f(c),
+        "three": np.array(3.0, np.float32), "six": np.array(6.0, np.float32),
+        "lo": np.array(0.0, np.float32), "hi": np.array(6.0, np.float32)}.items()]
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["c0"], pads=[1, 1, 1, 1]),
+        # HardSwish decomposed as Paddle2ONNX exports it
+        helper.make_node("Add", ["c0", "three"], ["a0"]),
+        helper.make_node("Clip", ["a0", "lo", "hi"], ["a1"]),
+        helper.make_node("Mul", ["c0", "a1"], ["a2"]),
+        helper.make_node("Div", ["a2", "six"], ["h"]),
+        helper.make_node("GlobalAveragePool", ["h"], ["g"]),
+        helper.make_node("Conv", ["g", "w1", "b1"], ["c1"]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"]),
+        helper.make_node("HardSigmoid", ["c2"], ["s"], alpha=0.2, beta=0.5),
+        helper.make_node("Mul", ["h", "s"], ["y"]),  # broadcast [1, C, 1, 1] over [1, C, H, W]
+    ]
+    graph = helper.make_graph(nodes, "se", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape))], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_se_block_hardswish():
+    rng = np.random.default_rng(3)
+    shape = (1, 8, 13, 10)
+    model = _se_model(rng, shape)
+    x = rng.standard_normal(shape).astype(np.float32)
+    _check(model, x, _cpu(model, x), subgraphs=1)
+
+
+def test_tensor_read_by_vulkan_and_opencv():
+    """r feeds the subgraph's MaxPool and OpenCV's Softmax; the Softmax result comes back in."""
+    rng = np.random.default_rng(4)
+    w = (rng.standard_normal((4, 3, 3, 3)) * 0.4).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Softmax", ["r"], ["sm"], axis=1),          # OpenCV
+             helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Sigmoid", ["p"], ["q"]),
+             helper.make_node("Resize", ["q", "", "scales"], ["u"], mode="nearest"),
+             helper.make_node("Add", ["u", "sm"], ["y"])]                   # a second subgraph
+    scales = numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")
+    graph = helper.make_graph(nodes, "mixed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 10])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 10])],
+                              [numpy_helper.from_array(w, "w"), scales])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    x = rng.standard_normal((1, 3, 8, 10)).astype(np.float32)
+    # The Add cannot join the first group (that would make a cycle through the Softmax) and alone
+    # it is below min_ops; r leaves the first group for the Softmax as well as staying inside.
+    _, specs = partition(model)
+    (spec,) = specs.values()
+    assert [n.op_type for n in spec.nodes] == ["Conv", "Relu", "MaxPool", "Sigmoid", "Resize"]
+    assert spec.outputs == ["r", "u"]
+    _check(model, x, _cpu(model, x), subgraphs=1)
+    _check(model, x, _cpu(model, x), subgraphs=2, min_ops=1)
+
+
+def test_read_net_mode_arguments():
+    model = soak.small_net()
+    with pytest.raises(ValueError, match="mode"):
+        cv_plugin.read_net(model, mode="graph")
+    with pytest.raises(ValueError, match="min_ops"):
+        cv_plugin.read_net(model, mode="subgraph", min_ops=0)
+    with cv_plugin.read_net(model, mode="subgraph", min_ops=100) as net:  # nothing big enough
+        assert not _subgraphs(net) and len(net.report.routed) == 3
+
+
+def test_dynamic_input_dims_and_constant_node_weights():
+    """Paddle2ONNX style: symbolic input dims (OpenCV asks for shapes with unknown dims while
+    importing) and weights in Constant nodes, as in the PP-OCR models; two input sizes."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(5)
+    model = _se_model(rng, ("N", 8, "H", "W"))
+    for init in list(model.graph.initializer):  # initializers -> Constant nodes
+        model.graph.node.insert(0, helper.make_node("Constant", [], [init.name], value=init))
+    del model.graph.initializer[:]
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    with cv_plugin.read_net(model, mode="subgraph") as net:
+        assert len(_subgraphs(net)) == 1
+        for shape in [(1, 8, 9, 11), (2, 8, 16, 5)]:
+            x = rng.standard_normal(shape).astype(np.float32)
+            net.setInput(x)
+            assert_close(net.forward(), sess.run(None, {"x": x})[0], 1e-3, str(shape))

@@ -1,0 +1,600 @@
+"""Device-resident graphs: a list of ONNX nodes run on the device with one command buffer per
+input-shape set: one upload of the graph inputs, every node's dispatches in topological order,
+one readback of the graph outputs.
+
+Supported nodes (:data:`OP_TYPES`): Conv, ConvTranspose (constant W/B; a following
+BatchNormalization is folded into a Conv and a following activation fused into either, when
+nothing else reads the intermediate tensor), BatchNormalization (inference; a per-channel
+scale + shift otherwise), Relu, Clip, LeakyRelu, HardSwish, HardSigmoid, Sigmoid, Tanh,
+Add/Sub/Mul/Div (broadcasting, rank <= 5), MaxPool, AveragePool, GlobalAveragePool,
+GlobalMaxPool (2-D), Concat, Resize (nearest / linear, opset >= 11) and Upsample (2-D NCHW).
+:func:`unsupported_reason` says why a node cannot run here.
+
+Intermediate tensors live in device buffers reused by liveness: a tensor's buffer returns to a
+free list keyed by size after its last reader, so a plan's memory stays near the peak live set.
+Conv and ConvTranspose run through their own classes' recorded plans (``Plan.body``): the graph
+copies the producer's buffer into the conv plan's input buffer and the conv plan's output buffer
+into the consumer's, so each conv keeps its own input and output buffers outside the liveness pool
+(two extra device-side copies per conv; a kernel interface that records with external buffers
+would remove them).
+"""
+from __future__ import annotations
+
+import math
+import threading
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from . import shapes
+from .buffer import Buffer, upload_constant
+from .command import CommandBuffer
+from .context import Context, get_context, vk
+from .conv import Conv
+from .conv_transpose import ConvTranspose
+from .eltwise import MAX_RANK, Binary, Shape, Unary, element_count
+from .plan import Plan, PlanCache
+from .pool import Pool
+from .resize import COORDINATE_MODES, NEAREST_MODES, Resize
+
+ACTIVATIONS = ("Relu", "Clip", "LeakyRelu", "HardSwish", "HardSigmoid", "Sigmoid", "Tanh")
+BINARY = ("Add", "Sub", "Mul", "Div")
+POOLS = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool")
+OP_TYPES = ("Conv", "ConvTranspose", "BatchNormalization", *ACTIVATIONS, *BINARY, *POOLS, "Concat",
+            "Resize", "Upsample")
+
+
+def run_kernel(kernel, arrays: Sequence[np.ndarray], ctx: Context | None = None) -> list[np.ndarray]:
+    """Run one kernel (``output_shapes`` + ``record``) on float32 ``arrays`` with a one-off plan:
+    for tests and one-off use; a :class:`Graph` is the way to run many."""
+    ctx = ctx or get_context()
+    arrays = [shapes.as_float32(f"input {i}", a) for i, a in enumerate(arrays)]
+    in_shapes = [a.shape for a in arrays]
+    out_shapes = kernel.output_shapes(in_shapes)
+    for i, s in enumerate([*in_shapes, *out_shapes]):
+        element_count(f"tensor {i}", s)
+    plan = Plan(ctx, [(f"input {i}", s) for i, s in enumerate(in_shapes)],
+                [(f"output {i}", s) for i, s in enumerate(out_shapes)])
+    try:
+        plan.record(lambda cmd: plan.keep.extend(kernel.record(cmd, plan.inputs, plan.outputs, in_shapes)))
+        return plan.run(arrays)
+    finally:
+        plan.close()
+
+
+class Concat:
+    """ONNX ``Concat`` along ``axis`` (negative counts from the end): transfer commands only, one
+    copy region per (input, outer index), so no shader runs."""
+
+    def __init__(self, axis: int, ctx: Context | None = None):
+        self.axis = int(axis)
+        self.ctx = ctx or get_context()
+
+    def _axis(self, rank: int) -> int:
+        if not -rank <= self.axis < rank:
+            raise ValueError(f"axis: {self.axis} is out of range for rank {rank}")
+        return self.axis % rank
+
+    def output_shapes(self, in_shapes: Sequence[Shape]) -> list[Shape]:
+        if not in_shapes:
+            raise ValueError("Concat: expected at least 1 input")
+        first = tuple(int(d) for d in in_shapes[0])
+        axis = self._axis(len(first))
+        out = list(first)
+        for i, s in enumerate(in_shapes[1:], 1):
+            s = tuple(int(d) for d in s)
+            if len(s) != len(first) or any(a != b and a > 0 and b > 0 for k, (a, b) in enumerate(zip(s, first))
+                                           if k != axis):
+                raise ValueError(f"input {i}: shape {s} cannot be concatenated with {first} on axis {axis}")
+            out[axis] = out[axis] + s[axis] if out[axis] > 0 and s[axis] > 0 else -1
+        return [tuple(out)]
+
+    def record(self, cmd: CommandBuffer, inputs: Sequence[Buffer], outputs: Sequence[Buffer],
+               in_shapes: Sequence[Shape]) -> list:
+        out = self.output_shapes(in_shapes)[0]
+        element_count("Concat output", out)
+        axis = self._axis(len(out))
+        outer = math.prod(out[:axis])
+        out_chunk = 4 * math.prod(out[axis:])
+        offset = 0
+        for buf, shape in zip(inputs, in_shapes):
+            chunk = 4 * math.prod(shape[axis:])
+            regions = [vk.VkBufferCopy(srcOffset=o * chunk, dstOffset=o * out_chunk + offset, size=chunk)
+                       for o in range(outer)]
+            vk.vkCmdCopyBuffer(cmd.handle, buf.buffer, outputs[0].buffer, len(regions), regions)
+            offset += chunk
+        return []
+
+
+class ScaleShift:
+    """Inference BatchNormalization not folded into a conv: ``x * scale + shift`` per channel
+    (axis 1), two broadcast dispatches of :class:`~vkconv.eltwise.Binary`, the second in place."""
+
+    def __init__(self, scale: np.ndarray, shift: np.ndarray, ctx: Context):
+        self.ctx = ctx
+        self.channels = scale.size
+        self.scale = upload_constant(ctx, scale.astype(np.float32), "batchnorm scale")
+        self.shift = upload_constant(ctx, shift.astype(np.float32), "batchnorm shift")
+        self.mul, self.add = Binary("Mul", ctx=ctx), Binary("Add", ctx=ctx)
+
+    def output_shapes(self, in_shapes: Sequence[Shape]) -> list[Shape]:
+        x = tuple(int(d) for d in in_shapes[0])
+        if len(x) < 2 or x[1] > 0 and x[1] != self.channels:
+            raise ValueError(f"x: BatchNormalization with {self.channels} channels cannot take shape {x}")
+        return [x]
+
+    def record(self, cmd, inputs, outputs, in_shapes):
+        x = tuple(in_shapes[0])
+        param = (self.channels,) + (1,) * (len(x) - 2)
+        keep = self.mul.record(cmd, [inputs[0], self.scale], outputs, [x, param])
+        cmd.barrier()
+        return keep + self.add.record(cmd, [outputs[0], self.shift], outputs, [x, param])
+
+    def close(self) -> None:
+        self.scale.close()
+        self.shift.close()
+
+
+class ConvNode:
+    """A Conv or ConvTranspose node run through its vkconv object's recorded plan (see the module
+    docstring for the two copies)."""
+
+    def __init__(self, op: Conv | ConvTranspose):
+        self.op = op
+
+    def output_shapes(self, in_shapes: Sequence[Shape]) -> list[Shape]:
+        x = tuple(int(d) for d in in_shapes[0])
+        op = self.op
+        if isinstance(op, Conv):
+            return [shapes.conv_output_shape(x, op.weight_shape, op.strides, op.pads, op.dilations,
+                                             op.group, op.auto_pad)[0]]
+        if len(x) == op.nd + 2 and any(d <= 0 for d in x[2:]):  # unknown while importing
+            return [(x[0], op.weight_shape[1] * op.group, *(-1,) * op.nd)]
+        return [op.output_shape(x)]
+
+    def plan(self, x_shape: Shape) -> Plan:
+        """The op's plan for ``x_shape``; calling it also marks the plan most recently used in the
+        op's cache, which keeps it alive as long as a graph plan that replays it."""
+        x_shape = tuple(x_shape)
+        if isinstance(self.op, Conv):
+            return self.op.plan(x_shape)
+        y_shape = self.op.output_shape(x_shape)
+        # ConvTranspose has no public plan(): its cache is used the way its __call__ does.
+        with self.op._lock:
+            return self.op._plans.get(x_shape, lambda: self.op._build_plan(x_shape, y_shape))
+
+    def record(self, cmd, inputs, outputs, in_shapes):
+        plan = self.plan(in_shapes[0])
+        # the tensors' own sizes: a kernel's plan buffers may be padded beyond them
+        cmd.copy(inputs[0].buffer, plan.inputs[0].buffer, 4 * math.prod(in_shapes[0]))
+        cmd.barrier()
+        plan.body(cmd)
+        cmd.barrier()
+        cmd.copy(plan.outputs[0].buffer, outputs[0].buffer, 4 * math.prod(self.output_shapes(in_shapes)[0]))
+        return []
+
+    def close(self) -> None:
+        self.op.close()
+
+
+# -- ONNX nodes -> kernels -------------------------------------------------------------------------
+@dataclass
+class Node:
+    """One ONNX node: op type, input / output tensor names ('' = absent) and attributes."""
+
+    op_type: str
+    inputs: list[str]
+    outputs: list[str]
+    attrs: dict = field(default_factory=dict)
+    name: str = ""
+
+    @classmethod
+    def from_proto(cls, node: onnx.NodeProto) -> "Node":
+        attrs = {}
+        for a in node.attribute:
+            v = helper.get_attribute_value(a)
+            attrs[a.name] = v.decode() if isinstance(v, bytes) else v
+        return cls(node.op_type, list(node.input), list(node.output), attrs, node.name)
+
+
+def _const(constants: Mapping[str, np.ndarray], name: str) -> np.ndarray | None:
+    return np.asarray(constants[name]) if name and name in constants else None
+
+
+def _is_float(array: np.ndarray | None) -> bool:
+    return array is not None and np.issubdtype(array.dtype, np.floating)
+
+
+def activation_spec(node: Node, constants: Mapping[str, np.ndarray]):
+    """``(name, a, b)`` for an activation node (see :class:`vkconv.Activation`), None when its
+    parameters are not constants."""
+    a = node.attrs
+    if node.op_type == "Clip":
+        lo, hi = float(a.get("min", -np.inf)), float(a.get("max", np.inf))  # opset < 11 attributes
+        for i, tensor in enumerate(node.inputs[1:3]):
+            if not tensor:
+                continue
+            value = _const(constants, tensor)
+            if value is None or value.size != 1:
+                return None
+            lo, hi = (float(value.reshape(-1)[0]), hi) if i == 0 else (lo, float(value.reshape(-1)[0]))
+        return ("Clip", lo, hi)
+    if node.op_type == "LeakyRelu":
+        return ("LeakyRelu", float(a.get("alpha", 0.01)))
+    if node.op_type == "HardSigmoid":
+        return ("HardSigmoid", float(a.get("alpha", 0.2)), float(a.get("beta", 0.5)))
+    return (node.op_type,)
+
+
+def _resize_params(node: Node, constants: Mapping[str, np.ndarray]) -> dict | str:
+    """Keyword arguments of :class:`~vkconv.resize.Resize` for a Resize / Upsample node, or the
+    reason it cannot run here."""
+    a = node.attrs
+    mode = a.get("mode", "nearest")
+    if node.op_type == "Upsample":
+        scales = a.get("scales") if len(node.inputs) < 2 else _const(constants, node.inputs[1])
+        if scales is None:
+            return "Upsample scales are not a constant"
+        return dict(mode=mode, coordinate_transformation_mode="asymmetric", nearest_mode="floor",
+                    scales=np.asarray(scales, np.float32))
+    if len(node.inputs) < 3:
+        return "Resize of opset 10 (no roi input) is not supported"
+    coord = a.get("coordinate_transformation_mode", "half_pixel")
+    nearest = a.get("nearest_mode", "round_prefer_floor")
+    if coord not in COORDINATE_MODES:
+        return f"coordinate_transformation_mode {coord!r} is not supported"
+    if nearest not in NEAREST_MODES:
+        return f"nearest_mode {nearest!r} is not supported"
+    if int(a.get("antialias", 0)) or int(a.get("exclude_outside", 0)) or "axes" in a \
+            or a.get("keep_aspect_ratio_policy", "stretch") != "stretch":
+        return "antialias, exclude_outside, axes and keep_aspect_ratio_policy are not supported"
+    scales = _const(constants, node.inputs[2])
+    sizes = _const(constants, node.inputs[3]) if len(node.inputs) > 3 else None
+    if scales is not None and scales.size == 0:
+        scales = None
+    if (scales is None) == (sizes is None or sizes.size == 0):
+        return "Resize needs exactly one of scales and sizes, as a constant"
+    return dict(mode=mode, coordinate_transformation_mode=coord, nearest_mode=nearest, scales=scales,
+                sizes=sizes if scales is None else None)
+
+
+def unsupported_reason(node: Node | onnx.NodeProto, constants: Mapping[str, np.ndarray],
+                       ranks: Mapping[str, int] | None = None) -> str | None:
+    """Why ``node`` cannot run in a :class:`Graph` (None when it can).  ``ranks``: the known ranks
+    of tensors (shape inference); the ops that need a rank refuse tensors not in it.  Without
+    ``ranks`` ranks are not checked here (a :class:`Graph` checks shapes when it meets them)."""
+    if isinstance(node, onnx.NodeProto):
+        if node.domain not in ("", "ai.onnx"):
+            return f"domain {node.domain!r}"
+        node = Node.from_proto(node)
+    op, ins = node.op_type, list(node.inputs)
+
+    def rank(t: str, wanted: int) -> int | None:
+        return wanted if ranks is None else ranks.get(t)
+
+    if op not in OP_TYPES:
+        return f"{op} is not a graph op"
+    if len([o for o in node.outputs if o]) != 1:
+        return f"{op} with {len(node.outputs)} outputs"
+    runtime = [t for t in ins if t and t not in constants]
+    if not runtime:
+        return "no runtime input (constant folding is OpenCV's job)"
+    if op in ("Conv", "ConvTranspose"):
+        w = _const(constants, ins[1]) if len(ins) > 1 else None
+        if not _is_float(w) or w.ndim not in (3, 4, 5):
+            return "W is not a float constant of rank 3..5"
+        if len(ins) > 2 and ins[2] and not _is_float(_const(constants, ins[2])):
+            return "B is not a float constant"
+        return None
+    if op == "BatchNormalization":
+        if int(node.attrs.get("training_mode", 0)) or len(ins) != 5 \
+                or not all(_is_float(_const(constants, t)) for t in ins[1:]):
+            return "BatchNormalization needs inference mode and constant parameters"
+        return None if (rank(ins[0], 4) or 0) >= 2 else "input rank unknown"
+    if op in ACTIVATIONS:
+        return None if activation_spec(node, constants) is not None else "Clip bounds are not constants"
+    if op in BINARY:
+        for t in ins:
+            c = _const(constants, t)
+            if c is not None and not _is_float(c):
+                return "non-float constant operand"
+            if c is None and not 0 <= (rank(t, 4) if rank(t, 4) is not None else -1) <= MAX_RANK:
+                return f"operand rank unknown or above {MAX_RANK}"
+        return None
+    if op in POOLS:
+        if rank(ins[0], 4) != 4:
+            return "pooling runs on 4-D NCHW input only"
+        if op == "MaxPool" and int(node.attrs.get("storage_order", 0)):
+            return "storage_order 1"
+        return None
+    if op == "Concat":
+        for t in ins:
+            c = _const(constants, t)
+            if (c is not None and not _is_float(c)) or (c is None and rank(t, 4) is None):
+                return "Concat operand of unknown rank or non-float constant"
+        return None
+    params = _resize_params(node, constants)  # Resize, Upsample
+    if isinstance(params, str):
+        return params
+    return None if rank(ins[0], 4) == 4 else "Resize runs on 4-D NCHW input only"
+
+
+def fold_batchnorm(w: np.ndarray, b: np.ndarray | None, scale, beta, mean, var, eps: float):
+    """Conv weights ``[C_out, ...]`` and bias with an inference BatchNormalization folded in
+    (float64 arithmetic, float32 results)."""
+    s = np.asarray(scale, np.float64) / np.sqrt(np.asarray(var, np.float64) + eps)
+    b = np.zeros(w.shape[0]) if b is None else np.asarray(b, np.float64)
+    w2 = np.asarray(w, np.float64) * s.reshape(-1, *([1] * (w.ndim - 1)))
+    return w2.astype(np.float32), ((b - mean) * s + beta).astype(np.float32)
+
+
+def _build(node: Node, constants: Mapping[str, np.ndarray], ctx: Context):
+    """(kernel, names of the tensors its ``record`` reads) for a supported node."""
+    op, a, ins = node.op_type, node.attrs, node.inputs
+    if op in ("Conv", "ConvTranspose"):
+        w = _const(constants, ins[1]).astype(np.float32)
+        b = _const(constants, ins[2]).astype(np.float32) if len(ins) > 2 and ins[2] else None
+        nd = w.ndim - 2
+        common = dict(strides=tuple(a.get("strides", [1] * nd)), pads=tuple(a.get("pads", [0] * 2 * nd)),
+                      dilations=tuple(a.get("dilations", [1] * nd)), group=int(a.get("group", 1)),
+                      auto_pad=a.get("auto_pad", "NOTSET"), activation=a.get("_activation"), ctx=ctx)
+        if op == "Conv":
+            return ConvNode(Conv(w, b, **common)), ins[:1]
+        shape = a.get("output_shape")
+        return ConvNode(ConvTranspose(w, b, output_padding=tuple(a.get("output_padding", [0] * nd)),
+                                      output_shape=tuple(shape)[-nd:] if shape else None, **common)), ins[:1]
+    if op == "BatchNormalization":
+        scale, beta, mean, var = (_const(constants, t).astype(np.float64).reshape(-1) for t in ins[1:5])
+        s = scale / np.sqrt(var + float(a.get("epsilon", 1e-5)))
+        return ScaleShift(s, beta - mean * s, ctx), ins[:1]
+    if op in ACTIVATIONS:
+        return Unary(activation_spec(node, constants), ctx), ins[:1]
+    if op in BINARY:
+        return Binary(op, a.get("_activation"), ctx), ins[:2]
+    if op in POOLS:
+        if op.startswith("Global"):
+            return Pool(op, ctx=ctx), ins[:1]
+        k = tuple(a["kernel_shape"])
+        return Pool(op, k, strides=tuple(a.get("strides", [1] * len(k))),
+                    pads=tuple(a.get("pads", [0] * 2 * len(k))), dilations=tuple(a.get("dilations", [1] * len(k))),
+                    ceil_mode=int(a.get("ceil_mode", 0)), count_include_pad=int(a.get("count_include_pad", 0)),
+                    auto_pad=a.get("auto_pad", "NOTSET"), ctx=ctx), ins[:1]
+    if op == "Concat":
+        return Concat(int(a["axis"]), ctx), list(ins)
+    return Resize(**_resize_params(node, constants), ctx=ctx), ins[:1]
+
+
+def _toposort(nodes: list[Node], available: set[str]) -> list[Node]:
+    ready, order, pending = set(available), [], list(nodes)
+    while pending:
+        progress = [n for n in pending if all(not t or t in ready for t in n.inputs)]
+        if not progress:
+            names = [n.name or n.op_type for n in pending]
+            raise ValueError(f"graph: nodes {names} read tensors nothing produces (or form a cycle)")
+        for n in progress:
+            order.append(n)
+            ready.update(n.outputs)
+        pending = [n for n in pending if all(n is not p for p in progress)]
+    return order
+
+
+def _fuse(nodes: list[Node], constants: dict[str, np.ndarray], keep: set[str]) -> list[Node]:
+    """Fold BatchNormalization into a preceding Conv and fuse an activation into a preceding conv
+    or binary op, when the intermediate has that one reader and is not in ``keep`` (graph outputs)."""
+    readers: dict[str, list[Node]] = defaultdict(list)
+    for n in nodes:
+        for t in n.inputs:
+            readers[t].append(n)
+    removed: set[int] = set()
+
+    def sole_reader(t: str) -> Node | None:
+        users = readers.get(t, [])
+        return users[0] if len(users) == 1 and t not in keep and id(users[0]) not in removed else None
+
+    for i, n in enumerate(nodes):
+        if id(n) in removed or n.op_type not in ("Conv", "ConvTranspose", *BINARY):
+            continue
+        nxt = sole_reader(n.outputs[0])
+        if n.op_type == "Conv" and nxt is not None and nxt.op_type == "BatchNormalization" \
+                and nxt.inputs[0] == n.outputs[0]:
+            w = constants[n.inputs[1]]
+            b = constants[n.inputs[2]] if len(n.inputs) > 2 and n.inputs[2] else None
+            w2, b2 = fold_batchnorm(w, b, *(constants[t].reshape(-1) for t in nxt.inputs[1:5]),
+                                    float(nxt.attrs.get("epsilon", 1e-5)))
+            constants[f"{n.outputs[0]}__vk_w"], constants[f"{n.outputs[0]}__vk_b"] = w2, b2
+            n.inputs = [n.inputs[0], f"{n.outputs[0]}__vk_w", f"{n.outputs[0]}__vk_b"]
+            n.outputs = list(nxt.outputs)
+            removed.add(id(nxt))
+            nxt = sole_reader(n.outputs[0])
+        if nxt is not None and nxt.op_type in ACTIVATIONS and "_activation" not in n.attrs:
+            spec = activation_spec(nxt, constants)
+            if spec is not None:
+                n.attrs = {**n.attrs, "_activation": spec}
+                n.outputs = list(nxt.outputs)
+                removed.add(id(nxt))
+    return [n for n in nodes if id(n) not in removed]
+
+
+class Graph:
+    """ONNX nodes run on the device, one submit per call.
+
+    ``graph``: an ``onnx.GraphProto`` (its initializers and Constant nodes are constants, its inputs
+    that are not constants the graph inputs, its outputs the graph outputs) or a list of
+    ``NodeProto`` / :class:`Node` in any order; ``constants``: more constant tensors by name;
+    ``inputs`` / ``outputs``: tensor names, by default the graph's (for a node list: the tensors
+    read but not produced or constant, and those produced but not read).  Every node must pass
+    :func:`unsupported_reason`.  Tensors are float32, dense row-major (NCHW for the spatial ops).
+
+    The first call at a new set of input shapes builds a plan (intermediate buffers, one recorded
+    command buffer); later calls replay it.  ``transfers`` counts host<->device tensor copies.
+    """
+
+    def __init__(self, graph: onnx.GraphProto | Sequence, constants: Mapping[str, np.ndarray] | None = None,
+                 ctx: Context | None = None, *, inputs: Sequence[str] | None = None,
+                 outputs: Sequence[str] | None = None):
+        self.ctx = ctx or get_context()
+        consts: dict[str, np.ndarray] = {}
+        if isinstance(graph, onnx.GraphProto):
+            consts.update({t.name: numpy_helper.to_array(t) for t in graph.initializer})
+            raw = list(graph.node)
+            inputs = inputs if inputs is not None else [i.name for i in graph.input if i.name not in consts]
+            outputs = outputs if outputs is not None else [o.name for o in graph.output]
+        else:
+            raw = list(graph)
+        nodes = []
+        for n in raw:
+            node = Node(n.op_type, list(n.inputs), list(n.outputs), dict(n.attrs), n.name) \
+                if isinstance(n, Node) else Node.from_proto(n)
+            if node.op_type == "Constant" and "value" in node.attrs:
+                consts[node.outputs[0]] = numpy_helper.to_array(node.attrs["value"])
+                continue
+            nodes.append(node)
+        consts.update(constants or {})
+        produced = {t for n in nodes for t in n.outputs if t}
+        read = [t for n in nodes for t in n.inputs if t]
+        if inputs is None:
+            inputs = list(dict.fromkeys(t for t in read if t not in produced and t not in consts))
+        if outputs is None:
+            outputs = [t for n in nodes for t in n.outputs if t and t not in set(read)]
+        self.inputs, self.outputs = list(inputs), list(outputs)
+        if not self.outputs:
+            raise ValueError("outputs: the graph has no outputs")
+        missing = [o for o in self.outputs if o not in produced and o not in self.inputs]
+        if missing:
+            raise ValueError(f"outputs: {missing} are neither produced by a node nor graph inputs")
+        for n in nodes:
+            reason = unsupported_reason(n, consts)  # ranks are checked when shapes are known
+            if reason is not None:
+                raise ValueError(f"graph: node {n.name or n.op_type!r} ({n.op_type}): {reason}")
+        nodes = _fuse(_toposort(nodes, set(self.inputs) | set(consts)), consts, set(self.outputs))
+        self.steps: list[tuple[Node, object, list[str]]] = []
+        self._const_buffers: dict[str, Buffer] = {}
+        self._shape_cache: dict[tuple, dict[str, Shape]] = {}
+        try:
+            for n in nodes:
+                kernel, reads = _build(n, consts, self.ctx)
+                self.steps.append((n, kernel, list(reads)))
+                for t in reads:
+                    if t in consts and t not in self._const_buffers:
+                        self._const_buffers[t] = upload_constant(
+                            self.ctx, np.ascontiguousarray(consts[t], np.float32), f"graph constant {t}")
+        except BaseException:
+            self.close()
+            raise
+        self._const_shapes = {t: tuple(consts[t].shape) for t in self._const_buffers}
+        self._plans = PlanCache()
+        self._conv_shapes: dict[tuple, list[tuple[ConvNode, Shape]]] = {}
+        self._lock = threading.Lock()
+        self.transfers = {"uploads": 0, "downloads": 0}
+
+    # -- shapes ------------------------------------------------------------------------------------
+    def tensor_shapes(self, input_shapes: Sequence[Shape]) -> dict[str, Shape]:
+        """Every tensor's shape for graph inputs of ``input_shapes`` (in :attr:`inputs` order),
+        without a device; entries <= 0 are unknown dimensions and stay unknown."""
+        if len(input_shapes) != len(self.inputs):
+            raise ValueError(f"inputs: expected {len(self.inputs)} shapes ({self.inputs}), got {len(input_shapes)}")
+        known: dict[str, Shape] = dict(self._const_shapes)
+        known.update({n: tuple(int(d) for d in s) for n, s in zip(self.inputs, input_shapes)})
+        for node, kernel, reads in self.steps:
+            try:
+                outs = kernel.output_shapes([known[t] for t in reads])
+            except ValueError as exc:
+                exc.add_note(f"in graph node {node.name or node.op_type!r} ({node.op_type})")
+                raise
+            known.update(zip(node.outputs, outs))
+        return known
+
+    def output_shapes(self, input_shapes: Sequence[Shape]) -> list[Shape]:
+        known = self.tensor_shapes(input_shapes)
+        return [known[o] for o in self.outputs]
+
+    # -- plans -------------------------------------------------------------------------------------
+    def _build_plan(self, in_shapes: tuple[Shape, ...]) -> Plan:
+        known = self.tensor_shapes(in_shapes)
+        for name, s in known.items():
+            element_count(f"tensor {name!r}", s)
+        plan = Plan(self.ctx, [(n, known[n]) for n in self.inputs], [(n, known[n]) for n in self.outputs])
+        bufs: dict[str, Buffer] = dict(self._const_buffers)
+        bufs.update(zip(self.inputs, plan.inputs))
+        for name, buf in zip(self.outputs, plan.outputs):
+            bufs.setdefault(name, buf)  # an output that is also an input is copied at the end
+        last: dict[str, int] = {}
+        for i, (_, _, reads) in enumerate(self.steps):
+            for t in reads:
+                last[t] = i
+        pooled: set[str] = set()
+        free: dict[int, list[Buffer]] = defaultdict(list)
+        assignment = []  # per step: (input buffers, output buffers, input shapes)
+        for i, (node, _, reads) in enumerate(self.steps):
+            for t in node.outputs:
+                if t not in bufs:
+                    nbytes = 4 * math.prod(known[t])
+                    size = -(-nbytes // 16) * 16
+                    buf = free[size].pop() if free[size] else None
+                    if buf is None:
+                        buf = Buffer(self.ctx, nbytes, name=f"graph tensor {t}")
+                        plan.keep.append(buf)
+                    bufs[t] = buf
+                    pooled.add(t)
+            assignment.append(([bufs[t] for t in reads], [bufs[t] for t in node.outputs],
+                               [known[t] for t in reads]))
+            for t in {*reads, *node.outputs}:
+                if t in pooled and last.get(t, -1) <= i:
+                    free[bufs[t].size].append(bufs[t])
+                    pooled.discard(t)
+        self._conv_shapes[in_shapes] = [(k, s[0]) for (_, k, _), (_, _, s) in zip(self.steps, assignment)
+                                        if isinstance(k, ConvNode)]
+        copies = [(bufs[n], out) for n, out in zip(self.outputs, plan.outputs) if bufs[n] is not out]
+
+        def body(cmd: CommandBuffer) -> None:
+            for (_, kernel, _), (ins, outs, in_shapes_) in zip(self.steps, assignment):
+                plan.keep.extend(kernel.record(cmd, ins, outs, in_shapes_))
+                cmd.barrier()
+            for src, dst in copies:
+                cmd.copy(src.buffer, dst.buffer, dst.nbytes)
+
+        plan.record(body)
+        return plan
+
+    def run(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Outputs (in :attr:`outputs` order) for float32 ``arrays`` in :attr:`inputs` order."""
+        if len(arrays) != len(self.inputs):
+            raise ValueError(f"inputs: expected {len(self.inputs)} arrays ({self.inputs}), got {len(arrays)}")
+        arrays = [shapes.as_float32(n, a) for n, a in zip(self.inputs, arrays)]
+        key = tuple(a.shape for a in arrays)
+        with self._lock:
+            plan = self._plans.get(key, lambda: self._build_plan(key))
+            for conv, x_shape in self._conv_shapes.get(key, []):
+                conv.plan(x_shape)  # keep the conv plans this graph plan replays most recent
+            self.transfers["uploads"] += len(arrays)
+            self.transfers["downloads"] += len(self.outputs)
+            return plan.run(arrays)
+
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``{input name: array}`` -> ``{output name: array}``."""
+        unknown = set(inputs) - set(self.inputs)
+        missing = [n for n in self.inputs if n not in inputs]
+        if unknown or missing:
+            raise ValueError(f"inputs: missing {missing}, unexpected {sorted(unknown)}; expected {self.inputs}")
+        return dict(zip(self.outputs, self.run([inputs[n] for n in self.inputs])))
+
+    def close(self) -> None:
+        """Free the plans, the device constants and the convs' weights."""
+        if hasattr(self, "_plans"):
+            self._plans.clear()
+        for _, kernel, _ in self.steps:
+            if hasattr(kernel, "close"):
+                kernel.close()
+        for buf in self._const_buffers.values():
+            buf.close()
+        self._const_buffers.clear()
+
+    def __enter__(self) -> "Graph":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
