@@ -5,6 +5,8 @@ whole network, which keeps comparisons against OpenCV's CPU layers meaningful.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -68,3 +70,45 @@ def vgg16_conv_flops(size: int = 224) -> float:
             total += 2.0 * item * channels * 9 * spatial * spatial
             channels = item
     return total
+
+
+RAPIDOCR_WHEEL = "rapidocr-onnxruntime==1.4.4"
+PPOCR_MODELS = {"cls": "ch_ppocr_mobile_v2.0_cls_infer.onnx", "det": "ch_PP-OCRv4_det_infer.onnx"}
+
+
+def ppocr_models(cache: Path | None = None) -> dict[str, Path]:
+    """PaddleOCR's PP-OCR mobile classifier and PP-OCRv4 detector (real weights), extracted from the
+    ``rapidocr-onnxruntime`` wheel, which ``pip download`` fetches once into ``cache`` (default
+    ``$VKCONV_TEST_CACHE`` or ``~/.cache/vkconv-tests``).  RuntimeError when pip cannot fetch it."""
+    import os
+    import subprocess
+    import sys
+    import zipfile
+
+    cache = cache or Path(os.environ.get("VKCONV_TEST_CACHE", Path.home() / ".cache" / "vkconv-tests"))
+    cache = cache / "rapidocr"
+    paths = {k: cache / v for k, v in PPOCR_MODELS.items()}
+    if all(p.is_file() for p in paths.values()):
+        return paths
+    cache.mkdir(parents=True, exist_ok=True)
+    res = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache),
+                          RAPIDOCR_WHEEL], capture_output=True, text=True, timeout=300)
+    wheels = sorted(cache.glob("rapidocr_onnxruntime-*.whl"))
+    if res.returncode or not wheels:
+        raise RuntimeError(f"could not fetch {RAPIDOCR_WHEEL} with pip: {res.stderr.strip()[-300:]}")
+    with zipfile.ZipFile(wheels[-1]) as whl:
+        for key, name in PPOCR_MODELS.items():
+            paths[key].write_bytes(whl.read(f"rapidocr_onnxruntime/models/{name}"))
+    return paths
+
+
+def text_image_blob(size: int) -> np.ndarray:
+    """A white page with four lines of black text, preprocessed as PP-OCR's detector expects
+    (``[1, 3, size, size]``, ImageNet mean/std)."""
+    import cv2
+
+    img = np.full((size, size, 3), 255, np.uint8)
+    for i, line in enumerate(["vkconv on Vulkan", "OpenCV dnn", "PP-OCRv4 det", "lavapipe CPU"]):
+        cv2.putText(img, line, (10, (i + 1) * size // 5), cv2.FONT_HERSHEY_SIMPLEX, size / 320, (0, 0, 0), 2)
+    return cv2.dnn.blobFromImage(img, 1 / 255.0 / 0.226, (size, size), (0.485 * 255, 0.456 * 255, 0.406 * 255),
+                                 swapRB=True)
