@@ -13,7 +13,7 @@ from .layers import LAYER_TYPES
 
 # Op modules: importing one adds its layer types to LAYER_TYPES and its routes to rewrite.ROUTES.
 OP_MODULES = ("cv_plugin.layers", "cv_plugin.deform_layer", "cv_plugin.conv_lstm_layer",
-              "cv_plugin.subgraph")
+              "cv_plugin.sparse_layer", "cv_plugin.subgraph")
 
 _registered: dict[str, type] = {}  # keeps every class object alive: OpenCV holds a raw pointer
 _lock = threading.Lock()

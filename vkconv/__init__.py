@@ -16,6 +16,8 @@ from .errors import NoDeviceError, ValidationError, VkconvError
 from .graph import Graph
 from .log import configure_logging
 from .shapes import resolve_auto_pad
+from .sparse import (SparseTensor, gather_rows, scatter_add_rows, sparse_conv3d, sparse_inverse_conv3d,
+                     subm_conv3d)
 
 __version__ = "0.1.0"
 
@@ -23,4 +25,5 @@ __all__ = [
     "Activation", "Context", "Conv", "ConvLSTM2D", "ConvTranspose", "DeformConv", "DeviceInfo", "Graph", "NoDeviceError", "ValidationError",
     "VkconvError", "__version__", "close_context", "configure_logging", "conv", "conv_lstm2d", "conv_transpose", "deform_conv", "get_context", "list_devices",
     "resolve_auto_pad", "validation_messages",
+    "SparseTensor", "gather_rows", "scatter_add_rows", "sparse_conv3d", "sparse_inverse_conv3d", "subm_conv3d",
 ]
