@@ -254,3 +254,132 @@ def test_fuzz_deform_conv(case):
     if finite.any():
         scale = max(float(np.abs(ref[finite]).max()), 1e-6)
         assert float(np.abs(out[finite] - ref[finite]).max()) <= 1e-4 * scale
+
+
+SPARSE_FUZZ = settings(FUZZ, max_examples=300)
+
+
+@st.composite
+def sparse_case(draw):
+    spatial = tuple(draw(st.integers(1, 7)) for _ in range(3))
+    batch = draw(st.integers(1, 2))
+    n = draw(st.integers(0, min(40, batch * spatial[0] * spatial[1] * spatial[2])))
+    subm = draw(st.booleans())
+    kernel = tuple(draw(st.sampled_from([1, 3] if subm else [1, 2, 3])) for _ in range(3))  # SubM: odd
+    return {"spatial": spatial, "batch": batch, "n": n, "kernel": kernel, "subm": subm,
+            "cin": draw(st.integers(1, 5)), "cout": draw(st.integers(1, 5)),
+            "stride": draw(st.integers(1, 3)), "padding": draw(st.integers(0, 2)),
+            "bias": draw(st.booleans()),
+            "special": draw(st.sampled_from([None] * 6 + ["nan", "inf"])),
+            "mutation": draw(st.sampled_from([None] * 8 + ["duplicate", "out_of_range", "negative_batch",
+                                                           "rows", "weight_cin", "dtype"])),
+            "seed": draw(st.integers(0, 2**16))}
+
+
+@pytest.mark.timeout(900)
+@SPARSE_FUZZ
+@given(sparse_case())
+def test_fuzz_sparse_conv3d(case):
+    from test_sparse import dense_conv3d, occupancy, random_sites
+
+    rng = np.random.default_rng(case["seed"])
+    spatial, batch, n = case["spatial"], case["batch"], case["n"]
+    idx = random_sites(rng, n, spatial, batch)
+    feats = rng.standard_normal((n, case["cin"])).astype(np.float32)
+    if case["special"] and n:
+        feats.reshape(-1)[rng.integers(0, feats.size)] = np.nan if case["special"] == "nan" else np.inf
+    w = rng.standard_normal((case["cout"], *case["kernel"], case["cin"])).astype(np.float32)
+    b = rng.standard_normal(case["cout"]).astype(np.float32) if case["bias"] else None
+    mutation, bad = case["mutation"], None
+    if mutation == "duplicate" and n:
+        idx, feats, bad = np.vstack([idx, idx[:1]]), np.vstack([feats, feats[:1]]), "indices"
+    elif mutation == "out_of_range" and n:
+        idx = idx.copy()
+        idx[0, 1 + rng.integers(0, 3)] += 50
+        bad = "indices"
+    elif mutation == "negative_batch" and n:
+        idx = idx.copy()
+        idx[0, 0] = -1
+        bad = "indices"
+    elif mutation == "rows":
+        feats, bad = np.vstack([feats, feats[:1] if n else np.zeros((1, case["cin"]), np.float32)]), "features"
+    elif mutation == "weight_cin":
+        w, bad = np.concatenate([w, w[..., :1]], axis=-1), "weight"
+    elif mutation == "dtype":
+        feats, bad = feats.astype(np.float64), "features"
+    if bad is not None:
+        with pytest.raises(ValueError, match=f"^{bad}"):
+            tensor = vkconv.SparseTensor(feats, idx, spatial, batch)
+            vkconv.subm_conv3d(tensor, w, b) if case["subm"] else vkconv.sparse_conv3d(tensor, w, b)
+        return
+    tensor = vkconv.SparseTensor(feats, idx, spatial, batch)
+    if case["subm"]:
+        out = vkconv.subm_conv3d(tensor, w, b)
+        geom = dict(pad=tuple(k // 2 for k in case["kernel"]))
+        sites = occupancy(idx, batch, spatial)
+    else:
+        geom = dict(stride=(case["stride"],) * 3, pad=(case["padding"],) * 3)
+        if any((s + 2 * case["padding"] - k) // case["stride"] + 1 < 1 for s, k in zip(spatial, case["kernel"])):
+            with pytest.raises(ValueError):
+                vkconv.sparse_conv3d(tensor, w, b, stride=case["stride"], padding=case["padding"])
+            return
+        out = vkconv.sparse_conv3d(tensor, w, b, stride=case["stride"], padding=case["padding"])
+        occ = occupancy(idx, batch, spatial).astype(np.float64)[:, None]
+        sites = dense_conv3d(occ, np.ones((1, *case["kernel"], 1)), **geom)[:, 0] > 0.5
+    expected = dense_conv3d(tensor.to_dense(), w, b, **geom)
+    got = out.to_dense()
+    assert got.shape == expected.shape
+    mask = np.broadcast_to(sites[:, None], expected.shape)
+    assert np.array_equal(occupancy(out.indices, batch, out.spatial_shape), sites), "active sites differ"
+    assert np.array_equal(np.isnan(got[mask]), np.isnan(expected[mask])), "NaN positions differ"
+    fin = np.isfinite(expected) & mask
+    if fin.any():
+        scale = max(float(np.abs(expected[fin]).max()), 1e-6)
+        assert float(np.abs(got[fin] - expected[fin]).max()) <= 1e-4 * scale
+
+
+@st.composite
+def lstm_case(draw):
+    return {"n": draw(st.integers(0, 2)), "t": draw(st.integers(1, 3)), "c": draw(st.integers(1, 3)),
+            "hw": (draw(st.integers(1, 6)), draw(st.integers(1, 6))), "f": draw(st.integers(1, 4)),
+            "k": (draw(st.integers(1, 3)), draw(st.integers(1, 3))), "padding": draw(st.sampled_from(["same", "valid"])),
+            "strides": draw(st.integers(1, 2)), "return_sequences": draw(st.booleans()),
+            "mutation": draw(st.sampled_from([None] * 8 + ["kernel_channels", "gates", "rank", "dtype", "padding"])),
+            "seed": draw(st.integers(0, 2**16))}
+
+
+@pytest.mark.timeout(900)
+@SPARSE_FUZZ
+@given(lstm_case())
+def test_fuzz_conv_lstm2d(case):
+    from conv_lstm_reference import conv_lstm2d as reference
+
+    rng = np.random.default_rng(case["seed"])
+    (h, w_), (kh, kw), f, c = case["hw"], case["k"], case["f"], case["c"]
+    x = rng.standard_normal((case["n"], case["t"], c, h, w_)).astype(np.float32)
+    kernel = (rng.standard_normal((kh, kw, c, 4 * f)) * 0.5).astype(np.float32)
+    rkernel = (rng.standard_normal((kh, kw, f, 4 * f)) * 0.5).astype(np.float32)
+    bias = rng.standard_normal(4 * f).astype(np.float32)
+    kwargs = dict(padding=case["padding"], strides=case["strides"], return_sequences=case["return_sequences"])
+    bad = None
+    if case["mutation"] == "kernel_channels":
+        kernel, bad = np.concatenate([kernel, kernel[:, :, :1]], axis=2), "(x|kernel)"
+    elif case["mutation"] == "gates":
+        bias, bad = bias[:-1], "bias"
+    elif case["mutation"] == "rank":
+        x, bad = x[:, 0], "x"
+    elif case["mutation"] == "dtype":
+        x, bad = x.astype(np.float64), "x"
+    elif case["mutation"] == "padding":
+        kwargs["padding"], bad = "full", "padding"
+    valid_size = case["padding"] == "same" or (h >= kh and w_ >= kw)
+    if bad is not None or not valid_size:
+        with pytest.raises(ValueError, match=f"^{bad}" if bad else "^x"):
+            vkconv.conv_lstm2d(x, kernel, rkernel, bias, **kwargs)
+        return
+    out = vkconv.conv_lstm2d(x, kernel, rkernel, bias, **kwargs)
+    ref = reference(x, kernel, rkernel, bias, padding=case["padding"], strides=(case["strides"],) * 2,
+                    return_sequences=case["return_sequences"])
+    assert out.shape == ref.shape
+    if ref.size:
+        assert float(np.abs(out - ref).max()) <= 1e-4 * max(float(np.abs(ref).max()), 1e-6)
