@@ -31,7 +31,8 @@ def cv2_module():
 
 def cv2_version() -> tuple[int, int, int]:
     parts = (cv2_module().__version__.split("-")[0].split(".") + ["0", "0"])[:3]
-    return tuple(int("".join(ch for ch in p if ch.isdigit()) or 0) for p in parts)
+    major, minor, patch = (int("".join(ch for ch in p if ch.isdigit()) or 0) for p in parts)
+    return major, minor, patch
 
 
 def read_onnx(data: bytes):

@@ -19,6 +19,8 @@ another layout, so the ONNX model takes and returns tensors in Keras' layouts.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -31,7 +33,7 @@ from .rewrite import DOMAIN
 OPSET = 17
 
 # Keras activation name -> (ONNX op, attributes), for those with a one-node ONNX form.
-_ACTIVATION_OPS = {
+_ACTIVATION_OPS: dict[str, tuple[str, dict[str, Any]]] = {
     "relu": ("Relu", {}),
     "sigmoid": ("Sigmoid", {}),
     "tanh": ("Tanh", {}),
@@ -69,7 +71,7 @@ class _Builder:
         self._names.add(name)
         return name
 
-    def constant(self, base: str, value: np.ndarray) -> str:
+    def constant(self, base: str, value: np.ndarray | np.generic) -> str:
         name = self.name(base)
         self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
         return name
@@ -192,8 +194,8 @@ def _conv(b: _Builder, layer, x: _Tensor) -> tuple[str, tuple[int, ...]]:
     if cfg["use_bias"]:
         inputs.append(b.constant(f"{layer.name}/bias", _numpy(layer.bias)))
     strides, dilations = list(cfg["strides"]), list(cfg["dilation_rate"])
-    attrs = dict(kernel_shape=list(cfg["kernel_size"]), strides=strides, dilations=dilations,
-                 group=int(cfg.get("groups", 1)))
+    attrs: dict[str, Any] = dict(kernel_shape=list(cfg["kernel_size"]), strides=strides,
+                                 dilations=dilations, group=int(cfg.get("groups", 1)))
     if cfg["padding"] == "same":
         spatial = x.shape[1:-1] if channels_last else x.shape[2:]
         pads = _same_pads(spatial, cfg["kernel_size"], strides, dilations)
@@ -289,7 +291,7 @@ def to_onnx(model, *, name: str | None = None) -> onnx.ModelProto:
             if src is None:
                 raise ValueError(f"model: layer {layer.name!r} reads a tensor this converter did not make")
             tensors[id(node.outputs[0])] = _convert_layer(b, layer, src, tuple(node.outputs[0].shape))
-    graph_outputs = []
+    graph_outputs: list[onnx.ValueInfoProto] = []
     for i, kt in enumerate(functional.outputs):
         t = tensors[id(kt)]
         out = b.layout(t, tuple(range(len(t.shape))))

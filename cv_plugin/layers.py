@@ -18,6 +18,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -31,8 +32,9 @@ from . import compat
 class NetState:
     """What one loaded net owns: its ops, pending errors, and per-op forward counts."""
 
-    constants: dict[str, list[np.ndarray]] = field(default_factory=dict)  # node key -> constants
-    ops: dict[str, "Op"] = field(default_factory=dict)
+    # node key -> constants (arrays; for a vkconv.Subgraph node, its SubgraphSpec)
+    constants: dict[str, list[Any]] = field(default_factory=dict)
+    ops: dict[str, Op] = field(default_factory=dict)
     errors: list[BaseException] = field(default_factory=list)
     forwards: dict[str, int] = field(default_factory=dict)
     timings: dict[str, list[float]] | None = None  # opt-in (vkconv profile): node key -> forward seconds
@@ -116,7 +118,9 @@ class ResidentWeightsOp(Op):
         self.activation = (act, float(params.get("vk_act_a", 0.0)), float(params.get("vk_act_b", 0.0))) \
             if act else None
         self.device_op = None
-        self._w_src = self._b_src = None  # the runtime W/B the device weights were made from
+        # the runtime W/B the device weights were made from
+        self._w_src: np.ndarray | None = None
+        self._b_src: np.ndarray | None = None
 
     def build(self, w: np.ndarray, b: np.ndarray | None):
         """The vkconv object (with ``set_weights``, ``__call__`` and ``close``) for these weights."""

@@ -72,7 +72,7 @@ class Net:
         self.state.close()
         NETS.pop(self.net_id, None)
 
-    def __enter__(self) -> "Net":
+    def __enter__(self) -> Net:
         return self
 
     def __exit__(self, *exc) -> None:

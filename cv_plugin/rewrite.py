@@ -1,10 +1,10 @@
 """In-memory ONNX rewrite that routes convolutions to vkconv's layers.
 
 Standard nodes listed in :data:`ROUTES` (``Conv``, ``ConvTranspose``...) become nodes of the
-custom domain ``vkconv`` (layer type ``vkconv.<Op>``), which OpenCV's importer hands to our registered Python layer, so no built-in layer is
-ever overridden.  A directly following ``BatchNormalization`` is folded into constant weights and a
-directly following activation is fused into the shader's epilogue, each only when nothing else reads
-the intermediate tensor and it is not a graph output.
+custom domain ``vkconv`` (layer type ``vkconv.<Op>``), which OpenCV's importer hands to our registered
+Python layer, so no built-in layer is ever overridden.  A directly following ``BatchNormalization``
+is folded into constant weights and a directly following activation is fused into the shader's
+epilogue, each only when nothing else reads the intermediate tensor and it is not a graph output.
 """
 from __future__ import annotations
 

@@ -37,7 +37,8 @@ def small_net(seed: int = 0) -> onnx.ModelProto:
         helper.make_node("Conv", ["h2", "w3", "b3"], ["y"]),
     ]
     out_shape = [1, 4, (INPUT_SHAPE[2] + 1) // 2, (INPUT_SHAPE[3] + 1) // 2]
-    graph = helper.make_graph(nodes, "small", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(INPUT_SHAPE))],
+    graph = helper.make_graph(nodes, "small",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(INPUT_SHAPE))],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 

@@ -50,7 +50,7 @@ def _per_layer(params: dict, key: str, n: int, default: int) -> list[tuple[int, 
         return [(v, v, v) for v in values]
     if len(values) != 3 * n:
         raise ValueError(f"attribute {key}: expected {n} or {3 * n} ints for {n} layers, got {len(values)}")
-    return [tuple(values[3 * i:3 * i + 3]) for i in range(n)]
+    return [(values[3 * i], values[3 * i + 1], values[3 * i + 2]) for i in range(n)]
 
 
 def _activations(params: dict, n: int) -> list:
@@ -60,7 +60,7 @@ def _activations(params: dict, n: int) -> list:
     if len(kinds) != n:
         raise ValueError(f"attribute vk_acts: expected {n} values (one per layer), got {len(kinds)}")
     alphas, betas = _floats(params, "vk_act_alphas", n), _floats(params, "vk_act_betas", n)
-    acts = []
+    acts: list[str | tuple[str, float, float] | None] = []
     for i, kind in enumerate(kinds):
         if not 0 <= kind <= len(NAMES):
             raise ValueError(f"attribute vk_acts[{i}] = {kind}: expected 0..{len(NAMES)}")

@@ -78,14 +78,14 @@ def _groups(nodes: list[onnx.NodeProto], ok: list[bool]) -> list[list[int]]:
 
     def exits(p: int) -> set[int]:
         out = {find(g) for g in taint[p]}
-        if group[p] is not None:
-            out.add(find(group[p]))
+        if (gp := group[p]) is not None:
+            out.add(find(gp))
         return out
 
     def taint_as_member(i: int, members: set[int]) -> set[int]:
         out: set[int] = set()
         for p in prods[i]:
-            if group[p] is not None and find(group[p]) in members:
+            if (gp := group[p]) is not None and find(gp) in members:
                 out |= {find(g) for g in taint[p]}
             else:
                 out |= exits(p)
@@ -97,7 +97,7 @@ def _groups(nodes: list[onnx.NodeProto], ok: list[bool]) -> list[list[int]]:
             taint[i] = set().union(*(exits(p) for p in prods[i])) if prods[i] else set()
             continue
         members: set[int] = set()
-        for g in dict.fromkeys(find(group[p]) for p in prods[i] if group[p] is not None):
+        for g in dict.fromkeys(find(gp) for p in prods[i] if (gp := group[p]) is not None):
             trial = members | {g}
             if trial & taint_as_member(i, trial):
                 continue
@@ -115,9 +115,9 @@ def _groups(nodes: list[onnx.NodeProto], ok: list[bool]) -> list[list[int]]:
         gtaint[root] = set().union(taint[i], *(gtaint[m] for m in members))
         group[i] = root
     by_group: dict[int, list[int]] = defaultdict(list)
-    for i, g in enumerate(group):
-        if g is not None:
-            by_group[find(g)].append(i)
+    for i, gi in enumerate(group):
+        if gi is not None:
+            by_group[find(gi)].append(i)
     return list(by_group.values())
 
 

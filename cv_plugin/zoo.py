@@ -6,13 +6,15 @@ whole network, which keeps comparisons against OpenCV's CPU layers meaningful.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 # VGG-16 (Simonyan & Zisserman, configuration D): conv widths, "M" = 2x2 max pool
-VGG16_CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+VGG16_CONFIG: tuple[int | Literal["M"], ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
+                                                512, 512, 512, "M", 512, 512, 512, "M")
 
 
 def vgg16(seed: int = 0, size: int = 224, classes: int = 1000) -> onnx.ModelProto:

@@ -25,7 +25,7 @@ class Activation:
     b: float = 0.0
 
     @classmethod
-    def parse(cls, spec) -> "Activation":
+    def parse(cls, spec) -> Activation:
         """``None``, an ONNX op name (``"Relu"``, ``"sigmoid"``...), or ``(name, *params)``:
 
         ``("Clip", min, max)``, ``("LeakyRelu", alpha)``, ``("HardSigmoid", alpha, beta)``;

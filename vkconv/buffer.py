@@ -150,7 +150,7 @@ class Buffer:
         self._map = None
         self._finalizer()
 
-    def __enter__(self) -> "Buffer":
+    def __enter__(self) -> Buffer:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -134,7 +134,7 @@ class CommandBuffer:
     def close(self) -> None:
         self._finalizer()
 
-    def __enter__(self) -> "CommandBuffer":
+    def __enter__(self) -> CommandBuffer:
         return self
 
     def __exit__(self, *exc) -> None:

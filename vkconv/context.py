@@ -29,6 +29,7 @@ import os
 import threading
 import weakref
 from dataclasses import dataclass, field
+from typing import Any
 
 from .errors import NoDeviceError, VkconvError
 
@@ -191,7 +192,7 @@ def simulated_limits(info: DeviceInfo, profile: str | None) -> DeviceInfo:
         return info
     if profile != "mobile":
         raise VkconvError(f"VKCONV_LIMITS={profile!r}: expected 'mobile' or nothing")
-    capped = {}
+    capped: dict[str, Any] = {}  # DeviceInfo fields of several types
     for name, cap in _MOBILE_LIMITS.items():
         have = getattr(info, name)
         capped[name] = tuple(map(min, have, cap)) if isinstance(cap, tuple) else min(have, cap)
@@ -384,7 +385,7 @@ class Context:
             self._messenger = None
         vk.vkDestroyInstance(self.instance, None)
 
-    def __enter__(self) -> "Context":
+    def __enter__(self) -> Context:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -39,6 +39,8 @@ class Conv:
     ``VKCONV_CONV_KERNEL`` or ``"auto"``); a forced kernel that cannot run a shape raises ValueError.
     """
 
+    weight_shape: tuple[int, ...]  # set by set_weights
+
     def __init__(self, w: np.ndarray, b: np.ndarray | None = None, *, strides=1, pads=0,
                  dilations=1, group: int = 1, activation=None, auto_pad: str = "NOTSET",
                  ctx: Context | None = None, kernel: str | None = None):
@@ -159,6 +161,7 @@ class Conv:
     def _kernel(self, name: str) -> Kernel:
         kernel = self._kernels.get(name)
         if kernel is None:
+            assert self._w is not None  # set_weights ran in __init__ and _release keeps it
             self.ctx.check()
             kernel = self._kernels[name] = make_kernel(name, self.ctx, self._w, self._b, self.group,
                                                        self.activation, self.tuning)
@@ -176,7 +179,7 @@ class Conv:
         with self._lock:
             self._release()
 
-    def __enter__(self) -> "Conv":
+    def __enter__(self) -> Conv:
         return self
 
     def __exit__(self, *exc) -> None:

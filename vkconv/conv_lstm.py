@@ -133,7 +133,9 @@ class _Geometry:
         self.n, self.steps, self.cin = x_shape[:3]
         self.in_hw = x_shape[3:]
         self.filters = four_f // 4
-        self.pads = shapes.resolve_auto_pad(mode, self.in_hw, (kh, kw), self.strides, self.dilation)
+        pads = shapes.resolve_auto_pad(mode, self.in_hw, (kh, kw), self.strides, self.dilation)
+        assert pads is not None  # None only for NOTSET
+        self.pads = pads
         self.out_hw = tuple(shapes.conv_out_size(s, k, st, self.pads[i], self.pads[i + 2], d) if ok else s
                             for i, (s, k, st, d, ok) in enumerate(zip(self.in_hw, (kh, kw), self.strides,
                                                                       self.dilation, known[3:])))
@@ -176,7 +178,8 @@ class ConvLSTM2D:
         self._plans = PlanCache()
         self._lock = threading.Lock()
         self._buffers: list[Buffer] = []
-        self.kernel_shape = self.recurrent_shape = None
+        self.kernel_shape: tuple[int, ...] | None = None
+        self.recurrent_shape: tuple[int, ...] | None = None
         self.set_weights(kernel, recurrent_kernel, bias)
 
     # -- weights -------------------------------------------------------------------------------
@@ -305,6 +308,7 @@ class ConvLSTM2D:
 
         input_set = DescriptorSet(self._input_pipe, [plan.inputs[0], self._w, self._b, gx])
         plan.keep.append(input_set)
+        assert self.kernel_shape is not None and self.recurrent_shape is not None  # set in __init__
         kh, kw = self.kernel_shape[:2]
         input_push = self._push(geo, cin=geo.cin, in_hw=geo.in_hw, out_hw=geo.out_hw, kernel=(kh, kw),
                                 strides=self.strides, pads=geo.pads, dilation=self.dilation)
@@ -316,8 +320,10 @@ class ConvLSTM2D:
             dst = slots[t]
             if t > 0:
                 src = slots[t - 1]
+            elif h0 is not None:  # with_state
+                src = (h0, 0, f * hw)
             else:
-                src = (h0, 0, f * hw) if with_state else dst  # without state h_{-1} is never read
+                src = dst  # without state h_{-1} is never read
             push = self._push(geo, cin=f, in_hw=geo.out_hw, out_hw=geo.out_hw, kernel=rk, strides=(1, 1),
                               pads=rpads, dilation=(1, 1), t=t, src=src[1:], dst=dst[1:],
                               has_state=int(t > 0 or with_state))
@@ -344,7 +350,7 @@ class ConvLSTM2D:
         with self._lock:
             self._release()
 
-    def __enter__(self) -> "ConvLSTM2D":
+    def __enter__(self) -> ConvLSTM2D:
         return self
 
     def __exit__(self, *exc) -> None:

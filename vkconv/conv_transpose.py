@@ -15,9 +15,10 @@ import numpy as np
 
 from . import shapes
 from .activation import Activation
-from .buffer import upload_constant
+from .buffer import Buffer, upload_constant
 from .context import Context, get_context
 from .conv_kernels import pack_bias_blocks
+from .errors import VkconvError
 from .pipeline import DescriptorSet
 from .plan import Plan, PlanCache
 
@@ -70,6 +71,8 @@ class ConvTranspose:
     command buffer; later calls at that shape reuse it (one submit each).
     """
 
+    weight_shape: tuple[int, ...]  # set by set_weights
+
     def __init__(self, w: np.ndarray, b: np.ndarray | None = None, *, strides=1, pads=0,
                  dilations=1, group: int = 1, output_padding=0, output_shape=None,
                  auto_pad: str = "NOTSET", activation=None, ctx: Context | None = None):
@@ -101,7 +104,8 @@ class ConvTranspose:
                                           (self.local_size, 1, 1, self.activation.kind))
         self._plans = PlanCache()
         self._lock = threading.Lock()
-        self._weights = self._bias = None
+        self._weights: Buffer | None = None
+        self._bias: Buffer | None = None
         self.set_weights(w, b)
 
     # -- weights -------------------------------------------------------------------------------
@@ -170,7 +174,8 @@ class ConvTranspose:
         lift = tuple(max(0, -(-(di * (ki - 1) - pb) // si)) for ki, si, di, pb in zip(k, s, d, pad_begin))
         off = tuple(pb + li * si for pb, li, si in zip(pad_begin, lift, s))
         oc_blocks = -(-cout_g // self.oc_block)
-        w_blocks = -(-(-(-out_size[2] // s[2])) // self.pix)
+        w_cols = -(-out_size[2] // s[2])  # output columns per stride phase, rounded up
+        w_blocks = -(-w_cols // self.pix)
         items = s[0] * s[1] * s[2] * -(-out_size[0] // s[0]) * -(-out_size[1] // s[1]) * w_blocks
         act = self.activation
         push = _PUSH.pack(*in_size, cin // self.group, *out_size, cout_g, *k, self.group, *s, oc_blocks,
@@ -187,6 +192,8 @@ class ConvTranspose:
         return push, groups
 
     def _build_plan(self, x_shape, y_shape) -> Plan:
+        if self._weights is None or self._bias is None:
+            raise VkconvError("this ConvTranspose was closed")
         push, groups = self._dispatch_geometry(x_shape, y_shape)
         plan = Plan(self.ctx, [("conv_transpose input x", x_shape)], [("conv_transpose output", y_shape)])
         dset = DescriptorSet(self.pipeline, [plan.inputs[0], self._weights, self._bias, plan.outputs[0]])
@@ -207,7 +214,7 @@ class ConvTranspose:
         with self._lock:
             self._release()
 
-    def __enter__(self) -> "ConvTranspose":
+    def __enter__(self) -> ConvTranspose:
         return self
 
     def __exit__(self, *exc) -> None:

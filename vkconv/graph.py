@@ -25,6 +25,7 @@ import threading
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol, TypeGuard
 
 import numpy as np
 import onnx
@@ -48,7 +49,17 @@ OP_TYPES = ("Conv", "ConvTranspose", "BatchNormalization", *ACTIVATIONS, *BINARY
             "Resize", "Upsample")
 
 
-def run_kernel(kernel, arrays: Sequence[np.ndarray], ctx: Context | None = None) -> list[np.ndarray]:
+class GraphKernel(Protocol):
+    """What a graph step runs (Binary, Pool, Concat, ConvNode...): device-free shape inference and
+    recording into a command buffer; a ``close()`` method, where present, frees device memory."""
+
+    def output_shapes(self, in_shapes: Sequence[Shape]) -> list[Shape]: ...
+
+    def record(self, cmd: CommandBuffer, inputs: Sequence[Buffer], outputs: Sequence[Buffer],
+               in_shapes: Sequence[Shape]) -> list: ...
+
+
+def run_kernel(kernel: GraphKernel, arrays: Sequence[np.ndarray], ctx: Context | None = None) -> list[np.ndarray]:
     """Run one kernel (``output_shapes`` + ``record``) on float32 ``arrays`` with a one-off plan:
     for tests and one-off use; a :class:`Graph` is the way to run many."""
     ctx = ctx or get_context()
@@ -160,12 +171,13 @@ class ConvNode:
         """The op's plan for ``x_shape``; calling it also marks the plan most recently used in the
         op's cache, which keeps it alive as long as a graph plan that replays it."""
         x_shape = tuple(x_shape)
-        if isinstance(self.op, Conv):
-            return self.op.plan(x_shape)
-        y_shape = self.op.output_shape(x_shape)
+        op = self.op
+        if isinstance(op, Conv):
+            return op.plan(x_shape)
+        y_shape = op.output_shape(x_shape)
         # ConvTranspose has no public plan(): its cache is used the way its __call__ does.
-        with self.op._lock:
-            return self.op._plans.get(x_shape, lambda: self.op._build_plan(x_shape, y_shape))
+        with op._lock:
+            return op._plans.get(x_shape, lambda: op._build_plan(x_shape, y_shape))
 
     def record(self, cmd, inputs, outputs, in_shapes):
         plan = self.plan(in_shapes[0])
@@ -193,7 +205,7 @@ class Node:
     name: str = ""
 
     @classmethod
-    def from_proto(cls, node: onnx.NodeProto) -> "Node":
+    def from_proto(cls, node: onnx.NodeProto) -> Node:
         attrs = {}
         for a in node.attribute:
             v = helper.get_attribute_value(a)
@@ -205,7 +217,7 @@ def _const(constants: Mapping[str, np.ndarray], name: str) -> np.ndarray | None:
     return np.asarray(constants[name]) if name and name in constants else None
 
 
-def _is_float(array: np.ndarray | None) -> bool:
+def _is_float(array: np.ndarray | None) -> TypeGuard[np.ndarray]:
     return array is not None and np.issubdtype(array.dtype, np.floating)
 
 
@@ -299,10 +311,10 @@ def unsupported_reason(node: Node | onnx.NodeProto, constants: Mapping[str, np.n
         return None if activation_spec(node, constants) is not None else "Clip bounds are not constants"
     if op in BINARY:
         for t in ins:
-            c = _const(constants, t)
+            c, r = _const(constants, t), rank(t, 4)
             if c is not None and not _is_float(c):
                 return "non-float constant operand"
-            if c is None and not 0 <= (rank(t, 4) if rank(t, 4) is not None else -1) <= MAX_RANK:
+            if c is None and not 0 <= (r if r is not None else -1) <= MAX_RANK:
                 return f"operand rank unknown or above {MAX_RANK}"
         return None
     if op in POOLS:
@@ -332,12 +344,13 @@ def fold_batchnorm(w: np.ndarray, b: np.ndarray | None, scale, beta, mean, var, 
     return w2.astype(np.float32), ((b - mean) * s + beta).astype(np.float32)
 
 
-def _build(node: Node, constants: Mapping[str, np.ndarray], ctx: Context):
-    """(kernel, names of the tensors its ``record`` reads) for a supported node."""
+def _build(node: Node, constants: Mapping[str, np.ndarray], ctx: Context) -> tuple[GraphKernel, list[str]]:
+    """(kernel, names of the tensors its ``record`` reads) for a supported node (one that
+    :func:`unsupported_reason` accepts, so its weights and parameters are constants)."""
     op, a, ins = node.op_type, node.attrs, node.inputs
     if op in ("Conv", "ConvTranspose"):
-        w = _const(constants, ins[1]).astype(np.float32)
-        b = _const(constants, ins[2]).astype(np.float32) if len(ins) > 2 and ins[2] else None
+        w = np.asarray(constants[ins[1]]).astype(np.float32)
+        b = np.asarray(constants[ins[2]]).astype(np.float32) if len(ins) > 2 and ins[2] else None
         nd = w.ndim - 2
         common = dict(strides=tuple(a.get("strides", [1] * nd)), pads=tuple(a.get("pads", [0] * 2 * nd)),
                       dilations=tuple(a.get("dilations", [1] * nd)), group=int(a.get("group", 1)),
@@ -348,7 +361,7 @@ def _build(node: Node, constants: Mapping[str, np.ndarray], ctx: Context):
         return ConvNode(ConvTranspose(w, b, output_padding=tuple(a.get("output_padding", [0] * nd)),
                                       output_shape=tuple(shape)[-nd:] if shape else None, **common)), ins[:1]
     if op == "BatchNormalization":
-        scale, beta, mean, var = (_const(constants, t).astype(np.float64).reshape(-1) for t in ins[1:5])
+        scale, beta, mean, var = (np.asarray(constants[t]).astype(np.float64).reshape(-1) for t in ins[1:5])
         s = scale / np.sqrt(var + float(a.get("epsilon", 1e-5)))
         return ScaleShift(s, beta - mean * s, ctx), ins[:1]
     if op in ACTIVATIONS:
@@ -365,7 +378,9 @@ def _build(node: Node, constants: Mapping[str, np.ndarray], ctx: Context):
                     auto_pad=a.get("auto_pad", "NOTSET"), ctx=ctx), ins[:1]
     if op == "Concat":
         return Concat(int(a["axis"]), ctx), list(ins)
-    return Resize(**_resize_params(node, constants), ctx=ctx), ins[:1]
+    params = _resize_params(node, constants)
+    assert not isinstance(params, str)  # unsupported_reason turned the node down otherwise
+    return Resize(**params, ctx=ctx), ins[:1]
 
 
 def _toposort(nodes: list[Node], available: set[str]) -> list[Node]:
@@ -395,7 +410,7 @@ def _fuse(nodes: list[Node], constants: dict[str, np.ndarray], keep: set[str]) -
         users = readers.get(t, [])
         return users[0] if len(users) == 1 and t not in keep and id(users[0]) not in removed else None
 
-    for i, n in enumerate(nodes):
+    for n in nodes:
         if id(n) in removed or n.op_type not in ("Conv", "ConvTranspose", *BINARY):
             continue
         nxt = sole_reader(n.outputs[0])
@@ -403,8 +418,8 @@ def _fuse(nodes: list[Node], constants: dict[str, np.ndarray], keep: set[str]) -
                 and nxt.inputs[0] == n.outputs[0]:
             w = constants[n.inputs[1]]
             b = constants[n.inputs[2]] if len(n.inputs) > 2 and n.inputs[2] else None
-            w2, b2 = fold_batchnorm(w, b, *(constants[t].reshape(-1) for t in nxt.inputs[1:5]),
-                                    float(nxt.attrs.get("epsilon", 1e-5)))
+            scale, beta, mean, var = (constants[t].reshape(-1) for t in nxt.inputs[1:5])
+            w2, b2 = fold_batchnorm(w, b, scale, beta, mean, var, float(nxt.attrs.get("epsilon", 1e-5)))
             constants[f"{n.outputs[0]}__vk_w"], constants[f"{n.outputs[0]}__vk_b"] = w2, b2
             n.inputs = [n.inputs[0], f"{n.outputs[0]}__vk_w", f"{n.outputs[0]}__vk_b"]
             n.outputs = list(nxt.outputs)
@@ -471,7 +486,7 @@ class Graph:
             if reason is not None:
                 raise ValueError(f"graph: node {n.name or n.op_type!r} ({n.op_type}): {reason}")
         nodes = _fuse(_toposort(nodes, set(self.inputs) | set(consts)), consts, set(self.outputs))
-        self.steps: list[tuple[Node, object, list[str]]] = []
+        self.steps: list[tuple[Node, GraphKernel, list[str]]] = []
         self._const_buffers: dict[str, Buffer] = {}
         self._shape_cache: dict[tuple, dict[str, Shape]] = {}
         try:
@@ -534,8 +549,9 @@ class Graph:
                 if t not in bufs:
                     nbytes = 4 * math.prod(known[t])
                     size = -(-nbytes // 16) * 16
-                    buf = free[size].pop() if free[size] else None
-                    if buf is None:
+                    if free[size]:
+                        buf = free[size].pop()
+                    else:
                         buf = Buffer(self.ctx, nbytes, name=f"graph tensor {t}")
                         plan.keep.append(buf)
                     bufs[t] = buf
@@ -593,7 +609,7 @@ class Graph:
             buf.close()
         self._const_buffers.clear()
 
-    def __enter__(self) -> "Graph":
+    def __enter__(self) -> Graph:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -83,7 +83,7 @@ class SparseTensor:
         self.indice_dict: dict[str, Rulebook] = indice_dict
 
     @classmethod
-    def _trusted(cls, features, indices, spatial_shape, batch_size, indice_dict) -> "SparseTensor":
+    def _trusted(cls, features, indices, spatial_shape, batch_size, indice_dict) -> SparseTensor:
         """A tensor whose sites come from a rulebook (valid and unique by construction)."""
         st = cls.__new__(cls)
         st._init(features, indices, spatial_shape, batch_size, indice_dict)

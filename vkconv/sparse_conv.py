@@ -114,7 +114,9 @@ def record_conv(rec: Recording, rb: Rulebook, x: Buffer, w: PackedWeights, act: 
 
     def gemm(mode: int, pairs: int, start: int, count: int, tap: int, cin4: int, rows_in: int) -> None:
         push = _GEMM_PUSH.pack(start, count, tap, cin4, w.cout4, w.coutp, rows_in, n_out, act.a, act.b)
-        buffers = [x, w.weight, w.bias, rb.pair_buf if pairs else y, y]
+        pair_source = rb.pair_buf if pairs else y
+        assert pair_source is not None  # a rulebook with pairs holds them on the device
+        buffers = [x, w.weight, w.bias, pair_source, y]
         rec.dispatch(shader, buffers, push, -(-count // w.rows), kinds=kinds,
                      spec=(act.kind if mode else 0, mode, pairs, w.rows, w.cb), z=z)
         rec.barrier()

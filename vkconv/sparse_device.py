@@ -121,7 +121,7 @@ class Recording:
         self._keep.clear()
         self._sets.clear()
 
-    def __enter__(self) -> "Recording":
+    def __enter__(self) -> Recording:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -18,11 +18,12 @@ import numpy as np
 
 from . import shapes
 from .activation import Activation
+from .buffer import Buffer
 from .context import Context, get_context
 from .sparse import SparseTensor
 from .sparse_conv import PackedWeights, pack_weights, record_conv
 from .sparse_device import Recording, texel_capable
-from .sparse_rulebook import Geometry, build_rulebook, make_geometry
+from .sparse_rulebook import Geometry, Rulebook, build_rulebook, make_geometry
 
 _DENSE_PUSH = struct.Struct("<7i")
 
@@ -65,8 +66,11 @@ def plan_layers(layers: list[EncoderLayer], spatial_shape, batch_size: int) -> E
     """Validate ``layers`` on a ``batch_size x spatial_shape`` grid (ValueError naming the layer)."""
     if not layers:
         raise ValueError("layers: expected at least one layer")
-    geoms, acts = [], []
-    grid, channels = tuple(int(s) for s in spatial_shape), None
+    geoms: list[Geometry] = []
+    acts: list[Activation] = []
+    d, h, w_ = (int(s) for s in spatial_shape)
+    grid: tuple[int, int, int] = (d, h, w_)
+    channels: int | None = None
     for i, layer in enumerate(layers):
         w = shapes.as_float32(f"layers[{i}].weight", layer.weight, 5)
         if channels is not None and w.shape[4] != channels:
@@ -81,6 +85,7 @@ def plan_layers(layers: list[EncoderLayer], spatial_shape, batch_size: int) -> E
         geoms.append(geom)
         acts.append(Activation.parse(layer.activation))
         grid, channels = geom.out_shape, w.shape[0]
+    assert channels is not None  # set by the first layer; `layers` is not empty
     return EncoderPlan(tuple(geoms), tuple(acts), layers[0].weight.shape[4], channels, grid,
                        int(batch_size))
 
@@ -99,7 +104,8 @@ class SparseEncoder:
         self.spatial_shape = tuple(int(s) for s in spatial_shape)
         self.batch_size = int(batch_size)
         self._lock = threading.Lock()
-        self._weights: list[PackedWeights] = [pack_weights(self.ctx, l.weight, l.bias) for l in layers]
+        self._weights: list[PackedWeights] = [pack_weights(self.ctx, layer.weight, layer.bias)
+                                               for layer in layers]
 
     @property
     def output_shape(self) -> tuple[int, int, int, int]:
@@ -118,7 +124,8 @@ class SparseEncoder:
 
     def _forward(self, st: SparseTensor) -> np.ndarray:
         out = np.zeros(self.output_shape, np.float32)
-        rulebooks, owned = [], []
+        rulebooks: list[Rulebook] = []
+        owned: list[Rulebook | Buffer] = []
         try:
             indices, idx_buf = st.indices, None
             for geom in self.plan.geoms:
@@ -147,6 +154,7 @@ class SparseEncoder:
                 rec.barrier()
                 last = self._weights[-1]
                 n = rulebooks[-1].n_out
+                assert idx_buf is not None  # the last rulebook's output indices, on the device
                 rec.dispatch("sparse_to_dense", [feats, idx_buf, dense],
                              _DENSE_PUSH.pack(self.batch_size, *self.plan.out_grid, n, last.cout,
                                               4 * last.cout4),
@@ -165,7 +173,7 @@ class SparseEncoder:
                 w.close()
             self._weights = []
 
-    def __enter__(self) -> "SparseEncoder":
+    def __enter__(self) -> SparseEncoder:
         return self
 
     def __exit__(self, *exc) -> None:
