@@ -1,76 +1,135 @@
 #version 450
 // Deformable convolution, stage 2 of 3 (host code: vkconv/deform_conv.py): bilinear "im2col".
-// One invocation handles one (offset group, kernel tap, output pixel): it reads (dy, dx) and the
-// DCNv2 mask once, computes the four corners once (bilinear.glsl, torchvision's boundary rule),
-// then writes the masked sample of every 4-channel block of that offset group.
+// One invocation handles one (offset group, kernel tap) and 4 consecutive output pixels of one
+// image: it reads the 4 (dy, dx) pairs and DCNv2 mask values once and computes the 4 points'
+// corners and weights once (bilinear.glsl, torchvision's boundary rule), then, per 4-channel block
+// of the offset group, fetches 4 corners x 4 pixels, blends them and writes each channel's 4
+// samples as one vec4.
 //
-// Columns layout, per chunk of pixel tiles: cols[group][tile][block_in_group * taps + tap][tile_px]
-// as vec4 over the block's 4 channels: the GEMM stage streams one tile's rows contiguously.
+// Columns layout, one chunk of `images` images x `pixels` pixels (from pixel q0 of each image), in
+// tiles of PB = 4 * pb4 pixels (the GEMM's pixel tile; the last tile's padding samples 0):
+// cols[image][group][tile][tap * C_in/g + channel in group][pb4] as vec4 over 4 consecutive
+// pixels.  Tile-major, so the 8 invocations of a SIMD group fill whole cache lines of one small
+// block (row-major columns, one long row per channel, made the stores 2x slower on lavapipe).  It
+// is the operand of conv2d_rows.comp as set up by conv_kernels.RowsKernel.tiled_operand: a plain
+// GEMM with the weights reordered to [C_out][tap][C_in/g].
 //
 // NaN: a NaN dy or dx makes the sample NaN (it propagates to every output channel of the conv
 // groups that read this offset group); +-Inf moves the point outside the image, so it samples 0.
+//
+// variant: deform_conv_sample -DTEXEL=1
+// variant: deform_conv_sample_ssbo
 #extension GL_GOOGLE_include_directive : require
+#extension GL_EXT_control_flow_attributes : require
 #include "bilinear.glsl"
 
 layout(local_size_x_id = 0, local_size_y = 1, local_size_z = 1) in;
 
-layout(std430, binding = 0) readonly buffer Packed { vec4 x4[]; };  // [n][block][h][w]
+#ifdef TEXEL
+layout(binding = 0) uniform samplerBuffer x4;      // RGBA32F view of [n][og][h * w][og_blocks]
+layout(binding = 1) uniform samplerBuffer offset;  // R32F views
+layout(binding = 2) uniform samplerBuffer mask;
+#define LOAD_X(i) texelFetch(x4, i)
+#define LOAD_OFFSET(i) texelFetch(offset, i).x
+#define LOAD_MASK(i) texelFetch(mask, i).x
+#else
+layout(std430, binding = 0) readonly buffer Packed { vec4 x4[]; };  // deform_conv_pack.comp
 layout(std430, binding = 1) readonly buffer Offset { float offset[]; };
 layout(std430, binding = 2) readonly buffer Mask { float mask[]; };
-// int tables; this stage reads og_start[offset_groups + 1]: offset group og samples blocks
-// og_start[og] .. og_start[og + 1] - 1
-layout(std430, binding = 3) readonly buffer Tables { int tables[]; };
-layout(std430, binding = 4) writeonly buffer Columns { vec4 cols[]; };
+#define LOAD_X(i) x4[i]
+#define LOAD_OFFSET(i) offset[i]
+#define LOAD_MASK(i) mask[i]
+#endif
+layout(std430, binding = 3) writeonly buffer Columns { vec4 cols[]; };
 
 layout(push_constant) uniform Params {
-    int in_h, in_w, out_h, out_w;
+    int in_h, in_w, out_w, out_hw;
     int k_w, taps, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
-    int offset_groups, blocks, group_blocks;  // blocks per image, blocks per conv group
-    int pixel0, chunk_pixels;                 // first pixel of this chunk, pixels in it
-    int tile_px, tiles;                       // pixels per GEMM tile, tiles in this chunk
-    int has_mask;
+    int offset_groups, cin_og, og_blocks;  // channels and packed blocks per offset group
+    int cin_g, groups;
+    int n0, q0, images, pixels;            // the chunk
+    int tiles, pb4;                        // GEMM pixel tiles per image, vec4s per tile row
+    int row_groups, has_mask;
 } p;
 
 void main()
 {
-    const int local = int(gl_GlobalInvocationID.x);
-    const int pix = p.pixel0 + local;
-    if (local >= p.chunk_pixels) return;  // the host clips the last chunk at N * oH * oW
-    const int tap = int(gl_WorkGroupID.y);
-    const int og = int(gl_WorkGroupID.z);
-
-    const int out_hw = p.out_h * p.out_w;
-    const int n = pix / out_hw;
-    const int q = pix - n * out_hw;
-    const int oy = q / p.out_w, ox = q - oy * p.out_w;
+    // Workgroups run over (pixel group, offset group, tap) with the tap fastest: neighbouring
+    // workgroups read the same neighbourhood of the input and fill the same column tiles (on
+    // lavapipe 1.2x faster than all pixels of one tap, then the next tap, and with 4 offset
+    // groups another 1.15x faster than one offset group after the other).
+    const int wg = int(gl_WorkGroupID.x + gl_WorkGroupID.y * p.row_groups);
+    const int og_tap = wg / p.taps;
+    const int tap = wg - og_tap * p.taps;
+    const int pixel_group = og_tap / p.offset_groups;
+    const int og = og_tap - pixel_group * p.offset_groups;
+    const int id = pixel_group * int(gl_WorkGroupSize.x) + int(gl_LocalInvocationID.x);
+    const int quads = p.tiles * p.pb4;
+    if (id >= p.images * quads) return;
+    const int image = id / quads;
+    const int quad = id - image * quads;
+    const int tile = quad / p.pb4;
     const int ky = tap / p.k_w, kx = tap - ky * p.k_w;
+    const int n = p.n0 + image;
 
-    // offset[n][og][tap][2][oH][oW], mask[n][og][tap][oH][oW]
-    const int om = (n * p.offset_groups + og) * p.taps + tap;
-    const float dy = offset[(2 * om) * out_hw + q];
-    const float dx = offset[(2 * om + 1) * out_hw + q];
-    const float m = p.has_mask != 0 ? mask[om * out_hw + q] : 1.0;
-    const float y = float(oy * p.stride_h - p.pad_h + ky * p.dil_h) + dy;
-    const float x = float(ox * p.stride_w - p.pad_w + kx * p.dil_w) + dx;
-    const Bilinear s = bilinear_corners(y, x, p.in_h, p.in_w);
-    const bool nan_point = isnan(y) || isnan(x);
+    // The 4 points.  Pixels past the chunk (row padding) are placed outside the image: they
+    // sample 0 and read offsets from the chunk's last pixel, which always exists.
+    const int q_first = p.q0 + quad * 4;
+    const int q_last = p.q0 + p.pixels - 1;
+    int oy = q_first / p.out_w;
+    int ox = q_first - oy * p.out_w;
+    const int om = (n * p.offset_groups + og) * p.taps + tap;  // offset[n][og][tap][2], mask[n][og][tap]
+    Bilinear s[4];
+    bool nan_point[4];
+    float m[4];
+    [[unroll]] for (int j = 0; j < 4; ++j) {
+        const bool inside = q_first + j <= q_last;
+        const int q = min(q_first + j, q_last);
+        const float dy = LOAD_OFFSET(2 * om * p.out_hw + q);
+        const float dx = LOAD_OFFSET((2 * om + 1) * p.out_hw + q);
+        m[j] = p.has_mask != 0 ? LOAD_MASK(om * p.out_hw + q) : 1.0;
+        float y = float(oy * p.stride_h - p.pad_h + ky * p.dil_h) + dy;
+        float x = float(ox * p.stride_w - p.pad_w + kx * p.dil_w) + dx;
+        y = inside ? y : -2.0;
+        x = inside ? x : -2.0;
+        s[j] = bilinear_corners(y, x, p.in_h, p.in_w);
+        nan_point[j] = isnan(y) || isnan(x);
+        // Next pixel: one step along the row, wrapping to the next row (no division).
+        ++ox;
+        const bool wrap = ox == p.out_w;
+        ox = wrap ? 0 : ox;
+        oy += wrap ? 1 : 0;
+    }
 
-    const int tile = local / p.tile_px;
-    const int tile_px = local - tile * p.tile_px;
+    // Channel og * cin_og is channel ci of conv group g; the block loop advances (g, ci) one
+    // channel at a time, so blocks may straddle conv groups.
+    const int c0 = og * p.cin_og;
+    int g = c0 / p.cin_g;
+    int ci = c0 - g * p.cin_g;
+    const int k_rows = p.taps * p.cin_g;
     const int in_hw = p.in_h * p.in_w;
-    const int rows = p.group_blocks * p.taps;
-    const int end = tables[og + 1];
-    for (int blk = tables[og]; blk < end; ++blk) {
-        const int g = blk / p.group_blocks;
-        const int base = (n * p.blocks + blk) * in_hw;
-        vec4 c0 = x4[base + s.idx.x], c1 = x4[base + s.idx.y];
-        vec4 c2 = x4[base + s.idx.z], c3 = x4[base + s.idx.w];
-        vec4 v = (s.ok.x ? c0 : vec4(0.0)) * s.wt.x + (s.ok.y ? c1 : vec4(0.0)) * s.wt.y
-               + (s.ok.z ? c2 : vec4(0.0)) * s.wt.z + (s.ok.w ? c3 : vec4(0.0)) * s.wt.w;
-        // The mask scales the finished sample (as torchvision does), so an Inf mask on an
-        // outside point gives 0 * Inf = NaN there and nowhere else.
-        v = (nan_point ? vec4(uintBitsToFloat(0x7fc00000u)) : v) * m;
-        const int row = (blk - g * p.group_blocks) * p.taps + tap;
-        cols[((g * p.tiles + tile) * rows + row) * p.tile_px + tile_px] = v;
+    int xb = (n * p.offset_groups + og) * p.og_blocks * in_hw;
+    for (int blk = 0; blk < p.og_blocks; ++blk) {
+        vec4 v[4];
+        [[unroll]] for (int j = 0; j < 4; ++j) {
+            const ivec4 idx = s[j].idx * p.og_blocks + xb;
+            const vec4 c00 = LOAD_X(idx.x), c01 = LOAD_X(idx.y), c10 = LOAD_X(idx.z), c11 = LOAD_X(idx.w);
+            const vec4 blend = (s[j].ok.x ? c00 : vec4(0.0)) * s[j].wt.x + (s[j].ok.y ? c01 : vec4(0.0)) * s[j].wt.y
+                              + (s[j].ok.z ? c10 : vec4(0.0)) * s[j].wt.z + (s[j].ok.w ? c11 : vec4(0.0)) * s[j].wt.w;
+            // The mask scales the finished sample (as torchvision does), so an Inf mask on an
+            // outside point gives 0 * Inf = NaN there and nowhere else.
+            v[j] = (nan_point[j] ? vec4(uintBitsToFloat(0x7fc00000u)) : blend) * m[j];
+        }
+        [[unroll]] for (int c = 0; c < 4; ++c) {
+            if (blk * 4 + c >= p.cin_og) break;  // the same for the whole workgroup
+            const int block = (image * p.groups + g) * p.tiles + tile;
+            cols[(block * k_rows + tap * p.cin_g + ci) * p.pb4 + quad - tile * p.pb4] =
+                vec4(v[0][c], v[1][c], v[2][c], v[3][c]);
+            ++ci;
+            const bool next_group = ci == p.cin_g;
+            ci = next_group ? 0 : ci;
+            g += next_group ? 1 : 0;
+        }
+        ++xb;
     }
 }

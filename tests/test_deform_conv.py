@@ -12,13 +12,12 @@ import dataclasses
 import numpy as np
 import onnx
 import pytest
+from deform_reference import deform_conv_ref
 from onnx import numpy_helper
+from oracles import assert_close, onnx_reference, onnxruntime_reference
 
 import vkconv
-from vkconv.deform_conv import BlockLayout, DeformConv, deform_conv
-
-from deform_reference import deform_conv_ref
-from oracles import assert_close, onnx_reference, onnxruntime_reference
+from vkconv.deform_conv import Chunk, DeformConv, deform_conv
 
 REL = 1e-4
 
@@ -130,6 +129,8 @@ GRID = [
     dict(cin=9, cout=4, offset_group=3, mask=False, bias=False),
     dict(cin=3, cout=20, n=3, h=5, w=9),                  # several output-channel tiles
     dict(cin=36, cout=17, h=11, w=13, group=1, offset_group=4),
+    dict(cin=8, cout=16, group=8, offset_group=2),         # one channel block spans 4 conv groups
+    dict(cin=10, cout=4, group=2, offset_group=2, n=2, h=5, w=7),  # blocks straddle conv groups
     dict(cin=4, cout=4, h=2, w=2, pads=(1, 1, 1, 1), scale=3.0),
 ]
 
@@ -239,13 +240,48 @@ def test_layer_reuse_shapes_and_one_submit():
                      _ref({**inputs, "w": w2, "b": None}, attrs), rel=REL)
 
 
-def test_column_chunks():
-    """A small column budget splits the pixels into many chunks; the result does not change."""
+@pytest.mark.parametrize("budget_pixels, expected", [
+    (None, [Chunk(0, 2, 0, 437)]),                       # everything in one chunk
+    (437, [Chunk(0, 1, 0, 437), Chunk(1, 1, 0, 437)]),   # one whole image per chunk
+    (64, None),                                          # runs of 64 pixels of one image
+])
+def test_column_chunks(budget_pixels, expected):
+    """A small column budget splits the work into chunks that are multiplied into a scratch output
+    and copied into place; the result does not change."""
     inputs, attrs = _problem(32, n=2, cin=8, cout=6, h=23, w=19, group=2, offset_group=2)
     with DeformConv(inputs["w"], inputs["b"], **attrs) as op:
-        rows = op.layout.group_blocks * 9
-        op.column_budget = op.group * rows * op.tiling.tile_px * 16  # one tile per chunk
+        if budget_pixels is not None:
+            # group x (C_in/g x taps) rows of 4 bytes per pixel, rows padded to 16-pixel tiles
+            op.column_budget = 2 * 4 * 9 * 4 * -(-budget_pixels // 16) * 16
+        chunks = op.chunks(2, 23 * 19)
+        if expected is None:
+            assert all(c.images == 1 and c.pixels <= 64 for c in chunks) and len(chunks) == 2 * 7
+            assert sum(c.pixels for c in chunks) == 2 * 437
+        else:
+            assert chunks == expected
         got = op(inputs["x"], inputs["offset"], inputs["mask"])
+    assert_close(got, _ref(inputs, attrs), rel=REL)
+
+
+def test_chunk_budget_too_small_is_refused():
+    inputs, attrs = _problem(36)
+    with DeformConv(inputs["w"], inputs["b"], **attrs) as op:
+        op.column_budget = 1024
+        with pytest.raises(vkconv.VkconvError, match="^w: 4 input channels per group x 3x3 taps"):
+            op(inputs["x"], inputs["offset"], inputs["mask"])
+
+
+def test_storage_buffer_fallback():
+    """A device whose texel buffers are too small for the operands: the storage-buffer variants of
+    every stage run (and give the same result)."""
+    inputs, attrs = _problem(37, n=2, cin=8, cout=6, h=9, w=7, group=2, offset_group=2)
+    with vkconv.Context() as ctx:
+        ctx.info = dataclasses.replace(ctx.info, max_texel_buffer_elements=16)
+        with DeformConv(inputs["w"], inputs["b"], ctx=ctx, **attrs) as op:
+            got = op(inputs["x"], inputs["offset"], inputs["mask"])
+        names = {key[0] for key in ctx._pipelines}
+    assert {"deform_conv_pack_ssbo", "deform_conv_sample_ssbo", "conv2d_rows_ssbo"} <= names, names
+    assert not names & {"deform_conv_pack", "deform_conv_sample", "conv2d_rows"}, names
     assert_close(got, _ref(inputs, attrs), rel=REL)
 
 
@@ -272,18 +308,6 @@ def test_empty_batch():
     inputs, attrs = _problem(34, n=0)
     got = _run(inputs, attrs)
     assert got.shape == (0, 4, 6, 6) and got.dtype == np.float32
-
-
-def test_block_layout_never_straddles_groups():
-    lay = BlockLayout.build(cin=12, group=3, offset_group=2)
-    cin_g, cin_og = 4, 6
-    owner = np.repeat(np.arange(2), np.diff(lay.og_start))
-    assert owner.size == lay.source.size == 3 * lay.group_blocks
-    for b, (src, n) in enumerate(zip(lay.source, lay.length)):
-        chans = np.arange(src, src + max(n, 1))   # an empty block names a channel of its group
-        assert set(chans // cin_g) == {b // lay.group_blocks}
-        assert set(chans // cin_og) == {owner[b]}
-    assert (lay.length == 0).any()                # group 1 has two blocks, groups 0 and 2 one
 
 
 # -- bad input ---------------------------------------------------------------------------------

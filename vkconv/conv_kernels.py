@@ -68,7 +68,7 @@ class Geometry:
     y_shape: tuple[int, ...]
 
     @classmethod
-    def lift(cls, x_shape, weight_shape, group: int, strides, dilations, pads, y_shape) -> "Geometry":
+    def lift(cls, x_shape, weight_shape, group: int, strides, dilations, pads, y_shape) -> Geometry:
         nd = len(x_shape) - 2
 
         def three(values, unit):
@@ -136,6 +136,7 @@ def choose_mb(cout_g: int, tune: Tuning) -> int:
         score = max(speeds) * max(cout_g, 1) / max(-(-cout_g // mb) * mb, 1)
         if best is None or score > best[0]:
             best = (score, mb)
+    assert best is not None  # _ROWS_SPEED has a 4 x 4 tile, within every max_tile (>= 32)
     return best[1]
 
 
@@ -375,12 +376,30 @@ class RowsKernel(_PaddedInputKernel):
             raise
         return plan
 
+    def tiled_operand(self, images: int, pixels: int) -> tuple[Geometry, int, _Padded]:
+        """A plain GEMM over an operand that its caller writes (deform_conv's sampled columns), laid
+        out tile-major: ``[images][group][tile][K][PB]`` floats, one invocation's K x PB block
+        contiguous (writers then fill whole cache lines; K is C_in/g of this ``flat`` kernel).
+
+        Put to the implicit-GEMM loop as a 1-channel input of ``tiles * K`` rows of PB pixels
+        convolved by a K x 1 kernel at stride K along H: kernel row ``ky`` of output row ``oy``
+        reads operand row ``ky`` of tile ``oy``, and the packed weights of a flat kernel
+        (``[C_out, K, 1, 1, 1]``) are already in that order.  Returns the geometry, PB and layout
+        for :meth:`rows_dispatch`, whose output is then ``[images][C_out][tiles * PB]``."""
+        pb = choose_pb(self.mb, pixels, self.tune)
+        tiles, k = -(-pixels // pb), self.cin_g
+        one, zero = (1, 1, 1), (0, 0, 0)
+        geo = Geometry(images, self.group, 1, self.cout_g, (1, tiles * k, pb), (1, k, 1), (1, k, 1), one,
+                       zero, zero, (1, tiles, pb), (images, self.group, tiles * k, pb),
+                       (images, self.cout, tiles, pb))
+        return geo, pb, _padded(geo, pb)
+
     @staticmethod
     def slack(pb: int, lay: _Padded) -> int:
         """Bytes past a flat (``gemm1x1``) source that its last partial tile reads."""
         return 16 * max(0, (lay.tiles_w - 1) * pb // 4 + pb // 4 - lay.pw4)
 
-    def rows_dispatch(self, plan: ConvPlan, g: Geometry, pb: int, lay: _Padded, source: Buffer,
+    def rows_dispatch(self, plan: Plan, g: Geometry, pb: int, lay: _Padded, source: Buffer,
                       output: Buffer, texel: bool):
         """Bind ``source`` (``lay``) and ``output`` for conv2d_rows; the recorder of its dispatch."""
         ctx, ls = self.ctx, self.tune.local_size

@@ -24,134 +24,59 @@ channel that reads it: a broken offset predictor shows up instead of passing for
 ``+-Inf`` moves the point out of the image, so it samples 0.  NaN or Inf in ``x`` or ``mask``
 propagate by IEEE arithmetic; the mask multiplies the finished sample.
 
-Execution (``shaders/deform_conv_*.comp``), recorded once per input shape and submitted once per
-call: ``pack`` copies ``x`` into blocks of 4 channels that share a conv group and an offset group;
-then, per chunk of pixel tiles, ``sample`` writes the masked bilinear samples ("columns") and
-``gemm`` multiplies them by the packed weights, adding the bias and the fused activation.  Chunks
-keep the column buffer within the device's ``maxStorageBufferRange``.
+Execution, recorded once per input shape and submitted once per call: ``deform_conv_pack``
+copies ``x`` into blocks of 4 channels of one offset group (vec4 per pixel); then, per chunk of
+images (or of one image's pixels), ``deform_conv_sample`` writes the masked bilinear samples
+("columns": row ``tap * C_in/g + channel`` of its conv group's GEMM operand) and the dense
+convolution's GEMM (``conv2d_rows`` through :meth:`vkconv.conv_kernels.RowsKernel.tiled_operand`)
+multiplies them by the weights reordered to ``[C_out][tap][C_in/g]``, adding the bias and the
+fused activation.  The columns are tile-major, ``[image][group][pixel tile][row][PB pixels]`` (PB:
+the GEMM's pixel tile), which made the sampling stage's stores 2x faster on lavapipe than one long
+row per channel.  Operands are read through texel buffers where the device's
+``maxTexelBufferElements`` allows, else (and with ``VKCONV_CONV_TEXEL=0``) through storage
+buffers.  Chunks keep the column buffer within ``maxStorageBufferRange``; a chunk that is not the
+whole batch, or whose pixels do not fill whole GEMM tiles, is multiplied into a scratch output and
+copied into place.
+
+Measured on lavapipe (2 shared cores, bench/deform.py): the GEMM runs at the dense 1x1 GEMM's
+rate; the sampling stage costs about 1 ns per sampled value (one RGBA texel gather, one float
+stored, the blend), so its share of the device time falls with C_out: about 15 % at 256 output
+channels, 20 % at 128, 30-40 % at 64 (the GEMM does only 2 * C_out FLOPs per sampled value).
 """
 from __future__ import annotations
 
+import math
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import shapes
 from .activation import Activation
-from .buffer import Buffer, upload_constant
-from .context import Context, get_context
+from .buffer import Buffer
+from .command import CommandBuffer
+from .context import Context, get_context, vk
+from .conv_kernels import RowsKernel, _grid, tuning
 from .errors import VkconvError
-from .pipeline import DescriptorSet
+from .pipeline import STORAGE, TEXEL1, TEXEL4, DescriptorSet, texel_fits
 from .plan import Plan, PlanCache
 
 _PACK_PUSH = struct.Struct("<5i")
-_SAMPLE_PUSH = struct.Struct("<20i")
-_GEMM_PUSH = struct.Struct("<9i2f")
-_VEC4 = 16  # bytes
+_SAMPLE_PUSH = struct.Struct("<25i")
+_CHUNK_ALIGN = 32  # pixels: a multiple of every GEMM pixel tile (conv_kernels._ROWS_SPEED)
 
 
 @dataclass(frozen=True)
-class _Tiling:
-    """Workgroup shapes; lavapipe (CPU) wants big register tiles, GPUs smaller ones."""
+class Chunk:
+    """Pixels whose columns are sampled and multiplied together: ``images`` whole images from
+    ``n0`` (``q0 == 0``, ``pixels == oH * oW``), or pixels ``q0 .. q0 + pixels - 1`` of image ``n0``."""
 
-    sample_local: int
-    gemm_local: int
-    pixels: int      # pixels per GEMM invocation (PX)
-    max_oc_tile: int
-
-    @property
-    def tile_px(self) -> int:
-        return self.gemm_local * self.pixels
-
-
-def _tiling(ctx: Context) -> _Tiling:
-    info = ctx.info
-    cap = min(info.max_workgroup_invocations, info.max_workgroup_size[0], 128)
-    if info.type == "cpu":
-        # Measured on lavapipe (64 and 256 channels, 3x3): one 8-wide SIMD group per workgroup
-        # keeps each group's loads and stores contiguous, and 16 channels x 16 pixels per GEMM
-        # invocation gave the most FMAs per loaded float (about 13 GFLOP/s per core).
-        return _Tiling(min(8, cap), min(8, cap), 16, 16)
-    return _Tiling(min(64, cap), min(64, cap), 4, 8)
-
-
-@dataclass(frozen=True)
-class BlockLayout:
-    """Input channels grouped in blocks of at most 4 that share one conv group and offset group.
-
-    Each conv group has ``group_blocks`` blocks; groups with fewer real blocks get empty ones
-    (``length`` 0: zero input, zero weights).  Block ``b`` holds input channels ``source[b] ..
-    source[b] + length[b] - 1``.  Blocks are numbered group-major and their offset groups never
-    decrease, so offset group ``og`` samples exactly blocks ``og_start[og] .. og_start[og+1] - 1``.
-    An empty block belongs to the offset group of its group's last real block: if that offset
-    group's point is NaN, the group's outputs there are NaN anyway.
-    """
-
-    group_blocks: int
-    source: np.ndarray    # [group * group_blocks] int32
-    length: np.ndarray    # [group * group_blocks] int32
-    og_start: np.ndarray  # [offset_group + 1] int32
-
-    @classmethod
-    def build(cls, cin: int, group: int, offset_group: int) -> "BlockLayout":
-        cin_g, cin_og = cin // group, cin // offset_group
-        per_group = []
-        for g in range(group):
-            blocks, c, end = [], g * cin_g, (g + 1) * cin_g
-            while c < end:
-                og = c // cin_og
-                seg_end = min(end, (og + 1) * cin_og)
-                blocks += [(s, min(4, seg_end - s), og) for s in range(c, seg_end, 4)]
-                c = seg_end
-            per_group.append(blocks)
-        nb = max(len(b) for b in per_group)
-        rows = [blocks + [(blocks[-1][0], 0, blocks[-1][2])] * (nb - len(blocks)) for blocks in per_group]
-        source, length, owner = (np.array([[blk[i] for blk in r] for r in rows], np.int64).reshape(-1)
-                                 for i in range(3))
-        counts = np.bincount(owner, minlength=offset_group)
-        og_start = np.concatenate([[0], np.cumsum(counts)])
-        return cls(nb, source.astype(np.int32), length.astype(np.int32), og_start.astype(np.int32))
-
-    def tables(self) -> tuple[np.ndarray, dict[str, int]]:
-        """One int32 array holding every table (og_start first), and each table's offset in it."""
-        parts = {"og_start": self.og_start, "source": self.source, "length": self.length}
-        offsets, pos = {}, 0
-        for name, arr in parts.items():
-            offsets[name] = pos
-            pos += arr.size
-        return np.concatenate(list(parts.values())).astype(np.int32), offsets
-
-
-def pack_weights(w: np.ndarray, group: int, layout: BlockLayout, oc_tile: int) -> np.ndarray:
-    """``[C_out, C_in/g, kH, kW]`` -> ``[g, oc_tiles, group_blocks * kH * kW, oc_tile, 4]``.
-
-    Row ``block * taps + tap`` holds, for each output channel of the tile, the weights of the
-    block's (up to) 4 input channels at that tap; missing channels and output channels are 0.
-    """
-    cout, cin_g, kh, kw = w.shape
-    cout_g, taps, nb = cout // group, kh * kw, layout.group_blocks
-    local = (layout.source.reshape(group, nb) - np.arange(group)[:, None] * cin_g)[..., None] \
-        + np.arange(4)                                                  # [g, nb, 4]
-    valid = np.arange(4) < layout.length.reshape(group, nb)[..., None]
-    wt = w.reshape(group, cout_g, cin_g, taps).transpose(0, 2, 1, 3)    # [g, cin_g, cout_g, taps]
-    picked = wt[np.arange(group)[:, None, None], np.where(valid, local, 0)]  # [g, nb, 4, cout_g, taps]
-    picked = np.where(valid[..., None, None], picked, 0.0)
-    oc_tiles = -(-cout_g // oc_tile)
-    out = np.zeros((group, oc_tiles * oc_tile, nb, taps, 4), np.float32)
-    out[:, :cout_g] = picked.transpose(0, 3, 1, 4, 2)
-    out = out.reshape(group, oc_tiles, oc_tile, nb * taps, 4).transpose(0, 1, 3, 2, 4)
-    return np.ascontiguousarray(out)
-
-
-def _oc_tile(cout_g: int, limit: int) -> int:
-    """Smallest of 4, 8, 16 (up to ``limit``) holding a group's output channels."""
-    for t in (4, 8, 16):
-        if cout_g <= t or t >= limit:
-            return t
-    return 16
+    n0: int
+    images: int
+    q0: int
+    pixels: int
 
 
 class DeformConv:
@@ -178,18 +103,18 @@ class DeformConv:
         self.pads = shapes.pads(pads, 2)
         self.activation = Activation.parse(activation)
         self.ctx = ctx or get_context()
-        self.tiling = _tiling(self.ctx)
+        self.tune = tuning(self.ctx)
         self._plans = PlanCache()
         self._lock = threading.Lock()
-        self._resident: list[Buffer] = []
-        self.weight_shape: tuple[int, ...] | None = None
+        self._gemm: RowsKernel | None = None
+        self.weight_shape: tuple[int, ...] = ()  # set by set_weights
         self.set_weights(w, b)
 
     # -- weights -------------------------------------------------------------------------------
     def set_weights(self, w: np.ndarray, b: np.ndarray | None = None) -> None:
         """Replace the weights (and bias) by arrays of the same layout; plans are rebuilt."""
         w = shapes.as_float32("w", w, 4)
-        if self.weight_shape is not None and w.shape != self.weight_shape:
+        if self.weight_shape and w.shape != self.weight_shape:
             raise ValueError(f"w: shape {w.shape} differs from this DeformConv's {self.weight_shape}")
         cout, cin_g, kh, kw = w.shape
         if min(w.shape) < 1:
@@ -204,24 +129,13 @@ class DeformConv:
             b = shapes.as_float32("b", b, 1)
             if b.shape[0] != cout:
                 raise ValueError(f"b: expected {cout} values (one per output channel), got {b.shape[0]}")
-        layout = BlockLayout.build(cin, self.group, self.offset_group)
-        cout_g = cout // self.group
-        oc_tile = _oc_tile(cout_g, self.tiling.max_oc_tile)
-        oc_tiles = -(-cout_g // oc_tile)
-        bias = np.zeros((self.group, oc_tiles * oc_tile), np.float32)
-        if b is not None:
-            bias[:, :cout_g] = b.reshape(self.group, cout_g)
-        tables, table_offsets = layout.tables()
+        # The GEMM's input channels are the column rows, tap-major: row = tap * C_in/g + channel.
+        rows = np.ascontiguousarray(w.transpose(0, 2, 3, 1)).reshape(cout, kh * kw * cin_g, 1, 1, 1)
+        gemm = RowsKernel(self.ctx, rows, b, self.group, self.activation, self.tune, flat=True)
         with self._lock:
             self._release()
-            self._table_offsets = table_offsets
+            self._gemm = gemm
             self.weight_shape = w.shape
-            self.layout, self.oc_tile, self.oc_tiles = layout, oc_tile, oc_tiles
-            self._resident = [
-                upload_constant(self.ctx, pack_weights(w, self.group, layout, oc_tile), "deform_conv weights"),
-                upload_constant(self.ctx, bias, "deform_conv bias"),
-                upload_constant(self.ctx, tables, "deform_conv tables"),
-            ]
 
     # -- shapes --------------------------------------------------------------------------------
     def output_shape(self, x_shape: Sequence[int]) -> tuple[int, ...]:
@@ -266,85 +180,151 @@ class DeformConv:
             return np.zeros(y_shape, np.float32)
         arrays = [x, offset] if mask is None else [x, offset, mask]
         with self._lock:
-            if self.weight_shape is None or not self._resident:
-                raise VkconvError("this DeformConv was closed")
+            self._open_gemm()
             plan = self._plans.get((x.shape, mask is not None),
                                    lambda: self._build_plan(x.shape, y_shape, mask is not None))
             return plan.run(arrays)[0]
 
-    def _chunk_tiles(self, tiles: int, rows: int) -> int:
-        """Pixel tiles per chunk so that one chunk's columns fit the budget and dispatch limits."""
-        info = self.ctx.info
-        limit = info.max_storage_buffer_range
+    def chunks(self, n: int, out_hw: int) -> list[Chunk]:
+        """How ``n`` images of ``out_hw`` output pixels are split so that one chunk's columns
+        (and, when chunked, its scratch output) fit the column budget: whole images while one
+        image fits, else runs of whole GEMM tiles of one image."""
+        gemm = self._open_gemm()
+        limit = self.ctx.info.max_storage_buffer_range
         budget = min(limit, self.column_budget) if self.column_budget else limit
-        per_tile = self.group * rows * self.tiling.tile_px * _VEC4
-        if per_tile > limit:
+
+        def nbytes(images: int, pixels: int) -> int:
+            geo, _, lay = gemm.tiled_operand(images, pixels)
+            return max(lay.nbytes, 4 * math.prod(geo.y_shape))
+
+        per_image = nbytes(1, out_hw)
+        if per_image <= budget:
+            step = min(n, budget // per_image)
+            return [Chunk(n0, min(step, n - n0), 0, out_hw) for n0 in range(0, n, step)]
+        step = budget // nbytes(1, _CHUNK_ALIGN) * _CHUNK_ALIGN
+        if step == 0:
+            kh, kw = self.weight_shape[2:]
             raise VkconvError(
-                f"w: {self.weight_shape[1]} input channels per group x {self.weight_shape[2]}x"
-                f"{self.weight_shape[3]} taps need {per_tile} bytes of columns per pixel tile, more "
-                f"than this device's maxStorageBufferRange ({limit} bytes on {info.name})")
-        by_groups = info.max_workgroup_count[0] * self.tiling.sample_local // self.tiling.tile_px
-        return max(1, min(tiles, budget // per_tile, info.max_workgroup_count[0], by_groups))
+                f"w: {gemm.cin_g // (kh * kw)} input channels per group x {kh}x{kw} taps need "
+                f"{nbytes(1, _CHUNK_ALIGN)} bytes of columns per {_CHUNK_ALIGN} pixels, more than "
+                f"the {budget} bytes a chunk may use (maxStorageBufferRange on {self.ctx.info.name})")
+        return [Chunk(n0, 1, q0, min(step, out_hw - q0)) for n0 in range(n) for q0 in range(0, out_hw, step)]
 
     def _build_plan(self, x_shape: tuple[int, ...], y_shape: tuple[int, ...], has_mask: bool) -> Plan:
-        ctx, t, layout = self.ctx, self.tiling, self.layout
+        ctx, gemm, tune = self.ctx, self._open_gemm(), self.tune
         n, cin, in_h, in_w = x_shape
         _, cout, out_h, out_w = y_shape
         kh, kw = self.weight_shape[2:]
-        taps, nb = kh * kw, layout.group_blocks
-        blocks, rows = self.group * nb, nb * taps
-        total = n * out_h * out_w
-        tiles = -(-total // t.tile_px)
-        chunk = self._chunk_tiles(tiles, rows)
+        taps, og = kh * kw, self.offset_group
+        cin_og, out_hw = cin // og, out_h * out_w
+        og_blocks = -(-cin_og // 4)  # packed blocks of 4 channels per offset group
+        chunks = self.chunks(n, out_hw)
+        first_geo, _, first = gemm.tiled_operand(chunks[0].images, chunks[0].pixels)
+        # The GEMM writes [images][C_out][tiles * PB]: the output itself when that is all of it.
+        whole = len(chunks) == 1 and first_geo.y_shape[2] * first_geo.y_shape[3] == out_hw
+        limit = ctx.info.max_workgroup_count
+        if og > limit[1] or n > limit[2]:
+            raise VkconvError(f"x: {n} images and {og} offset groups exceed the device's "
+                              f"maxComputeWorkGroupCount {limit}")
+
         inputs = [("deform_conv input x", x_shape), ("deform_conv offset", self.offset_shape(x_shape))]
         if has_mask:
             inputs.append(("deform_conv mask", self.mask_shape(x_shape)))
-        plan = Plan(ctx, inputs, [("deform_conv output", y_shape)])
-        weights, bias, tables = self._resident
-        packed = Buffer(ctx, n * blocks * in_h * in_w * _VEC4, name="deform_conv packed input")
-        columns = Buffer(ctx, self.group * chunk * rows * t.tile_px * _VEC4, name="deform_conv columns")
-        plan.keep += [packed, columns]
+        plan = Plan(ctx, [], [("deform_conv output", y_shape)])
+        try:
+            # Inputs that the shaders may read through texel-buffer views.
+            for name, shape in inputs:
+                plan.inputs.append(Buffer(ctx, 4 * math.prod(shape), staged=True, texel=True, name=name))
+                plan.input_shapes.append(tuple(shape))
+            x_buf, offset_buf = plan.inputs[:2]
+            mask_buf = plan.inputs[2] if has_mask else offset_buf  # never read when has_mask == 0
+            packed = Buffer(ctx, 16 * n * og * og_blocks * in_h * in_w, texel=True,
+                            name="deform_conv packed input")
+            columns = Buffer(ctx, first.nbytes, texel=True, name="deform_conv columns")
+            plan.keep += [packed, columns]
+            scratch: Buffer | None = None
+            if not whole:
+                scratch = Buffer(ctx, 4 * math.prod(first_geo.y_shape),
+                                 name="deform_conv chunk output")
+                plan.keep.append(scratch)
 
-        pack = ctx.pipeline("deform_conv_pack", 3, _PACK_PUSH.size, (t.sample_local, 1, 1))
-        sample = ctx.pipeline("deform_conv_sample", 5, _SAMPLE_PUSH.size, (t.sample_local, 1, 1))
-        gemm = ctx.pipeline("deform_conv_gemm", 4, _GEMM_PUSH.size,
-                            (t.gemm_local, 1, 1, self.activation.kind, self.oc_tile, t.pixels))
-        mask_buf = plan.inputs[2] if has_mask else tables  # never read when has_mask == 0
-        sets = [DescriptorSet(pack, [plan.inputs[0], tables, packed]),
-                DescriptorSet(sample, [packed, plan.inputs[1], mask_buf, tables, columns]),
-                DescriptorSet(gemm, [columns, weights, bias, plan.outputs[0]])]
-        plan.keep += sets
-        off = self._table_offsets
-        pack_push = _PACK_PUSH.pack(cin, in_h * in_w, blocks, off["source"], off["length"])
-        pack_groups = min(-(-(in_h * in_w) // t.sample_local), ctx.info.max_workgroup_count[0])
-        sh, sw = self.strides
-        dh, dw = self.dilations
-        act = self.activation
+            ls = tune.local_size
+            texel_x = tune.texel and texel_fits(ctx, x_buf.size, TEXEL1)
+            pack = ctx.pipeline("deform_conv_pack" if texel_x else "deform_conv_pack_ssbo",
+                                (TEXEL1 if texel_x else STORAGE, STORAGE), _PACK_PUSH.size, (ls, 1, 1))
+            texel_s = (tune.texel and texel_fits(ctx, packed.size, TEXEL4)
+                       and all(texel_fits(ctx, b.size, TEXEL1) for b in (offset_buf, mask_buf)))
+            kinds = (TEXEL4, TEXEL1, TEXEL1) if texel_s else (STORAGE,) * 3
+            sample = ctx.pipeline("deform_conv_sample" if texel_s else "deform_conv_sample_ssbo",
+                                  (*kinds, STORAGE), _SAMPLE_PUSH.size, (ls, 1, 1))
+            texel_g = tune.texel and texel_fits(ctx, columns.size) and texel_fits(ctx, gemm.weights.size)
+            pack_set = DescriptorSet(pack, [x_buf, packed])
+            sample_set = DescriptorSet(sample, [packed, offset_buf, mask_buf, columns])
+            plan.keep += [pack_set, sample_set]
 
-        def body(cmd):
+            pack_push = _PACK_PUSH.pack(cin, in_h * in_w, og, cin_og, og_blocks)
+            pack_groups = (min(-(-(in_h * in_w) // ls), limit[0]), og, n)
+            steps = []
+            for c in chunks:
+                geo, pb, lay = gemm.tiled_operand(c.images, c.pixels)
+                tiles = geo.out[1]
+                # The sampling grid: (pixel quads rounded to workgroups) x offset groups x taps.
+                quad_groups = -(-(c.images * tiles * pb // 4) // ls)
+                groups, row_groups = _grid(ctx, quad_groups * og * taps * ls, ls, 1, "x (deform_conv columns)")
+                push = _SAMPLE_PUSH.pack(in_h, in_w, out_w, out_hw, kw, taps, *self.strides, *self.pads[:2],
+                                         *self.dilations, og, cin_og, og_blocks, gemm.cin_g // taps,
+                                         self.group, c.n0, c.q0, c.images, c.pixels, tiles, pb // 4,
+                                         row_groups, int(has_mask))
+                multiply = gemm.rows_dispatch(plan, geo, pb, lay, columns,
+                                              plan.outputs[0] if scratch is None else scratch, texel_g)
+                place = None if scratch is None else self._placement(scratch, plan.outputs[0], c, cout,
+                                                                     out_hw, tiles * pb)
+                steps.append((groups, push, multiply, place))
+        except BaseException:
+            plan.close()
+            raise
+
+        def body(cmd: CommandBuffer) -> None:
             self._stage(cmd, "begin")
-            cmd.dispatch(pack, sets[0], pack_push, (pack_groups, blocks, n))
+            cmd.dispatch(pack, pack_set, pack_push, pack_groups)
             cmd.barrier()
             self._stage(cmd, "pack")
-            for tile0 in range(0, tiles, chunk):
-                count = min(chunk, tiles - tile0)
-                pixels = min(count * t.tile_px, total - tile0 * t.tile_px)
-                push = _SAMPLE_PUSH.pack(in_h, in_w, out_h, out_w, kw, taps, sh, sw,
-                                         self.pads[0], self.pads[1], dh, dw, self.offset_group,
-                                         blocks, nb, tile0 * t.tile_px, pixels, t.tile_px, count,
-                                         int(has_mask))
-                cmd.dispatch(sample, sets[1], push,
-                             (-(-pixels // t.sample_local), taps, self.offset_group))
+            for groups, push, multiply, place in steps:
+                cmd.dispatch(sample, sample_set, push, groups)
                 cmd.barrier()
                 self._stage(cmd, "sample")
-                push = _GEMM_PUSH.pack(rows, t.tile_px, count, tile0, total, out_h * out_w,
-                                       cout // self.group, self.group, self.oc_tiles, act.a, act.b)
-                cmd.dispatch(gemm, sets[2], push, (count, self.oc_tiles, self.group))
+                multiply(cmd)
                 cmd.barrier()
+                if place is not None:
+                    place(cmd)
+                    cmd.barrier()
                 self._stage(cmd, "gemm")
 
-        plan.record(body)
+        try:
+            plan.record(body)
+        except BaseException:
+            plan.close()
+            raise
         return plan
+
+    @staticmethod
+    def _placement(scratch: Buffer, output: Buffer, c: Chunk, cout: int, out_hw: int,
+                   padded: int) -> Callable[[CommandBuffer], None]:
+        """The recorder of the copy of a chunk's scratch output ``[images][C_out][padded]``
+        (``padded`` >= ``c.pixels``: whole GEMM tiles) into the output."""
+        if padded == c.pixels == out_hw:  # whole images: one contiguous run
+            regions = [vk.VkBufferCopy(srcOffset=0, dstOffset=4 * c.n0 * cout * out_hw,
+                                       size=4 * c.images * cout * out_hw)]
+        else:
+            regions = [vk.VkBufferCopy(srcOffset=4 * (i * cout + k) * padded,
+                                       dstOffset=4 * (((c.n0 + i) * cout + k) * out_hw + c.q0), size=4 * c.pixels)
+                       for i in range(c.images) for k in range(cout)]
+        return lambda cmd: vk.vkCmdCopyBuffer(cmd.handle, scratch.buffer, output.buffer, len(regions), regions)
+
+    def _open_gemm(self) -> RowsKernel:
+        if self._gemm is None:
+            raise VkconvError("this DeformConv was closed")
+        return self._gemm
 
     def _stage(self, cmd, name: str) -> None:
         """Recording hook, called at "begin" and after each stage's barrier ("pack", then "sample"
@@ -353,16 +333,16 @@ class DeformConv:
     # -- lifetime ------------------------------------------------------------------------------
     def _release(self) -> None:
         self._plans.clear()
-        for buf in self._resident:
-            buf.close()
-        self._resident = []
+        if self._gemm is not None:
+            self._gemm.close()
+        self._gemm = None
 
     def close(self) -> None:
         """Free the device buffers and recorded plans (the shared pipelines stay cached)."""
         with self._lock:
             self._release()
 
-    def __enter__(self) -> "DeformConv":
+    def __enter__(self) -> DeformConv:
         return self
 
     def __exit__(self, *exc) -> None:
