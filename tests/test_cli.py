@@ -1,7 +1,9 @@
 """The ``vkconv`` command line (python -m vkconv / the console script): ``info`` (text, JSON, device
-choice, errors), ``run`` and ``profile`` (outputs, timing, comparison with OpenCV, inputs, errors)."""
+choice, errors), ``run`` and ``profile`` (outputs, timing, comparison with OpenCV, inputs, errors),
+``bench`` (JSON lines, PNG chart, help, errors)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -16,7 +18,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 import vkconv
 from cv_plugin import soak, zoo
-from vkconv import cli
+from vkconv import benchmarks, cli
+from vkconv.benchmarks import report
+from vkconv.benchmarks import sparse as sparse_bench
 from vkconv.cli import main
 from vkconv.context import choose_device
 
@@ -372,3 +376,150 @@ def test_model_error_is_one_line_on_the_real_stderr(tmp_path):
     assert res.returncode == 1 and res.stdout == ""
     lines = res.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("vkconv: error: ") and "channels" in lines[0], res.stderr
+
+
+# -- bench --------------------------------------------------------------------------------------
+# Oracles: the tiny case's FLOP count by hand (2 x 8 x 8 x 3 x 3 x 16 x 16); vkconv's output against
+# OpenCV's and ncnn's own convolutions of the same arrays (the benchmark's diff columns); PNG bytes
+# against the PNG signature and, with OpenCV, cv2.imread; sparse site and pair counts against numpy.
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_bench_conv_tiny_case_writes_jsonl_and_png(tmp_path):
+    out = tmp_path / "results"
+    res = subprocess.run([sys.executable, "-m", "vkconv", "bench", "conv", "--quick", "--cases", "tiny",
+                          "--out", str(out)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stderr
+    [jsonl] = out.glob("conv-*.jsonl")
+    assert f"results: {jsonl}" in res.stdout
+    assert "3/3" in res.stderr  # progress over 3 peers x 1 case, tqdm bar or plain lines
+    records = _jsonl(jsonl)
+    meta = next(r for r in records if r.get("peer") == "meta")
+    assert meta["repeat"] == 5 and meta["warmup"] == 1
+    vk = next(r for r in records if r.get("peer") == "vkconv")
+    assert vk["case"] == "tiny" and vk["runs"] == 5 and vk["ms"] > 0 and vk["ms_device"] > 0
+    assert vk["kernel"] in ("implicit_gemm", "winograd", "gemm1x1", "depthwise", "direct")
+    probe = next(r for r in records if r.get("peer") == "probe")
+    assert probe["gflops"] > 0 and probe["chains"] in (8, 16, 32)
+    [row] = [r for r in records if r.get("case") == "tiny" and "peer" not in r]
+    assert row["gflop"] == pytest.approx(2 * 8 * 8 * 9 * 16 * 16 / 1e9)
+    assert (row["cin"], row["cout"], row["k"], row["stride"], row["size"]) == (8, 8, 3, 1, 16)
+    assert row["vkconv_ms"] == vk["ms"] and row["gflops"] == pytest.approx(row["gflop"] / vk["ms"] * 1e3)
+    for peer, module in (("opencv", "cv2"), ("ncnn", "ncnn")):
+        if _has(module) and not any(r.get("peer") == peer and "skipped" in r for r in records):
+            assert row[f"{peer}_diff"] <= 1e-4, row  # the same convolution computed by the peer
+            assert row[f"ratio_vkconv_{peer}"] == pytest.approx(vk["ms"] / row[f"{peer}_ms"])
+    assert records[-1]["peer"] == "summary"
+    pngs = list(out.glob("conv-*.png"))
+    if not _has("matplotlib"):
+        assert not pngs and "matplotlib is not installed" in res.stdout
+        return
+    [png] = pngs
+    assert f"chart: {png}" in res.stdout
+    data = png.read_bytes()
+    assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
+    if cv2 is not None:
+        image = cv2.imread(str(png))
+        assert image is not None and image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_bench_script_wrappers_still_run(tmp_path):
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "conv.py"), "--cases", "tiny", "--quick",
+                          "--peers", "vkconv", "--out", str(tmp_path)], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "tiny" in res.stdout and len(list(tmp_path.glob("conv-*.jsonl"))) == 1
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "sparse.py"), "--help"], capture_output=True,
+                         text=True, cwd=tmp_path, timeout=120)
+    assert res.returncode == 0 and "--no-spconv" in res.stdout and "--out" in res.stdout
+
+
+def test_bench_help(capsys):
+    assert main(["bench", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert out.startswith("usage: vkconv bench")
+    for text in ("{conv,deform,sparse,all}", "--quick", "--out DIR", "--cases", "JSON", "PNG", "matplotlib",
+                 "tqdm", "vkconv.benchmarks.deform", "`all` includes it only then"):
+        assert text in out, text
+
+
+@pytest.mark.parametrize("argv", [["bench", "frobnicate"], ["bench", "conv", "--bogus"]])
+def test_bench_usage_errors_exit_2(argv, capsys):
+    assert main(argv) == 2
+    assert "usage: vkconv" in capsys.readouterr().err
+
+
+def test_bench_deform_without_its_module_is_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(benchmarks, "available", lambda: ["conv", "sparse"])
+    assert main(["bench", "deform"]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and "'deform' is not available" in lines[0] and "conv, sparse" in lines[0]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "conv", "--cases", "vgg1_1,nope"], "cases: unknown nope"),
+    (["bench", "sparse", "--cases", "tiny"], "--cases selects cases of `bench conv` only"),
+])
+def test_bench_bad_cases_are_one_line(argv, message, tmp_path, capsys):
+    assert main([*argv, "--out", str(tmp_path)]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+    assert not list(tmp_path.iterdir())
+
+
+def test_report_without_tqdm_and_matplotlib(monkeypatch, tmp_path, capsys):
+    # None in sys.modules makes the import fail as if the package were not installed.
+    for name in ("tqdm", "matplotlib", "matplotlib.pyplot"):
+        monkeypatch.setitem(sys.modules, name, None)
+    with report.Progress(2, "bench x") as progress:
+        progress.step("case a")
+        progress.note("peer y: skipped")
+        progress.step("case b")
+    assert capsys.readouterr().err.splitlines() == ["bench x [1/2] case a", "peer y: skipped",
+                                                    "bench x [2/2] case b"]
+    note = report.bar_chart(tmp_path / "c.png", ["a"], {"s": [1.0]}, title="t", ylabel="ms")
+    assert "matplotlib is not installed" in note and not (tmp_path / "c.png").exists()
+
+
+def _expected_sparse_counts(idx: np.ndarray, grid, subm: bool) -> tuple[int, int]:
+    """(output sites, pairs incl. SubM's centre tap) of a 3x3x3 kernel, stride 2 pad 1 unless SubM,
+    by brute force over the 27 taps."""
+    grid = np.array(grid)
+    stride, pad = (1, 1) if subm else (2, 1)
+    out_grid = (grid + 2 * pad - 3) // stride + 1
+    sites = set(map(tuple, idx[:, 1:]))
+    pairs, outs = 0, set()
+    for tap in np.ndindex(3, 3, 3):
+        num = idx[:, 1:] + pad - np.array(tap)  # out * stride = in + pad - tap
+        ok = np.all((num % stride == 0) & (num >= 0) & (num // stride < out_grid), axis=1)
+        o = num[ok] // stride
+        if subm:
+            ok_sites = [tuple(p) in sites for p in o]
+            o = o[ok_sites]
+        pairs += len(o)
+        outs |= set(map(tuple, o))
+    return len(outs), pairs
+
+
+def test_bench_sparse_small_run(tmp_path, capsys):
+    files = sparse_bench.run(quick=True, out=tmp_path, points=1500, spconv=False, dense=False)
+    printed = capsys.readouterr().out
+    [jsonl] = [f for f in files if f.suffix == ".jsonl"]
+    assert f"results: {jsonl}" in printed and "scan" in printed
+    meta, *rows = _jsonl(jsonl)
+    assert meta["peer"] == "meta" and meta["points"] == 1500 and meta["spconv"] is False
+    assert [r["layer"] for r in rows] == list(sparse_bench.LAYERS)
+    idx = sparse_bench.scan_cloud(np.random.default_rng(0), 1500, sparse_bench.GRID)
+    for r in rows:
+        assert r["cloud"] == "scan" and r["channels"] == 16 and "sp_total_ms" not in r
+        assert 0 < r["vk_compute_ms"] and 0 < r["vk_rulebook_ms"] and 0 < r["vk_total_ms"]
+        assert (r["n_out"], r["pairs"]) == _expected_sparse_counts(idx, sparse_bench.GRID, r["layer"] == "SubM k3")
+    assert [f.suffix for f in files] == ([".jsonl", ".png"] if _has("matplotlib") else [".jsonl"])

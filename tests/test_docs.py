@@ -4,10 +4,12 @@ A file's blocks run in order in one namespace (later blocks may use earlier ones
 directory holding ``model.onnx``: a small Conv network with one input ``input`` of shape
 ``[1, 3, H, W]`` (any height and width), so that examples can load "model.onnx" as users would.
 A block preceded by a ``<!-- skip-test -->`` line is not run (for code that needs packages the
-test environment lacks, such as torchvision).
+test environment lacks, such as torchvision).  A block that imports keras runs only where keras is
+installed (the ``keras`` extra; it is in CI).
 """
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 
@@ -18,6 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SKIP_MARK = "<!-- skip-test -->"
 FENCE = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.M | re.S)
+IMPORTS_KERAS = re.compile(r"^\s*(import keras\b|from keras\b)", re.M)
+HAS_KERAS = importlib.util.find_spec("keras") is not None
 
 
 def python_blocks(text: str) -> list[tuple[int, str, bool]]:
@@ -35,6 +39,11 @@ def test_block_extraction():
             "```sh\nls\n```\n```python\ny = 2\n```\n")
     assert python_blocks(text) == [(2, "x = 1\n", False), (6, "import torchvision\n", True),
                                    (12, "y = 2\n", False)]
+
+
+def test_keras_blocks_are_recognised():
+    assert IMPORTS_KERAS.search("import os\nimport keras\n") and IMPORTS_KERAS.search("from keras import ops")
+    assert not IMPORTS_KERAS.search("from cv_plugin.keras import to_onnx\nimport kerasx\n")
 
 
 def _example_model(path: Path) -> None:
@@ -76,7 +85,7 @@ def test_python_blocks_run(doc, tmp_path, monkeypatch):
     namespace: dict = {"__name__": "__main__"}
     ran = 0
     for line, code, skipped in blocks:
-        if skipped:
+        if skipped or (IMPORTS_KERAS.search(code) and not HAS_KERAS):
             continue
         try:
             exec(compile(code, f"{doc.name}:{line}", "exec"), namespace)  # noqa: S102 - the docs' own code

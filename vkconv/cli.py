@@ -12,6 +12,9 @@ Subcommands:
 ``profile MODEL.onnx``
     per-layer wall time: OpenCV's own per-layer profile (``getPerfProfile``) beside the time spent
     inside each vkconv layer's op.
+``bench [conv|deform|sparse|all]``
+    the benchmarks of :mod:`vkconv.benchmarks` with a progress bar over their cases; each prints
+    its table and writes JSON lines and a PNG chart (with matplotlib) into ``--out``.
 
 Exit status: 0 on success, 1 when vkconv reports an error (no loader, no device, a device
 selector that matches nothing, a model or input that cannot be used), 2 for a usage error.
@@ -338,12 +341,30 @@ def cmd_profile(args: argparse.Namespace) -> int:
         print(f"  {name:<{width}}  {kind:<{twidth}}  {1e3 * cv_s:9.3f}  {vk_col}")
     cv_sum = sum(r[2] for r in rows)
     vk_rows = [r for r in rows if r[3] is not None]
-    vk_sum = sum(r[3] for r in vk_rows)
+    vk_sum = sum(vk_s for _, _, _, vk_s in rows if vk_s is not None)
     print(f"  {'sum':<{width}}  {'':<{twidth}}  {1e3 * cv_sum:9.3f}  {1e3 * vk_sum:9.3f}")
     print(f"forward (setInput + forward): median {_ms(statistics.median(walls))}, OpenCV's total "
           f"{_ms(statistics.median(totals))}; "
           f"{len(vk_rows)} vkconv layers took {_ms(sum(r[2] for r in vk_rows))} in OpenCV's profile, "
           f"{_ms(vk_sum)} of it inside vkconv ops (the rest: OpenCV's Python-layer call and copies)")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import benchmarks
+
+    if args.cases and args.name != "conv":
+        raise CliError(f"--cases selects cases of `bench conv` only, not of `bench {args.name}`")
+    names = benchmarks.available() if args.name == "all" else [args.name]
+    if args.name == "all" and "deform" not in names:
+        print("bench deform: not in this version of vkconv (no vkconv.benchmarks.deform); skipped",
+              file=sys.stderr)
+    cases = {"cases": args.cases.split(",")} if args.cases else {}
+    for name in names:
+        module = benchmarks.load(name)  # ValueError (one line, status 1) for deform without its module
+        if len(names) > 1:
+            print(f"== bench {name}", flush=True)
+        module.run(quick=args.quick, out=args.out, **cases)
     return 0
 
 
@@ -413,6 +434,35 @@ def build_parser() -> argparse.ArgumentParser:
                     "(getPerfProfile) beside the time spent inside each vkconv layer's op, with totals.")
     _add_model_options(profile, "profiled forwards after the warm-up (default 3)")
     profile.set_defaults(func=cmd_profile)
+
+    bench = sub.add_parser(
+        "bench", parents=[_common()], help="benchmark vkconv against its peers (progress bar, JSON, PNG)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run vkconv's benchmarks: each prints a table, and writes <name>-<time>.jsonl (one JSON\n"
+                    "object per line) and, when matplotlib is installed, a PNG chart <name>-<time>.png into\n"
+                    "--out. A progress bar (tqdm, when installed) counts the cases. Peers that are not\n"
+                    "installed (ncnn, OpenCV, spconv/torch) are skipped with a note.\n"
+                    "pip install 'vkconv[bench]' brings tqdm and matplotlib.",
+        epilog="benchmarks:\n"
+               "  conv    dense Conv: VGG-16's 13 convolutions, a depthwise, a 1x1 and a stride-2\n"
+               "          one, vs ncnn's Vulkan fp32 convolution and OpenCV's CPU dnn; FMA peak probe\n"
+               "  sparse  SubM and strided sparse conv3d on a 41x400x352 grid with 30,000 voxels, vs\n"
+               "          spconv 2.x on CPU and a dense conv3d\n"
+               "  deform  DeformConv; only in versions of vkconv that have vkconv.benchmarks.deform\n"
+               "          (`all` includes it only then)\n"
+               "  all     each of the above that this vkconv has (the default)\n\n"
+               "examples:\n  vkconv bench conv --quick --out results\n  vkconv bench all")
+    bench.add_argument("name", nargs="?", default="all", choices=["conv", "deform", "sparse", "all"],
+                       metavar="{conv,deform,sparse,all}", help="which benchmark (default all)")
+    bench.add_argument("--quick", action="store_true",
+                       help="a few cases only (conv: 6 layers; sparse: one cloud at 16 channels); well "
+                            "under a minute each on lavapipe")
+    bench.add_argument("--out", type=Path, default=Path("vkconv-bench"), metavar="DIR",
+                       help="folder for the JSON-lines results and the charts (default ./vkconv-bench)")
+    bench.add_argument("--cases", metavar="NAMES",
+                       help="conv only: comma-separated case names, e.g. vgg1_1,dw3x3_c96_56 (or tiny, "
+                            "an 8-channel 16x16 smoke test)")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 
