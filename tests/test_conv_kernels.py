@@ -288,3 +288,48 @@ def test_conv3d_conformance(name, kernel, conformance, monkeypatch):
                     pads=tuple(attrs.get("pads", (0,) * 6)),
                     dilations=tuple(attrs.get("dilations", (1,) * 3)), group=attrs.get("group", 1))
     assert_close(y, expected, REL, what=name)
+
+
+# -- fp16 weight storage ---------------------------------------------------------------------------
+# Tolerance: each weight is rounded to float16 once (relative error <= 2^-11 = 4.9e-4) and the sums
+# stay float32, so the output may move by a few 1e-4 of its scale: max abs diff <= 2e-3 x max|y|.
+FP16_REL = 2e-3
+
+
+@pytest.mark.parametrize("kernel", ["implicit_gemm", "gemm1x1", "depthwise", "winograd"])
+def test_fp16_weights_match_within_the_stated_tolerance(kernel, monkeypatch):
+    """Winograd keeps fp32 weights (its transform magnifies their rounding) and the fp32 tolerance."""
+    if not vkconv.get_context().info.fp16_texel:
+        pytest.skip("this device cannot read RGBA16F texel buffers")
+    monkeypatch.setenv("VKCONV_CONV_TEXEL", "1")
+    case = CASES[kernel][0]
+    x, w, b = case.arrays(5)
+    g = case.geometry()
+    expected = reference(x, w, b, activation=case.activation, **g)
+    with vkconv.Conv(w, b, activation=case.activation, kernel=kernel, fp16=True, **g) as op:
+        y = op(x)
+        kern = op._kernel(kernel)
+        if kernel == "winograd":
+            assert kern.gemm.weights.half is None
+            assert_close(y, expected, REL, f"{kernel} {case}")
+            return
+        assert_close(y, expected, FP16_REL, f"{kernel} fp16 {case}")
+        assert kern.weights.half is not None and kern.weights.full is None  # only the fp16 copy
+        assert 2 * kern.weights.half.nbytes == kern.weights.size
+
+
+def test_fp16_weights_fall_back_to_fp32_for_storage_reads(monkeypatch):
+    """Without texel reads (VKCONV_CONV_TEXEL=0) fp16 is not used: results are fp32-exact."""
+    monkeypatch.setenv("VKCONV_CONV_TEXEL", "0")
+    case = CASES["implicit_gemm"][0]
+    x, w, b = case.arrays(6)
+    g = case.geometry()
+    with vkconv.Conv(w, b, activation=case.activation, kernel="implicit_gemm", fp16=True, **g) as op:
+        assert_close(op(x), reference(x, w, b, activation=case.activation, **g), REL)
+
+
+def test_fp16_refused_where_the_device_cannot_read_it():
+    with Context() as ctx:
+        ctx.info = dataclasses.replace(ctx.info, fp16_texel=False)
+        with pytest.raises(vkconv.VkconvError, match="fp16"):
+            vkconv.Conv(np.ones((4, 4, 3, 3), np.float32), fp16=True, ctx=ctx)

@@ -104,6 +104,7 @@ class DeviceInfo:
     has_compute_queue: bool
     rank: int = field(repr=False)
     max_texel_buffer_elements: int = 0  # 0 when RGBA32F / R32F uniform texel buffers are unsupported
+    fp16_texel: bool = False  # RGBA16F uniform texel buffers (vkconv's fp16 weight storage)
 
 
 def _version_str(v: int) -> str:
@@ -171,6 +172,8 @@ def _describe(index: int, pd) -> DeviceInfo:
             v.vkGetPhysicalDeviceFormatProperties(pd, fmt).bufferFeatures
             & v.VK_FORMAT_FEATURE_UNIFORM_TEXEL_BUFFER_BIT
             for fmt in (v.VK_FORMAT_R32G32B32A32_SFLOAT, v.VK_FORMAT_R32_SFLOAT)) else 0,
+        fp16_texel=bool(v.vkGetPhysicalDeviceFormatProperties(pd, v.VK_FORMAT_R16G16B16A16_SFLOAT).bufferFeatures
+                        & v.VK_FORMAT_FEATURE_UNIFORM_TEXEL_BUFFER_BIT),
         subgroup_size=sub.subgroupSize,
         fp16_storage=bool(f16.storageBuffer16BitAccess),
         fp16_arithmetic=bool(f16a.shaderFloat16),
@@ -183,7 +186,7 @@ def _describe(index: int, pd) -> DeviceInfo:
 # VKCONV_LIMITS=mobile: the limits kernels size themselves from, as on a small mobile GPU.
 _MOBILE_LIMITS = {"max_workgroup_invocations": 128, "max_workgroup_size": (128, 128, 64),
                   "max_shared_memory": 16384, "max_storage_buffer_range": 128 << 20,
-                  "fp16_storage": False, "fp16_arithmetic": False}
+                  "fp16_storage": False, "fp16_arithmetic": False, "fp16_texel": False}
 
 
 def simulated_limits(info: DeviceInfo, profile: str | None) -> DeviceInfo:

@@ -37,13 +37,18 @@ class Conv:
     at that shape reuse it (one submit each, no Vulkan object created).  ``kernel`` forces a kernel
     (``"direct"``, ``"implicit_gemm"``, ``"gemm1x1"``, ``"depthwise"``, ``"winograd"``; default
     ``VKCONV_CONV_KERNEL`` or ``"auto"``); a forced kernel that cannot run a shape raises ValueError.
+    ``fp16=True`` (default: ``VKCONV_FP16=1``) keeps the weights of the texel-buffer kernels
+    (implicit_gemm, gemm1x1, depthwise; not winograd, whose transform would magnify the rounding) as
+    float16 — half the weight memory and bandwidth;
+    inputs, outputs and arithmetic stay float32, so results differ from fp32 weights by the weights'
+    rounding (about 5e-4 relative each).
     """
 
     weight_shape: tuple[int, ...]  # set by set_weights
 
     def __init__(self, w: np.ndarray, b: np.ndarray | None = None, *, strides=1, pads=0,
                  dilations=1, group: int = 1, activation=None, auto_pad: str = "NOTSET",
-                 ctx: Context | None = None, kernel: str | None = None):
+                 ctx: Context | None = None, kernel: str | None = None, fp16: bool | None = None):
         w = shapes.as_float32("w", w, (3, 4, 5))
         self.nd = w.ndim - 2
         if not isinstance(group, (int, np.integer)) or isinstance(group, bool) or group < 1:
@@ -59,7 +64,7 @@ class Conv:
         self.kernel = _kernel_request(kernel)
         self.ctx = ctx or get_context()
         self.ctx.check()
-        self.tuning = tuning(self.ctx)
+        self.tuning = tuning(self.ctx, fp16)
         self._plans = PlanCache()
         self._kernels: dict[str, Kernel] = {}
         self._lock = threading.Lock()

@@ -25,6 +25,8 @@ forces storage buffers.
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 import os
 import struct
@@ -37,8 +39,10 @@ from .buffer import Buffer, upload_constant
 from .command import CommandBuffer
 from .context import Context
 from .errors import VkconvError
-from .pipeline import STORAGE, TEXEL1, TEXEL4, DescriptorSet, texel_fits
+from .pipeline import STORAGE, TEXEL1, TEXEL4, TEXEL4H, DescriptorSet, texel_fits
 from .plan import Plan
+
+log = logging.getLogger(__name__)
 
 KERNELS = ("direct", "implicit_gemm", "gemm1x1", "depthwise", "winograd")
 
@@ -102,18 +106,61 @@ class Tuning:
     local_size: int
     max_tile: int  # MB * PB bound: register-tile floats per invocation
     texel: bool    # read operands through texel buffers
+    fp16: bool = False  # keep weights as fp16 (RGBA16F texel views); arithmetic stays fp32
 
 
-def tuning(ctx: Context) -> Tuning:
-    """Tile sizes by device type.
+def tuning(ctx: Context, fp16: bool | None = None) -> Tuning:
+    """Tile sizes by device type, and the weight storage precision.
 
     On a CPU device (lavapipe) an invocation is one SIMD lane of a loop the JIT unrolls; loads are
     expensive and registers spill cheaply to L1, so big register tiles (16x16) win. A GPU has a
     register file per thread and needs occupancy: at most 32 accumulators per invocation.
+    ``fp16``: None follows ``VKCONV_FP16=1`` (ignored, with a log line, where the device cannot read
+    RGBA16F texel buffers); True on such a device is an error.
     """
     big = ctx.info.type == "cpu"
     texel = os.environ.get("VKCONV_CONV_TEXEL", "1") not in ("0", "")
-    return Tuning(local_size=ctx.local_size(), max_tile=256 if big else 32, texel=texel)
+    if fp16 is None:
+        fp16 = os.environ.get("VKCONV_FP16", "") == "1"
+        if fp16 and not ctx.info.fp16_texel:
+            log.info("VKCONV_FP16=1 ignored: %s cannot read RGBA16F texel buffers", ctx.info.name)
+            fp16 = False
+    elif fp16 and not ctx.info.fp16_texel:
+        raise VkconvError(f"fp16: {ctx.info.name} cannot read RGBA16F texel buffers")
+    return Tuning(local_size=ctx.local_size(), max_tile=256 if big else 32, texel=texel,
+                  fp16=bool(fp16) and texel)
+
+
+class ResidentWeights:
+    """Packed weights kept on the device for texel or storage reads.
+
+    With ``fp16`` the device copy is float16, read through an RGBA16F view (half the memory and
+    weight bandwidth; each weight rounded once, accumulation stays fp32); a float32 copy is made only
+    if a plan has to fall back to storage buffers, which cannot convert halves.
+    """
+
+    def __init__(self, ctx: Context, packed: np.ndarray, name: str, fp16: bool):
+        self.ctx, self.name, self.size = ctx, name, packed.nbytes  # size: fp32 bytes, for texel_fits
+        self._packed: np.ndarray | None = packed if fp16 else None
+        self.half = upload_constant(ctx, packed.astype(np.float16), name + " (fp16)", texel=True) \
+            if fp16 else None
+        self.full = None if fp16 else upload_constant(ctx, packed, name, texel=True)
+
+    def binding(self, texel: bool) -> tuple[Buffer, str]:
+        """The buffer and binding kind a plan reading through texels (or not) binds."""
+        if texel and self.half is not None:
+            return self.half, TEXEL4H
+        if self.full is None:
+            assert self._packed is not None
+            self.full = upload_constant(self.ctx, self._packed, self.name, texel=True)
+            self._packed = None
+        return self.full, TEXEL4 if texel else STORAGE
+
+    def close(self) -> None:
+        for buf in (self.half, self.full):
+            if buf is not None:
+                buf.close()
+        self.half = self.full = None
 
 
 
@@ -216,7 +263,7 @@ class Kernel:
         self.ctx, self.group, self.act, self.tune = ctx, group, activation, tune
         self.cout, self.cin_g = w.shape[:2]
         self.cout_g = self.cout // group
-        self.buffers: list[Buffer] = []
+        self.buffers: list[Buffer | ResidentWeights] = []
 
     def fits(self, geo: Geometry) -> bool:
         """Whether this kernel's scratch buffers fit the device's limits at this shape."""
@@ -293,7 +340,7 @@ def _padded(geo: Geometry, pb: int) -> _Padded:
 class _PaddedInputKernel(Kernel):
     """Shared by the kernels that read the padded copy: the pack pass and texel/storage choice."""
 
-    def _use_texel(self, plan_bytes: list[int], texel_buffers: list[Buffer]) -> bool:
+    def _use_texel(self, plan_bytes: list[int], texel_buffers: list[Buffer | ResidentWeights]) -> bool:
         if not self.tune.texel:
             return False
         return (all(texel_fits(self.ctx, n) for n in plan_bytes)
@@ -326,7 +373,7 @@ class RowsKernel(_PaddedInputKernel):
         self.name = "gemm1x1" if flat else "implicit_gemm"
         self.flat = flat
         self.mb = choose_mb(self.cout_g, tune)
-        self.weights = upload_constant(ctx, pack_oc_blocks(w, group, self.mb), "conv weights", texel=True)
+        self.weights = ResidentWeights(ctx, pack_oc_blocks(w, group, self.mb), "conv weights", tune.fp16)
         self.bias = upload_constant(ctx, pack_bias_blocks(b, self.cout, group, self.mb), "conv bias")
         self.buffers += [self.weights, self.bias]
 
@@ -405,11 +452,12 @@ class RowsKernel(_PaddedInputKernel):
         ctx, ls = self.ctx, self.tune.local_size
         kw, sw, dw = g.kernel[2], g.strides[2], g.dilations[2]
         kind = TEXEL4 if texel else STORAGE
+        weights, weight_kind = self.weights.binding(texel)
         vec_out = g.out[2] % 4 == 0
         pipe = ctx.pipeline("conv2d_rows" if texel else "conv2d_rows_ssbo",
-                                (kind, kind, STORAGE, STORAGE), _PUSH_ROWS.size,
-                                (ls, 1, 1, self.act.kind, self.mb, pb, kw, sw, dw, int(vec_out)))
-        dset = DescriptorSet(pipe, [source, self.weights, self.bias, output])
+                            (kind, weight_kind, STORAGE, STORAGE), _PUSH_ROWS.size,
+                            (ls, 1, 1, self.act.kind, self.mb, pb, kw, sw, dw, int(vec_out)))
+        dset = DescriptorSet(pipe, [source, weights, self.bias, output])
         plan.keep.append(dset)
         blocks = -(-self.cout_g // self.mb)
         groups, row_groups = _grid(ctx, lay.tiles_w * g.out[1] * g.out[0] * blocks, ls,
@@ -434,7 +482,7 @@ class DepthwiseKernel(_PaddedInputKernel):
         kwv = -(-kw // 4)
         packed = np.zeros((self.cout, kd, kh, 4 * kwv), np.float32)
         packed[..., :kw] = w[:, 0]
-        self.weights = upload_constant(ctx, packed, "depthwise weights", texel=True)
+        self.weights = ResidentWeights(ctx, packed, "depthwise weights", tune.fp16)
         bias = np.zeros(self.cout, np.float32) if b is None else b
         self.bias = upload_constant(ctx, bias, "depthwise bias")
         self.buffers += [self.weights, self.bias]
@@ -454,11 +502,12 @@ class DepthwiseKernel(_PaddedInputKernel):
             texel = self._use_texel([lay.nbytes], [self.weights])
             source, pack = self._pack(plan, geo, lay, texel)
             kind = TEXEL4 if texel else STORAGE
+            weights, weight_kind = self.weights.binding(texel)
             kw, sw, dw = geo.kernel[2], geo.strides[2], geo.dilations[2]
             pipe = ctx.pipeline("conv2d_depthwise" if texel else "conv2d_depthwise_ssbo",
-                                    (kind, kind, STORAGE, STORAGE), _PUSH_DEPTHWISE.size,
-                                    (ls, 1, 1, self.act.kind, 0, pb, kw, sw, dw, int(geo.out[2] % 4 == 0)))
-            dset = DescriptorSet(pipe, [source, self.weights, self.bias, plan.outputs[0]])
+                                (kind, weight_kind, STORAGE, STORAGE), _PUSH_DEPTHWISE.size,
+                                (ls, 1, 1, self.act.kind, 0, pb, kw, sw, dw, int(geo.out[2] % 4 == 0)))
+            dset = DescriptorSet(pipe, [source, weights, self.bias, plan.outputs[0]])
             plan.keep.append(dset)
             groups, row_groups = _grid(ctx, lay.tiles_w * geo.out[1] * geo.out[0] * self.cout, ls,
                                        geo.n, "x (conv output size)")
@@ -508,7 +557,9 @@ class WinogradKernel(_PaddedInputKernel):
         # U[a = 6i + k][co][ci] = (G g G^T)[i][k], in float64 then rounded once.
         u = np.einsum("ij,ocjk,lk->iloc", _WINOGRAD_G, w[:, :, 0].astype(np.float64), _WINOGRAD_G)
         u = u.reshape(36 * self.cout, self.cin_g, 1, 1, 1).astype(np.float32)
-        self.gemm = RowsKernel(ctx, u, None, 36, Activation(), tune, flat=True)
+        # fp32 even with fp16 weights requested: F(4,3)'s output transform multiplies the rounding
+        # of the transformed weights (measured: 4e-3 of the output's scale with fp16, 1e-5 with fp32).
+        self.gemm = RowsKernel(ctx, u, None, 36, Activation(), dataclasses.replace(tune, fp16=False), flat=True)
         bias = np.zeros(self.cout, np.float32) if b is None else b
         self.bias = upload_constant(ctx, bias, "winograd bias")
         self.buffers += [self.bias]

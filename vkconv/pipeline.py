@@ -5,7 +5,9 @@ specialization constants 0, 1, 2 are the local size x, y, z, and constants from 
 shader's own (``ACT`` is 3 wherever an activation epilogue is included).
 
 A binding is a storage buffer (``STORAGE``) or a uniform texel buffer viewed as RGBA32F
-(``TEXEL4``: ``texelFetch(samplerBuffer, i)`` is vec4 number i) or R32F (``TEXEL1``).  Why texel
+(``TEXEL4``: ``texelFetch(samplerBuffer, i)`` is vec4 number i), RGBA16F (``TEXEL4H``: the same
+vec4, stored as half floats: half the memory and bandwidth, arithmetic still fp32) or R32F
+(``TEXEL1``).  Why texel
 buffers: on Mesa lavapipe every storage-buffer load compiles into a per-lane loop with a branch per
 component, while ``texelFetch`` is a plain gather (measured on LLVM 15, 2 cores: 1.15 G floats/s
 through vec4 SSBO loads, 2.5 G floats/s through RGBA32F texelFetch); on GPUs texel buffers go
@@ -26,14 +28,15 @@ log = logging.getLogger(__name__)
 
 STORAGE = "storage"
 TEXEL4 = "texel4"
+TEXEL4H = "texel4h"  # RGBA16F view: texelFetch still gives vec4 number i, stored as 4 halves
 TEXEL1 = "texel1"
-_TEXEL_BYTES = {TEXEL4: 16, TEXEL1: 4}
+_TEXEL_BYTES = {TEXEL4: 16, TEXEL4H: 8, TEXEL1: 4}
 
 
 def binding_kinds(bindings) -> tuple[str, ...]:
     """One kind per binding from an int (that many storage buffers) or a sequence of kinds."""
     kinds = (STORAGE,) * bindings if isinstance(bindings, int) else tuple(bindings)
-    if any(k not in (STORAGE, TEXEL4, TEXEL1) for k in kinds):
+    if any(k not in (STORAGE, TEXEL4, TEXEL4H, TEXEL1) for k in kinds):
         raise VkconvError(f"unknown binding kind in {kinds}")
     return kinds
 
@@ -175,9 +178,10 @@ class DescriptorSet:
             if not texel_fits(ctx, buf.size, kind):
                 raise VkconvError(f"{buf.name}: {buf.size // texel} texels exceed the device's "
                                   f"maxTexelBufferElements ({ctx.info.max_texel_buffer_elements})")
-            view_info = v.VkBufferViewCreateInfo(
-                buffer=buf.buffer, format=v.VK_FORMAT_R32G32B32A32_SFLOAT if kind == TEXEL4
-                else v.VK_FORMAT_R32_SFLOAT, offset=0, range=buf.size // texel * texel)
+            formats = {TEXEL4: v.VK_FORMAT_R32G32B32A32_SFLOAT, TEXEL4H: v.VK_FORMAT_R16G16B16A16_SFLOAT,
+                       TEXEL1: v.VK_FORMAT_R32_SFLOAT}
+            view_info = v.VkBufferViewCreateInfo(buffer=buf.buffer, format=formats[kind], offset=0,
+                                                 range=buf.size // texel * texel)
             view = v.vkCreateBufferView(ctx.device, view_info, None)
             self._h["views"].append(view)
             ctx.track("buffer_view", 1)
