@@ -447,7 +447,7 @@ def test_bench_help(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert out.startswith("usage: vkconv bench")
     for text in ("{conv,deform,sparse,all}", "--quick", "--out DIR", "--cases", "JSON", "PNG", "matplotlib",
-                 "tqdm", "vkconv.benchmarks.deform", "`all` includes it only then"):
+                 "tqdm", "deform DeformConv (DCNv2 3x3", "PASS/FAIL against issue 4's targets"):
         assert text in out, text
 
 
@@ -523,3 +523,60 @@ def test_bench_sparse_small_run(tmp_path, capsys):
         assert 0 < r["vk_compute_ms"] and 0 < r["vk_rulebook_ms"] and 0 < r["vk_total_ms"]
         assert (r["n_out"], r["pairs"]) == _expected_sparse_counts(idx, sparse_bench.GRID, r["layer"] == "SubM k3")
     assert [f.suffix for f in files] == ([".jsonl", ".png"] if _has("matplotlib") else [".jsonl"])
+
+
+def test_bench_deform_quick_writes_jsonl_and_png(tmp_path):
+    out = tmp_path / "results"
+    res = subprocess.run([sys.executable, "-m", "vkconv", "bench", "deform", "--quick", "--out", str(out)],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stderr
+    [jsonl] = out.glob("deform-*.jsonl")
+    assert f"results: {jsonl}" in res.stdout
+    assert "2/2" in res.stderr  # progress over the 2 quick cases, tqdm bar or plain lines
+    meta, *rows = _jsonl(jsonl)
+    assert meta["peer"] == "meta" and (meta["runs"], meta["warmup"], meta["repeat"]) == (5, 1, 1)
+    assert meta["sample_limit"] == 0.25
+    assert [(r["channels"], r["size"], r["offset_group"]) for r in rows] == [(16, 16, 1), (16, 16, 2)]
+    for r in rows:
+        assert r["case"] == f"16->16 16x16 og={r['offset_group']}" and r["rounds"] == 1
+        assert r["gflop"] == pytest.approx(2 * 16 * 16 * 9 * 16 * 16 / 1e9)  # 2 x MACs by hand
+        assert r["vkconv_ms"] > 0 and r["gflops"] == pytest.approx(r["gflop"] / r["vkconv_ms"] * 1e3)
+        if "dev_total_ms" in r:  # the queue has timestamps (lavapipe has)
+            # medians over calls: each stage's is at most the total's (per call stage <= total)
+            for stage in ("pack", "sample", "gemm"):
+                assert 0 < r[f"dev_{stage}_ms"] <= r["dev_total_ms"], (stage, r)
+            assert r["sample_share"] == pytest.approx(r["dev_sample_ms"] / r["dev_total_ms"])
+            assert r["sampling_under_limit"] == (r["sample_share"] < 0.25)
+            verdict = "PASS" if r["sampling_under_limit"] else "FAIL"
+            assert f"{r['case']}: faster than torchvision: " in res.stdout
+            assert f"sampling under 25% of device time: {verdict} ({r['sample_share']:.0%})" in res.stdout
+        if _has("onnxruntime"):  # ONNX Runtime's own DeformConv of the same arrays
+            assert r["onnxruntime_diff"] <= 1e-4, r
+            assert r["ratio_onnxruntime_vkconv"] == pytest.approx(r["onnxruntime_ms"] / r["vkconv_ms"])
+        if not _has("torchvision"):
+            assert r["faster_than_torchvision"] is None and "torchvision_ms" not in r
+    if not _has("torchvision"):
+        assert "skipped torchvision: torchvision not importable" in res.stdout
+    if _has("ncnn"):
+        assert rows[0]["ncnn_diff"] <= 1e-4 and rows[1]["ncnn_skipped"] == "ncnn's DeformableConv2D has no offset groups"
+    assert "| case | vkconv ms | on-device ms | sampling ms | sampling % |" in res.stdout
+    pngs = list(out.glob("deform-*.png"))
+    if not _has("matplotlib"):
+        assert not pngs and "matplotlib is not installed" in res.stdout
+        return
+    [png] = pngs
+    assert f"chart: {png}" in res.stdout and png.read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_bench_deform_script_help_and_bad_flags(tmp_path):
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "deform.py"), "--help"], capture_output=True,
+                         text=True, cwd=tmp_path, timeout=120)
+    assert res.returncode == 0, res.stderr
+    for flag in ("--runs", "--warmup", "--repeat", "--cases", "--og", "--peers", "--quick", "--out"):
+        assert flag in res.stdout, flag
+    for argv, message in ((["--runs", "3"], "runs: must be at least 5"), (["--cases", "64x"], "--cases"),
+                          (["--og", "3"], "offset_groups"), (["--peers", "cudnn"], "peers: unknown")):
+        res = subprocess.run([sys.executable, str(ROOT / "bench" / "deform.py"), *argv, "--out", str(tmp_path)],
+                             capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        assert res.returncode == 2 and message in res.stderr, (argv, res.stderr)
+    assert not list(tmp_path.iterdir())

@@ -441,22 +441,24 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run vkconv's benchmarks: each prints a table, and writes <name>-<time>.jsonl (one JSON\n"
                     "object per line) and, when matplotlib is installed, a PNG chart <name>-<time>.png into\n"
                     "--out. A progress bar (tqdm, when installed) counts the cases. Peers that are not\n"
-                    "installed (ncnn, OpenCV, spconv/torch) are skipped with a note.\n"
+                    "installed (ncnn, OpenCV, ONNX Runtime, torchvision, spconv/torch) are skipped\n"
+                    "with a note.\n"
                     "pip install 'vkconv[bench]' brings tqdm and matplotlib.",
         epilog="benchmarks:\n"
                "  conv    dense Conv: VGG-16's 13 convolutions, a depthwise, a 1x1 and a stride-2\n"
                "          one, vs ncnn's Vulkan fp32 convolution and OpenCV's CPU dnn; FMA peak probe\n"
                "  sparse  SubM and strided sparse conv3d on a 41x400x352 grid with 30,000 voxels, vs\n"
                "          spconv 2.x on CPU and a dense conv3d\n"
-               "  deform  DeformConv; only in versions of vkconv that have vkconv.benchmarks.deform\n"
-               "          (`all` includes it only then)\n"
+               "  deform  DeformConv (DCNv2 3x3, offsets + mask) at 28-56 px, 64-256 channels, 1 and 4\n"
+               "          offset groups, vs ONNX Runtime, torchvision and ncnn on CPU; vkconv's per-stage\n"
+               "          device time and PASS/FAIL against issue 4's targets\n"
                "  all     each of the above that this vkconv has (the default)\n\n"
                "examples:\n  vkconv bench conv --quick --out results\n  vkconv bench all")
     bench.add_argument("name", nargs="?", default="all", choices=["conv", "deform", "sparse", "all"],
                        metavar="{conv,deform,sparse,all}", help="which benchmark (default all)")
     bench.add_argument("--quick", action="store_true",
-                       help="a few cases only (conv: 6 layers; sparse: one cloud at 16 channels); well "
-                            "under a minute each on lavapipe")
+                       help="a few cases only (conv: 6 layers; sparse: one cloud at 16 channels; deform: "
+                            "16 channels at 16x16, one round); well under a minute each on lavapipe")
     bench.add_argument("--out", type=Path, default=Path("vkconv-bench"), metavar="DIR",
                        help="folder for the JSON-lines results and the charts (default ./vkconv-bench)")
     bench.add_argument("--cases", metavar="NAMES",

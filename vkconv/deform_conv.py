@@ -328,7 +328,7 @@ class DeformConv:
 
     def _stage(self, cmd, name: str) -> None:
         """Recording hook, called at "begin" and after each stage's barrier ("pack", then "sample"
-        and "gemm" per chunk); bench/deform.py overrides it to write GPU timestamps."""
+        and "gemm" per chunk); vkconv.benchmarks.deform.TimedDeformConv overrides it to write GPU timestamps."""
 
     # -- lifetime ------------------------------------------------------------------------------
     def _release(self) -> None:
