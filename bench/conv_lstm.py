@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
@@ -17,16 +16,11 @@ from onnx import TensorProto, helper, numpy_helper
 import cv_plugin
 import vkconv
 from cv_plugin import compat
+from vkconv.benchmarks import report
 
 
 def _median_ms(fn, runs: int) -> float:
-    fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    return 1e3 * statistics.median(report.times(fn, warmup=1, repeat=runs))
 
 
 def bench_next_frame(runs: int, frames: int, size: int) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import numpy as np
 import onnx
@@ -17,18 +16,16 @@ import onnx
 import cv_plugin
 import vkconv
 from cv_plugin import compat, zoo
+from vkconv.benchmarks import report
 
 
 def _median_ms(net, x, runs: int) -> tuple[float, np.ndarray]:
-    net.setInput(x)
-    out = net.forward()
-    times = []
-    for _ in range(runs):
+    last: list[np.ndarray] = []
+
+    def forward() -> None:
         net.setInput(x)
-        t0 = time.perf_counter()
-        out = net.forward()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times), out
+        last[:] = [net.forward()]
+    return 1e3 * statistics.median(report.times(forward, warmup=1, repeat=runs)), last[0]
 
 
 def _transfers_per_forward(net, forwards: int) -> float:

@@ -11,28 +11,25 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 import numpy as np
 
 import cv_plugin
 import vkconv
 from cv_plugin import compat, zoo
+from vkconv.benchmarks import report
 
 
 def _timed(net, blob: np.ndarray, runs: int) -> tuple[np.ndarray, float, list[float]]:
     """Output, first-call seconds, and the seconds of ``runs`` further calls."""
-    net.setInput(blob)
-    t0 = time.perf_counter()
-    out = net.forward()
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(runs):
+    last: list[np.ndarray] = []
+
+    def forward() -> None:
         net.setInput(blob)
-        t0 = time.perf_counter()
-        out = net.forward()
-        times.append(time.perf_counter() - t0)
-    return out, first, times
+        last[:] = [net.forward()]
+    first = report.times(forward, warmup=0, repeat=1)[0]
+    rest = report.times(forward, warmup=0, repeat=runs)
+    return last[0], first, rest
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ from .activation import Activation
 from .context import Context, get_context
 from .conv_kernels import KERNELS, Geometry, Kernel, eligible, make_kernel, select, tuning
 from .plan import Plan, PlanCache
+from .resident import ResidentOp
 
 _NAMES = {1: "N, C, W", 2: "N, C, H, W", 3: "N, C, D, H, W"}
 
@@ -29,7 +30,7 @@ def _kernel_request(kernel: str | None) -> str:
     return name
 
 
-class Conv:
+class Conv(ResidentOp):
     """A convolution whose weights stay on the device; call it with inputs of any batch/size.
 
     ``auto_pad`` (``NOTSET``, ``SAME_UPPER``, ``SAME_LOWER``, ``VALID``) overrides ``pads`` per input
@@ -178,17 +179,6 @@ class Conv:
         for kernel in self._kernels.values():
             kernel.close()
         self._kernels.clear()
-
-    def close(self) -> None:
-        """Free the device buffers and recorded plans (the shared pipelines stay cached)."""
-        with self._lock:
-            self._release()
-
-    def __enter__(self) -> Conv:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def conv(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, *, strides=1, pads=0,

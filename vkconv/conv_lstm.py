@@ -32,6 +32,7 @@ from .buffer import Buffer, upload_constant
 from .context import Context, get_context
 from .pipeline import DescriptorSet
 from .plan import Plan, PlanCache
+from .resident import ResidentOp
 
 _PUSH = struct.Struct("<22i4f")
 # Compiled tiles: (pixels, filters) per invocation; each filter is a vec4 of its four gates.
@@ -149,7 +150,7 @@ class _Geometry:
         return (self.n, self.steps, *state) if return_sequences else (self.n, *state)
 
 
-class ConvLSTM2D:
+class ConvLSTM2D(ResidentOp):
     """A ConvLSTM2D layer whose weights stay on the device; call it with ``[N, T, C, H, W]``.
 
     ``padding``: ``"same"`` or ``"valid"`` (input convolution only). ``activation``: the cell
@@ -344,17 +345,6 @@ class ConvLSTM2D:
         for buf in self._buffers:
             buf.close()
         self._buffers = []
-
-    def close(self) -> None:
-        """Free the device buffers and recorded plans (the shared pipelines stay cached)."""
-        with self._lock:
-            self._release()
-
-    def __enter__(self) -> ConvLSTM2D:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def conv_lstm2d(x: np.ndarray, kernel: np.ndarray, recurrent_kernel: np.ndarray,

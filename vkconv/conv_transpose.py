@@ -21,6 +21,7 @@ from .conv_kernels import pack_bias_blocks
 from .errors import VkconvError
 from .pipeline import DescriptorSet
 from .plan import Plan, PlanCache
+from .resident import ResidentOp
 
 # in_size, cin_g, out_size, cout_g, kernel, groups, stride, oc_blocks, dil, w_blocks, tap_step,
 # act_a, off, act_b, lift: std430 ivec3s are 16-byte aligned, hence the interleaved scalars.
@@ -61,7 +62,7 @@ def pack_weights(w: np.ndarray, group: int, oc_block: int) -> np.ndarray:
     return np.ascontiguousarray(packed.transpose(0, 2, 4, 1, 3))
 
 
-class ConvTranspose:
+class ConvTranspose(ResidentOp):
     """A transposed convolution whose weights stay on the device; call it with inputs of any
     batch/size (``[N, C_in, *spatial]`` -> ``[N, C_out, *out]``).
 
@@ -208,17 +209,6 @@ class ConvTranspose:
             if buf is not None:
                 buf.close()
         self._weights = self._bias = None
-
-    def close(self) -> None:
-        """Free the device buffers and recorded plans (the shared pipeline stays cached)."""
-        with self._lock:
-            self._release()
-
-    def __enter__(self) -> ConvTranspose:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def conv_transpose(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, *, strides=1, pads=0,

@@ -62,6 +62,7 @@ from .conv_kernels import RowsKernel, _grid, tuning
 from .errors import VkconvError
 from .pipeline import STORAGE, TEXEL1, TEXEL4, DescriptorSet, texel_fits
 from .plan import Plan, PlanCache
+from .resident import ResidentOp
 
 _PACK_PUSH = struct.Struct("<5i")
 _SAMPLE_PUSH = struct.Struct("<25i")
@@ -79,7 +80,7 @@ class Chunk:
     pixels: int
 
 
-class DeformConv:
+class DeformConv(ResidentOp):
     """A 2-D deformable convolution whose weights stay on the device (see the module docstring).
 
     Call it as ``op(x, offset, mask=None)``.  The first call at a new (input shape, mask or not)
@@ -336,17 +337,6 @@ class DeformConv:
         if self._gemm is not None:
             self._gemm.close()
         self._gemm = None
-
-    def close(self) -> None:
-        """Free the device buffers and recorded plans (the shared pipelines stay cached)."""
-        with self._lock:
-            self._release()
-
-    def __enter__(self) -> DeformConv:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def deform_conv(x: np.ndarray, w: np.ndarray, offset: np.ndarray, b: np.ndarray | None = None,
