@@ -335,3 +335,75 @@ def test_fp16_refused_where_the_device_cannot_read_it():
         ctx.info = dataclasses.replace(ctx.info, fp16_texel=False)
         with pytest.raises(vkconv.VkconvError, match="fp16"):
             vkconv.Conv(np.ones((4, 4, 3, 3), np.float32), fp16=True, ctx=ctx)
+
+
+# -- tiled (GPU) kernel ----------------------------------------------------------------------------
+# conv2d_tiled.comp forced on every shape above (on lavapipe it compiles slowly, about 2 s per
+# activation, but runs these small shapes fast), plus one with several output-channel tiles and
+# K strips that do not divide K.  Each case is far smaller than a 64 x 64 tile in some dimension.
+_TILED_EXTRA = [Case((1, 10, 5, 7), 70, (3, 3), pads=(1, 1, 1, 1))]
+_TILED = [c for cases in CASES.values() for c in cases] + _TILED_EXTRA
+# Without activations (one pipeline per context): 1-D with pads, 3-D with stride, stride 3x2,
+# groups, several oc tiles.
+_TILED_MOBILE = [CASES["implicit_gemm"][1], CASES["implicit_gemm"][2], CASES["implicit_gemm"][6],
+                 CASES["depthwise"][0], _TILED_EXTRA[0]]
+
+
+def test_tiled_kernel_matches_onnxruntime():
+    for i, case in enumerate(_TILED):
+        _run(case, "tiled", seed=i)
+
+
+def test_tiled_kernel_under_mobile_limits(mobile_ctx):
+    info = mobile_ctx.info
+    for i, case in enumerate(_TILED_MOBILE):
+        _run(case, "tiled", seed=i, ctx=mobile_ctx)
+    for key in mobile_ctx._pipelines:
+        if key[0] == "conv2d_tiled":
+            assert math.prod(key[3][:3]) <= info.max_workgroup_invocations, key
+
+
+def test_tiled_kernel_with_small_tiles():
+    """A device with 32 invocations per workgroup gets 16 x 16 tiles in K strips of 8: several
+    channel and pixel tiles and strips on the same shapes."""
+    from vkconv.conv_kernels import choose_tiles
+
+    with Context() as ctx:
+        ctx.info = dataclasses.replace(ctx.info, max_workgroup_invocations=32)
+        tile = choose_tiles(ctx)
+        assert (tile.tm, tile.tn, tile.tk, tile.invocations) == (16, 16, 8, 16)
+        for i, case in enumerate(_TILED_MOBILE[1:]):
+            _run(case, "tiled", seed=10 + i, ctx=ctx)
+
+
+def test_tile_choice_respects_the_device_limits():
+    from vkconv.conv_kernels import choose_tiles
+
+    with Context() as ctx:
+        for invocations, shared in [(128, 16384), (64, 8192), (1024, 65536), (32, 4096)]:
+            ctx.info = dataclasses.replace(ctx.info, max_workgroup_invocations=invocations,
+                                           max_shared_memory=shared)
+            tile = choose_tiles(ctx)
+            assert tile.invocations <= min(128, invocations)
+            assert 4 * (tile.tm * tile.tk + tile.tk * tile.tn) + 16 * tile.tn <= min(16384, shared)
+            assert tile.tm % tile.rm == 0 and tile.tn % tile.rn == 0
+        ctx.info = dataclasses.replace(ctx.info, max_workgroup_invocations=8)
+        with pytest.raises(vkconv.VkconvError, match="tiled"):
+            choose_tiles(ctx)
+
+
+@pytest.mark.parametrize("device_type", ["discrete", "integrated", "virtual", "cpu"])
+def test_tiled_is_chosen_for_implicit_gemm_shapes_on_gpus_only(device_type, monkeypatch):
+    monkeypatch.delenv("VKCONV_CONV_KERNEL", raising=False)
+    gemm_shaped = Case((1, 32, 20, 20), 64, (3, 3), (2, 2), (1, 1, 1, 1))
+    with Context() as ctx:
+        ctx.info = dataclasses.replace(ctx.info, type=device_type)
+        gpu = device_type != "cpu"
+        for case, expected in _SELECTION:
+            x, w, b = case.arrays(0)
+            with vkconv.Conv(w, b, ctx=ctx, **case.geometry()) as op:
+                want = "tiled" if gpu and expected == "implicit_gemm" else expected
+                assert op.kernel_for(x.shape) == want, case
+        x, w, b = gemm_shaped.arrays(0)
+        with vkconv.Conv(w, b, ctx=ctx, **gemm_shaped.geometry()) as op:
+            assert op.kernel_for(x.shape) == ("tiled" if gpu else "implicit_gemm")

@@ -2,9 +2,10 @@
 
 Layouts: input ``x`` is NCW, NCHW or NCDHW, weights ``w`` are ``[C_out, C_in / group, *kernel]``
 with one kernel extent per spatial dim, bias ``b`` is ``[C_out]``, the output is NC[D][H]W; all
-float32.  The kernel that runs is chosen by shape (see :mod:`vkconv.conv_kernels`): ``depthwise``,
-``gemm1x1``, ``winograd`` or ``implicit_gemm``, with ``direct`` as the fallback when a kernel's
-scratch buffers would not fit the device.  ``kernel=`` or ``VKCONV_CONV_KERNEL`` forces one.
+float32.  The kernel that runs is chosen by shape and device type (see :mod:`vkconv.conv_kernels`):
+``depthwise``, ``gemm1x1``, ``winograd``, ``implicit_gemm`` (CPU devices) or ``tiled`` (GPUs), with
+``direct`` as the fallback when a kernel's scratch buffers would not fit the device.  ``kernel=`` or
+``VKCONV_CONV_KERNEL`` forces one.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ class Conv(ResidentOp):
     ``auto_pad`` (``NOTSET``, ``SAME_UPPER``, ``SAME_LOWER``, ``VALID``) overrides ``pads`` per input
     shape, as in ONNX.  The first call at a new input shape records a command buffer; later calls
     at that shape reuse it (one submit each, no Vulkan object created).  ``kernel`` forces a kernel
-    (``"direct"``, ``"implicit_gemm"``, ``"gemm1x1"``, ``"depthwise"``, ``"winograd"``; default
+    (``"direct"``, ``"implicit_gemm"``, ``"gemm1x1"``, ``"depthwise"``, ``"winograd"``, ``"tiled"``; default
     ``VKCONV_CONV_KERNEL`` or ``"auto"``); a forced kernel that cannot run a shape raises ValueError.
     ``fp16=True`` (default: ``VKCONV_FP16=1``) keeps the weights of the texel-buffer kernels
     (implicit_gemm, gemm1x1, depthwise; not winograd, whose transform would magnify the rounding) as
@@ -137,7 +138,7 @@ class Conv(ResidentOp):
             if reason is not None:
                 raise ValueError(f"kernel: {self.kernel!r} cannot run x of shape {geo.x_shape}: {reason}")
             return self.kernel
-        name = select(geo)
+        name = select(geo, self.ctx.info.type)
         return name if self._kernel(name).fits(geo) else "direct"
 
     # -- execution -----------------------------------------------------------------------------

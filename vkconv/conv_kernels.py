@@ -17,6 +17,10 @@ unit depth and height, a 2-D one unit depth) and fuses bias and activation:
 ``winograd`` (conv2d_winograd.comp)
     F(4x4, 3x3) for 3x3 stride-1 undilated 2-D convolutions: input transform, 36 batched GEMMs,
     output transform.
+``tiled`` (conv2d_tiled.comp)
+    GPU-style implicit GEMM: a TM output channels x TN pixels tile per workgroup, K walked in
+    strips through shared memory, an RM x RN register tile per invocation, the input read in place.
+    Chosen instead of ``implicit_gemm`` on non-CPU devices.
 
 Tile sizes and local sizes are specialization constants chosen from the device (:func:`tuning`).
 The operands are read through uniform texel buffers where the device allows
@@ -44,12 +48,13 @@ from .plan import Plan
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("direct", "implicit_gemm", "gemm1x1", "depthwise", "winograd")
+KERNELS = ("direct", "implicit_gemm", "gemm1x1", "depthwise", "winograd", "tiled")
 
 _PUSH_DIRECT = struct.Struct("<23i2f")
 _PUSH_ROWS = struct.Struct("<18i2f")
 _PUSH_DEPTHWISE = struct.Struct("<16i2f")
 _PUSH_PACK = struct.Struct("<11i")
+_PUSH_TILED = struct.Struct("<19i2f")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -638,6 +643,108 @@ class WinogradKernel(_PaddedInputKernel):
 
 
 # ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TileShape:
+    """conv2d_tiled.comp's tiles: TM x TN per workgroup, K strips of TK, RM x RN per invocation."""
+
+    tm: int
+    tn: int
+    tk: int
+    rm: int
+    rn: int
+
+    @property
+    def invocations(self) -> int:
+        return (self.tm // self.rm) * (self.tn // self.rn)
+
+    @property
+    def shared_bytes(self) -> int:
+        """Both operand tiles plus the per-pixel origins (an ivec4 each)."""
+        return 4 * (self.tm * self.tk + self.tk * self.tn) + 16 * self.tn
+
+
+# Largest first: 64 x 64 reuses each loaded operand 64 times with 64 accumulators per invocation
+# (a GPU's register budget at good occupancy); smaller tiles for devices with fewer invocations or
+# less shared memory.
+_TILE_SHAPES = (TileShape(64, 64, 16, 8, 8), TileShape(32, 64, 16, 4, 8), TileShape(32, 32, 16, 4, 4),
+                TileShape(16, 16, 8, 4, 4))
+
+
+def choose_tiles(ctx: Context) -> TileShape:
+    """The largest tile within min(128, device) invocations per workgroup and min(16 KiB, device)
+    shared memory."""
+    info = ctx.info
+    invocations = min(128, info.max_workgroup_invocations, info.max_workgroup_size[0])
+    shared = min(16384, info.max_shared_memory)
+    for tile in _TILE_SHAPES:
+        if tile.invocations <= invocations and tile.shared_bytes <= shared:
+            return tile
+    raise VkconvError(f"tiled: {info.name} allows {invocations} invocations and {shared} bytes of shared "
+                      f"memory per workgroup, below the smallest tile's {_TILE_SHAPES[-1]}")
+
+
+class TiledKernel(Kernel):
+    """``tiled``: conv2d_tiled.comp, see the module docstring.  Weights are packed
+    ``[g][oc tile][K padded to TK][TM]`` (float32 even with ``fp16``: the kernel reads storage
+    buffers), with a table splitting each k into (input channel, dilated tap offsets)."""
+
+    name = "tiled"
+
+    def __init__(self, ctx, w, b, group, activation, tune):
+        super().__init__(ctx, w, b, group, activation, tune)
+        t = self.tile = choose_tiles(ctx)
+        kernel = w.shape[2:]
+        self.k_total = self.cin_g * math.prod(kernel)
+        self.oc_tiles = -(-self.cout_g // t.tm)
+        k_pad = -(-self.k_total // t.tk) * t.tk
+        packed = np.zeros((group, self.oc_tiles * t.tm, k_pad), np.float32)
+        packed[:, :self.cout_g, :self.k_total] = w.reshape(group, self.cout_g, self.k_total)
+        packed = packed.reshape(group, self.oc_tiles, t.tm, k_pad).transpose(0, 1, 3, 2)
+        self.weights = upload_constant(ctx, np.ascontiguousarray(packed), "tiled conv weights")
+        bias = np.zeros(self.cout, np.float32) if b is None else b
+        self.bias = upload_constant(ctx, bias, "tiled conv bias")
+        self.buffers += [self.weights, self.bias]
+        self._taps: dict[tuple[int, int, int], Buffer] = {}  # by dilations
+
+    def taps(self, geo: Geometry) -> Buffer:
+        """``[K]`` ivec4 (input channel, kz * d_d, ky * d_h, kx * d_w) in the weights' k order."""
+        buf = self._taps.get(geo.dilations)
+        if buf is None:
+            ci, kz, ky, kx = np.meshgrid(np.arange(self.cin_g), *(np.arange(k) for k in geo.kernel),
+                                         indexing="ij")
+            table = np.stack([ci, kz * geo.dilations[0], ky * geo.dilations[1], kx * geo.dilations[2]], -1)
+            buf = self._taps[geo.dilations] = upload_constant(
+                self.ctx, np.ascontiguousarray(table.reshape(-1, 4), np.int32), "tiled conv taps")
+            self.buffers.append(buf)
+        return buf
+
+    def plan(self, geo: Geometry) -> ConvPlan:
+        ctx, t = self.ctx, self.tile
+        plan = ConvPlan(ctx, geo.x_shape, geo.y_shape)
+        try:
+            pipe = ctx.pipeline("conv2d_tiled", 5, _PUSH_TILED.size,
+                                (t.invocations, 1, 1, self.act.kind, t.tm, t.tn, t.tk, t.rm, t.rn))
+            dset = DescriptorSet(pipe, [plan.inputs[0], self.weights, self.taps(geo), self.bias,
+                                        plan.outputs[0]])
+            plan.keep.append(dset)
+            pix_tiles = -(-math.prod(geo.out) // t.tn)
+            groups, row_groups = _grid(ctx, self.oc_tiles * pix_tiles, 1, geo.n * geo.group,
+                                       "x (conv output size)")
+            push = _PUSH_TILED.pack(geo.cin_g, geo.cout_g, geo.group, self.k_total, *geo.size, *geo.out,
+                                    *geo.strides, *geo.pad_begin, self.oc_tiles, pix_tiles, row_groups,
+                                    self.act.a, self.act.b)
+            plan.record(lambda cmd: cmd.dispatch(pipe, dset, push, groups))
+        except BaseException:
+            plan.close()
+            raise
+        return plan
+
+    def close(self) -> None:
+        super().close()
+        self._taps.clear()
+
+
+# ---------------------------------------------------------------------------------------------
 def eligible(name: str, geo: Geometry) -> str | None:
     """Why kernel ``name`` cannot run ``geo`` (None if it can)."""
     if name == "gemm1x1" and not geo.pointwise:
@@ -649,15 +756,21 @@ def eligible(name: str, geo: Geometry) -> str | None:
     return None
 
 
-def select(geo: Geometry) -> str:
-    """The kernel the shape calls for (before checking that its scratch buffers fit)."""
+GPU_TYPES = ("discrete", "integrated", "virtual")
+
+
+def select(geo: Geometry, device_type: str = "cpu") -> str:
+    """The kernel the shape calls for on a device of ``device_type`` (``DeviceInfo.type``), before
+    checking that its scratch buffers fit.  Implicit-GEMM shapes get ``tiled`` on GPUs (discrete,
+    integrated, virtual) and ``implicit_gemm`` on CPU devices, where shared memory and barriers are
+    slow (docs/PERFORMANCE.md)."""
     if eligible("depthwise", geo) is None:
         return "depthwise"
     if eligible("gemm1x1", geo) is None:
         return "gemm1x1"
     if eligible("winograd", geo) is None and winograd_pays(geo):
         return "winograd"
-    return "implicit_gemm"
+    return "tiled" if device_type in GPU_TYPES else "implicit_gemm"
 
 
 def winograd_pays(geo: Geometry) -> bool:
@@ -682,4 +795,6 @@ def make_kernel(name: str, ctx: Context, w: np.ndarray, b: np.ndarray | None, gr
         return DepthwiseKernel(ctx, w, b, group, activation, tune)
     if name == "winograd":
         return WinogradKernel(ctx, w, b, group, activation, tune)
+    if name == "tiled":
+        return TiledKernel(ctx, w, b, group, activation, tune)
     raise ValueError(f"kernel: unknown {name!r}; expected one of {', '.join(KERNELS)}")
