@@ -28,9 +28,8 @@ _UNARY_PUSH = struct.Struct("<i2f")
 Shape = tuple[int, ...]
 
 
-def local_size(ctx: Context) -> int:
-    """Invocations per workgroup of the one-element-per-invocation kernels (at most 128)."""
-    return max(1, min(128, ctx.info.max_workgroup_invocations, ctx.info.max_workgroup_size[0]))
+# Invocations per workgroup of the one-element-per-invocation kernels.
+ELEMENTWISE_LOCAL = 128
 
 
 def linear_groups(ctx: Context, count: int, local: int) -> tuple[int, int, int]:
@@ -111,7 +110,7 @@ class Binary:
         dims = [1] * lift + list(out)
         sa = [0] * lift + broadcast_strides(in_shapes[0], out)
         sb = [0] * lift + broadcast_strides(in_shapes[1], out)
-        local = local_size(self.ctx)
+        local = self.ctx.local_size(ELEMENTWISE_LOCAL)
         act = self.activation
         pipe = self.ctx.pipeline("eltwise_binary", 3, _BINARY_PUSH.size,
                                  (local, 1, 1, act.kind, _BINARY_OPS[self.op]))
@@ -140,7 +139,7 @@ class Unary:
     def record(self, cmd: CommandBuffer, inputs: Sequence[Buffer], outputs: Sequence[Buffer],
                in_shapes: Sequence[Shape]) -> list:
         total = element_count("activation input", in_shapes[0])
-        local = local_size(self.ctx)
+        local = self.ctx.local_size(ELEMENTWISE_LOCAL)
         act = self.activation
         pipe = self.ctx.pipeline("eltwise_unary", 2, _UNARY_PUSH.size, (local, 1, 1, act.kind))
         dset = DescriptorSet(pipe, [inputs[0], outputs[0]])

@@ -14,7 +14,7 @@ from . import shapes
 from .buffer import Buffer
 from .command import CommandBuffer
 from .context import Context, get_context
-from .eltwise import Shape, element_count, linear_groups, local_size
+from .eltwise import ELEMENTWISE_LOCAL, Shape, element_count, linear_groups
 from .pipeline import DescriptorSet
 
 _KINDS = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool")
@@ -74,11 +74,7 @@ class Pool:
         return self.kernel, self.strides, self.dilations, pads, tuple(out)
 
     def output_shapes(self, in_shapes: Sequence[Shape]) -> list[Shape]:
-        if len(in_shapes) != 1:
-            raise ValueError(f"{self.kind}: expected 1 input, got {len(in_shapes)}")
-        x_shape = tuple(int(d) for d in in_shapes[0])
-        if len(x_shape) != 4:
-            raise ValueError(f"x: {self.kind} supports 4-D NCHW input, got shape {x_shape}")
+        x_shape = shapes.single_nchw(self.kind, in_shapes)
         return [(*x_shape[:2], *self._geometry(x_shape)[4])]
 
     def record(self, cmd: CommandBuffer, inputs: Sequence[Buffer], outputs: Sequence[Buffer],
@@ -89,7 +85,7 @@ class Pool:
         total = element_count(f"{self.kind} output", out)
         kernel, strides, dilations, pads, out_hw = self._geometry(x_shape)
         mode = 0 if "Max" in self.kind else (2 if self.count_include_pad else 1)
-        local = local_size(self.ctx)
+        local = self.ctx.local_size(ELEMENTWISE_LOCAL)
         pipe = self.ctx.pipeline("pool", 2, _PUSH.size, (local, 1, 1, 0, mode))
         dset = DescriptorSet(pipe, [inputs[0], outputs[0]])
         push = _PUSH.pack(*x_shape[2:], *out_hw, *kernel, *strides, *dilations, *pads[:2], *pads[2:], total)

@@ -14,10 +14,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from . import shapes
 from .buffer import Buffer
 from .command import CommandBuffer
 from .context import Context, get_context
-from .eltwise import Shape, element_count, linear_groups, local_size
+from .eltwise import ELEMENTWISE_LOCAL, Shape, element_count, linear_groups
 from .pipeline import DescriptorSet
 
 _PUSH = struct.Struct("<5i")
@@ -120,11 +121,7 @@ class Resize:
         return axes
 
     def output_shapes(self, in_shapes: Sequence[Shape]) -> list[Shape]:
-        if len(in_shapes) != 1:
-            raise ValueError(f"Resize: expected 1 input, got {len(in_shapes)}")
-        x_shape = tuple(int(d) for d in in_shapes[0])
-        if len(x_shape) != 4:
-            raise ValueError(f"x: Resize supports 4-D NCHW input, got shape {x_shape}")
+        x_shape = shapes.single_nchw("Resize", in_shapes)
         if self.sizes is not None and any(0 < a != b for a, b in zip(x_shape[:2], self.sizes[:2])):
             raise ValueError(f"sizes: {self.sizes} resize N or C of x {x_shape}; only H and W may change")
         out = tuple(o for o, _ in self._axes(x_shape))
@@ -145,7 +142,7 @@ class Resize:
         index = _table(self.ctx, cmd, np.concatenate([t[0].reshape(-1) for t in tables]), "resize indices")
         weight = _table(self.ctx, cmd, np.concatenate([t[1] for t in tables]), "resize weights")
         cmd.barrier()
-        local = local_size(self.ctx)
+        local = self.ctx.local_size(ELEMENTWISE_LOCAL)
         pipe = self.ctx.pipeline("resize", 4, _PUSH.size, (local, 1, 1, 0, int(linear)))
         dset = DescriptorSet(pipe, [inputs[0], index, weight, outputs[0]])
         cmd.dispatch(pipe, dset, _PUSH.pack(*x_shape[2:], *out[2:], total), linear_groups(self.ctx, total, local))

@@ -173,3 +173,13 @@ def conv_transpose_output_shape(x_shape: Sequence[int], w_shape: Sequence[int], 
     if any(o < 1 for o in out):
         raise ValueError(f"pads: {resolved} crop away the whole output of x {x_shape} (output would be {out})")
     return (x_shape[0], w_shape[1] * group, *out), resolved
+
+
+def single_nchw(op: str, in_shapes: Sequence[Sequence[int]]) -> tuple[int, ...]:
+    """The one 4-D NCHW input shape of a one-input 2-D op (pools, Resize); ValueError otherwise."""
+    if len(in_shapes) != 1:
+        raise ValueError(f"{op}: expected 1 input, got {len(in_shapes)}")
+    x_shape = tuple(int(d) for d in in_shapes[0])
+    if len(x_shape) != 4:
+        raise ValueError(f"x: {op} supports 4-D NCHW input, got shape {x_shape}")
+    return x_shape
