@@ -44,7 +44,7 @@ from .command import CommandBuffer
 from .context import Context
 from .errors import VkconvError
 from .pipeline import STORAGE, TEXEL1, TEXEL4, TEXEL4H, DescriptorSet, texel_fits
-from .plan import Plan
+from .plan import Plan, closed_on_error
 
 log = logging.getLogger(__name__)
 
@@ -248,12 +248,9 @@ class ConvPlan(Plan):
 
     def __init__(self, ctx: Context, x_shape, y_shape, slack: int = 0):
         super().__init__(ctx, [], [("conv output", y_shape)])
-        try:
+        with closed_on_error(self):
             self.inputs.append(Buffer(ctx, 4 * math.prod(x_shape) + slack, staged=True, texel=True,
                                       name="conv input x"))
-        except BaseException:
-            self.close()
-            raise
         self.input_shapes.append(tuple(x_shape))
 
 
@@ -297,7 +294,7 @@ class DirectKernel(Kernel):
     def plan(self, geo: Geometry) -> ConvPlan:
         ctx, ls = self.ctx, self.tune.local_size
         plan = ConvPlan(ctx, geo.x_shape, geo.y_shape)
-        try:
+        with closed_on_error(plan):
             dset = DescriptorSet(self.pipeline, [plan.inputs[0], self.weights, self.bias, plan.outputs[0]])
             plan.keep.append(dset)
             blocks = -(-self.cout_g // 4)
@@ -307,9 +304,6 @@ class DirectKernel(Kernel):
                                      *geo.pad_begin, *geo.dilations, geo.group, blocks, row_groups,
                                      self.act.a, self.act.b)
             plan.record(lambda cmd: cmd.dispatch(self.pipeline, dset, push, groups))
-        except BaseException:
-            plan.close()
-            raise
         return plan
 
 
@@ -410,7 +404,7 @@ class RowsKernel(_PaddedInputKernel):
         g, pb, lay, in_place = self._layout(geo)
         # In place, the last tile's segment may run past the image: give the input buffer slack.
         plan = ConvPlan(self.ctx, geo.x_shape, geo.y_shape, self.slack(pb, lay) if in_place else 0)
-        try:
+        with closed_on_error(plan):
             texel = self._use_texel([plan.inputs[0].size if in_place else lay.nbytes], [self.weights])
             if in_place:
                 source, pack = plan.inputs[0], None
@@ -423,9 +417,6 @@ class RowsKernel(_PaddedInputKernel):
                     pack(cmd)
                 rows(cmd)
             plan.record(body)
-        except BaseException:
-            plan.close()
-            raise
         return plan
 
     def tiled_operand(self, images: int, pixels: int) -> tuple[Geometry, int, _Padded]:
@@ -503,7 +494,7 @@ class DepthwiseKernel(_PaddedInputKernel):
         ctx, ls = self.ctx, self.tune.local_size
         pb, lay = self._layout(geo)
         plan = ConvPlan(ctx, geo.x_shape, geo.y_shape)
-        try:
+        with closed_on_error(plan):
             texel = self._use_texel([lay.nbytes], [self.weights])
             source, pack = self._pack(plan, geo, lay, texel)
             kind = TEXEL4 if texel else STORAGE
@@ -525,9 +516,6 @@ class DepthwiseKernel(_PaddedInputKernel):
                 pack(cmd)
                 cmd.dispatch(pipe, dset, push, groups)
             plan.record(body)
-        except BaseException:
-            plan.close()
-            raise
         return plan
 
 
@@ -599,7 +587,7 @@ class WinogradKernel(_PaddedInputKernel):
         lay = self._layout(geo)
         sizes = self._sizes(geo, lay)
         plan = ConvPlan(ctx, geo.x_shape, geo.y_shape)
-        try:
+        with closed_on_error(plan):
             texel = self._use_texel(sizes, [self.gemm.weights])
             padded, pack = self._pack(plan, geo, lay.padded, texel)
             v = Buffer(ctx, sizes[1], texel=True, name="winograd transformed input")
@@ -632,9 +620,6 @@ class WinogradKernel(_PaddedInputKernel):
                 cmd.barrier()
                 cmd.dispatch(pipe_out, set_out, push_out, groups_out)
             plan.record(body)
-        except BaseException:
-            plan.close()
-            raise
         return plan
 
     def close(self) -> None:
@@ -721,7 +706,7 @@ class TiledKernel(Kernel):
     def plan(self, geo: Geometry) -> ConvPlan:
         ctx, t = self.ctx, self.tile
         plan = ConvPlan(ctx, geo.x_shape, geo.y_shape)
-        try:
+        with closed_on_error(plan):
             pipe = ctx.pipeline("conv2d_tiled", 5, _PUSH_TILED.size,
                                 (t.invocations, 1, 1, self.act.kind, t.tm, t.tn, t.tk, t.rm, t.rn))
             dset = DescriptorSet(pipe, [plan.inputs[0], self.weights, self.taps(geo), self.bias,
@@ -734,9 +719,6 @@ class TiledKernel(Kernel):
                                     *geo.strides, *geo.pad_begin, self.oc_tiles, pix_tiles, row_groups,
                                     self.act.a, self.act.b)
             plan.record(lambda cmd: cmd.dispatch(pipe, dset, push, groups))
-        except BaseException:
-            plan.close()
-            raise
         return plan
 
     def close(self) -> None:

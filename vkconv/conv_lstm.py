@@ -31,7 +31,7 @@ from .activation import Activation
 from .buffer import Buffer, upload_constant
 from .context import Context, get_context
 from .pipeline import DescriptorSet
-from .plan import Plan, PlanCache
+from .plan import Plan, PlanCache, closed_on_error
 from .resident import ResidentOp
 
 _PUSH = struct.Struct("<22i4f")
@@ -271,11 +271,8 @@ class ConvLSTM2D(ResidentOp):
         if with_state:
             inputs += [("conv_lstm h0", (n, f, *geo.out_hw)), ("conv_lstm c0", (n, f, *geo.out_hw))]
         plan = Plan(self.ctx, inputs, [("conv_lstm output", y_shape)])
-        try:
+        with closed_on_error(plan): # a buffer past the device's limits, or too many workgroups
             self._record(plan, geo, with_state)
-        except BaseException:
-            plan.close()  # a buffer past the device's limits, or too many workgroups
-            raise
         return plan
 
     def _record(self, plan: Plan, geo: _Geometry, with_state: bool) -> None:

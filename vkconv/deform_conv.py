@@ -61,7 +61,7 @@ from .context import Context, get_context, vk
 from .conv_kernels import RowsKernel, _grid, tuning
 from .errors import VkconvError
 from .pipeline import STORAGE, TEXEL1, TEXEL4, DescriptorSet, texel_fits
-from .plan import Plan, PlanCache
+from .plan import Plan, PlanCache, closed_on_error
 from .resident import ResidentOp
 
 _PACK_PUSH = struct.Struct("<5i")
@@ -232,7 +232,7 @@ class DeformConv(ResidentOp):
         if has_mask:
             inputs.append(("deform_conv mask", self.mask_shape(x_shape)))
         plan = Plan(ctx, [], [("deform_conv output", y_shape)])
-        try:
+        with closed_on_error(plan):
             # Inputs that the shaders may read through texel-buffer views.
             for name, shape in inputs:
                 plan.inputs.append(Buffer(ctx, 4 * math.prod(shape), staged=True, texel=True, name=name))
@@ -281,9 +281,6 @@ class DeformConv(ResidentOp):
                 place = None if scratch is None else self._placement(scratch, plan.outputs[0], c, cout,
                                                                      out_hw, tiles * pb)
                 steps.append((groups, push, multiply, place))
-        except BaseException:
-            plan.close()
-            raise
 
         def body(cmd: CommandBuffer) -> None:
             self._stage(cmd, "begin")
@@ -301,11 +298,8 @@ class DeformConv(ResidentOp):
                     cmd.barrier()
                 self._stage(cmd, "gemm")
 
-        try:
+        with closed_on_error(plan):
             plan.record(body)
-        except BaseException:
-            plan.close()
-            raise
         return plan
 
     @staticmethod

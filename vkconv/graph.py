@@ -38,7 +38,7 @@ from .context import Context, get_context, vk
 from .conv import Conv
 from .conv_transpose import ConvTranspose
 from .eltwise import MAX_RANK, Binary, Shape, Unary, element_count
-from .plan import Plan, PlanCache
+from .plan import Plan, PlanCache, closed_on_error
 from .pool import Pool
 from .resize import COORDINATE_MODES, NEAREST_MODES, Resize
 
@@ -489,7 +489,7 @@ class Graph:
         self.steps: list[tuple[Node, GraphKernel, list[str]]] = []
         self._const_buffers: dict[str, Buffer] = {}
         self._shape_cache: dict[tuple, dict[str, Shape]] = {}
-        try:
+        with closed_on_error(self):
             for n in nodes:
                 kernel, reads = _build(n, consts, self.ctx)
                 self.steps.append((n, kernel, list(reads)))
@@ -497,9 +497,6 @@ class Graph:
                     if t in consts and t not in self._const_buffers:
                         self._const_buffers[t] = upload_constant(
                             self.ctx, np.ascontiguousarray(consts[t], np.float32), f"graph constant {t}")
-        except BaseException:
-            self.close()
-            raise
         self._const_shapes = {t: tuple(consts[t].shape) for t in self._const_buffers}
         self._plans = PlanCache()
         self._conv_shapes: dict[tuple, list[tuple[ConvNode, Shape]]] = {}

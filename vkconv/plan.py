@@ -7,6 +7,7 @@ object created.  :class:`PlanCache` keeps the few most recent shapes.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 from collections.abc import Callable, Hashable, Sequence
 
@@ -58,6 +59,17 @@ class Plan:
         for obj in [self.cmd, *self.keep, *self.inputs, *self.outputs]:
             obj.close()
         self.keep.clear()
+
+
+@contextlib.contextmanager
+def closed_on_error(obj):
+    """Close ``obj`` (a plan or op being built) if building it raises, then let the error through,
+    so that a shape past the device's limits leaves no half-built Vulkan objects behind."""
+    try:
+        yield obj
+    except BaseException:
+        obj.close()
+        raise
 
 
 class PlanCache:
