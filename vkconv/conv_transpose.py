@@ -155,8 +155,18 @@ class ConvTranspose(ResidentOp):
         if 0 in y_shape:  # zero input channels still give the bias: only an empty output skips the device
             return np.zeros(y_shape, np.float32)
         with self._lock:
-            plan = self._plans.get(x.shape, lambda: self._build_plan(x.shape, y_shape))
-            return plan.run([x])[0]
+            return self._plan(x.shape, y_shape).run([x])[0]
+
+    def plan(self, x_shape) -> Plan:
+        """The recorded plan for inputs of ``x_shape`` (built on first use, then cached); its ``body``
+        records the dispatches alone (a device-resident graph replays them)."""
+        x_shape = tuple(int(s) for s in x_shape)
+        y_shape = self.output_shape(x_shape)
+        with self._lock:
+            return self._plan(x_shape, y_shape)
+
+    def _plan(self, x_shape, y_shape) -> Plan:
+        return self._plans.get(tuple(x_shape), lambda: self._build_plan(x_shape, y_shape))
 
     def _dispatch_geometry(self, x_shape, y_shape) -> tuple[bytes, tuple[int, int, int]]:
         """Push constants and workgroup counts, checked against the device before anything is
