@@ -205,7 +205,7 @@ def choose_pb(mb: int, out_w: int, tune: Tuning, speeds=_ROWS_SPEED) -> int:
     return best[1] if best else 4
 
 
-def _grid(ctx: Context, invocations: int, local: int, z: int, what: str):
+def dispatch_grid(ctx: Context, invocations: int, local: int, z: int, what: str):
     """Workgroup counts covering ``invocations`` flat invocations (x, y) times ``z``; the x count
     is what the shaders' ``flat_invocation`` needs as ``row_groups``."""
     limit = ctx.info.max_workgroup_count
@@ -298,7 +298,7 @@ class DirectKernel(Kernel):
             dset = DescriptorSet(self.pipeline, [plan.inputs[0], self.weights, self.bias, plan.outputs[0]])
             plan.keep.append(dset)
             blocks = -(-self.cout_g // 4)
-            groups, row_groups = _grid(ctx, -(-math.prod(geo.out) // 4), ls, geo.n * geo.group * blocks,
+            groups, row_groups = dispatch_grid(ctx, -(-math.prod(geo.out) // 4), ls, geo.n * geo.group * blocks,
                                        "x (conv output size)")
             push = _PUSH_DIRECT.pack(geo.cin_g, *geo.size, geo.cout_g, *geo.out, *geo.kernel, *geo.strides,
                                      *geo.pad_begin, *geo.dilations, geo.group, blocks, row_groups,
@@ -355,7 +355,7 @@ class _PaddedInputKernel(Kernel):
                                 (TEXEL1 if texel_x else STORAGE, STORAGE), _PUSH_PACK.size, (ls, 1, 1))
         dset = DescriptorSet(pipe, [plan.inputs[0], padded])
         plan.keep.append(dset)
-        groups, row_groups = _grid(ctx, lay.planes * lay.pd * lay.ph, ls, 1, "x (padded input size)")
+        groups, row_groups = dispatch_grid(ctx, lay.planes * lay.pd * lay.ph, ls, 1, "x (padded input size)")
         push = _PUSH_PACK.pack(lay.planes, *geo.size, lay.pd, lay.ph, lay.pw4, *geo.pad_begin, row_groups)
 
         def record(cmd: CommandBuffer) -> None:
@@ -456,7 +456,7 @@ class RowsKernel(_PaddedInputKernel):
         dset = DescriptorSet(pipe, [source, weights, self.bias, output])
         plan.keep.append(dset)
         blocks = -(-self.cout_g // self.mb)
-        groups, row_groups = _grid(ctx, lay.tiles_w * g.out[1] * g.out[0] * blocks, ls,
+        groups, row_groups = dispatch_grid(ctx, lay.tiles_w * g.out[1] * g.out[0] * blocks, ls,
                                    g.n * g.group, "x (conv output size)")
         push = _PUSH_ROWS.pack(g.cin_g, g.cout_g, g.group, blocks, lay.pd, lay.ph, lay.pw4,
                                g.kernel[0], g.kernel[1], g.strides[0], g.strides[1],
@@ -505,7 +505,7 @@ class DepthwiseKernel(_PaddedInputKernel):
                                 (ls, 1, 1, self.act.kind, 0, pb, kw, sw, dw, int(geo.out[2] % 4 == 0)))
             dset = DescriptorSet(pipe, [source, weights, self.bias, plan.outputs[0]])
             plan.keep.append(dset)
-            groups, row_groups = _grid(ctx, lay.tiles_w * geo.out[1] * geo.out[0] * self.cout, ls,
+            groups, row_groups = dispatch_grid(ctx, lay.tiles_w * geo.out[1] * geo.out[0] * self.cout, ls,
                                        geo.n, "x (conv output size)")
             push = _PUSH_DEPTHWISE.pack(geo.group, self.cout_g, lay.pd, lay.ph, lay.pw4,
                                         geo.kernel[0], geo.kernel[1], geo.strides[0], geo.strides[1],
@@ -604,8 +604,8 @@ class WinogradKernel(_PaddedInputKernel):
             set_out = DescriptorSet(pipe_out, [m, self.bias, plan.outputs[0]])
             plan.keep += [set_in, set_out]
             tile_rows = geo.n * lay.tiles_h
-            groups_in, rows_in = _grid(ctx, geo.cin_g * tile_rows, ls, 1, "x (winograd input tiles)")
-            groups_out, rows_out = _grid(ctx, self.cout * tile_rows, ls, 1, "x (winograd output tiles)")
+            groups_in, rows_in = dispatch_grid(ctx, geo.cin_g * tile_rows, ls, 1, "x (winograd input tiles)")
+            groups_out, rows_out = dispatch_grid(ctx, self.cout * tile_rows, ls, 1, "x (winograd output tiles)")
             push_in = _PUSH_WINOGRAD_IN.pack(geo.cin_g, lay.tiles_h, lay.tiles_q, lay.padded.ph,
                                              lay.padded.pw4, lay.ntp, rows_in)
             push_out = _PUSH_WINOGRAD_OUT.pack(self.cout, lay.tiles_h, lay.tiles_q, *geo.out[1:], lay.ntp,
@@ -713,7 +713,7 @@ class TiledKernel(Kernel):
                                         plan.outputs[0]])
             plan.keep.append(dset)
             pix_tiles = -(-math.prod(geo.out) // t.tn)
-            groups, row_groups = _grid(ctx, self.oc_tiles * pix_tiles, 1, geo.n * geo.group,
+            groups, row_groups = dispatch_grid(ctx, self.oc_tiles * pix_tiles, 1, geo.n * geo.group,
                                        "x (conv output size)")
             push = _PUSH_TILED.pack(geo.cin_g, geo.cout_g, geo.group, self.k_total, *geo.size, *geo.out,
                                     *geo.strides, *geo.pad_begin, self.oc_tiles, pix_tiles, row_groups,

@@ -58,7 +58,7 @@ from .activation import Activation
 from .buffer import Buffer
 from .command import CommandBuffer
 from .context import Context, get_context, vk
-from .conv_kernels import RowsKernel, _grid, tuning
+from .conv_kernels import RowsKernel, dispatch_grid, tuning
 from .errors import VkconvError
 from .pipeline import STORAGE, TEXEL1, TEXEL4, DescriptorSet, texel_fits
 from .plan import Plan, PlanCache, closed_on_error
@@ -271,7 +271,7 @@ class DeformConv(ResidentOp):
                 tiles = geo.out[1]
                 # The sampling grid: (pixel quads rounded to workgroups) x offset groups x taps.
                 quad_groups = -(-(c.images * tiles * pb // 4) // ls)
-                groups, row_groups = _grid(ctx, quad_groups * og * taps * ls, ls, 1, "x (deform_conv columns)")
+                groups, row_groups = dispatch_grid(ctx, quad_groups * og * taps * ls, ls, 1, "x (deform_conv columns)")
                 push = _SAMPLE_PUSH.pack(in_h, in_w, out_w, out_hw, kw, taps, *self.strides, *self.pads[:2],
                                          *self.dilations, og, cin_og, og_blocks, gemm.cin_g // taps,
                                          self.group, c.n0, c.q0, c.images, c.pixels, tiles, pb // 4,
