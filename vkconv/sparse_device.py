@@ -13,7 +13,7 @@ import numpy as np
 from .buffer import Buffer
 from .command import CommandBuffer
 from .context import Context, vk
-from .errors import VkconvError
+from .conv_kernels import dispatch_grid
 from .pipeline import DescriptorSet, binding_kinds
 
 INT32_MAX = 2**31 - 1
@@ -26,15 +26,11 @@ def texel_capable(ctx: Context) -> bool:
 
 
 def grid(ctx: Context, invocations: int, local: int, z: int = 1) -> tuple[int, int, int]:
-    """Workgroups covering ``invocations`` 1-D invocations (``shaders/include/sparse_grid.glsl``)."""
-    groups = -(-invocations // local)
-    max_x, max_y, max_z = ctx.info.max_workgroup_count
-    gx = min(groups, max_x)
-    gy = -(-groups // gx) if groups else 0
-    if gy > max_y or z > max_z:
-        raise VkconvError(f"{invocations} invocations x {z} exceed the device's "
-                          f"maxComputeWorkGroupCount {ctx.info.max_workgroup_count}")
-    return gx, gy, z
+    """Workgroups covering ``invocations`` 1-D invocations (``shaders/include/sparse_grid.glsl``
+    reads the flat index back from ``gl_NumWorkGroups``); no workgroups for no work."""
+    if invocations == 0:
+        return (0, 0, z)
+    return dispatch_grid(ctx, invocations, local, z, f"{invocations} invocations x {z}")[0]
 
 
 class Recording:
