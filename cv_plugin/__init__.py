@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from .layers import NETS
 from .net import Net, read_net
+from .profile import Profile, profile
 from .registry import register, registered, unregister
 from .rewrite import RewriteReport, rewrite
 
@@ -22,5 +23,5 @@ def release() -> None:
         state.close()
 
 
-__all__ = ["Net", "RewriteReport", "read_net", "register", "registered", "release", "rewrite",
-           "unregister"]
+__all__ = ["Net", "Profile", "RewriteReport", "profile", "read_net", "register", "registered", "release",
+           "rewrite", "unregister"]

@@ -24,8 +24,26 @@ import numpy as np
 
 import vkconv
 from vkconv import shapes
+from vkconv.graph import StepTime
+from vkconv.timestamps import device_times
 
 from . import compat
+
+
+@dataclass
+class LayerProfile:
+    """One vkconv layer's share of a profiled forward: bytes it took from and gave back to OpenCV
+    (host<->device transfers), and its device time per step (a subgraph: per fused node)."""
+
+    key: str
+    kind: str
+    upload_bytes: int
+    download_bytes: int
+    steps: list[StepTime]
+
+    @property
+    def device_ms(self) -> float:
+        return sum(s.ms for s in self.steps)
 
 
 @dataclass
@@ -38,6 +56,8 @@ class NetState:
     errors: list[BaseException] = field(default_factory=list)
     forwards: dict[str, int] = field(default_factory=dict)
     timings: dict[str, list[float]] | None = None  # opt-in (vkconv profile): node key -> forward seconds
+    # opt-in (cv_plugin.profile): node key -> (layer type, transfers, the op's per-step device times)
+    profiles: dict[str, LayerProfile] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def fail(self, where: str, exc: BaseException) -> None:
@@ -97,6 +117,11 @@ class Op:
     def forward(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         raise NotImplementedError
 
+    def profile(self, arrays: list[np.ndarray]) -> tuple[list[np.ndarray], list[StepTime]]:
+        """``forward`` plus the device time of what it ran, per step (none known here: ops that can
+        time their dispatches override this)."""
+        return self.forward(arrays), []
+
     def close(self) -> None:
         pass
 
@@ -141,6 +166,15 @@ class ResidentWeightsOp(Op):
     def forward(self, arrays):
         x, w, *rest = arrays
         return [self.weights(w, rest[0].reshape(-1) if rest else None)(x)]
+
+    def profile(self, arrays):
+        outs = self.forward(arrays)
+        op, x_shape = self.device_op, tuple(arrays[0].shape)
+        # the plan's buffers still hold this call's data: replay its dispatches between timestamps
+        ms = min(device_times(op.ctx, op.plan(x_shape).body, warmup=1, repeat=3))
+        kernel = f"conv {op.kernel_for(x_shape)}" if isinstance(op, vkconv.Conv) else type(op).__name__.lower()
+        return outs, [StepTime(self.name, type(self).__name__.removesuffix("Op"), kernel, x_shape,
+                               tuple(outs[0].shape), ms)]
 
     def close(self):
         if self.device_op is not None:
@@ -233,7 +267,14 @@ class Layer:
         try:
             op = self._op()
             start = time.perf_counter()
-            outs = op.forward(op.merge(list(inputs), op.constants))
+            profiles = self.state.profiles
+            if profiles is None:
+                outs = op.forward(op.merge(list(inputs), op.constants))
+            else:
+                outs, steps = op.profile(op.merge(list(inputs), op.constants))
+                profiles[self.key] = LayerProfile(self.key, type(op).__name__.removesuffix("Op"),
+                                                  sum(np.asarray(a).nbytes for a in inputs),
+                                                  sum(o.nbytes for o in outs), steps)
             elapsed = time.perf_counter() - start
             with self.state.lock:
                 self.state.forwards[self.key] = self.state.forwards.get(self.key, 0) + 1

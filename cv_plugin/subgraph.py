@@ -240,6 +240,9 @@ class SubgraphOp(layers.Op):
             raise vkconv.VkconvError(f"vkconv.Subgraph {self.name}: its device was lost; reload the net")
         return self.graph.run([np.ascontiguousarray(a, np.float32) for a in arrays])
 
+    def profile(self, arrays):
+        return self.graph.profile([np.ascontiguousarray(a, np.float32) for a in arrays])
+
     def close(self):
         self.graph.close()
 

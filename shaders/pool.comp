@@ -2,10 +2,17 @@
 // 2-D pooling over NCHW float32: ONNX MaxPool, AveragePool (count_include_pad 0/1, ceil_mode,
 // dilations) and GlobalAveragePool (a window of the whole plane). One invocation per output
 // element. Host code: vkconv/pool.py, which sizes the output (ceil_mode included).
+// The global variant gives each plane a workgroup whose invocations sum (or max) a strided share of
+// it and combine the partial results in shared memory, in a fixed order.
 //
 // Windows start at o * stride - pad_begin. Taps outside the input are skipped; the average divides
 // by the taps inside the input (count_include_pad = 0) or by the taps inside the padded extent
 // [-pad_begin, in + pad_end) (count_include_pad = 1), as ONNX's reference and PyTorch do.
+// variant: pool
+// variant: pool_global -DGLOBAL=1
+#extension GL_GOOGLE_include_directive : require
+#include "divide.glsl"
+
 layout(local_size_x_id = 0, local_size_y = 1, local_size_z = 1) in;
 
 #define MODE_MAX 0
@@ -17,6 +24,8 @@ layout(std430, binding = 0) readonly buffer X { float x[]; };
 layout(std430, binding = 1) writeonly buffer Y { float y[]; };
 
 layout(push_constant) uniform Params {
+    uvec2 magic_w;     // divide_magic pairs of out_size.y and out_size.x
+    uvec2 magic_h;
     ivec2 in_size;     // H, W
     ivec2 out_size;
     ivec2 kernel;
@@ -27,13 +36,46 @@ layout(push_constant) uniform Params {
     int total;         // N * C * out_h * out_w
 } p;
 
+float combine(float acc, float v)
+{
+    if (MODE == MODE_MAX)
+        return (v > acc || isnan(v)) ? v : acc;  // NaN propagates, as in numpy's max
+    return acc + v;
+}
+
+#ifdef GLOBAL
+shared float partial[gl_WorkGroupSize.x];
+
+void main()
+{
+    int plane_size = p.in_size.x * p.in_size.y;
+    for (int plane = int(gl_WorkGroupID.x); plane < p.total; plane += int(gl_NumWorkGroups.x)) {
+        int base = plane * plane_size;
+        float acc = MODE == MODE_MAX ? -1.0 / 0.0 : 0.0;
+        for (int j = int(gl_LocalInvocationID.x); j < plane_size; j += int(gl_WorkGroupSize.x))
+            acc = combine(acc, x[base + j]);
+        partial[gl_LocalInvocationID.x] = acc;
+        barrier();
+        for (uint half_ = gl_WorkGroupSize.x / 2; half_ > 0; half_ /= 2) {
+            if (gl_LocalInvocationID.x < half_)
+                partial[gl_LocalInvocationID.x] = combine(partial[gl_LocalInvocationID.x],
+                                                          partial[gl_LocalInvocationID.x + half_]);
+            barrier();
+        }
+        if (gl_LocalInvocationID.x == 0)
+            y[plane] = MODE == MODE_MAX ? partial[0] : partial[0] / float(plane_size);
+        barrier();
+    }
+}
+#else
 void main()
 {
     uint step = gl_NumWorkGroups.x * gl_WorkGroupSize.x;
     for (uint i = gl_GlobalInvocationID.x; i < uint(p.total); i += step) {
-        int ox = int(i) % p.out_size.y;
-        int oy = (int(i) / p.out_size.y) % p.out_size.x;
-        int plane = int(i) / (p.out_size.x * p.out_size.y);
+        ivec3 prc = plane_row_col(i, p.magic_w, p.out_size.y, p.magic_h, p.out_size.x);
+        int plane = prc.x;
+        int oy = prc.y;
+        int ox = prc.z;
         int y0 = oy * p.stride.x - p.pad_begin.x;
         int x0 = ox * p.stride.y - p.pad_begin.y;
         int base = plane * p.in_size.x * p.in_size.y;
@@ -50,12 +92,8 @@ void main()
                     padded++;
                 if (!row_in || ix < 0 || ix >= p.in_size.y)
                     continue;
-                float v = x[base + iy * p.in_size.y + ix];
                 inside++;
-                if (MODE == MODE_MAX)
-                    acc = (v > acc || isnan(v)) ? v : acc;  // NaN propagates, as in numpy's max
-                else
-                    acc += v;
+                acc = combine(acc, x[base + iy * p.in_size.y + ix]);
             }
         }
         if (MODE == MODE_AVG) acc /= float(max(inside, 1));
@@ -63,3 +101,4 @@ void main()
         y[i] = acc;
     }
 }
+#endif

@@ -5,6 +5,9 @@
 // the two source indices (already clamped to the input) and the weight of the second one, for the
 // model's coordinate_transformation_mode and nearest_mode; the shader only gathers. Nearest
 // tables have both indices equal and weight 0, and LINEAR = 0 skips the second taps.
+#extension GL_GOOGLE_include_directive : require
+#include "divide.glsl"
+
 layout(local_size_x_id = 0, local_size_y = 1, local_size_z = 1) in;
 
 layout(constant_id = 4) const int LINEAR = 0;
@@ -17,6 +20,8 @@ layout(std430, binding = 2) readonly buffer Weight { float weight[]; };
 layout(std430, binding = 3) writeonly buffer Y { float y[]; };
 
 layout(push_constant) uniform Params {
+    uvec2 magic_w;    // divide_magic pairs of out_size.y and out_size.x
+    uvec2 magic_h;
     ivec2 in_size;    // H, W
     ivec2 out_size;
     int total;        // N * C * out_h * out_w
@@ -26,9 +31,10 @@ void main()
 {
     uint step = gl_NumWorkGroups.x * gl_WorkGroupSize.x;
     for (uint i = gl_GlobalInvocationID.x; i < uint(p.total); i += step) {
-        int ox = int(i) % p.out_size.y;
-        int oy = (int(i) / p.out_size.y) % p.out_size.x;
-        int plane = int(i) / (p.out_size.x * p.out_size.y);
+        ivec3 prc = plane_row_col(i, p.magic_w, p.out_size.y, p.magic_h, p.out_size.x);
+        int plane = prc.x;
+        int oy = prc.y;
+        int ox = prc.z;
         int base = plane * p.in_size.x * p.in_size.y;
         int r0 = index[2 * oy] * p.in_size.y;
         int c0 = index[2 * (p.out_size.x + ox)];

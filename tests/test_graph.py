@@ -99,19 +99,87 @@ def test_se_block_and_conv_transpose():
 
 
 def test_buffers_are_reused_by_liveness():
-    # a chain of 12 same-shape activations needs 2 intermediate buffers, not 11
-    nodes = [helper.make_node("Sigmoid" if i % 2 else "Tanh", [f"t{i}"], [f"t{i + 1}"]) for i in range(12)]
+    # 12 same-shape steps (activations between 1x1 max pools, so that no two fuse) need 2
+    # intermediate buffers, not 11
+    nodes = [helper.make_node("Sigmoid", [f"t{i}"], [f"t{i + 1}"]) if i % 2 else
+             helper.make_node("MaxPool", [f"t{i}"], [f"t{i + 1}"], kernel_shape=[1, 1]) for i in range(12)]
     ctx = vkconv.get_context()
     with Graph(nodes, inputs=["t0"], outputs=["t12"]) as g:
+        assert len(g.steps) == 12
         before = ctx.live["buffer"]
-        x = np.linspace(-3, 3, 4 * 1000, dtype=np.float32).reshape(4, 1000)
+        x = np.linspace(-3, 3, 4 * 1000, dtype=np.float32).reshape(1, 4, 10, 100)
         y = g({"t0": x})["t12"]
         # 2 staged buffers (input, output) + 2 pooled intermediates; staging twins only off unified memory
         assert ctx.live["buffer"] - before <= 4 * (1 if ctx.info.unified_memory else 2)
         ref = x.astype(np.float64)
-        for i in range(12):
-            ref = 1 / (1 + np.exp(-ref)) if i % 2 else np.tanh(ref)
+        for i in range(1, 12, 2):
+            ref = 1 / (1 + np.exp(-ref))
         assert_close(y, ref, 1e-5)
+
+
+def _lcnet_block(rng, transpose: bool = False):
+    """PP-LCNet's learnable affine blocks: conv -> Mul / Add by scalars -> HardSwish written out as
+    Add, Clip, Mul, Div -> Mul / Add by scalars, as PaddleOCR's exporter writes them."""
+    f = lambda *s: (rng.standard_normal(s) * 0.3).astype(np.float32)  # noqa: E731
+    sc = lambda v: np.array([v], np.float32)  # noqa: E731
+    inits = {"w": f(3, 5, 2, 2) if transpose else f(5, 3, 3, 3), "b": f(5), "a1": sc(1.3), "b1": sc(-0.2),
+             "three": sc(3.0), "zero": np.array(0.0, np.float32), "six": np.array(6.0, np.float32),
+             "a2": sc(0.7), "b2": sc(0.1)}
+    conv = helper.make_node("ConvTranspose", ["x", "w", "b"], ["c"], strides=[2, 2]) if transpose else \
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1])
+    nodes = [conv,
+             helper.make_node("Mul", ["a1", "c"], ["m1"]),
+             helper.make_node("Add", ["m1", "b1"], ["u"]),
+             helper.make_node("Add", ["u", "three"], ["h1"]),
+             helper.make_node("Clip", ["h1", "zero", "six"], ["h2"]),
+             helper.make_node("Mul", ["u", "h2"], ["h3"]),
+             helper.make_node("Div", ["h3", "six"], ["h4"]),
+             helper.make_node("Mul", ["a2", "h4"], ["m2"]),
+             helper.make_node("Add", ["m2", "b2"], ["y"])]
+    return _model(nodes, [("x", [1, 3, 9, 10])], ["y"], inits)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_affine_after_conv_is_folded_and_elementwise_chain_is_one_dispatch(transpose):
+    rng = np.random.default_rng(5)
+    model = _lcnet_block(rng, transpose)
+    ctx = vkconv.get_context()
+    with Graph(model.graph) as g:
+        # Mul / Add by scalars fold into the conv; the other six ops run as one Elementwise dispatch
+        assert [n.op_type for n, _, _ in g.steps] == ["ConvTranspose" if transpose else "Conv", "Elementwise"]
+        assert len(g.steps[1][0].attrs["_program"]) == 6
+        x = rng.standard_normal((1, 3, 9, 10)).astype(np.float32)
+        g({"x": x})
+        dispatches = ctx.stats["dispatches"]
+        got = g({"x": x})["y"]
+        assert ctx.stats["dispatches"] - dispatches <= g.steps[0][1].plan(x.shape).cmd.dispatches + 1
+        assert_close(got, _ort(model, {"x": x})[0], 1e-4)
+
+
+def test_elementwise_groups_keep_tensors_read_outside_them():
+    # d is read by a Conv outside the chain: it must stay a tensor, so two groups
+    rng = np.random.default_rng(6)
+    inits = {"w": (rng.standard_normal((2, 2, 1, 1)) * 0.5).astype(np.float32),
+             "s": rng.standard_normal(2).astype(np.float32), "beta": rng.standard_normal(2).astype(np.float32),
+             "mean": rng.standard_normal(2).astype(np.float32), "var": rng.uniform(0.5, 2, 2).astype(np.float32),
+             "bias": rng.standard_normal((2, 1, 1)).astype(np.float32)}
+    nodes = [helper.make_node("BatchNormalization", ["x", "s", "beta", "mean", "var"], ["n"]),  # on the input
+             helper.make_node("Sigmoid", ["n"], ["a"]),
+             helper.make_node("Mul", ["n", "a"], ["d"]),              # a diamond: n read twice inside
+             helper.make_node("Conv", ["d", "w"], ["c"]),
+             helper.make_node("Sub", ["d", "bias"], ["e"]),           # per-channel constant operand
+             helper.make_node("Div", ["e", "z"], ["q"]),              # a second runtime input
+             helper.make_node("Add", ["q", "c"], ["y"])]
+    model = _model(nodes, [("x", [2, 2, 5, 8]), ("z", [1, 2, 5, 1])], ["y", "n"], inits)
+    with Graph(model.graph) as g:
+        kinds = [n.op_type for n, _, _ in g.steps]
+        assert kinds.count("Elementwise") == 3, kinds  # n (a graph output) | a, d | e, q, y
+        x = rng.standard_normal((2, 2, 5, 8)).astype(np.float32)
+        z = rng.uniform(0.5, 2, (1, 2, 5, 1)).astype(np.float32)
+        got = g({"x": x, "z": z})
+        y, n = _ort(model, {"x": x, "z": z})
+        assert_close(got["y"], y, 1e-4, "y")
+        assert_close(got["n"], n, 1e-4, "n")
 
 
 def test_graph_input_that_is_also_an_output():

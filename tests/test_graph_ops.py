@@ -62,10 +62,11 @@ UNARY = [("Relu", {}, ()), ("LeakyRelu", {"alpha": 0.07}, (0.07,)), ("HardSwish"
          ("Tanh", {}, ()), ("Clip", None, (-0.5, 1.25))]
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 7, 13), (2, 3, 4, 16)])  # one element / 4 per invocation
 @pytest.mark.parametrize("name,attrs,params", UNARY)
-def test_unary_matches_onnx(name, attrs, params):
+def test_unary_matches_onnx(name, attrs, params, shape):
     rng = np.random.default_rng(2)
-    x = _rand(rng, 2, 3, 7, 13, low=-6, high=6)
+    x = _rand(rng, *shape, low=-6, high=6)
     got = run_kernel(Unary((name, *params)), [x])[0]
     if name == "Clip":
         feeds = {"x": x, "min": np.float32(params[0]), "max": np.float32(params[1])}
@@ -187,3 +188,64 @@ def test_kernels_leave_no_objects():
     run_kernel(Binary("Add"), [x, x])
     after = {k: v for k, v in ctx.live.items() if k not in ("pipeline",)}
     assert after == before
+
+
+def test_magic_division_is_exact():
+    from vkconv.indexing import magic
+
+    rng = np.random.default_rng(7)
+    for d in [1, 2, 3, 5, 7, 100, 321, 2**16 + 1, 2**30 + 1, 2**31 - 1, *rng.integers(1, 2**31, 200)]:
+        m, shift = magic(int(d))
+        assert m < 2**32
+        for n in [0, 1, int(d) - 1, int(d), int(d) + 1, 2**31 - 1, *rng.integers(0, 2**31, 50)]:
+            assert (n * m) >> (31 + shift) == n // int(d), (n, d)
+    with pytest.raises(ValueError, match="divisor"):
+        magic(0)
+
+
+def _program_reference(program, arrays):
+    """numpy evaluation of an Elementwise program (float64)."""
+    from vkconv.eltwise import IMMEDIATE, OP_ACTIVATION
+
+    regs = {i: a.astype(np.float64) for i, a in enumerate(arrays)}
+    for k, ins in enumerate(program):
+        u = ins.fa if ins.a == IMMEDIATE else regs[ins.a]
+        v = ins.fa if ins.b == IMMEDIATE else regs[ins.b]
+        if ins.op >= OP_ACTIVATION:  # only the activations used below
+            assert ins.op - OP_ACTIVATION == 2
+            regs[4 + k] = np.clip(u, ins.fa, ins.fb)
+        else:
+            regs[4 + k] = [np.add, np.subtract, np.multiply, np.divide][ins.op](u, v)
+    return regs[3 + len(program)]
+
+
+@pytest.mark.parametrize("shapes", [
+    [(2, 3, 8, 12), (3, 1, 1), (1,), (2, 3, 8, 12)],      # vec4: innermost 12 contiguous or broadcast
+    [(2, 3, 7, 5), (3, 1, 1), (2, 1, 7, 5), (5,)],         # scalar path: innermost 5
+    [(1, 4, 8), (4, 1), (8,), (1, 1, 1)],                  # innermost 8 split by a broadcast
+    [(2, 1, 3, 1, 4), (1, 5, 1, 6, 1), (4,), (1,)],        # five uncollapsible axes
+])
+def test_elementwise_program_four_inputs(shapes):
+    from vkconv.eltwise import IMMEDIATE, OP_ACTIVATION, Elementwise, Instruction
+
+    rng = np.random.default_rng(len(shapes[0]))
+    arrays = [_rand(rng, *s, low=0.5, high=2.0) for s in shapes]
+    program = [Instruction(0, 0, 1),                         # r4 = a + b
+               Instruction(3, IMMEDIATE, 4, 2.5),            # r5 = 2.5 / r4
+               Instruction(1, 5, 2),                         # r6 = r5 - c
+               Instruction(OP_ACTIVATION + 2, 6, 6, -0.5, 0.75),  # r7 = clip(r6)
+               Instruction(2, 7, 3),                         # r8 = r7 * d
+               Instruction(1, 8, IMMEDIATE, -1.0)]           # r9 = r8 - (-1)
+    got = run_kernel(Elementwise(program, 4), arrays)[0]
+    assert_close(got, _program_reference(program, arrays), REL)
+
+
+def test_elementwise_program_is_checked():
+    from vkconv.eltwise import Elementwise, Instruction
+
+    with pytest.raises(ValueError, match="register"):
+        Elementwise([Instruction(0, 0, 5)], 1)
+    with pytest.raises(ValueError, match="instructions"):
+        Elementwise([Instruction(0, 0, 0)] * 9, 1)
+    with pytest.raises(ValueError, match="n_inputs"):
+        Elementwise([Instruction(0, 0, 0)], 5)

@@ -161,3 +161,38 @@ def test_dynamic_input_dims_and_constant_node_weights():
             x = rng.standard_normal(shape).astype(np.float32)
             net.setInput(x)
             assert_close(net.forward(), sess.run(None, {"x": x})[0], 1e-3, str(shape))
+
+
+@pytest.mark.parametrize("mode", ["subgraph", "layer"])
+def test_profile_reports_device_time_and_transfers(mode, tmp_path):
+    rng = np.random.default_rng(9)
+    shape = (1, 8, 13, 10)
+    model = _se_model(rng, shape)
+    x = rng.standard_normal(shape).astype(np.float32)
+    with cv_plugin.read_net(model, mode=mode) as net:
+        net.setInput(x)
+        expected = net.forward()
+        report = cv_plugin.profile(net, x)
+        assert net.state.profiles is None  # profiling is for that one forward only
+        net.setInput(x)
+        assert_close(net.forward(), expected, 1e-6)  # the net still runs unprofiled
+        keys = set(net.state.ops)
+    assert {layer.key for layer in report.layers} == keys
+    for layer in report.layers:
+        assert layer.steps and all(s.ms > 0 for s in layer.steps)
+    if mode == "subgraph":
+        (layer,) = report.layers
+        # one upload of x, one readback of y
+        assert (layer.upload_bytes, layer.download_bytes) == (x.nbytes, x.nbytes)
+        kernels = [s.kernel for s in layer.steps]
+        assert kernels.count("pool") == 1 and kernels.count("elementwise") == 2, kernels
+    else:
+        assert all(layer.kind == "Conv" for layer in report.layers) and len(report.layers) == 3
+    assert 0 < report.device_ms and report.transfer_bytes == sum(
+        layer.upload_bytes + layer.download_bytes for layer in report.layers)
+    table = report.table()
+    assert "device ms" in table and report.layers[0].key in table
+    report.chart(str(tmp_path / "profile.svg"))
+    assert (tmp_path / "profile.svg").read_text().startswith("<svg")
+    with pytest.raises(ValueError, match="cv_plugin.Net"):
+        cv_plugin.profile(object(), x)

@@ -12,18 +12,17 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from .activation import Activation
 from .buffer import Buffer
 from .command import CommandBuffer
 from .context import Context, get_context
+from .indexing import magic
 from .pipeline import DescriptorSet
 
 MAX_RANK = 5
 _INT32_MAX = 2**31 - 1
-_BINARY_OPS = {"Add": 0, "Sub": 1, "Mul": 2, "Div": 3}
-_BINARY_PUSH = struct.Struct("<16i2f")
-_UNARY_PUSH = struct.Struct("<i2f")
 
 Shape = tuple[int, ...]
 
@@ -33,9 +32,11 @@ ELEMENTWISE_LOCAL = 128
 
 
 def linear_groups(ctx: Context, count: int, local: int) -> tuple[int, int, int]:
-    """Workgroups for a grid-stride loop over ``count`` items: capped at the device limit, the
-    shaders loop over the rest."""
-    return (max(1, min(-(-count // local), ctx.info.max_workgroup_count[0])), 1, 1)
+    """Workgroups for a grid-stride loop over ``count`` items, capped at the device limit (GPUs) or
+    at 1024 (CPU devices, where each workgroup has a fixed start-up cost and longer loops per
+    invocation measured 1.5-2x faster); the shaders loop over the rest."""
+    cap = 1024 if ctx.info.type == "cpu" else ctx.info.max_workgroup_count[0]
+    return (max(1, min(-(-count // local), cap)), 1, 1)
 
 
 def element_count(name: str, shape: Shape) -> int:
@@ -80,7 +81,132 @@ def broadcast_strides(shape: Shape, out: Shape) -> list[int]:
     return strides
 
 
-class Binary:
+OP_CODES = {"Add": 0, "Sub": 1, "Mul": 2, "Div": 3}
+OP_ACTIVATION = 16  # + an activation kind (shaders/include/activation.glsl)
+MAX_INPUTS = 4
+MAX_INSTRUCTIONS = 8
+IMMEDIATE = -1  # an operand that reads the instruction's immediate ``fa``
+_PUSH = struct.Struct("<6I5i20ii")
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """One step of an :class:`Elementwise` program.  ``op``: an ``OP_CODES`` value (``a op b``) or
+    ``OP_ACTIVATION + kind`` (``activation(a)`` with parameters ``fa``, ``fb``).  Operands are
+    registers (0..3: the inputs, 4 + k: instruction k's result) or :data:`IMMEDIATE` (``fa``)."""
+
+    op: int
+    a: int
+    b: int = IMMEDIATE
+    fa: float = 0.0
+    fb: float = 0.0
+
+
+def activation_instruction(activation, register: int) -> Instruction:
+    act = Activation.parse(activation)
+    return Instruction(OP_ACTIVATION + act.kind, register, register, act.a, act.b)
+
+
+def collapse(out: Shape, in_shapes: Sequence[Shape]) -> tuple[list[int], list[list[int]]]:
+    """``out``'s axes merged where every input is either broadcast along both neighbours or
+    contiguous across them, size-1 axes dropped: (extents, per-input element strides), outermost
+    first, at least one axis."""
+    strides = [broadcast_strides(s, out) for s in in_shapes]
+    extents: list[int] = []
+    merged: list[list[int]] = [[] for _ in in_shapes]
+    for axis, extent in enumerate(out):
+        if extent == 1:
+            continue
+        here = [st[axis] for st in strides]
+        # contiguous across the two axes, or broadcast along both (then both strides are 0)
+        if extents and all(prev[-1] == s * extent for prev, s in zip(merged, here)):
+            extents[-1] *= extent
+            for prev, s in zip(merged, here):
+                prev[-1] = s
+            continue
+        extents.append(extent)
+        for prev, s in zip(merged, here):
+            prev.append(s)
+    if not extents:
+        return [1], [[0] for _ in in_shapes]
+    return extents, merged
+
+
+class Elementwise:
+    """A fused chain of elementwise ops on float32 tensors of rank <= 5 with ONNX broadcasting: one
+    dispatch (``shaders/eltwise.comp``) reads each input once and writes the output once.
+
+    ``program``: at most 8 :class:`Instruction` over ``n_inputs`` (<= 4) inputs; the last one's
+    result is the output, of shape ``broadcast_shape`` of every input.  ``channel_inputs``: inputs
+    given as ``[C]`` vectors that apply along axis 1 (NCHW channels) of the output, as
+    BatchNormalization's parameters do.  Division by zero gives IEEE inf/NaN, as in ONNX.
+    """
+
+    def __init__(self, program: Sequence[Instruction], n_inputs: int, ctx: Context | None = None,
+                 channel_inputs: Sequence[int] = ()):
+        if not 1 <= len(program) <= MAX_INSTRUCTIONS:
+            raise ValueError(f"program: expected 1..{MAX_INSTRUCTIONS} instructions, got {len(program)}")
+        if not 1 <= n_inputs <= MAX_INPUTS:
+            raise ValueError(f"n_inputs: expected 1..{MAX_INPUTS}, got {n_inputs}")
+        for k, ins in enumerate(program):
+            if any(r != IMMEDIATE and not (0 <= r < n_inputs or 4 <= r < 4 + k) for r in (ins.a, ins.b)):
+                raise ValueError(f"program: instruction {k} reads a register not written before it: {ins}")
+        self.program = tuple(program)
+        self.n_inputs = n_inputs
+        self.channel_inputs = frozenset(channel_inputs)
+        self.ctx = ctx or get_context()
+
+    def _shapes(self, in_shapes: Sequence[Shape]) -> tuple[list[Shape], Shape]:
+        if len(in_shapes) != self.n_inputs:
+            raise ValueError(f"elementwise: expected {self.n_inputs} inputs, got {len(in_shapes)}")
+        shapes = [tuple(int(d) for d in s) for s in in_shapes]
+        for i, s in enumerate(shapes):
+            if len(s) > MAX_RANK:
+                raise ValueError(f"input {i}: rank above {MAX_RANK} is not supported (shape {s})")
+        tensors = [s for i, s in enumerate(shapes) if i not in self.channel_inputs]
+        out: Shape = ()
+        for s in tensors:
+            out = broadcast_shape(out, s)
+        for i in self.channel_inputs:
+            if len(out) < 2 or len(shapes[i]) != 1 or (out[1] > 0 and shapes[i][0] != out[1]):
+                raise ValueError(f"x: {shapes[i][0]} per-channel values cannot apply to shape {out}")
+            shapes[i] = (shapes[i][0],) + (1,) * (len(out) - 2)
+        return shapes, out
+
+    def output_shapes(self, in_shapes: Sequence[Shape]) -> list[Shape]:
+        return [self._shapes(in_shapes)[1]]
+
+    def record(self, cmd: CommandBuffer, inputs: Sequence[Buffer], outputs: Sequence[Buffer],
+               in_shapes: Sequence[Shape]) -> list:
+        shapes, out = self._shapes(in_shapes)
+        element_count("elementwise output", out)
+        extents, strides = collapse(out, shapes)
+        if len(extents) > 5:
+            raise ValueError(f"elementwise: the broadcast of {shapes} does not collapse to 5 axes")
+        axes = len(extents)
+        pad = 5 - axes
+        extents = [1] * pad + extents
+        strides = [[0] * pad + s for s in strides] + [[0] * 5] * (MAX_INPUTS - self.n_inputs)
+        vec4 = extents[4] % 4 == 0 and all(s[4] in (0, 1) for s in strides)
+        if vec4:
+            extents[4] //= 4
+        inner = extents[1] * extents[2] * extents[3] * extents[4]
+        magics = [v for d in extents[2:] for v in magic(d)]
+        local = self.ctx.local_size(ELEMENTWISE_LOCAL)
+        spec: list[int | float] = [local, 1, 1, 0, self.n_inputs, len(self.program), axes, 0]
+        for k in range(MAX_INSTRUCTIONS):
+            ins = self.program[k] if k < len(self.program) else Instruction(0, 0, 0)
+            spec += [ins.op, ins.a, ins.b, float(ins.fa), float(ins.fb)]
+        pipe = self.ctx.pipeline("eltwise_vec4" if vec4 else "eltwise", MAX_INPUTS + 1, _PUSH.size, tuple(spec))
+        bufs = list(inputs[:self.n_inputs]) + [inputs[0]] * (MAX_INPUTS - self.n_inputs) + [outputs[0]]
+        dset = DescriptorSet(pipe, bufs)
+        groups = linear_groups(self.ctx, inner, local)
+        cmd.dispatch(pipe, dset, _PUSH.pack(*magics, *extents, *[v for s in strides for v in s], inner),
+                     (groups[0], 1, min(extents[0], self.ctx.info.max_workgroup_count[2])))
+        return [dset]
+
+
+class Binary(Elementwise):
     """ONNX ``Add``/``Sub``/``Mul``/``Div`` of float32 tensors of rank <= 5 with broadcasting, and an
     optional fused activation (see :meth:`vkconv.activation.Activation.parse`).
 
@@ -88,11 +214,13 @@ class Binary:
     """
 
     def __init__(self, op: str, activation=None, ctx: Context | None = None):
-        if op not in _BINARY_OPS:
-            raise ValueError(f"op: expected one of {', '.join(_BINARY_OPS)}, got {op!r}")
+        if op not in OP_CODES:
+            raise ValueError(f"op: expected one of {', '.join(OP_CODES)}, got {op!r}")
+        program = [Instruction(OP_CODES[op], 0, 1)]
+        if Activation.parse(activation).kind:
+            program.append(activation_instruction(activation, 4))
+        super().__init__(program, 2, ctx)
         self.op = op
-        self.activation = Activation.parse(activation)
-        self.ctx = ctx or get_context()
 
     def output_shapes(self, in_shapes: Sequence[Shape]) -> list[Shape]:
         if len(in_shapes) != 2:
@@ -102,46 +230,13 @@ class Binary:
             raise ValueError(f"{self.op}: rank above {MAX_RANK} is not supported (A {a}, B {b})")
         return [broadcast_shape(a, b)]
 
-    def record(self, cmd: CommandBuffer, inputs: Sequence[Buffer], outputs: Sequence[Buffer],
-               in_shapes: Sequence[Shape]) -> list:
-        out = self.output_shapes(in_shapes)[0]
-        total = element_count(f"{self.op} output", out)
-        lift = (MAX_RANK - len(out))
-        dims = [1] * lift + list(out)
-        sa = [0] * lift + broadcast_strides(in_shapes[0], out)
-        sb = [0] * lift + broadcast_strides(in_shapes[1], out)
-        local = self.ctx.local_size(ELEMENTWISE_LOCAL)
-        act = self.activation
-        pipe = self.ctx.pipeline("eltwise_binary", 3, _BINARY_PUSH.size,
-                                 (local, 1, 1, act.kind, _BINARY_OPS[self.op]))
-        dset = DescriptorSet(pipe, [inputs[0], inputs[1], outputs[0]])
-        cmd.dispatch(pipe, dset, _BINARY_PUSH.pack(*dims, *sa, *sb, total, act.a, act.b),
-                     linear_groups(self.ctx, total, local))
-        return [dset]
 
-
-class Unary:
+class Unary(Elementwise):
     """An activation applied elementwise (``Relu``, ``("Clip", lo, hi)``, ``("LeakyRelu", alpha)``,
     ``HardSwish``, ``("HardSigmoid", alpha, beta)``, ``Sigmoid``, ``Tanh``); output shape = input
     shape."""
 
     def __init__(self, activation, ctx: Context | None = None):
-        self.activation = Activation.parse(activation)
-        if self.activation.kind == 0:
+        if Activation.parse(activation).kind == 0:
             raise ValueError(f"activation: expected an activation, got {activation!r}")
-        self.ctx = ctx or get_context()
-
-    def output_shapes(self, in_shapes: Sequence[Shape]) -> list[Shape]:
-        if len(in_shapes) != 1:
-            raise ValueError(f"activation: expected 1 input, got {len(in_shapes)}")
-        return [tuple(int(d) for d in in_shapes[0])]
-
-    def record(self, cmd: CommandBuffer, inputs: Sequence[Buffer], outputs: Sequence[Buffer],
-               in_shapes: Sequence[Shape]) -> list:
-        total = element_count("activation input", in_shapes[0])
-        local = self.ctx.local_size(ELEMENTWISE_LOCAL)
-        act = self.activation
-        pipe = self.ctx.pipeline("eltwise_unary", 2, _UNARY_PUSH.size, (local, 1, 1, act.kind))
-        dset = DescriptorSet(pipe, [inputs[0], outputs[0]])
-        cmd.dispatch(pipe, dset, _UNARY_PUSH.pack(total, act.a, act.b), linear_groups(self.ctx, total, local))
-        return [dset]
+        super().__init__([activation_instruction(activation, 0)], 1, ctx)

@@ -3,20 +3,23 @@ input-shape set: one upload of the graph inputs, every node's dispatches in topo
 one readback of the graph outputs.
 
 Supported nodes (:data:`OP_TYPES`): Conv, ConvTranspose (constant W/B; a following
-BatchNormalization is folded into a Conv and a following activation fused into either, when
-nothing else reads the intermediate tensor), BatchNormalization (inference; a per-channel
-scale + shift otherwise), Relu, Clip, LeakyRelu, HardSwish, HardSigmoid, Sigmoid, Tanh,
+BatchNormalization or scalar / per-channel constant Mul, Add, Sub is folded into the weights and a
+following activation fused, when nothing else reads the intermediate tensor), BatchNormalization
+(inference; a per-channel scale + shift otherwise), Relu, Clip, LeakyRelu, HardSwish, HardSigmoid, Sigmoid, Tanh,
 Add/Sub/Mul/Div (broadcasting, rank <= 5), MaxPool, AveragePool, GlobalAveragePool,
 GlobalMaxPool (2-D), Concat, Resize (nearest / linear, opset >= 11) and Upsample (2-D NCHW).
 :func:`unsupported_reason` says why a node cannot run here.
 
 Intermediate tensors live in device buffers reused by liveness: a tensor's buffer returns to a
 free list keyed by size after its last reader, so a plan's memory stays near the peak live set.
-Conv and ConvTranspose run through their own classes' recorded plans (``Plan.body``): the graph
-copies the producer's buffer into the conv plan's input buffer and the conv plan's output buffer
-into the consumer's, so each conv keeps its own input and output buffers outside the liveness pool
-(two extra device-side copies per conv; a kernel interface that records with external buffers
-would remove them).
+Conv and ConvTranspose run through their own classes' recorded plans (``Plan.body``) on the plan's
+input and output buffers, outside the liveness pool: the tensor a conv writes lives in its plan's
+output buffer, and the tensor it reads in its plan's input buffer unless another conv claimed it
+first or it is a graph input (then one device-side copy brings it in).
+
+Chains of elementwise nodes (binary ops, activations, BatchNormalization not folded into a conv)
+run as one :class:`~vkconv.eltwise.Elementwise` dispatch each, and scalar or per-channel Mul / Add /
+Sub after a conv are folded into its weights, as BatchNormalization is.
 """
 from __future__ import annotations
 
@@ -37,10 +40,22 @@ from .command import CommandBuffer
 from .context import Context, get_context, vk
 from .conv import Conv
 from .conv_transpose import ConvTranspose
-from .eltwise import MAX_RANK, Binary, Shape, Unary, element_count
+from .eltwise import (
+    IMMEDIATE,
+    MAX_INPUTS,
+    MAX_INSTRUCTIONS,
+    MAX_RANK,
+    OP_CODES,
+    Elementwise,
+    Instruction,
+    Shape,
+    activation_instruction,
+    element_count,
+)
 from .plan import Plan, PlanCache, closed_on_error
 from .pool import Pool
 from .resize import COORDINATE_MODES, NEAREST_MODES, Resize
+from .timestamps import Timestamps
 
 ACTIVATIONS = ("Relu", "Clip", "LeakyRelu", "HardSwish", "HardSigmoid", "Sigmoid", "Tanh")
 BINARY = ("Add", "Sub", "Mul", "Div")
@@ -50,7 +65,7 @@ OP_TYPES = ("Conv", "ConvTranspose", "BatchNormalization", *ACTIVATIONS, *BINARY
 
 
 class GraphKernel(Protocol):
-    """What a graph step runs (Binary, Pool, Concat, ConvNode...): device-free shape inference and
+    """What a graph step runs (Elementwise, Pool, Concat, ConvNode...): device-free shape inference and
     recording into a command buffer; a ``close()`` method, where present, frees device memory."""
 
     def output_shapes(self, in_shapes: Sequence[Shape]) -> list[Shape]: ...
@@ -121,38 +136,9 @@ class Concat:
         return []
 
 
-class ScaleShift:
-    """Inference BatchNormalization not folded into a conv: ``x * scale + shift`` per channel
-    (axis 1), two broadcast dispatches of :class:`~vkconv.eltwise.Binary`, the second in place."""
-
-    def __init__(self, scale: np.ndarray, shift: np.ndarray, ctx: Context):
-        self.ctx = ctx
-        self.channels = scale.size
-        self.scale = upload_constant(ctx, scale.astype(np.float32), "batchnorm scale")
-        self.shift = upload_constant(ctx, shift.astype(np.float32), "batchnorm shift")
-        self.mul, self.add = Binary("Mul", ctx=ctx), Binary("Add", ctx=ctx)
-
-    def output_shapes(self, in_shapes: Sequence[Shape]) -> list[Shape]:
-        x = tuple(int(d) for d in in_shapes[0])
-        if len(x) < 2 or x[1] > 0 and x[1] != self.channels:
-            raise ValueError(f"x: BatchNormalization with {self.channels} channels cannot take shape {x}")
-        return [x]
-
-    def record(self, cmd, inputs, outputs, in_shapes):
-        x = tuple(in_shapes[0])
-        param = (self.channels,) + (1,) * (len(x) - 2)
-        keep = self.mul.record(cmd, [inputs[0], self.scale], outputs, [x, param])
-        cmd.barrier()
-        return keep + self.add.record(cmd, [outputs[0], self.shift], outputs, [x, param])
-
-    def close(self) -> None:
-        self.scale.close()
-        self.shift.close()
-
-
 class ConvNode:
-    """A Conv or ConvTranspose node run through its vkconv object's recorded plan (see the module
-    docstring for the two copies)."""
+    """A Conv or ConvTranspose node run through its vkconv object's recorded plan, on the plan's
+    own input / output buffers when the graph gave it those, else with a copy in / out."""
 
     def __init__(self, op: Conv | ConvTranspose):
         self.op = op
@@ -175,11 +161,13 @@ class ConvNode:
     def record(self, cmd, inputs, outputs, in_shapes):
         plan = self.plan(in_shapes[0])
         # the tensors' own sizes: a kernel's plan buffers may be padded beyond them
-        cmd.copy(inputs[0].buffer, plan.inputs[0].buffer, 4 * math.prod(in_shapes[0]))
-        cmd.barrier()
+        if inputs[0] is not plan.inputs[0]:
+            cmd.copy(inputs[0].buffer, plan.inputs[0].buffer, 4 * math.prod(in_shapes[0]))
+            cmd.barrier()
         plan.body(cmd)
-        cmd.barrier()
-        cmd.copy(plan.outputs[0].buffer, outputs[0].buffer, 4 * math.prod(self.output_shapes(in_shapes)[0]))
+        if outputs[0] is not plan.outputs[0]:
+            cmd.barrier()
+            cmd.copy(plan.outputs[0].buffer, outputs[0].buffer, 4 * math.prod(self.output_shapes(in_shapes)[0]))
         return []
 
     def close(self) -> None:
@@ -328,13 +316,41 @@ def unsupported_reason(node: Node | onnx.NodeProto, constants: Mapping[str, np.n
     return None if rank(ins[0], 4) == 4 else "Resize runs on 4-D NCHW input only"
 
 
-def fold_batchnorm(w: np.ndarray, b: np.ndarray | None, scale, beta, mean, var, eps: float):
-    """Conv weights ``[C_out, ...]`` and bias with an inference BatchNormalization folded in
-    (float64 arithmetic, float32 results)."""
+def fold_affine(w: np.ndarray, b: np.ndarray | None, scale, shift, *, group: int = 1,
+                transpose: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Weights and bias of a Conv (``w`` ``[C_out, C_in/group, *k]``) or, with ``transpose``, a
+    ConvTranspose (``w`` ``[C_in, C_out/group, *k]``) whose output is then multiplied by ``scale``
+    and shifted by ``shift`` per output channel (float64 arithmetic, float32 results)."""
+    w = np.asarray(w, np.float64)
+    cout = w.shape[1] * group if transpose else w.shape[0]
+    s = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (cout,))
+    t = np.broadcast_to(np.asarray(shift, np.float64).reshape(-1), (cout,))
+    b = np.zeros(cout) if b is None else np.asarray(b, np.float64)
+    if transpose:
+        per_group = s.reshape(group, 1, cout // group, *([1] * (w.ndim - 2)))
+        w2 = (w.reshape(group, -1, *w.shape[1:]) * per_group).reshape(w.shape)
+    else:
+        w2 = w * s.reshape(-1, *([1] * (w.ndim - 1)))
+    return w2.astype(np.float32), (b * s + t).astype(np.float32)
+
+
+def fold_batchnorm(w: np.ndarray, b: np.ndarray | None, scale, beta, mean, var, eps: float, *,
+                   group: int = 1, transpose: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`fold_affine` of an inference BatchNormalization."""
     s = np.asarray(scale, np.float64) / np.sqrt(np.asarray(var, np.float64) + eps)
-    b = np.zeros(w.shape[0]) if b is None else np.asarray(b, np.float64)
-    w2 = np.asarray(w, np.float64) * s.reshape(-1, *([1] * (w.ndim - 1)))
-    return w2.astype(np.float32), ((b - mean) * s + beta).astype(np.float32)
+    return fold_affine(w, b, s, np.asarray(beta, np.float64) - np.asarray(mean, np.float64) * s,
+                       group=group, transpose=transpose)
+
+
+def _channel_constant(c: np.ndarray | None, rank: int, channels: int) -> np.ndarray | None:
+    """``c`` as ``[channels]`` values when it broadcasts against a ``[N, channels, ...]`` tensor of
+    ``rank`` along axis 1 only (a scalar or a per-channel constant), else None."""
+    if not _is_float(c) or c.ndim > rank:
+        return None
+    full = (1,) * (rank - c.ndim) + c.shape
+    if any(d != 1 for k, d in enumerate(full) if k != 1) or full[1] not in (1, channels):
+        return None
+    return np.broadcast_to(c.reshape(-1).astype(np.float64), (channels,))
 
 
 def _build(node: Node, constants: Mapping[str, np.ndarray], ctx: Context) -> tuple[GraphKernel, list[str]]:
@@ -353,14 +369,8 @@ def _build(node: Node, constants: Mapping[str, np.ndarray], ctx: Context) -> tup
         shape = a.get("output_shape")
         return ConvNode(ConvTranspose(w, b, output_padding=tuple(a.get("output_padding", [0] * nd)),
                                       output_shape=tuple(shape)[-nd:] if shape else None, **common)), ins[:1]
-    if op == "BatchNormalization":
-        scale, beta, mean, var = (np.asarray(constants[t]).astype(np.float64).reshape(-1) for t in ins[1:5])
-        s = scale / np.sqrt(var + float(a.get("epsilon", 1e-5)))
-        return ScaleShift(s, beta - mean * s, ctx), ins[:1]
-    if op in ACTIVATIONS:
-        return Unary(activation_spec(node, constants), ctx), ins[:1]
-    if op in BINARY:
-        return Binary(op, a.get("_activation"), ctx), ins[:2]
+    if op == "Elementwise":
+        return Elementwise(a["_program"], len(ins), ctx, a["_channel_inputs"]), list(ins)
     if op in POOLS:
         if op.startswith("Global"):
             return Pool(op, ctx=ctx), ins[:1]
@@ -391,8 +401,10 @@ def _toposort(nodes: list[Node], available: set[str]) -> list[Node]:
 
 
 def _fuse(nodes: list[Node], constants: dict[str, np.ndarray], keep: set[str]) -> list[Node]:
-    """Fold BatchNormalization into a preceding Conv and fuse an activation into a preceding conv
-    or binary op, when the intermediate has that one reader and is not in ``keep`` (graph outputs)."""
+    """Fold into a preceding Conv / ConvTranspose's weights the BatchNormalization and the Mul /
+    Add / Sub by scalar or per-channel constants that follow it, then fuse an activation into its
+    epilogue, as long as each intermediate has that one reader and is not in ``keep`` (graph
+    outputs)."""
     readers: dict[str, list[Node]] = defaultdict(list)
     for n in nodes:
         for t in n.inputs:
@@ -403,28 +415,162 @@ def _fuse(nodes: list[Node], constants: dict[str, np.ndarray], keep: set[str]) -
         users = readers.get(t, [])
         return users[0] if len(users) == 1 and t not in keep and id(users[0]) not in removed else None
 
+    def affine(node: Node, y: str, rank: int, channels: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """(scale, shift) per channel of ``node`` applied to ``y``, None when it is not one."""
+        ins = node.inputs
+        if node.op_type == "BatchNormalization":
+            if ins[0] != y:
+                return None
+            scale, beta, mean, var = (constants[t].astype(np.float64).reshape(-1) for t in ins[1:5])
+            s = scale / np.sqrt(var + float(node.attrs.get("epsilon", 1e-5)))
+            return s, beta - mean * s
+        if node.op_type not in ("Mul", "Add", "Sub") or len(ins) != 2 or ins.count(y) != 1:
+            return None
+        other = ins[1] if ins[0] == y else ins[0]
+        c = _channel_constant(_const(constants, other), rank, channels)
+        if c is None or (node.op_type == "Sub" and ins[1] == y):
+            return None
+        ones, zeros = np.ones(channels), np.zeros(channels)
+        return (c, zeros) if node.op_type == "Mul" else (ones, c if node.op_type == "Add" else -c)
+
     for n in nodes:
-        if id(n) in removed or n.op_type not in ("Conv", "ConvTranspose", *BINARY):
+        if id(n) in removed or n.op_type not in ("Conv", "ConvTranspose"):
             continue
+        w = constants[n.inputs[1]]
+        transpose, group = n.op_type == "ConvTranspose", int(n.attrs.get("group", 1))
+        channels = w.shape[1] * group if transpose else w.shape[0]
         nxt = sole_reader(n.outputs[0])
-        if n.op_type == "Conv" and nxt is not None and nxt.op_type == "BatchNormalization" \
-                and nxt.inputs[0] == n.outputs[0]:
-            w = constants[n.inputs[1]]
+        while nxt is not None and (st := affine(nxt, n.outputs[0], w.ndim, channels)) is not None:
             b = constants[n.inputs[2]] if len(n.inputs) > 2 and n.inputs[2] else None
-            scale, beta, mean, var = (constants[t].reshape(-1) for t in nxt.inputs[1:5])
-            w2, b2 = fold_batchnorm(w, b, scale, beta, mean, var, float(nxt.attrs.get("epsilon", 1e-5)))
-            constants[f"{n.outputs[0]}__vk_w"], constants[f"{n.outputs[0]}__vk_b"] = w2, b2
-            n.inputs = [n.inputs[0], f"{n.outputs[0]}__vk_w", f"{n.outputs[0]}__vk_b"]
+            w, b2 = fold_affine(w, b, *st, group=group, transpose=transpose)
+            constants[f"{nxt.outputs[0]}__vk_w"], constants[f"{nxt.outputs[0]}__vk_b"] = w, b2
+            n.inputs = [n.inputs[0], f"{nxt.outputs[0]}__vk_w", f"{nxt.outputs[0]}__vk_b"]
             n.outputs = list(nxt.outputs)
             removed.add(id(nxt))
             nxt = sole_reader(n.outputs[0])
-        if nxt is not None and nxt.op_type in ACTIVATIONS and "_activation" not in n.attrs:
+        if nxt is not None and nxt.op_type in ACTIVATIONS:
             spec = activation_spec(nxt, constants)
             if spec is not None:
                 n.attrs = {**n.attrs, "_activation": spec}
                 n.outputs = list(nxt.outputs)
                 removed.add(id(nxt))
     return [n for n in nodes if id(n) not in removed]
+
+
+_ELEMENTWISE = (*ACTIVATIONS, *BINARY, "BatchNormalization")
+
+
+def _program(members: list[Node], constants: dict[str, np.ndarray]) -> Node | None:
+    """One ``Elementwise`` node computing ``members`` (elementwise nodes in topological order; the
+    last one's output is the result), or None past the kernel's limits.  Size-1 constants of rank
+    <= 1 become immediates; BatchNormalization's folded scale and shift become per-channel inputs
+    (new constants named after its output)."""
+    leaves: list[str] = []
+    channel: list[int] = []
+    registers: dict[str, int] = {}
+    program: list[Instruction] = []
+
+    def operand(t: str, per_channel: bool = False) -> int | float:
+        if t in registers:
+            return registers[t]
+        c = _const(constants, t)
+        if c is not None and c.size == 1 and c.ndim <= 1 and not per_channel:
+            return float(c.reshape(-1)[0])
+        if t not in leaves:
+            leaves.append(t)
+            if per_channel:
+                channel.append(len(leaves) - 1)
+        return leaves.index(t)
+
+    def emit(op: int, a: int | float, b: int | float, fb: float = 0.0) -> None:
+        if isinstance(a, float):
+            program.append(Instruction(op, IMMEDIATE, int(b), a, fb))
+        elif isinstance(b, float):
+            program.append(Instruction(op, a, IMMEDIATE, b, fb))
+        else:
+            program.append(Instruction(op, a, b, 0.0, fb))
+
+    for node in members:
+        ins = node.inputs
+        if node.op_type in BINARY:
+            emit(OP_CODES[node.op_type], operand(ins[0]), operand(ins[1]))
+        elif node.op_type == "BatchNormalization":
+            scale, beta, mean, var = (constants[t].astype(np.float64).reshape(-1) for t in ins[1:5])
+            s = scale / np.sqrt(var + float(node.attrs.get("epsilon", 1e-5)))
+            out = node.outputs[0]
+            constants[f"{out}__vk_scale"] = s.astype(np.float32)
+            constants[f"{out}__vk_shift"] = (beta - mean * s).astype(np.float32)
+            emit(OP_CODES["Mul"], operand(ins[0]), operand(f"{out}__vk_scale", True))
+            emit(OP_CODES["Add"], 3 + len(program), operand(f"{out}__vk_shift", True))
+        else:
+            act = activation_instruction(activation_spec(node, constants), 0)
+            emit(act.op, operand(ins[0]), act.fa, act.fb)
+        registers[node.outputs[0]] = 3 + len(program)
+    if len(leaves) > MAX_INPUTS or len(program) > MAX_INSTRUCTIONS or not leaves:
+        return None
+    names = [m.name or m.op_type for m in members]
+    return Node("Elementwise", leaves, list(members[-1].outputs),
+                {"_program": program, "_channel_inputs": channel},
+                names[0] if len(names) == 1 else f"{names[0]}..{names[-1]}")
+
+
+def _fuse_elementwise(nodes: list[Node], constants: dict[str, np.ndarray], keep: set[str]) -> list[Node]:
+    """Replace the elementwise nodes (binary ops, activations, unfolded BatchNormalization) by
+    ``Elementwise`` nodes, each a group run by one dispatch.  Groups grow backwards from their
+    last node: a producer joins when every reader of its output is in the group already and its
+    output is not in ``keep``, so no intermediate leaves the group; :func:`_program` bounds them."""
+    readers: dict[str, set[int]] = defaultdict(set)
+    producer: dict[str, Node] = {}
+    for n in nodes:
+        for t in n.inputs:
+            readers[t].add(id(n))
+        for t in n.outputs:
+            producer[t] = n
+    position = {id(n): i for i, n in enumerate(nodes)}
+    grouped: dict[int, Node | None] = {}  # id -> the fused node at the group's last member
+    for root in reversed(nodes):
+        if root.op_type not in _ELEMENTWISE or id(root) in grouped:
+            continue
+        members = {id(root): root}
+        grown = True
+        while grown:
+            grown = False
+            for m in list(members.values()):
+                for t in m.inputs:
+                    p = producer.get(t)
+                    if p is None or id(p) in members or id(p) in grouped or p.op_type not in _ELEMENTWISE \
+                            or t in keep or not readers[t] <= members.keys():
+                        continue
+                    trial = sorted([*members.values(), p], key=lambda x: position[id(x)])
+                    if _program(trial, dict(constants)) is not None:
+                        members[id(p)] = p
+                        grown = True
+        ordered = sorted(members.values(), key=lambda x: position[id(x)])
+        fused = _program(ordered, constants)
+        assert fused is not None  # one node alone is within every limit
+        for m in ordered:
+            grouped[id(m)] = None
+        grouped[id(root)] = fused
+    return [step for n in nodes if (step := grouped.get(id(n), n)) is not None]
+
+
+def _kernel_label(kernel: GraphKernel, x_shape: Shape) -> str:
+    if isinstance(kernel, ConvNode):
+        return f"conv {kernel.op.kernel_for(x_shape)}" if isinstance(kernel.op, Conv) else "convtranspose"
+    return type(kernel).__name__.lower()
+
+
+@dataclass
+class StepTime:
+    """One graph step's device time: node name, op type (after fusion: a Conv may carry a folded
+    BatchNormalization and an activation), the kernel that ran, first input and output shapes."""
+
+    name: str
+    op_type: str
+    kernel: str
+    input_shape: Shape
+    output_shape: Shape
+    ms: float
 
 
 class Graph:
@@ -478,7 +624,8 @@ class Graph:
             reason = unsupported_reason(n, consts)  # ranks are checked when shapes are known
             if reason is not None:
                 raise ValueError(f"graph: node {n.name or n.op_type!r} ({n.op_type}): {reason}")
-        nodes = _fuse(_toposort(nodes, set(self.inputs) | set(consts)), consts, set(self.outputs))
+        nodes = _toposort(nodes, set(self.inputs) | set(consts))
+        nodes = _fuse_elementwise(_fuse(nodes, consts, set(self.outputs)), consts, set(self.outputs))
         self.steps: list[tuple[Node, GraphKernel, list[str]]] = []
         self._const_buffers: dict[str, Buffer] = {}
         self._shape_cache: dict[tuple, dict[str, Shape]] = {}
@@ -518,7 +665,9 @@ class Graph:
         return [known[o] for o in self.outputs]
 
     # -- plans -------------------------------------------------------------------------------------
-    def _build_plan(self, in_shapes: tuple[Shape, ...]) -> Plan:
+    def _build_plan(self, in_shapes: tuple[Shape, ...], timestamps: Timestamps | None = None) -> Plan:
+        """The plan for ``in_shapes``; with ``timestamps``, one mark before the first step and one
+        after each step (labelled with the step's index)."""
         known = self.tensor_shapes(in_shapes)
         for name, s in known.items():
             element_count(f"tensor {name!r}", s)
@@ -531,12 +680,22 @@ class Graph:
         for i, (_, _, reads) in enumerate(self.steps):
             for t in reads:
                 last[t] = i
+        # A conv's own plan buffers hold the tensor it writes and, where no other conv claimed it
+        # first, the one it reads: the conv then runs on them with no copy in or out.
+        homes: dict[str, Buffer] = {}
+        for node, kernel, reads in self.steps:
+            if isinstance(kernel, ConvNode):
+                conv_plan = kernel.plan(known[reads[0]])
+                homes.setdefault(reads[0], conv_plan.inputs[0])
+                homes.setdefault(node.outputs[0], conv_plan.outputs[0])
         pooled: set[str] = set()
         free: dict[int, list[Buffer]] = defaultdict(list)
         assignment = []  # per step: (input buffers, output buffers, input shapes)
         for i, (node, _, reads) in enumerate(self.steps):
             for t in node.outputs:
-                if t not in bufs:
+                if t not in bufs and t in homes:
+                    bufs[t] = homes[t]
+                elif t not in bufs:
                     nbytes = 4 * math.prod(known[t])
                     size = -(-nbytes // 16) * 16
                     if free[size]:
@@ -557,9 +716,14 @@ class Graph:
         copies = [(bufs[n], out) for n, out in zip(self.outputs, plan.outputs) if bufs[n] is not out]
 
         def body(cmd: CommandBuffer) -> None:
-            for (_, kernel, _), (ins, outs, in_shapes_) in zip(self.steps, assignment):
+            if timestamps is not None:
+                timestamps.reset(cmd)
+                timestamps.mark(cmd)
+            for i, ((_, kernel, _), (ins, outs, in_shapes_)) in enumerate(zip(self.steps, assignment)):
                 plan.keep.extend(kernel.record(cmd, ins, outs, in_shapes_))
                 cmd.barrier()
+                if timestamps is not None:
+                    timestamps.mark(cmd, str(i))
             for src, dst in copies:
                 cmd.copy(src.buffer, dst.buffer, dst.nbytes)
 
@@ -579,6 +743,34 @@ class Graph:
             self.transfers["uploads"] += len(arrays)
             self.transfers["downloads"] += len(self.outputs)
             return plan.run(arrays)
+
+    def profile(self, arrays: Sequence[np.ndarray], repeat: int = 3) -> tuple[list[np.ndarray], list[StepTime]]:
+        """Outputs as :meth:`run` gives them, and each step's device time (the minimum over
+        ``repeat`` submits, after one warm-up) from timestamp queries.  Builds a separate plan with
+        the timestamps recorded in, used for this call only; transfers are not counted."""
+        if len(arrays) != len(self.inputs):
+            raise ValueError(f"inputs: expected {len(self.inputs)} arrays ({self.inputs}), got {len(arrays)}")
+        arrays = [shapes.as_float32(n, a) for n, a in zip(self.inputs, arrays)]
+        key = tuple(a.shape for a in arrays)
+        known = self.tensor_shapes(key)
+        stamps = Timestamps(self.ctx, len(self.steps) + 1)
+        try:
+            with self._lock:
+                plan = self._build_plan(key, stamps)
+                try:
+                    runs = []
+                    for _ in range(max(1, repeat) + 1):
+                        outputs = plan.run(arrays)
+                        runs.append([t for _, t in stamps.intervals()])
+                    best = [min(step) for step in zip(*runs[1:])]
+                finally:
+                    plan.close()
+        finally:
+            stamps.close()
+        times = [StepTime(node.name or node.op_type, node.op_type, _kernel_label(kernel, known[reads[0]]),
+                          known[reads[0]], known[node.outputs[0]], t)
+                 for (node, kernel, reads), t in zip(self.steps, best)]
+        return outputs, times
 
     def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``{input name: array}`` -> ``{output name: array}``."""

@@ -15,10 +15,11 @@ from .buffer import Buffer
 from .command import CommandBuffer
 from .context import Context, get_context
 from .eltwise import ELEMENTWISE_LOCAL, Shape, element_count, linear_groups
+from .indexing import magic
 from .pipeline import DescriptorSet
 
 _KINDS = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool")
-_PUSH = struct.Struct("<15i")
+_PUSH = struct.Struct("<4I15i")
 
 
 class Pool:
@@ -86,8 +87,14 @@ class Pool:
         kernel, strides, dilations, pads, out_hw = self._geometry(x_shape)
         mode = 0 if "Max" in self.kind else (2 if self.count_include_pad else 1)
         local = self.ctx.local_size(ELEMENTWISE_LOCAL)
-        pipe = self.ctx.pipeline("pool", 2, _PUSH.size, (local, 1, 1, 0, mode))
+        if self.is_global:  # the shared-memory reduction halves the workgroup: a power of two
+            local = 1 << (local.bit_length() - 1)
+        pipe = self.ctx.pipeline("pool_global" if self.is_global else "pool", 2, _PUSH.size, (local, 1, 1, 0, mode))
         dset = DescriptorSet(pipe, [inputs[0], outputs[0]])
-        push = _PUSH.pack(*x_shape[2:], *out_hw, *kernel, *strides, *dilations, *pads[:2], *pads[2:], total)
-        cmd.dispatch(pipe, dset, push, linear_groups(self.ctx, total, local))
+        push = _PUSH.pack(*magic(out_hw[1]), *magic(out_hw[0]), *x_shape[2:], *out_hw, *kernel, *strides,
+                          *dilations, *pads[:2], *pads[2:], total)
+        # global pools: one workgroup per plane (the output has one element per plane)
+        groups = (min(total, self.ctx.info.max_workgroup_count[0]), 1, 1) if self.is_global \
+            else linear_groups(self.ctx, total, local)
+        cmd.dispatch(pipe, dset, push, groups)
         return [dset]

@@ -19,9 +19,10 @@ from .buffer import Buffer
 from .command import CommandBuffer
 from .context import Context, get_context
 from .eltwise import ELEMENTWISE_LOCAL, Shape, element_count, linear_groups
+from .indexing import magic
 from .pipeline import DescriptorSet
 
-_PUSH = struct.Struct("<5i")
+_PUSH = struct.Struct("<4I5i")
 COORDINATE_MODES = ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric")
 NEAREST_MODES = ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil")
 
@@ -145,5 +146,6 @@ class Resize:
         local = self.ctx.local_size(ELEMENTWISE_LOCAL)
         pipe = self.ctx.pipeline("resize", 4, _PUSH.size, (local, 1, 1, 0, int(linear)))
         dset = DescriptorSet(pipe, [inputs[0], index, weight, outputs[0]])
-        cmd.dispatch(pipe, dset, _PUSH.pack(*x_shape[2:], *out[2:], total), linear_groups(self.ctx, total, local))
+        cmd.dispatch(pipe, dset, _PUSH.pack(*magic(out[3]), *magic(out[2]), *x_shape[2:], *out[2:], total),
+                     linear_groups(self.ctx, total, local))
         return [dset, index, weight]

@@ -116,37 +116,16 @@ class DeviceTimer:
     """GPU timestamps around whatever ``record(cmd)`` puts in a command buffer."""
 
     def __init__(self, ctx: Any):
-        import vulkan as vk
-
-        self.vk, self.ctx = vk, ctx
-        self.period_ns = vk.vkGetPhysicalDeviceProperties(ctx.physical_device).limits.timestampPeriod
-        self.pool = vk.vkCreateQueryPool(ctx.device, vk.VkQueryPoolCreateInfo(
-            queryType=vk.VK_QUERY_TYPE_TIMESTAMP, queryCount=2), None)
-        self._data = vk.ffi.new("uint64_t[2]")
+        self.ctx = ctx
 
     def times(self, record: Callable[[Any], None], warmup: int, repeat: int) -> list[float]:
         """Seconds between the two timestamps for each of ``repeat`` submits after ``warmup``."""
-        from vkconv.command import CommandBuffer
+        from vkconv.timestamps import device_times
 
-        vk = self.vk
-        with CommandBuffer(self.ctx) as cmd:
-            cmd.begin()
-            vk.vkCmdResetQueryPool(cmd.handle, self.pool, 0, 2)
-            vk.vkCmdWriteTimestamp(cmd.handle, vk.VK_PIPELINE_STAGE_TOP_OF_PIPE_BIT, self.pool, 0)
-            record(cmd)
-            vk.vkCmdWriteTimestamp(cmd.handle, vk.VK_PIPELINE_STAGE_BOTTOM_OF_PIPE_BIT, self.pool, 1)
-            cmd.end()
-            out = []
-            for i in range(warmup + repeat):
-                cmd.submit()
-                vk.vkGetQueryPoolResults(self.ctx.device, self.pool, 0, 2, 16, self._data, 8,
-                                         vk.VK_QUERY_RESULT_64_BIT | vk.VK_QUERY_RESULT_WAIT_BIT)
-                if i >= warmup:
-                    out.append((self._data[1] - self._data[0]) * self.period_ns * 1e-9)
-        return out
+        return [1e-3 * ms for ms in device_times(self.ctx, record, warmup, repeat)]
 
     def close(self) -> None:
-        self.vk.vkDestroyQueryPool(self.ctx.device, self.pool, None)
+        pass
 
 
 _FMA_ITERATIONS, _FMA_GROUPS = 2048, 512
