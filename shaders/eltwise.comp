@@ -1,6 +1,6 @@
 #version 450
 // A fused chain of elementwise ops: up to 4 input tensors with ONNX (numpy) broadcasting, up to
-// 8 instructions (Add / Sub / Mul / Div, an activation from activation.glsl), one output.
+// 8 instructions (activation.glsl's program_step: Add / Sub / Mul / Div, an activation), one output.
 // Host code: vkconv/eltwise.py.
 //
 // The program is specialization constants, so the driver unrolls it and keeps every register in
@@ -27,12 +27,6 @@ layout(constant_id = 4) const int N_IN = 1;
 layout(constant_id = 5) const int N_INSTR = 1;
 // collapsed axes in use (1..5): the index arithmetic of the others folds away
 layout(constant_id = 6) const int AXES = 5;
-
-#define OP_ADD 0
-#define OP_SUB 1
-#define OP_MUL 2
-#define OP_DIV 3
-#define OP_ACT 16  // OP_ACT + kind: activate_kind(kind, operand a, FA, FB)
 
 #define INSTRUCTION(K, ID) \
     layout(constant_id = ID) const int OP##K = OP_ADD; \
@@ -73,23 +67,14 @@ layout(push_constant) uniform Params {
     int inner;        // extents[1] * ... * extents[4]
 } p;
 
-T activation(int kind, T v, float a, float b)
-{
-#ifdef VEC4
-    return vec4(activate_kind(kind, v.x, a, b), activate_kind(kind, v.y, a, b),
-                activate_kind(kind, v.z, a, b), activate_kind(kind, v.w, a, b));
-#else
-    return activate_kind(kind, v, a, b);
-#endif
-}
-
 T apply(int op, T u, T v, float a, float b)
 {
-    if (op == OP_ADD) return u + v;
-    if (op == OP_SUB) return u - v;
-    if (op == OP_MUL) return u * v;
-    if (op == OP_DIV) return u / v;
-    return activation(op - OP_ACT, u, a, b);
+#ifdef VEC4
+    return vec4(program_step(op, u.x, v.x, a, b), program_step(op, u.y, v.y, a, b),
+                program_step(op, u.z, v.z, a, b), program_step(op, u.w, v.w, a, b));
+#else
+    return program_step(op, u, v, a, b);
+#endif
 }
 
 T load(int i, int offset, int inner_stride)

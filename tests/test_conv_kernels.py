@@ -407,3 +407,30 @@ def test_tiled_is_chosen_for_implicit_gemm_shapes_on_gpus_only(device_type, monk
         x, w, b = gemm_shaped.arrays(0)
         with vkconv.Conv(w, b, ctx=ctx, **gemm_shaped.geometry()) as op:
             assert op.kernel_for(x.shape) == ("tiled" if gpu else "implicit_gemm")
+
+
+@pytest.mark.parametrize("kernel", [*CASES, "tiled"])
+def test_post_activation_program_in_every_kernel(kernel):
+    """Activation.post (a graph moves constant elementwise chains after a conv there): HardSwish
+    written out as PaddleOCR exports it, then a scale and shift, against numpy on onnxruntime's
+    conv."""
+    from vkconv.activation import IMMEDIATE, OP_ACTIVATION, OP_CODES, Activation, Instruction
+
+    case = CASES.get(kernel, CASES["implicit_gemm"])[0]
+    x, w, b = case.arrays(11)
+    g = case.geometry()
+    conv = reference(x, w, b, **g).astype(np.float64)
+    clip = Activation.parse(("Clip", 0.0, 6.0))
+    program = [Instruction(OP_CODES["Add"], 0, IMMEDIATE, 3.0),
+               Instruction(OP_ACTIVATION + clip.kind, 4, 4, clip.a, clip.b),
+               Instruction(OP_CODES["Mul"], 0, 5),
+               Instruction(OP_CODES["Div"], 6, IMMEDIATE, 6.0),
+               Instruction(OP_CODES["Mul"], IMMEDIATE, 7, 0.7),
+               Instruction(OP_CODES["Sub"], 8, IMMEDIATE, 0.25)]
+    relu = np.maximum(conv, 0)
+    expected = 0.7 * (relu * np.clip(relu + 3, 0, 6) / 6) - 0.25
+    act = Activation.parse("Relu").with_post(program)
+    with vkconv.Conv(w, b, activation=act, kernel=kernel, **g) as op:
+        assert_close(op(x), expected, REL, what=f"{kernel} {case}")
+    with pytest.raises(ValueError, match="register"):
+        Activation().with_post([Instruction(OP_CODES["Add"], 1, 0)])

@@ -205,7 +205,7 @@ def test_magic_division_is_exact():
 
 def _program_reference(program, arrays):
     """numpy evaluation of an Elementwise program (float64)."""
-    from vkconv.eltwise import IMMEDIATE, OP_ACTIVATION
+    from vkconv.activation import IMMEDIATE, OP_ACTIVATION
 
     regs = {i: a.astype(np.float64) for i, a in enumerate(arrays)}
     for k, ins in enumerate(program):
@@ -226,7 +226,8 @@ def _program_reference(program, arrays):
     [(2, 1, 3, 1, 4), (1, 5, 1, 6, 1), (4,), (1,)],        # five uncollapsible axes
 ])
 def test_elementwise_program_four_inputs(shapes):
-    from vkconv.eltwise import IMMEDIATE, OP_ACTIVATION, Elementwise, Instruction
+    from vkconv.activation import IMMEDIATE, OP_ACTIVATION, Instruction
+    from vkconv.eltwise import Elementwise
 
     rng = np.random.default_rng(len(shapes[0]))
     arrays = [_rand(rng, *s, low=0.5, high=2.0) for s in shapes]
@@ -241,7 +242,8 @@ def test_elementwise_program_four_inputs(shapes):
 
 
 def test_elementwise_program_is_checked():
-    from vkconv.eltwise import Elementwise, Instruction
+    from vkconv.activation import Instruction
+    from vkconv.eltwise import Elementwise
 
     with pytest.raises(ValueError, match="register"):
         Elementwise([Instruction(0, 0, 5)], 1)

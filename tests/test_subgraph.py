@@ -184,8 +184,8 @@ def test_profile_reports_device_time_and_transfers(mode, tmp_path):
         (layer,) = report.layers
         # one upload of x, one readback of y
         assert (layer.upload_bytes, layer.download_bytes) == (x.nbytes, x.nbytes)
-        kernels = [s.kernel for s in layer.steps]
-        assert kernels.count("pool") == 1 and kernels.count("elementwise") == 2, kernels
+        # the written-out HardSwish runs in the first conv's epilogue, the SE block's Mul on its own
+        assert [s.kernel.split()[0] for s in layer.steps] == ["conv", "pool", "conv", "conv", "elementwise"]
     else:
         assert all(layer.kind == "Conv" for layer in report.layers) and len(report.layers) == 3
     assert 0 < report.device_ms and report.transfer_bytes == sum(

@@ -289,7 +289,7 @@ class DirectKernel(Kernel):
         self.bias = upload_constant(ctx, pack_bias_blocks(b, self.cout, group, 4), "conv bias")
         self.buffers += [self.weights, self.bias]
         self.pipeline = ctx.pipeline("conv2d", 4, _PUSH_DIRECT.size,
-                                     (tune.local_size, 1, 1, activation.kind))
+                                     (tune.local_size, 1, 1, activation))
 
     def plan(self, geo: Geometry) -> ConvPlan:
         ctx, ls = self.ctx, self.tune.local_size
@@ -452,7 +452,7 @@ class RowsKernel(_PaddedInputKernel):
         vec_out = g.out[2] % 4 == 0
         pipe = ctx.pipeline("conv2d_rows" if texel else "conv2d_rows_ssbo",
                             (kind, weight_kind, STORAGE, STORAGE), _PUSH_ROWS.size,
-                            (ls, 1, 1, self.act.kind, self.mb, pb, kw, sw, dw, int(vec_out)))
+                            (ls, 1, 1, self.act, self.mb, pb, kw, sw, dw, int(vec_out)))
         dset = DescriptorSet(pipe, [source, weights, self.bias, output])
         plan.keep.append(dset)
         blocks = -(-self.cout_g // self.mb)
@@ -502,7 +502,7 @@ class DepthwiseKernel(_PaddedInputKernel):
             kw, sw, dw = geo.kernel[2], geo.strides[2], geo.dilations[2]
             pipe = ctx.pipeline("conv2d_depthwise" if texel else "conv2d_depthwise_ssbo",
                                 (kind, weight_kind, STORAGE, STORAGE), _PUSH_DEPTHWISE.size,
-                                (ls, 1, 1, self.act.kind, 0, pb, kw, sw, dw, int(geo.out[2] % 4 == 0)))
+                                (ls, 1, 1, self.act, 0, pb, kw, sw, dw, int(geo.out[2] % 4 == 0)))
             dset = DescriptorSet(pipe, [source, weights, self.bias, plan.outputs[0]])
             plan.keep.append(dset)
             groups, row_groups = dispatch_grid(ctx, lay.tiles_w * geo.out[1] * geo.out[0] * self.cout, ls,
@@ -599,7 +599,7 @@ class WinogradKernel(_PaddedInputKernel):
                                        _PUSH_WINOGRAD_IN.size, (ls, 1, 1))
             pipe_out = ctx.pipeline("conv2d_winograd_out" + suffix, (kind, STORAGE, STORAGE),
                                         _PUSH_WINOGRAD_OUT.size,
-                                        (ls, 1, 1, self.act.kind, 0, 0, 0, 0, 0, int(geo.out[2] % 4 == 0)))
+                                        (ls, 1, 1, self.act, 0, 0, 0, 0, 0, int(geo.out[2] % 4 == 0)))
             set_in = DescriptorSet(pipe_in, [padded, v])
             set_out = DescriptorSet(pipe_out, [m, self.bias, plan.outputs[0]])
             plan.keep += [set_in, set_out]
@@ -708,7 +708,7 @@ class TiledKernel(Kernel):
         plan = ConvPlan(ctx, geo.x_shape, geo.y_shape)
         with closed_on_error(plan):
             pipe = ctx.pipeline("conv2d_tiled", 5, _PUSH_TILED.size,
-                                (t.invocations, 1, 1, self.act.kind, t.tm, t.tn, t.tk, t.rm, t.rn))
+                                (t.invocations, 1, 1, self.act, t.tm, t.tn, t.tk, t.rm, t.rn))
             dset = DescriptorSet(pipe, [plan.inputs[0], self.weights, self.taps(geo), self.bias,
                                         plan.outputs[0]])
             plan.keep.append(dset)

@@ -102,7 +102,7 @@ class ConvTranspose(ResidentOp):
         self.pix, ocv = choose_tile(self.ctx, w.shape[1])
         self.oc_block = 4 * ocv
         self.pipeline = self.ctx.pipeline(f"conv_transpose_{self.pix}x{self.oc_block}", 4, _PUSH.size,
-                                          (self.local_size, 1, 1, self.activation.kind))
+                                          (self.local_size, 1, 1, self.activation))
         self._plans = PlanCache()
         self._lock = threading.Lock()
         self._weights: Buffer | None = None

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-from .activation import Activation
+from .activation import MAX_INSTRUCTIONS, OP_CODES, Activation, Instruction, activation_instruction, check_program
 from .buffer import Buffer
 from .command import CommandBuffer
 from .context import Context, get_context
@@ -81,30 +80,8 @@ def broadcast_strides(shape: Shape, out: Shape) -> list[int]:
     return strides
 
 
-OP_CODES = {"Add": 0, "Sub": 1, "Mul": 2, "Div": 3}
-OP_ACTIVATION = 16  # + an activation kind (shaders/include/activation.glsl)
 MAX_INPUTS = 4
-MAX_INSTRUCTIONS = 8
-IMMEDIATE = -1  # an operand that reads the instruction's immediate ``fa``
 _PUSH = struct.Struct("<6I5i20ii")
-
-
-@dataclass(frozen=True)
-class Instruction:
-    """One step of an :class:`Elementwise` program.  ``op``: an ``OP_CODES`` value (``a op b``) or
-    ``OP_ACTIVATION + kind`` (``activation(a)`` with parameters ``fa``, ``fb``).  Operands are
-    registers (0..3: the inputs, 4 + k: instruction k's result) or :data:`IMMEDIATE` (``fa``)."""
-
-    op: int
-    a: int
-    b: int = IMMEDIATE
-    fa: float = 0.0
-    fb: float = 0.0
-
-
-def activation_instruction(activation, register: int) -> Instruction:
-    act = Activation.parse(activation)
-    return Instruction(OP_ACTIVATION + act.kind, register, register, act.a, act.b)
 
 
 def collapse(out: Shape, in_shapes: Sequence[Shape]) -> tuple[list[int], list[list[int]]]:
@@ -136,7 +113,7 @@ class Elementwise:
     """A fused chain of elementwise ops on float32 tensors of rank <= 5 with ONNX broadcasting: one
     dispatch (``shaders/eltwise.comp``) reads each input once and writes the output once.
 
-    ``program``: at most 8 :class:`Instruction` over ``n_inputs`` (<= 4) inputs; the last one's
+    ``program``: at most 8 :class:`~vkconv.activation.Instruction` over ``n_inputs`` (<= 4) inputs; the last one's
     result is the output, of shape ``broadcast_shape`` of every input.  ``channel_inputs``: inputs
     given as ``[C]`` vectors that apply along axis 1 (NCHW channels) of the output, as
     BatchNormalization's parameters do.  Division by zero gives IEEE inf/NaN, as in ONNX.
@@ -144,13 +121,9 @@ class Elementwise:
 
     def __init__(self, program: Sequence[Instruction], n_inputs: int, ctx: Context | None = None,
                  channel_inputs: Sequence[int] = ()):
-        if not 1 <= len(program) <= MAX_INSTRUCTIONS:
-            raise ValueError(f"program: expected 1..{MAX_INSTRUCTIONS} instructions, got {len(program)}")
         if not 1 <= n_inputs <= MAX_INPUTS:
             raise ValueError(f"n_inputs: expected 1..{MAX_INPUTS}, got {n_inputs}")
-        for k, ins in enumerate(program):
-            if any(r != IMMEDIATE and not (0 <= r < n_inputs or 4 <= r < 4 + k) for r in (ins.a, ins.b)):
-                raise ValueError(f"program: instruction {k} reads a register not written before it: {ins}")
+        check_program(program, n_inputs)
         self.program = tuple(program)
         self.n_inputs = n_inputs
         self.channel_inputs = frozenset(channel_inputs)
@@ -196,7 +169,7 @@ class Elementwise:
         spec: list[int | float] = [local, 1, 1, 0, self.n_inputs, len(self.program), axes, 0]
         for k in range(MAX_INSTRUCTIONS):
             ins = self.program[k] if k < len(self.program) else Instruction(0, 0, 0)
-            spec += [ins.op, ins.a, ins.b, float(ins.fa), float(ins.fb)]
+            spec += ins.constants()
         pipe = self.ctx.pipeline("eltwise_vec4" if vec4 else "eltwise", MAX_INPUTS + 1, _PUSH.size, tuple(spec))
         bufs = list(inputs[:self.n_inputs]) + [inputs[0]] * (MAX_INPUTS - self.n_inputs) + [outputs[0]]
         dset = DescriptorSet(pipe, bufs)

@@ -35,23 +35,13 @@ import onnx
 from onnx import helper, numpy_helper
 
 from . import shapes
+from .activation import IMMEDIATE, MAX_INSTRUCTIONS, OP_CODES, Activation, Instruction, activation_instruction
 from .buffer import Buffer, upload_constant
 from .command import CommandBuffer
 from .context import Context, get_context, vk
 from .conv import Conv
 from .conv_transpose import ConvTranspose
-from .eltwise import (
-    IMMEDIATE,
-    MAX_INPUTS,
-    MAX_INSTRUCTIONS,
-    MAX_RANK,
-    OP_CODES,
-    Elementwise,
-    Instruction,
-    Shape,
-    activation_instruction,
-    element_count,
-)
+from .eltwise import MAX_INPUTS, MAX_RANK, Elementwise, Shape, element_count
 from .plan import Plan, PlanCache, closed_on_error
 from .pool import Pool
 from .resize import COORDINATE_MODES, NEAREST_MODES, Resize
@@ -363,7 +353,9 @@ def _build(node: Node, constants: Mapping[str, np.ndarray], ctx: Context) -> tup
         nd = w.ndim - 2
         common = dict(strides=tuple(a.get("strides", [1] * nd)), pads=tuple(a.get("pads", [0] * 2 * nd)),
                       dilations=tuple(a.get("dilations", [1] * nd)), group=int(a.get("group", 1)),
-                      auto_pad=a.get("auto_pad", "NOTSET"), activation=a.get("_activation"), ctx=ctx)
+                      auto_pad=a.get("auto_pad", "NOTSET"), ctx=ctx,
+                      activation=Activation.parse(a.get("_activation")).with_post(a["_post"]) if "_post" in a
+                      else a.get("_activation"))
         if op == "Conv":
             return ConvNode(Conv(w, b, **common)), ins[:1]
         shape = a.get("output_shape")
@@ -514,6 +506,28 @@ def _program(members: list[Node], constants: dict[str, np.ndarray]) -> Node | No
                 names[0] if len(names) == 1 else f"{names[0]}..{names[-1]}")
 
 
+def _fuse_epilogues(nodes: list[Node], keep: set[str]) -> list[Node]:
+    """Move an ``Elementwise`` node that only transforms a conv's output by constants into that
+    conv's epilogue (:attr:`vkconv.Activation.post`), when nothing else reads the conv's output."""
+    readers: dict[str, int] = defaultdict(int)
+    for n in nodes:
+        for t in n.inputs:
+            readers[t] += 1
+    producer = {t: n for n in nodes for t in n.outputs}
+    removed: set[int] = set()
+    for n in nodes:
+        if n.op_type != "Elementwise" or len(n.inputs) != 1 or n.attrs["_channel_inputs"]:
+            continue
+        conv = producer.get(n.inputs[0])
+        if conv is None or conv.op_type not in ("Conv", "ConvTranspose") or n.inputs[0] in keep \
+                or readers[n.inputs[0]] != 1 or "_post" in conv.attrs:
+            continue
+        conv.attrs = {**conv.attrs, "_post": n.attrs["_program"]}
+        conv.outputs = list(n.outputs)
+        removed.add(id(n))
+    return [n for n in nodes if id(n) not in removed]
+
+
 def _fuse_elementwise(nodes: list[Node], constants: dict[str, np.ndarray], keep: set[str]) -> list[Node]:
     """Replace the elementwise nodes (binary ops, activations, unfolded BatchNormalization) by
     ``Elementwise`` nodes, each a group run by one dispatch.  Groups grow backwards from their
@@ -625,7 +639,8 @@ class Graph:
             if reason is not None:
                 raise ValueError(f"graph: node {n.name or n.op_type!r} ({n.op_type}): {reason}")
         nodes = _toposort(nodes, set(self.inputs) | set(consts))
-        nodes = _fuse_elementwise(_fuse(nodes, consts, set(self.outputs)), consts, set(self.outputs))
+        keep = set(self.outputs)
+        nodes = _fuse_epilogues(_fuse_elementwise(_fuse(nodes, consts, keep), consts, keep), keep)
         self.steps: list[tuple[Node, GraphKernel, list[str]]] = []
         self._const_buffers: dict[str, Buffer] = {}
         self._shape_cache: dict[tuple, dict[str, Shape]] = {}

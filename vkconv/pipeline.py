@@ -20,6 +20,7 @@ import struct
 import weakref
 
 from ._spirv import SPIRV
+from .activation import Activation
 from .buffer import Buffer
 from .context import Context, vk
 from .errors import VkconvError
@@ -56,6 +57,19 @@ def _pack_spec(values) -> bytes:
     for v in values:
         out += struct.pack("<f", v) if isinstance(v, float) else struct.pack("<I", int(v) & 0xFFFFFFFF)
     return bytes(out)
+
+
+def _spec_constants(spec) -> list[tuple[int, int | float]]:
+    """``(constant id, value)`` for ``spec``: value i has id i, and an :class:`Activation` gives its
+    ``kind`` there plus its post program's constants at their own ids."""
+    out: list[tuple[int, int | float]] = []
+    for i, value in enumerate(spec):
+        if isinstance(value, Activation):
+            out.append((i, value.kind))
+            out += value.post_constants()
+        else:
+            out.append((i, value))
+    return out
 
 
 def _destroy_pipeline(ctx: Context, handles: dict) -> None:
@@ -101,10 +115,12 @@ class Pipeline:
         self._h["layout"] = v.vkCreatePipelineLayout(ctx.device, layout_info, None)
         # Every nested struct stays in a local until the create call returns: the binding frees
         # inline temporaries early (see shared/notes/vulkan-on-this-machine.md).
-        spec_data = v.ffi.new("char[]", _pack_spec(spec)) if spec else None
-        entries = [v.VkSpecializationMapEntry(constantID=i, offset=4 * i, size=4) for i in range(len(spec))]
-        spec_info = v.VkSpecializationInfo(mapEntryCount=len(spec), pMapEntries=entries or None,
-                                           dataSize=4 * len(spec), pData=spec_data) if spec else None
+        constants = _spec_constants(spec)
+        spec_data = v.ffi.new("char[]", _pack_spec([value for _, value in constants])) if constants else None
+        entries = [v.VkSpecializationMapEntry(constantID=cid, offset=4 * i, size=4)
+                   for i, (cid, _) in enumerate(constants)]
+        spec_info = v.VkSpecializationInfo(mapEntryCount=len(constants), pMapEntries=entries or None,
+                                           dataSize=4 * len(constants), pData=spec_data) if constants else None
         stage = v.VkPipelineShaderStageCreateInfo(stage=v.VK_SHADER_STAGE_COMPUTE_BIT,
                                                   module=self._h["module"], pName="main",
                                                   pSpecializationInfo=spec_info)
