@@ -1,7 +1,7 @@
 """Issue 7's table, one process: OpenCV CPU vs cv2.dnn + vkconv in layer mode vs subgraph mode for
 PP-OCR cls (1x3x48x192), PP-OCRv4 det (1x3x640x640, a rendered text page) and VGG-16 (224x224):
-median ms of --runs after one warm-up, host<->device transfers per forward, and the fraction of the
-model's nodes that run on Vulkan.
+median ms of --runs after one warm-up, host<->device transfers per forward, and how many of the
+model's nodes run on Vulkan (every Conv does in both modes).
 
     python bench/subgraph.py [--runs 5] [--det-size 640]
 """
@@ -16,6 +16,7 @@ import onnx
 import cv_plugin
 import vkconv
 from cv_plugin import compat, zoo
+from cv_plugin.subgraph import SubgraphOp
 from vkconv.benchmarks import report
 
 
@@ -38,6 +39,12 @@ def _transfers_per_forward(net, forwards: int) -> float:
     return total / forwards
 
 
+def _on_vulkan(net) -> int:
+    """ONNX nodes the net runs on Vulkan: every node of each subgraph, and each layer-mode node
+    (a conv with its folded BatchNormalization and fused activation counts as one)."""
+    return sum(len(op.spec.nodes) if isinstance(op, SubgraphOp) else 1 for op in net.state.ops.values())
+
+
 def _row(name: str, model: onnx.ModelProto, x: np.ndarray, runs: int) -> None:
     nodes = sum(1 for n in model.graph.node if n.op_type != "Constant")
     cpu_ms, ref = _median_ms(compat.read_onnx(model.SerializeToString()), x, runs)
@@ -47,8 +54,8 @@ def _row(name: str, model: onnx.ModelProto, x: np.ndarray, runs: int) -> None:
             ms, out = _median_ms(net, x, runs)
             transfers = _transfers_per_forward(net, runs + 1)
             diff = float(np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-30))
-            cells.append(f"{ms:8.1f} {transfers:5.0f} {diff:8.1e}")
-    print(" | ".join(cells) + f" | {nodes}")
+            cells.append(f"{ms:8.1f} {transfers:5.0f} {diff:8.1e} {_on_vulkan(net):4d}")
+    print(" | ".join(cells) + f" | {nodes}", flush=True)
 
 
 def main() -> int:
@@ -57,8 +64,8 @@ def main() -> int:
     parser.add_argument("--det-size", type=int, default=640)
     args = parser.parse_args()
     print(f"device: {vkconv.get_context().info.name}")
-    print(f"{'model':20s} {'CPU ms':>8s} | {'layer ms':>8s} {'xfers':>5s} {'rel diff':>8s} | "
-          f"{'subgr ms':>8s} {'xfers':>5s} {'rel diff':>8s} | nodes")
+    print(f"{'model':20s} {'CPU ms':>8s} | {'layer ms':>8s} {'xfers':>5s} {'rel diff':>8s} {'vk':>4s} | "
+          f"{'subgr ms':>8s} {'xfers':>5s} {'rel diff':>8s} {'vk':>4s} | nodes   (vk: nodes on Vulkan)")
     paths = zoo.ppocr_models()
     rng = np.random.default_rng(0)
     _row("PP-OCR cls 48x192", onnx.load(str(paths["cls"])),
