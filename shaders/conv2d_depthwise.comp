@@ -1,7 +1,10 @@
 #version 450
 // Depthwise convolution (group == input channels, any channel multiplier), NC[D][H]W float32,
 // any rank 1..3, stride, dilation, bias and fused activation. Input: the zero-padded, row-aligned
-// copy written by conv2d_pack.comp. Host code: vkconv/conv_kernels.py.
+// copy written by conv2d_pack.comp or, IN_PLACE (input width a multiple of 4), the input itself:
+// then rows outside the input are skipped and vec4s outside a row read as zeros, which saves the
+// pack pass (on lavapipe it took half the time of a 3x3 depthwise layer). Host code:
+// vkconv/conv_kernels.py.
 //
 // One invocation owns PB consecutive output pixels of one row of one output channel. Per kernel row it loads the input
 // row segment once (SEGV aligned vec4s) and the KW weights of that row (KWV vec4s, the row
@@ -20,8 +23,12 @@ layout(constant_id = 6) const int KW = 3;
 layout(constant_id = 7) const int SW = 1;
 layout(constant_id = 8) const int DW = 1;
 layout(constant_id = 9) const bool VEC_OUT = false;  // out_w % 4 == 0: store vec4s of pixels
+layout(constant_id = 10) const bool IN_PLACE = false;
+// IN_PLACE: a tile's first tap column sits SHIFT floats into its first aligned vec4, the same for
+// every tile (tiles start at multiples of 4 * SW columns): (-pad_w) mod 4.
+layout(constant_id = 11) const int SHIFT = 0;
 const int KWV = (KW + 3) / 4;
-const int SEGV = ((PB - 1) * SW + (KW - 1) * DW + 4) / 4;
+const int SEGV = (SHIFT + (PB - 1) * SW + (KW - 1) * DW + 4) / 4;
 
 #ifdef TEXEL
 layout(binding = 0) uniform samplerBuffer xp;
@@ -39,7 +46,8 @@ layout(std430, binding = 3) writeonly buffer Output { vec4 y[]; };
 
 layout(push_constant) uniform Params {
     int channels, mult;            // input channels, output channels per input channel
-    int pd, ph, pw4;
+    int pd, ph, pw4;               // padded copy's dims; IN_PLACE: the input's (width in vec4s)
+    int pad_d, pad_h, pad_w;       // IN_PLACE only: zeros before the input along each axis
     int k_d, k_h, s_d, s_h, d_d, d_h;
     int out_d, out_h, out_w, tiles_w;
     int row_groups;
@@ -62,8 +70,12 @@ void main()
     const int oz = tile / (p.tiles_w * p.out_h);
 
     const int row = p.pw4, slice = p.ph * p.pw4;
-    const int xr0 = (n * p.channels + oc / p.mult) * p.pd * slice + oz * p.s_d * slice + oy * p.s_h * row
-              + (ox0 * SW) / 4;
+    // IN_PLACE: the segment starts at column ox0 * SW - pad_w = 4 * col4 + SHIFT
+    const int col4 = (ox0 * SW - p.pad_w - SHIFT) / 4;  // exact: a multiple of 4
+    const int iz0 = IN_PLACE ? oz * p.s_d - p.pad_d : oz * p.s_d;
+    const int iy0 = IN_PLACE ? oy * p.s_h - p.pad_h : oy * p.s_h;
+    const int xr0 = (n * p.channels + oc / p.mult) * p.pd * slice + iz0 * slice + iy0 * row
+              + (IN_PLACE ? col4 : (ox0 * SW) / 4);
     int wi = oc * p.k_d * p.k_h * KWV;
 
     vec4 acc[PB / 4];
@@ -72,25 +84,40 @@ void main()
     const int rows = p.k_d * p.k_h;
     const int step_y = p.d_h * row;
     const int jump_z = p.d_d * slice - p.k_h * step_y;  // last ky -> next kz
-    int xr = xr0, ky = 0;
+    int xr = xr0, ky = 0, iy = iy0, iz = iz0;
     for (int r = 0; r < rows; ++r) {
-        vec4 seg[SEGV];
-        [[unroll]] for (int v = 0; v < SEGV; ++v) seg[v] = LOAD_X(xr + v);
-        vec4 wrow[KWV];
-        [[unroll]] for (int v = 0; v < KWV; ++v) wrow[v] = LOAD_W(wi + v);
-        wi += KWV;
-        [[unroll]] for (int kx = 0; kx < KW; ++kx) {
-            const float wk = wrow[kx >> 2][kx & 3];
-            [[unroll]] for (int j = 0; j < PB; ++j) {
-                const int e = j * SW + kx * DW;
-                acc[j >> 2][j & 3] = fma(seg[e >> 2][e & 3], wk, acc[j >> 2][j & 3]);
+        // IN_PLACE: a row outside the input is padding (all zeros): nothing to add
+        if (!IN_PLACE || (uint(iy) < uint(p.ph) && uint(iz) < uint(p.pd))) {
+            vec4 seg[SEGV];
+            [[unroll]] for (int v = 0; v < SEGV; ++v) {
+                if (IN_PLACE) {
+                    // clamped address, then select: padding columns are exact zeros
+                    const bool inside = uint(col4 + v) < uint(p.pw4);
+                    const vec4 value = LOAD_X(inside ? xr + v : xr - col4);
+                    seg[v] = inside ? value : vec4(0.0);
+                } else {
+                    seg[v] = LOAD_X(xr + v);
+                }
+            }
+            vec4 wrow[KWV];
+            [[unroll]] for (int v = 0; v < KWV; ++v) wrow[v] = LOAD_W(wi + v);
+            [[unroll]] for (int kx = 0; kx < KW; ++kx) {
+                const float wk = wrow[kx >> 2][kx & 3];
+                [[unroll]] for (int j = 0; j < PB; ++j) {
+                    const int e = SHIFT + j * SW + kx * DW;
+                    acc[j >> 2][j & 3] = fma(seg[e >> 2][e & 3], wk, acc[j >> 2][j & 3]);
+                }
             }
         }
+        wi += KWV;
         ++ky;
         xr += step_y;
+        iy += p.d_h;
         const bool wrap_y = ky == p.k_h;
         ky = wrap_y ? 0 : ky;
         xr += wrap_y ? jump_z : 0;
+        iy = wrap_y ? iy0 : iy;
+        iz += wrap_y ? p.d_d : 0;
     }
 
     const int out_hw = p.out_h * p.out_w * p.out_d;

@@ -122,6 +122,14 @@ CASES = {
         Case((1, 5, 23), 5, (7,), pads=(3, 3), group=5),
         Case((1, 3, 4, 6, 7), 3, (3, 3, 3), pads=(1,) * 6, group=3),
         Case((1, 16, 30, 30), 16, (3, 3), pads=(1, 1, 1, 1), group=16, activation=("Clip", 0.0, 6.0)),
+        # widths that are multiples of 4: read in place (no padded copy), every column shift 0..3
+        Case((1, 8, 9, 12), 8, (3, 3), pads=(1, 1, 1, 1), group=8),
+        Case((2, 6, 11, 16), 12, (3, 3), (2, 2), (0, 1, 1, 0), group=6, activation="Relu"),
+        Case((1, 4, 10, 20), 12, (3, 5), pads=(2, 2, 2, 2), dilations=(2, 1), group=4),
+        Case((1, 5, 24), 5, (7,), pads=(3, 3), group=5),
+        Case((1, 3, 4, 6, 8), 3, (3, 3, 3), pads=(1,) * 6, group=3),
+        Case((1, 16, 30, 32), 16, (5, 5), (2, 2), (2, 2, 2, 2), group=16),
+        Case((1, 6, 7, 8), 6, (3, 3), group=6),
     ],
     "winograd": [
         Case((1, 5, 9, 11), 7, (3, 3), pads=(1, 1, 1, 1)),

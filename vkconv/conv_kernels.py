@@ -52,7 +52,7 @@ KERNELS = ("direct", "implicit_gemm", "gemm1x1", "depthwise", "winograd", "tiled
 
 _PUSH_DIRECT = struct.Struct("<23i2f")
 _PUSH_ROWS = struct.Struct("<18i2f")
-_PUSH_DEPTHWISE = struct.Struct("<16i2f")
+_PUSH_DEPTHWISE = struct.Struct("<19i2f")
 _PUSH_PACK = struct.Struct("<11i")
 _PUSH_TILED = struct.Struct("<19i2f")
 
@@ -484,36 +484,49 @@ class DepthwiseKernel(_PaddedInputKernel):
         self.buffers += [self.weights, self.bias]
 
     def _layout(self, geo: Geometry):
+        """(PB, the padded copy's layout, or None to read the input in place: its rows are whole
+        vec4s when the width is a multiple of 4)."""
         pb = choose_pb(0, geo.out[2], self.tune, {(0, p): s for p, s in _DEPTHWISE_SPEED.items()})
-        return pb, _padded(geo, pb)
+        return pb, None if geo.size[2] % 4 == 0 else _padded(geo, pb)
 
     def fits(self, geo: Geometry) -> bool:
-        return self._layout(geo)[1].nbytes <= self.ctx.info.max_storage_buffer_range
+        lay = self._layout(geo)[1]
+        return lay is None or lay.nbytes <= self.ctx.info.max_storage_buffer_range
 
     def plan(self, geo: Geometry) -> ConvPlan:
         ctx, ls = self.ctx, self.tune.local_size
         pb, lay = self._layout(geo)
         plan = ConvPlan(ctx, geo.x_shape, geo.y_shape)
         with closed_on_error(plan):
-            texel = self._use_texel([lay.nbytes], [self.weights])
-            source, pack = self._pack(plan, geo, lay, texel)
+            if lay is None:
+                texel = self._use_texel([plan.inputs[0].size], [self.weights])
+                source, pack = plan.inputs[0], None
+                dims = (*geo.size[:2], geo.size[2] // 4)
+                tiles_w = -(-geo.out[2] // pb)
+            else:
+                texel = self._use_texel([lay.nbytes], [self.weights])
+                source, pack = self._pack(plan, geo, lay, texel)
+                dims, tiles_w = (lay.pd, lay.ph, lay.pw4), lay.tiles_w
             kind = TEXEL4 if texel else STORAGE
             weights, weight_kind = self.weights.binding(texel)
             kw, sw, dw = geo.kernel[2], geo.strides[2], geo.dilations[2]
+            shift = -geo.pad_begin[2] % 4 if lay is None else 0
             pipe = ctx.pipeline("conv2d_depthwise" if texel else "conv2d_depthwise_ssbo",
                                 (kind, weight_kind, STORAGE, STORAGE), _PUSH_DEPTHWISE.size,
-                                (ls, 1, 1, self.act, 0, pb, kw, sw, dw, int(geo.out[2] % 4 == 0)))
+                                (ls, 1, 1, self.act, 0, pb, kw, sw, dw, int(geo.out[2] % 4 == 0), int(lay is None),
+                                 shift))
             dset = DescriptorSet(pipe, [source, weights, self.bias, plan.outputs[0]])
             plan.keep.append(dset)
-            groups, row_groups = dispatch_grid(ctx, lay.tiles_w * geo.out[1] * geo.out[0] * self.cout, ls,
-                                       geo.n, "x (conv output size)")
-            push = _PUSH_DEPTHWISE.pack(geo.group, self.cout_g, lay.pd, lay.ph, lay.pw4,
+            groups, row_groups = dispatch_grid(ctx, tiles_w * geo.out[1] * geo.out[0] * self.cout, ls,
+                                               geo.n, "x (conv output size)")
+            push = _PUSH_DEPTHWISE.pack(geo.group, self.cout_g, *dims, *geo.pad_begin,
                                         geo.kernel[0], geo.kernel[1], geo.strides[0], geo.strides[1],
-                                        geo.dilations[0], geo.dilations[1], *geo.out, lay.tiles_w,
+                                        geo.dilations[0], geo.dilations[1], *geo.out, tiles_w,
                                         row_groups, self.act.a, self.act.b)
 
             def body(cmd: CommandBuffer) -> None:
-                pack(cmd)
+                if pack is not None:
+                    pack(cmd)
                 cmd.dispatch(pipe, dset, push, groups)
             plan.record(body)
         return plan
