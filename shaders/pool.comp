@@ -44,7 +44,14 @@ float combine(float acc, float v)
 }
 
 #ifdef GLOBAL
+// the same input as vec4s: planes whose size is a multiple of 4 are summed 4 floats per load
+layout(std430, binding = 0) readonly buffer X4 { vec4 x4[]; };
 shared float partial[gl_WorkGroupSize.x];
+
+float combine4(float acc, vec4 v)
+{
+    return combine(combine(combine(combine(acc, v.x), v.y), v.z), v.w);
+}
 
 void main()
 {
@@ -52,8 +59,13 @@ void main()
     for (int plane = int(gl_WorkGroupID.x); plane < p.total; plane += int(gl_NumWorkGroups.x)) {
         int base = plane * plane_size;
         float acc = MODE == MODE_MAX ? -1.0 / 0.0 : 0.0;
-        for (int j = int(gl_LocalInvocationID.x); j < plane_size; j += int(gl_WorkGroupSize.x))
-            acc = combine(acc, x[base + j]);
+        if ((plane_size & 3) == 0) {
+            for (int j = int(gl_LocalInvocationID.x); j < plane_size / 4; j += int(gl_WorkGroupSize.x))
+                acc = combine4(acc, x4[base / 4 + j]);
+        } else {
+            for (int j = int(gl_LocalInvocationID.x); j < plane_size; j += int(gl_WorkGroupSize.x))
+                acc = combine(acc, x[base + j]);
+        }
         partial[gl_LocalInvocationID.x] = acc;
         barrier();
         for (uint half_ = gl_WorkGroupSize.x / 2; half_ > 0; half_ /= 2) {

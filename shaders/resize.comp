@@ -11,6 +11,12 @@
 layout(local_size_x_id = 0, local_size_y = 1, local_size_z = 1) in;
 
 layout(constant_id = 4) const int LINEAR = 0;
+// Nearest upsampling by whole factors (the host checked that its tables are o / FH and o / FW):
+// indices come from the output position, with no table reads.  VEC4 (with FW > 0 and out_w a
+// multiple of 4): each invocation writes 4 consecutive outputs of a row as one vec4.
+layout(constant_id = 5) const int FH = 0;
+layout(constant_id = 6) const int FW = 0;
+layout(constant_id = 7) const bool VEC4 = false;
 
 layout(std430, binding = 0) readonly buffer X { float x[]; };
 // [out_h][2] row indices, then [out_w][2] column indices
@@ -18,18 +24,33 @@ layout(std430, binding = 1) readonly buffer Index { int index[]; };
 // [out_h] row weights, then [out_w] column weights
 layout(std430, binding = 2) readonly buffer Weight { float weight[]; };
 layout(std430, binding = 3) writeonly buffer Y { float y[]; };
+layout(std430, binding = 3) writeonly buffer Y4 { vec4 y4[]; };
 
 layout(push_constant) uniform Params {
     uvec2 magic_w;    // divide_magic pairs of out_size.y and out_size.x
     uvec2 magic_h;
     ivec2 in_size;    // H, W
     ivec2 out_size;
-    int total;        // N * C * out_h * out_w
+    int total;        // N * C * out_h * out_w (VEC4: / 4)
 } p;
 
 void main()
 {
     uint step = gl_NumWorkGroups.x * gl_WorkGroupSize.x;
+    if (FW > 0) {
+        const int lanes = VEC4 ? 4 : 1;
+        for (uint i = gl_GlobalInvocationID.x; i < uint(p.total); i += step) {
+            // magic_w divides by the row length in invocations (out_w / lanes)
+            ivec3 prc = plane_row_col(i, p.magic_w, p.out_size.y / lanes, p.magic_h, p.out_size.x);
+            const int src = (prc.x * p.in_size.x + prc.y / FH) * p.in_size.y;
+            const int ox = prc.z * lanes;
+            if (VEC4)
+                y4[i] = vec4(x[src + ox / FW], x[src + (ox + 1) / FW], x[src + (ox + 2) / FW], x[src + (ox + 3) / FW]);
+            else
+                y[i] = x[src + ox / FW];
+        }
+        return;
+    }
     for (uint i = gl_GlobalInvocationID.x; i < uint(p.total); i += step) {
         ivec3 prc = plane_row_col(i, p.magic_w, p.out_size.y, p.magic_h, p.out_size.x);
         int plane = prc.x;

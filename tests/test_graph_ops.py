@@ -102,6 +102,18 @@ def test_pool_matches_onnx(kind, attrs):
     assert_close(got, onnx_reference(kind, {"x": x}, attrs), REL)
 
 
+@pytest.mark.parametrize("kind", ["GlobalAveragePool", "GlobalMaxPool"])
+@pytest.mark.parametrize("shape", [(2, 3, 12, 20), (1, 5, 40, 41), (1, 2, 1, 1)])  # vec4 / scalar loads
+def test_global_pools_reduce_whole_planes(kind, shape):
+    rng = np.random.default_rng(8)
+    x = _rand(rng, *shape)
+    x[0, 1, 0, -1] = np.nan if kind == "GlobalMaxPool" else x[0, 1, 0, -1]  # NaN propagates through max
+    got = run_kernel(Pool(kind), [x])[0]
+    expected = onnx_reference(kind, {"x": x}, {})
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
+    assert_close(np.nan_to_num(got), np.nan_to_num(expected), REL)
+
+
 def test_pool_refuses_bad_input():
     with pytest.raises(ValueError, match="4-D"):
         Pool("MaxPool", [2, 2]).output_shapes([(1, 3, 8)])
@@ -142,6 +154,11 @@ RESIZES = [
     ("linear", "align_corners", "round_prefer_floor", None, [2, 3, 19, 5]),
     ("linear", "asymmetric", "round_prefer_floor", [1, 1, 1.5, 3], None),
     ("linear", "pytorch_half_pixel", "round_prefer_floor", None, [2, 3, 1, 16]),
+    # whole-factor nearest upsampling: indices computed, not read (4 outputs per invocation when
+    # the output width is a multiple of 4); ties that do not give o / f keep the tables
+    ("nearest", "half_pixel", "round_prefer_floor", [1, 1, 4, 4], None),
+    ("nearest", "asymmetric", "floor", [1, 1, 3, 2], None),
+    ("nearest", "asymmetric", "round_prefer_ceil", [1, 1, 2, 2], None),
 ]
 
 
