@@ -132,6 +132,8 @@ GRID = [
     dict(cin=8, cout=16, group=8, offset_group=2),         # one channel block spans 4 conv groups
     dict(cin=10, cout=4, group=2, offset_group=2, n=2, h=5, w=7),  # blocks straddle conv groups
     dict(cin=4, cout=4, h=2, w=2, pads=(1, 1, 1, 1), scale=3.0),
+    dict(cin=20, cout=8, h=8, w=6, scale=3.0),            # 5 blocks per offset group: block loop not unrolled
+    dict(cin=24, cout=6, h=7, w=5, group=2, mask=False),  # the same with per-pixel offset reads (35 pixels)
 ]
 
 
@@ -263,6 +265,19 @@ def test_column_chunks(budget_pixels, expected):
     assert_close(got, _ref(inputs, attrs), rel=REL)
 
 
+def test_column_chunks_with_quad_offsets():
+    """Chunks of 64 pixels of an image whose size is a multiple of 4: the sampling stage reads
+    offsets and mask 4 pixels at a time, also in the last, partly padded tile of each chunk."""
+    inputs, attrs = _problem(38, n=2, cin=8, cout=6, h=15, w=20, offset_group=2, scale=3.0)
+    with DeformConv(inputs["w"], inputs["b"], **attrs) as op:
+        op.column_budget = 8 * 9 * 4 * 64  # C_in/g x taps rows of 4 bytes per pixel
+        chunks = op.chunks(2, 15 * 20)
+        # 4 x 64 + 44 pixels per image; 44 pixels fill 3 tiles of 16, the last with one padding quad
+        assert [c.pixels for c in chunks] == [64, 64, 64, 64, 44] * 2
+        got = op(inputs["x"], inputs["offset"], inputs["mask"])
+    assert_close(got, _ref(inputs, attrs), rel=REL)
+
+
 def test_chunk_budget_too_small_is_refused():
     inputs, attrs = _problem(36)
     with DeformConv(inputs["w"], inputs["b"], **attrs) as op:
@@ -271,10 +286,11 @@ def test_chunk_budget_too_small_is_refused():
             op(inputs["x"], inputs["offset"], inputs["mask"])
 
 
-def test_storage_buffer_fallback():
+@pytest.mark.parametrize("h, w", [(9, 7), (8, 8)])  # offsets read per pixel / 4 pixels at a time
+def test_storage_buffer_fallback(h, w):
     """A device whose texel buffers are too small for the operands: the storage-buffer variants of
     every stage run (and give the same result)."""
-    inputs, attrs = _problem(37, n=2, cin=8, cout=6, h=9, w=7, group=2, offset_group=2)
+    inputs, attrs = _problem(37, n=2, cin=8, cout=6, h=h, w=w, group=2, offset_group=2)
     with vkconv.Context() as ctx:
         ctx.info = dataclasses.replace(ctx.info, max_texel_buffer_elements=16)
         with DeformConv(inputs["w"], inputs["b"], ctx=ctx, **attrs) as op:

@@ -25,23 +25,27 @@ channel that reads it: a broken offset predictor shows up instead of passing for
 propagate by IEEE arithmetic; the mask multiplies the finished sample.
 
 Execution, recorded once per input shape and submitted once per call: ``deform_conv_pack``
-copies ``x`` into blocks of 4 channels of one offset group (vec4 per pixel); then, per chunk of
-images (or of one image's pixels), ``deform_conv_sample`` writes the masked bilinear samples
-("columns": row ``tap * C_in/g + channel`` of its conv group's GEMM operand) and the dense
-convolution's GEMM (``conv2d_rows`` through :meth:`vkconv.conv_kernels.RowsKernel.tiled_operand`)
-multiplies them by the weights reordered to ``[C_out][tap][C_in/g]``, adding the bias and the
-fused activation.  The columns are tile-major, ``[image][group][pixel tile][row][PB pixels]`` (PB:
-the GEMM's pixel tile), which made the sampling stage's stores 2x faster on lavapipe than one long
-row per channel.  Operands are read through texel buffers where the device's
-``maxTexelBufferElements`` allows, else (and with ``VKCONV_CONV_TEXEL=0``) through storage
-buffers.  Chunks keep the column buffer within ``maxStorageBufferRange``; a chunk that is not the
-whole batch, or whose pixels do not fill whole GEMM tiles, is multiplied into a scratch output and
-copied into place.
+copies ``x`` into blocks of 4 channels of one offset group (vec4 per pixel) inside a one-pixel zero
+border; then, per chunk of images (or of one image's pixels), ``deform_conv_sample`` writes the
+masked bilinear samples ("columns": row ``tap * C_in/g + channel`` of its conv group's GEMM
+operand) and the dense convolution's GEMM (``conv2d_rows`` through
+:meth:`vkconv.conv_kernels.RowsKernel.tiled_operand`) multiplies them by the weights reordered to
+``[C_out][tap][C_in/g]``, adding the bias and the fused activation.  The columns are tile-major,
+``[image][group][pixel tile][row][PB pixels]`` (PB: the GEMM's pixel tile), which made the sampling
+stage's stores 2x faster on lavapipe than one long row per channel.  A sampling invocation reads
+the offsets and mask of its 4 pixels once (as one vec4 each when the output size is a multiple of
+4), computes the 4 points' corners and weights once, and reuses them for every channel block of
+its offset group; the zero border lets it blend the 4 fetched corners without testing them.
+Operands are read through texel buffers where the device's ``maxTexelBufferElements`` allows, else
+(and with ``VKCONV_CONV_TEXEL=0``) through storage buffers.  Chunks keep the column buffer within
+``maxStorageBufferRange``; a chunk that is not the whole batch, or whose pixels do not fill whole
+GEMM tiles, is multiplied into a scratch output and copied into place.
 
-Measured on lavapipe (2 shared cores, bench/deform.py): the GEMM runs at the dense 1x1 GEMM's
-rate; the sampling stage costs about 1 ns per sampled value (one RGBA texel gather, one float
-stored, the blend), so its share of the device time falls with C_out: about 15 % at 256 output
-channels, 20 % at 128, 30-40 % at 64 (the GEMM does only 2 * C_out FLOPs per sampled value).
+Measured on lavapipe (2 shared cores, bench/deform.py; docs/PERFORMANCE.md has the table and the
+analysis): the GEMM runs at the dense 1x1 GEMM's rate; the sampling stage costs about 1.8 ns of
+one thread per sampled value, the column stores (a per-lane loop per store on Mesa 22.3) its
+largest part, so its share of the device time falls with C_out: about 10 % at 256 output
+channels, 17-20 % at 128, 28-38 % at 64 (the GEMM does only 2 * C_out FLOPs per sampled value).
 """
 from __future__ import annotations
 
@@ -64,9 +68,13 @@ from .pipeline import STORAGE, TEXEL1, TEXEL4, DescriptorSet, texel_fits
 from .plan import Plan, PlanCache, closed_on_error
 from .resident import ResidentOp
 
-_PACK_PUSH = struct.Struct("<5i")
+_PACK_PUSH = struct.Struct("<6i")
 _SAMPLE_PUSH = struct.Struct("<25i")
 _CHUNK_ALIGN = 32  # pixels: a multiple of every GEMM pixel tile (conv_kernels._ROWS_SPEED)
+# Offset groups of at most this many 4-channel blocks get the sampling stage's block loop unrolled
+# (specialization constants): 1.1x faster sampling at 4 blocks, no gain at 16, and 64 unrolled blocks
+# took lavapipe 25 s to compile.
+_UNROLL_BLOCKS = 4
 
 
 @dataclass(frozen=True)
@@ -239,7 +247,7 @@ class DeformConv(ResidentOp):
                 plan.input_shapes.append(tuple(shape))
             x_buf, offset_buf = plan.inputs[:2]
             mask_buf = plan.inputs[2] if has_mask else offset_buf  # never read when has_mask == 0
-            packed = Buffer(ctx, 16 * n * og * og_blocks * in_h * in_w, texel=True,
+            packed = Buffer(ctx, 16 * n * og * og_blocks * (in_h + 2) * (in_w + 2), texel=True,
                             name="deform_conv packed input")
             columns = Buffer(ctx, first.nbytes, texel=True, name="deform_conv columns")
             plan.keep += [packed, columns]
@@ -253,18 +261,23 @@ class DeformConv(ResidentOp):
             texel_x = tune.texel and texel_fits(ctx, x_buf.size, TEXEL1)
             pack = ctx.pipeline("deform_conv_pack" if texel_x else "deform_conv_pack_ssbo",
                                 (TEXEL1 if texel_x else STORAGE, STORAGE), _PACK_PUSH.size, (ls, 1, 1))
+            # Output sizes that are multiples of 4 read 4 pixels' offsets and mask as one vec4.
+            quad = out_hw % 4 == 0
+            per_pixel = TEXEL4 if quad else TEXEL1
             texel_s = (tune.texel and texel_fits(ctx, packed.size, TEXEL4)
-                       and all(texel_fits(ctx, b.size, TEXEL1) for b in (offset_buf, mask_buf)))
-            kinds = (TEXEL4, TEXEL1, TEXEL1) if texel_s else (STORAGE,) * 3
+                       and all(texel_fits(ctx, b.size, per_pixel) for b in (offset_buf, mask_buf)))
+            kinds = (TEXEL4, per_pixel, per_pixel) if texel_s else (STORAGE,) * 3
+            unroll = og_blocks <= _UNROLL_BLOCKS
             sample = ctx.pipeline("deform_conv_sample" if texel_s else "deform_conv_sample_ssbo",
-                                  (*kinds, STORAGE), _SAMPLE_PUSH.size, (ls, 1, 1))
+                                  (*kinds, STORAGE), _SAMPLE_PUSH.size,
+                                  (ls, 1, 1, 0, og_blocks if unroll else 0, cin_og if unroll else 0, int(quad)))
             texel_g = tune.texel and texel_fits(ctx, columns.size) and texel_fits(ctx, gemm.weights.size)
             pack_set = DescriptorSet(pack, [x_buf, packed])
             sample_set = DescriptorSet(sample, [packed, offset_buf, mask_buf, columns])
             plan.keep += [pack_set, sample_set]
 
-            pack_push = _PACK_PUSH.pack(cin, in_h * in_w, og, cin_og, og_blocks)
-            pack_groups = (min(-(-(in_h * in_w) // ls), limit[0]), og, n)
+            pack_push = _PACK_PUSH.pack(cin, in_h, in_w, og, cin_og, og_blocks)
+            pack_groups = (min(-(-((in_h + 2) * (in_w + 2)) // ls), limit[0]), og, n)
             steps = []
             for c in chunks:
                 geo, pb, lay = gemm.tiled_operand(c.images, c.pixels)

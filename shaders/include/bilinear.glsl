@@ -5,38 +5,35 @@
 // This equals ONNX GridSample(align_corners=1, padding_mode="zeros") on pixel coordinates, which is
 // how the ONNX reference evaluates DeformConv.
 //
-// Corner order: (y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1).  A corner outside the
-// image gets weight 0, index 0 and ok = false: callers load from the (always valid) index and then
-// select 0 where !ok, so an Inf or NaN stored at index 0 cannot leak into the sample through
-// 0 * Inf.
+// The image is read from a copy with a one-pixel zero border ((h + 2) x (w + 2) pixels, image pixel
+// (y, x) at (y + 1) * (w + 2) + x + 1): the neighbours of any point inside the rule's range lie in
+// that copy, and one outside the image reads a border zero, so callers blend the four fetched
+// corners with no per-corner test.  A point that samples 0 gets weights 0 and all four indices 0
+// (a border pixel): an Inf or NaN in the image cannot leak into it through 0 * Inf.
+//
+// Corner order: (y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1).  Branch-free: lavapipe runs
+// both sides of a divergent branch with masked writes.
 #ifndef VKCONV_BILINEAR_GLSL
 #define VKCONV_BILINEAR_GLSL
 
 struct Bilinear {
-    ivec4 idx;   // row-major pixel index y * w + x of each corner (0 where !ok)
-    vec4 wt;     // interpolation weight of each corner (0 where !ok)
-    bvec4 ok;    // corner lies inside the image
+    ivec4 idx;   // padded pixel index of each corner, all 0 where the point samples 0
+    vec4 wt;     // interpolation weight of each corner, all 0 where the point samples 0
 };
 
 Bilinear bilinear_corners(float y, float x, int h, int w)
 {
-    Bilinear s;
-    s.idx = ivec4(0);
-    s.wt = vec4(0.0);
-    s.ok = bvec4(false);
     // Written so that NaN fails the test: a NaN coordinate never reaches int().
-    if (y > -1.0 && y < float(h) && x > -1.0 && x < float(w)) {
-        float fy = floor(y), fx = floor(x);
-        int y0 = int(fy), x0 = int(fx);   // in [-1, h - 1] x [-1, w - 1]
-        float ly = y - fy, lx = x - fx;
-        float hy = 1.0 - ly, hx = 1.0 - lx;
-        bool top = y0 >= 0, bottom = y0 + 1 < h, left = x0 >= 0, right = x0 + 1 < w;
-        s.ok = bvec4(top && left, top && right, bottom && left, bottom && right);
-        ivec4 idx = ivec4(y0 * w + x0, y0 * w + x0 + 1, (y0 + 1) * w + x0, (y0 + 1) * w + x0 + 1);
-        vec4 wt = vec4(hy * hx, hy * lx, ly * hx, ly * lx);
-        s.idx = ivec4(s.ok.x ? idx.x : 0, s.ok.y ? idx.y : 0, s.ok.z ? idx.z : 0, s.ok.w ? idx.w : 0);
-        s.wt = vec4(s.ok.x ? wt.x : 0.0, s.ok.y ? wt.y : 0.0, s.ok.z ? wt.z : 0.0, s.ok.w ? wt.w : 0.0);
-    }
+    const bool inside = y > -1.0 && y < float(h) && x > -1.0 && x < float(w);
+    const float yc = inside ? y : 0.0, xc = inside ? x : 0.0;
+    const float fy = floor(yc), fx = floor(xc);
+    const float ly = yc - fy, lx = xc - fx;
+    const float hy = 1.0 - ly, hx = 1.0 - lx;
+    // floor(y) + 1 is in [0, h] and floor(x) + 1 in [0, w]: padded rows and columns that exist.
+    const int i00 = (int(fy) + 1) * (w + 2) + int(fx) + 1;
+    Bilinear s;
+    s.idx = inside ? ivec4(i00, i00 + 1, i00 + w + 2, i00 + w + 3) : ivec4(0);
+    s.wt = inside ? vec4(hy * hx, hy * lx, ly * hx, ly * lx) : vec4(0.0);
     return s;
 }
 
