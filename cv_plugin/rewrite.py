@@ -16,6 +16,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from vkconv.graph import fold_batchnorm
+
 DOMAIN = "vkconv"
 
 # ONNX activation -> (vkconv activation name, attribute defaults (a, b))
@@ -96,12 +98,9 @@ def _fold_batchnorm(g: _Graph, conv: onnx.NodeProto, bn: onnx.NodeProto, key: st
     needed = [w_name, *bn.input[1:5]] + ([b_name] if b_name else [])
     if any(n not in g.constants for n in needed):
         return False
-    w = g.constants[w_name].astype(np.float64)
-    scale, beta, mean, var = (g.constants[n].astype(np.float64) for n in bn.input[1:5])
-    b = g.constants[b_name].astype(np.float64) if b_name else np.zeros(w.shape[0])
-    s = scale / np.sqrt(var + attrs.get("epsilon", 1e-5))
-    w_folded = w * s.reshape(-1, *([1] * (w.ndim - 1)))
-    b_folded = (b - mean) * s + beta
+    scale, beta, mean, var = (g.constants[n].reshape(-1) for n in bn.input[1:5])
+    w_folded, b_folded = fold_batchnorm(g.constants[w_name], g.constants[b_name] if b_name else None,
+                                        scale, beta, mean, var, float(attrs.get("epsilon", 1e-5)))
     x_name = conv.input[0]
     del conv.input[:]
     conv.input.extend([x_name, g.add_initializer(f"{key}__vk_w", w_folded),
