@@ -244,6 +244,35 @@ def test_decoder_shapes_against_onnxruntime(k, s, p, a):
     assert_close(actual, np.maximum(expected, 0))
 
 
+@pytest.mark.parametrize("x_shape, k, group, act", [
+    ((2, 6, 5, 7), (2, 2), 1, None),           # odd output width: one output per invocation
+    ((1, 8, 6, 8), (2, 2), 2, "Relu"),         # groups, vec4 stores
+    ((1, 24, 20, 20), (2, 2), 1, "Sigmoid"),   # PP-OCR's head shape, scaled down
+    ((1, 3, 9), (3,), 1, None),                # 1-D, 3 taps
+    ((1, 4, 3, 4, 5), (2, 1, 3), 1, "Tanh"),   # 3-D, unequal strides
+    ((1, 5, 4, 4), (1, 1), 1, None),           # 1x1 stride 1: a plain 1x1 GEMM
+    ((1, 2, 3, 8), (1, 3), 1, None),           # vec4 reads of 3 column-tap planes
+    ((2, 2, 2, 3, 4), (2, 2, 2), 1, "Relu"),   # 3-D, vec4
+])
+def test_kernel_equal_to_stride_runs_as_gemm(x_shape, k, group, act):
+    """kernel == stride, no padding: the 1x1 GEMM + shuffle path (vec4 shuffle when the input width is
+    a multiple of 4), against onnxruntime."""
+    rng = np.random.default_rng(len(x_shape) + sum(k))
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = (rng.standard_normal((x_shape[1], 3, *k)) / 3).astype(np.float32)
+    b = rng.standard_normal(3 * group).astype(np.float32)
+    expected = onnxruntime_reference("ConvTranspose", {"x": x, "w": w, "b": b}, dict(strides=list(k), group=group))
+    expected = {None: expected, "Relu": np.maximum(expected, 0), "Sigmoid": 1 / (1 + np.exp(-expected)),
+                "Tanh": np.tanh(expected)}[act]
+    with vkconv.ConvTranspose(w, b, strides=k, group=group, activation=act) as op:
+        assert op._gemm_geometry(x.shape, op.output_shape(x.shape)) is not None
+        assert_close(op(x), expected)
+        assert_close(op(x), expected)  # replayed
+        pads_given = vkconv.ConvTranspose(w, b, strides=k, pads=[1] * (2 * len(k)), group=group)
+        assert pads_given._gemm_geometry(x.shape, pads_given.output_shape(x.shape)) is None
+        pads_given.close()
+
+
 def test_infinities_stay_where_they_belong():
     """Inf at the input edges (where the shader clamps addresses) reaches only the outputs that
     depend on it; padded taps of other outputs contribute an exact 0."""

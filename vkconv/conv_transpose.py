@@ -4,6 +4,12 @@
 Layouts: input ``x`` is NCW, NCHW or NCDHW; weights ``w`` are ``[C_in, C_out / group, *kernel]``
 (ONNX's, the transpose of Conv's); bias ``b`` is ``[C_out]``; the output is ``[N, C_out, *out]``;
 all float32.  1-D and 2-D inputs run as 3-D ones with unit leading spatial dims.
+
+A layer whose kernel equals its stride, with no dilation, padding or output padding (the 2x2
+stride-2 upsamplers of PP-OCR and U-Net), writes every output from exactly one tap per input
+channel: it runs as a 1x1 GEMM to ``C_out * taps`` channels (the conv kernels' ``gemm1x1``) and a
+pass that moves each tap's plane into place (``shaders/conv_transpose_shuffle.comp``), which on
+lavapipe measured 2-4x faster than the gather kernel on those layers.
 """
 from __future__ import annotations
 
@@ -16,16 +22,20 @@ import numpy as np
 from . import shapes
 from .activation import Activation
 from .buffer import Buffer, upload_constant
+from .command import CommandBuffer
 from .context import Context, get_context
-from .conv_kernels import pack_bias_blocks
+from .conv_kernels import Geometry, Kernel, make_kernel, pack_bias_blocks, tuning
+from .eltwise import ELEMENTWISE_LOCAL, linear_groups
 from .errors import VkconvError
+from .indexing import magic
 from .pipeline import DescriptorSet
-from .plan import Plan, PlanCache
+from .plan import Plan, PlanCache, closed_on_error
 from .resident import ResidentOp
 
 # in_size, cin_g, out_size, cout_g, kernel, groups, stride, oc_blocks, dil, w_blocks, tap_step,
 # act_a, off, act_b, lift: std430 ivec3s are 16-byte aligned, hence the interleaved scalars.
 _PUSH = struct.Struct("<3ii3ii3ii3ii3ii3if3if3i")
+_SHUFFLE_PUSH = struct.Struct("<6I7i")
 # Compiled tiles: (output pixels of one W phase, vec4s of output channels) per invocation.
 TILES = ((4, 1), (4, 2), (8, 1), (8, 2), (8, 4), (8, 8))
 _INT32_MAX = 2**31 - 1
@@ -107,6 +117,7 @@ class ConvTranspose(ResidentOp):
         self._lock = threading.Lock()
         self._weights: Buffer | None = None
         self._bias: Buffer | None = None
+        self._gemm: Kernel | None = None  # the 1x1 GEMM of the kernel == stride path, made on first use
         self.set_weights(w, b)
 
     # -- weights -------------------------------------------------------------------------------
@@ -131,6 +142,7 @@ class ConvTranspose(ResidentOp):
                                             "conv_transpose weights")
             self._bias = upload_constant(self.ctx, pack_bias_blocks(b, cout, self.group, self.oc_block),
                                          "conv_transpose bias")
+            self._w, self._b = w, b
 
     # -- shapes --------------------------------------------------------------------------------
     def _shapes(self, x_shape) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -202,9 +214,68 @@ class ConvTranspose(ResidentOp):
                                  f"exceed the device's maxComputeWorkGroupCount {limit}")
         return push, groups
 
+    def _gemm_geometry(self, x_shape, y_shape) -> Geometry | None:
+        """The 1x1 GEMM (lifted to 3-D) of the kernel == stride path for this input, None when the
+        layer is not of that kind or the GEMM does not fit the device."""
+        kernel = self.weight_shape[2:]
+        if self.weight_shape[0] == 0 or tuple(kernel) != self.strides or any(d != 1 for d in self.dilations) \
+                or any(self.resolved_pads(x_shape)) \
+                or tuple(y_shape[2:]) != tuple(i * s for i, s in zip(x_shape[2:], self.strides)):
+            return None
+        taps = math.prod(kernel)
+        x5 = tuple(x_shape[:2]) + (1,) * (3 - self.nd) + tuple(x_shape[2:])
+        cout = self.weight_shape[1] * self.group
+        one, zero = (1, 1, 1), (0,) * 6
+        geo = Geometry.lift(x5, (cout * taps, x_shape[1] // self.group, 1, 1, 1), self.group, one, one, zero,
+                            (x5[0], cout * taps, *x5[2:]))
+        return geo if self._gemm_kernel().fits(geo) else None
+
+    def _gemm_kernel(self) -> Kernel:
+        if self._gemm is None:
+            # w [C_in, C_out/g, *k] -> [g, C_out/g, taps, C_in/g]: output channel (co, tap) of the GEMM
+            cin, cout_g, *kernel = self._w.shape
+            taps, cin_g = math.prod(kernel), cin // self.group
+            w2 = self._w.reshape(self.group, cin_g, cout_g, taps).transpose(0, 2, 3, 1)
+            b2 = None if self._b is None else np.repeat(self._b, taps)
+            self._gemm = make_kernel("gemm1x1", self.ctx, w2.reshape(-1, cin_g, 1, 1, 1), b2, self.group,
+                                     self.activation, tuning(self.ctx, False))
+        return self._gemm
+
+    def _build_gemm_plan(self, geo: Geometry, x_shape, y_shape) -> Plan:
+        """The GEMM's plan, its output kept as scratch and ``y`` in its place, re-recorded with the
+        shuffle pass after the GEMM."""
+        plan = self._gemm_kernel().plan(geo)
+        with closed_on_error(plan):
+            columns, gemm = plan.outputs[0], plan.body
+            assert gemm is not None
+            plan.keep.append(columns)
+            plan.outputs[0] = Buffer(self.ctx, 4 * math.prod(y_shape), staged=True, name="conv_transpose output")
+            plan.output_shapes[0] = tuple(y_shape)
+            out = (1,) * (3 - self.nd) + tuple(y_shape[2:])
+            vec4 = geo.size[2] % 4 == 0
+            lanes = 4 * out[2] // geo.size[2] if vec4 else 1  # 4 columns of each column-tap plane
+            total = math.prod(y_shape) // lanes
+            local = self.ctx.local_size(ELEMENTWISE_LOCAL)
+            pipe = self.ctx.pipeline("conv_transpose_shuffle", 2, _SHUFFLE_PUSH.size,
+                                     (local, 1, 1, 0, *((1,) * (3 - self.nd) + self.strides), int(vec4)))
+            dset = DescriptorSet(pipe, [columns, plan.outputs[0]])
+            plan.keep.append(dset)
+            push = _SHUFFLE_PUSH.pack(*magic(out[2] // lanes), *magic(out[1]), *magic(out[0]), *geo.size, *out, total)
+            groups = linear_groups(self.ctx, total, local)
+
+            def body(cmd: CommandBuffer) -> None:
+                gemm(cmd)
+                cmd.barrier()
+                cmd.dispatch(pipe, dset, push, groups)
+            plan.record(body)
+        return plan
+
     def _build_plan(self, x_shape, y_shape) -> Plan:
         if self._weights is None or self._bias is None:
             raise VkconvError("this ConvTranspose was closed")
+        gemm = self._gemm_geometry(x_shape, y_shape)
+        if gemm is not None:
+            return self._build_gemm_plan(gemm, x_shape, y_shape)
         push, groups = self._dispatch_geometry(x_shape, y_shape)
         plan = Plan(self.ctx, [("conv_transpose input x", x_shape)], [("conv_transpose output", y_shape)])
         dset = DescriptorSet(self.pipeline, [plan.inputs[0], self._weights, self._bias, plan.outputs[0]])
@@ -215,10 +286,10 @@ class ConvTranspose(ResidentOp):
     # -- lifetime ------------------------------------------------------------------------------
     def _release(self) -> None:
         self._plans.clear()
-        for buf in (self._weights, self._bias):
+        for buf in (self._weights, self._bias, self._gemm):
             if buf is not None:
                 buf.close()
-        self._weights = self._bias = None
+        self._weights = self._bias = self._gemm = None
 
 
 def conv_transpose(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, *, strides=1, pads=0,
