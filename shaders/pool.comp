@@ -8,8 +8,12 @@
 // Windows start at o * stride - pad_begin. Taps outside the input are skipped; the average divides
 // by the taps inside the input (count_include_pad = 0) or by the taps inside the padded extent
 // [-pad_begin, in + pad_end) (count_include_pad = 1), as ONNX's reference and PyTorch do.
+// The vec4 variant covers windows that tile the rows exactly along W (kernel_w == stride_w == S,
+// no W padding or dilation, widths multiples of 4: VGG's 2x2 stride-2 max pools): an invocation
+// makes 4 outputs of a row from S aligned vec4 loads per window row, and stores one vec4.
 // variant: pool
 // variant: pool_global -DGLOBAL=1
+// variant: pool_vec4 -DVEC4=1
 #extension GL_GOOGLE_include_directive : require
 #include "divide.glsl"
 
@@ -19,6 +23,7 @@ layout(local_size_x_id = 0, local_size_y = 1, local_size_z = 1) in;
 #define MODE_AVG 1
 #define MODE_AVG_INCLUDE_PAD 2
 layout(constant_id = 4) const int MODE = MODE_MAX;
+layout(constant_id = 5) const int S = 1;  // vec4 variant: kernel_w == stride_w
 
 layout(std430, binding = 0) readonly buffer X { float x[]; };
 layout(std430, binding = 1) writeonly buffer Y { float y[]; };
@@ -77,6 +82,40 @@ void main()
         if (gl_LocalInvocationID.x == 0)
             y[plane] = MODE == MODE_MAX ? partial[0] : partial[0] / float(plane_size);
         barrier();
+    }
+}
+#elif defined(VEC4)
+layout(std430, binding = 0) readonly buffer X4 { vec4 x4[]; };
+layout(std430, binding = 1) writeonly buffer Y4 { vec4 y4[]; };
+
+void main()
+{
+    uint step = gl_NumWorkGroups.x * gl_WorkGroupSize.x;
+    for (uint i = gl_GlobalInvocationID.x; i < uint(p.total); i += step) {
+        // magic_w divides by out_w / 4
+        ivec3 prc = plane_row_col(i, p.magic_w, p.out_size.y / 4, p.magic_h, p.out_size.x);
+        const int y0 = prc.y * p.stride.x - p.pad_begin.x;
+        const int col4 = prc.z * S;  // the first of the S vec4s of each window row
+        vec4 acc = vec4(MODE == MODE_MAX ? -1.0 / 0.0 : 0.0);
+        int inside = 0;
+        int padded = 0;
+        for (int ky = 0; ky < p.kernel.x; ++ky) {
+            const int iy = y0 + ky * p.dilation.x;
+            padded += iy < p.in_size.x + p.pad_end.x ? S : 0;
+            if (uint(iy) >= uint(p.in_size.x))
+                continue;
+            inside += S;
+            const int row4 = ((prc.x * p.in_size.x + iy) * p.in_size.y) / 4 + col4;
+            vec4 seg[S];
+            for (int v = 0; v < S; ++v)
+                seg[v] = x4[row4 + v];
+            for (int j = 0; j < 4; ++j)
+                for (int t = 0; t < S; ++t)
+                    acc[j] = combine(acc[j], seg[(j * S + t) >> 2][(j * S + t) & 3]);
+        }
+        if (MODE == MODE_AVG) acc /= float(max(inside, 1));
+        if (MODE == MODE_AVG_INCLUDE_PAD) acc /= float(max(padded, 1));
+        y4[i] = acc;
     }
 }
 #else

@@ -88,15 +88,20 @@ POOLS = [
     ("AveragePool", dict(kernel_shape=[2, 3], strides=[2, 2], pads=[1, 0, 1, 1], ceil_mode=1,
                          count_include_pad=1)),
     ("AveragePool", dict(kernel_shape=[5, 5])),
+    # windows that tile the rows along W: the vec4 variant on widths that are multiples of 4
+    ("MaxPool", dict(kernel_shape=[3, 2], strides=[2, 2], pads=[1, 0, 1, 0])),
+    ("AveragePool", dict(kernel_shape=[3, 2], strides=[2, 2], pads=[1, 0, 1, 0], count_include_pad=1)),
+    ("AveragePool", dict(kernel_shape=[2, 4], strides=[1, 4], pads=[0, 0, 1, 0])),
     ("GlobalAveragePool", {}),
     ("GlobalMaxPool", {}),
 ]
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 11, 13), (2, 3, 10, 16)])
 @pytest.mark.parametrize("kind,attrs", POOLS)
-def test_pool_matches_onnx(kind, attrs):
+def test_pool_matches_onnx(kind, attrs, shape):
     rng = np.random.default_rng(3)
-    x = _rand(rng, 2, 3, 11, 13)
+    x = _rand(rng, *shape)
     kw = {k: v for k, v in attrs.items() if k != "kernel_shape"}
     got = run_kernel(Pool(kind, attrs.get("kernel_shape"), **kw), [x])[0]
     assert_close(got, onnx_reference(kind, {"x": x}, attrs), REL)

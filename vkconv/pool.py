@@ -87,14 +87,21 @@ class Pool:
         kernel, strides, dilations, pads, out_hw = self._geometry(x_shape)
         mode = 0 if "Max" in self.kind else (2 if self.count_include_pad else 1)
         local = self.ctx.local_size(ELEMENTWISE_LOCAL)
+        # windows that tile each row exactly along W: 4 outputs per invocation from aligned vec4s
+        vec4 = (not self.is_global and kernel[1] == strides[1] and dilations[1] == 1 and pads[1] == 0
+                and x_shape[3] % 4 == 0 and out_hw[1] % 4 == 0 and out_hw[1] * strides[1] <= x_shape[3])
         if self.is_global:  # the shared-memory reduction halves the workgroup: a power of two
             local = 1 << (local.bit_length() - 1)
-        pipe = self.ctx.pipeline("pool_global" if self.is_global else "pool", 2, _PUSH.size, (local, 1, 1, 0, mode))
+            name, spec = "pool_global", (local, 1, 1, 0, mode)
+        else:
+            name, spec = ("pool_vec4", (local, 1, 1, 0, mode, strides[1])) if vec4 else ("pool", (local, 1, 1, 0, mode))
+        lanes = 4 if vec4 else 1
+        pipe = self.ctx.pipeline(name, 2, _PUSH.size, spec)
         dset = DescriptorSet(pipe, [inputs[0], outputs[0]])
-        push = _PUSH.pack(*magic(out_hw[1]), *magic(out_hw[0]), *x_shape[2:], *out_hw, *kernel, *strides,
-                          *dilations, *pads[:2], *pads[2:], total)
+        push = _PUSH.pack(*magic(out_hw[1] // lanes), *magic(out_hw[0]), *x_shape[2:], *out_hw, *kernel, *strides,
+                          *dilations, *pads[:2], *pads[2:], total // lanes)
         # global pools: one workgroup per plane (the output has one element per plane)
         groups = (min(total, self.ctx.info.max_workgroup_count[0]), 1, 1) if self.is_global \
-            else linear_groups(self.ctx, total, local)
+            else linear_groups(self.ctx, total // lanes, local)
         cmd.dispatch(pipe, dset, push, groups)
         return [dset]
