@@ -1,22 +1,29 @@
 #version 450
-// Fused gather -> GEMM -> scatter-add for one kernel tap of a sparse convolution
-// (vkconv/sparse_conv.py). For the pairs [start, start + count) of the rulebook:
-//     y[pair_out[j]] (+)= W[tap]^T x[pair_in[j]]
-// Within one tap every output row appears at most once, so the read-modify-write needs no
-// atomics; the host runs the taps one after another with a barrier between them, which fixes the
-// order of the float additions: results are bitwise reproducible.
+// Output-stationary sparse convolution (vkconv/sparse_conv.py): one dispatch computes every output
+// row o of a rulebook (vkconv/sparse_rulebook.py) as
+//     y[o] = act(bias + sum over the taps t set in mask[o], in increasing t: W[t]^T x[table[o][t]])
+// Each output row is summed in registers by one invocation and stored once: no read-modify-write,
+// no atomics, no separate bias / activation pass, and the additions happen in tap order, so the
+// results are bitwise reproducible whatever the schedule.
 //
-// MODE 0 accumulates. MODE 1 is the last pass over a tap that covers every output row (SubM's
-// centre tap, or the epilogue with PAIRS = 0 and no input channels): y = act(y + acc + bias).
-// PAIRS: 1 reads pair j as (input row, output row); 2 swaps them (inverse convolution, which runs
-// a forward convolution's rulebook backwards); 0 takes (row j, row j) and reads no pair list.
+// An invocation holds ROWS output rows x CB vec4s of output channels and walks the union of its
+// rows' taps, so the weights W[t] it reads serve every row of the tile; a row without tap t
+// multiplies a zero vector (wasted work the host trades against the weight reuse when it picks
+// ROWS, see choose_tile()). The rows of a tile are consecutive, or (SCHEDULE = 1) consecutive in a
+// schedule that lists the rows sorted by tap mask, so that tiles share their taps. SHARE = 1
+// gives the vec4 blocks of the same ROWS rows to neighbouring invocations (the lanes of one SIMD
+// group then share the rows, hence the taps, and only their weight columns differ); SHARE = 0
+// gives each invocation its own rows, the channel block being the workgroup's z.
 //
-// Features are rows of vec4 (channels zero-padded to 4). One invocation computes ROWS pairs x CB
-// vec4s of output channels; the channel block is the workgroup's z, so every invocation of a
-// workgroup reads the same weights and only the feature loads differ. Weights are packed
-// [tap][input channel][output channels padded to 4 * CB] as vec4. The TEXEL variant reads
-// features and weights through RGBA32F texel buffers (vkconv/pipeline.py says why: a gather on
-// lavapipe instead of a lane-by-lane loop).
+// Buffers: features x [n_in][cin4] vec4; packed weights [kv][cin4 * 4][coutp] vec4 followed by the
+// bias row [coutp]; table [n_out][kv] float (the input row, a whole number below 2^24, written only
+// where the mask has the tap); masks [n_out][words] uint (bit t % 32 of word t / 32);
+// y [n_out][cout4]; schedule [n_out] float (output rows, whole numbers; bound but unread
+// without SCHEDULE).
+// The TEXEL variant reads features, weights, table and schedule through texel buffers
+// (vkconv/pipeline.py says why: on lavapipe a texel fetch is a gather, a storage-buffer load a
+// loop over the lanes). Every loop is a do-while: lavapipe runs a for loop's body once more,
+// masked, when its condition ends it.
 //
 // variant: sparse_gemm -DTEXEL=0
 // variant: sparse_gemm_texel -DTEXEL=1
@@ -24,30 +31,36 @@
 #include "activation.glsl"
 
 layout(local_size_x_id = 0, local_size_y = 1, local_size_z = 1) in;
-layout(constant_id = 4) const int MODE = 0;
-layout(constant_id = 5) const int PAIRS = 1;
-layout(constant_id = 6) const int ROWS = 4;
-layout(constant_id = 7) const int CB = 4;
+layout(constant_id = 4) const int ROWS = 2;
+layout(constant_id = 5) const int CB = 4;
+layout(constant_id = 6) const int SHARE = 0;
+layout(constant_id = 7) const int SCHEDULE = 0;
 
 #if TEXEL
-layout(binding = 0) uniform samplerBuffer x_tex;                      // [n_in][cin4]
-layout(binding = 1) uniform samplerBuffer w_tex;                      // [kv][cin4 * 4][coutp]
+layout(binding = 0) uniform samplerBuffer x_tex;
+layout(binding = 1) uniform samplerBuffer w_tex;
+layout(binding = 2) uniform samplerBuffer t_tex;
+layout(binding = 5) uniform samplerBuffer s_tex;
 #define X(i) texelFetch(x_tex, i)
 #define W(i) texelFetch(w_tex, i)
+#define T(i) texelFetch(t_tex, i).x
+#define S(i) texelFetch(s_tex, i).x
 #else
 layout(std430, binding = 0) readonly buffer Input { vec4 x[]; };
 layout(std430, binding = 1) readonly buffer Weight { vec4 w[]; };
+layout(std430, binding = 2) readonly buffer Table { float table[]; };
+layout(std430, binding = 5) readonly buffer Schedule { float schedule[]; };
 #define X(i) x[i]
 #define W(i) w[i]
+#define T(i) table[i]
+#define S(i) schedule[i]
 #endif
-layout(std430, binding = 2) readonly buffer Bias { vec4 bias[]; };    // [coutp]
-layout(std430, binding = 3) readonly buffer Pairs { ivec2 pairs[]; };  // (input row, output row)
-layout(std430, binding = 4) buffer Output { vec4 y[]; };              // [n_out][cout4]
+layout(std430, binding = 3) readonly buffer Masks { uint masks[]; };
+layout(std430, binding = 4) writeonly buffer Output { vec4 y[]; };
 
 layout(push_constant) uniform Params {
-    int start, count, tap;
+    int n_in, n_out, kv, words;
     int cin4, cout4, coutp;   // vec4s per input row, per output row, per packed weight row
-    int n_in, n_out;
     float act_a, act_b;
 } p;
 
@@ -55,45 +68,70 @@ layout(push_constant) uniform Params {
 
 void main()
 {
-    const int first = flat_invocation() * ROWS;
-    if (first >= p.count) return;
-    const int cb = int(gl_WorkGroupID.z) * CB;
-
-    int src[ROWS], dst[ROWS];
-    bool ok[ROWS];
+    const int blocks = p.coutp / CB;
+    const int inv = flat_invocation();
+    const int first = (SHARE != 0 ? inv / blocks : inv) * ROWS;
+    if (first >= p.n_out) return;
+    const int cb = (SHARE != 0 ? inv % blocks : int(gl_WorkGroupID.z)) * CB;
+    const int tap_size = p.cin4 * 4 * p.coutp;
+    // -1 past the last row (or for a schedule entry out of range); indices below use max(row, 0),
+    // in range even where the row is unused
+    int row[ROWS];
     for (int r = 0; r < ROWS; ++r) {
-        // Pairs past the end repeat the last one, so every load stays in bounds; they store nothing.
-        int j = p.start + min(first + r, p.count - 1);
-        ivec2 pr = PAIRS == 0 ? ivec2(j) : pairs[j];
-        src[r] = PAIRS == 2 ? pr.y : pr.x;
-        dst[r] = PAIRS == 2 ? pr.x : pr.y;
-        ok[r] = first + r < p.count && uint(src[r]) < uint(p.n_in) && uint(dst[r]) < uint(p.n_out);
-        src[r] = ok[r] ? src[r] : 0;
+        const int i = min(first + r, p.n_out - 1);
+        row[r] = SCHEDULE != 0 ? int(S(i)) : i;
+        row[r] = uint(row[r]) < uint(p.n_out) && first + r < p.n_out ? row[r] : -1;
     }
 
     vec4 acc[ROWS * CB];
     for (int i = 0; i < ROWS * CB; ++i) acc[i] = vec4(0.0);
-    int wrow = p.tap * p.cin4 * 4 * p.coutp + cb;
-    for (int ci = 0; ci < p.cin4; ++ci) {
-        vec4 xv[ROWS];
-        for (int r = 0; r < ROWS; ++r) xv[r] = X(src[r] * p.cin4 + ci);
-        for (int j = 0; j < 4; ++j) {
-            for (int c = 0; c < CB; ++c) {
-                vec4 wv = W(wrow + c);
-                for (int r = 0; r < ROWS; ++r) acc[r * CB + c] += xv[r][j] * wv;
-            }
-            wrow += p.coutp;
+    int word = 0;
+    do {
+        uint m[ROWS];
+        uint taps = 0u;
+        for (int r = 0; r < ROWS; ++r) {
+            m[r] = row[r] >= 0 ? masks[max(row[r], 0) * p.words + word] : 0u;
+            taps |= m[r];
         }
-    }
+        // Bits past the kernel volume would index past the tables (never set by the rulebook).
+        if (p.kv - 32 * word < 32) taps &= (1u << (p.kv - 32 * word)) - 1u;
+        if (taps != 0u) do {
+            // Lanes whose tile ran out of taps are masked here (SIMD execution); their indices
+            // are still kept in range.
+            const int bit = max(findLSB(taps), 0);
+            taps &= taps - 1u;
+            const int t = 32 * word + bit;
+            int src[ROWS];
+            bool on[ROWS];
+            for (int r = 0; r < ROWS; ++r) {
+                on[r] = ((m[r] >> bit) & 1u) != 0u;
+                src[r] = on[r] ? int(T(max(row[r], 0) * p.kv + t)) : 0;
+                on[r] = on[r] && uint(src[r]) < uint(p.n_in);
+                src[r] = on[r] ? src[r] * p.cin4 : 0;
+            }
+            int wrow = t * tap_size + cb;
+            int ci = 0;
+            do {
+                vec4 xv[ROWS];
+                for (int r = 0; r < ROWS; ++r) xv[r] = on[r] ? X(src[r] + ci) : vec4(0.0);
+                for (int j = 0; j < 4; ++j) {
+                    for (int c = 0; c < CB; ++c) {
+                        vec4 wv = W(wrow + c);
+                        for (int r = 0; r < ROWS; ++r) acc[r * CB + c] += xv[r][j] * wv;
+                    }
+                    wrow += p.coutp;
+                }
+            } while (++ci < p.cin4);
+        } while (taps != 0u);
+    } while (++word < p.words);
 
+    const int bias = p.kv * tap_size + cb;
     for (int r = 0; r < ROWS; ++r) {
-        if (!ok[r]) continue;
+        if (row[r] < 0) continue;
         for (int c = 0; c < CB; ++c) {
-            int col = cb + c;
-            if (col >= p.cout4) break;
-            int at = dst[r] * p.cout4 + col;
-            if (MODE == 0) y[at] += acc[r * CB + c];
-            else y[at] = activate4(y[at] + acc[r * CB + c] + bias[col], p.act_a, p.act_b);
+            if (cb + c >= p.cout4) break;
+            y[row[r] * p.cout4 + cb + c] =
+                activate4(acc[r * CB + c] + W(bias + c), p.act_a, p.act_b);
         }
     }
 }

@@ -232,13 +232,15 @@ def test_inverse_conv_restores_input_sites(kernel, stride, padding, cin, cout):
 
 
 def test_rulebook_device_equals_numpy():
-    """Same output sites in the same order, and the same (input, output) pairs per tap, as sets."""
+    """Same output sites in the same order, and the same (input, output) pairs per tap, as sets
+    (5 x 5 x 5: 125 taps, four mask words per row)."""
     rng = np.random.default_rng(5)
     idx = random_sites(rng, 1400, (19, 18, 17), 2)
     ctx = vkconv.get_context()
     for subm, kernel, stride, pad, dil in [(True, (3, 3, 3), 1, 0, 1), (True, (3, 5, 1), 1, 0, 2),
                                            (False, (3, 3, 3), 2, 1, 1), (False, (2, 3, 2), 3, 2, 1),
-                                           (False, (3, 3, 3), 1, 2, 2), (False, (1, 1, 1), 1, 0, 1)]:
+                                           (False, (3, 3, 3), 1, 2, 2), (False, (1, 1, 1), 1, 0, 1),
+                                           (True, (5, 5, 5), 1, 0, 1), (False, (5, 5, 3), 2, 2, 1)]:
         geom = make_geometry((19, 18, 17), 2, kernel, subm=subm, stride=stride, padding=pad, dilation=dil)
         rb = build_rulebook(ctx, idx, geom)
         ref_out, ref_pairs = reference_rulebook(idx, geom)
@@ -248,9 +250,10 @@ def test_rulebook_device_equals_numpy():
         rb.close()
 
 
-@pytest.mark.parametrize("n", [1, 7, 1024, 1025, 5000, 1024 * 1024 + 3])
+@pytest.mark.parametrize("n", [1, 7, 1024, 1025, 5000, 128 * 1024, 128 * 1024 + 1, 1024 * 1024 + 3])
 def test_device_prefix_scan(n):
-    """The rulebook's exclusive scan over one, two and three levels of blocks, in place."""
+    """The rulebook's exclusive scan over one and two levels of blocks (128 x 1024 values per
+    block; the tree code is the same at every level), in place."""
     from vkconv.sparse_device import Recording
     from vkconv.sparse_rulebook import record_scan
 
@@ -303,6 +306,81 @@ def test_results_are_bitwise_reproducible():
     second = vkconv.sparse_conv3d(st, w, stride=2, padding=1)
     assert np.array_equal(first.indices, second.indices)
     assert np.array_equal(first.features, second.features)
+
+
+# Tile shapes of the compute kernel (sparse_conv.choose_tile picks per device and layer; the GPU
+# one and the odd ones never run on lavapipe unless forced), with and without the tap-mask
+# schedule, and its storage-buffer variant.
+TILES = [(2, 4, False, False, True), (1, 8, False, False, True), (8, 2, True, True, True),
+         (4, 1, True, True, True), (1, 1, True, False, True), (3, 2, True, True, False),
+         (1, 8, False, False, False)]
+
+
+@pytest.mark.parametrize("rows,cb,share,scheduled,texel", TILES)
+def test_every_tile_shape_matches_dense(monkeypatch, rows, cb, share, scheduled, texel):
+    """SubM, strided and inverse convolutions with the tile forced: 40 output channels (10 vec4,
+    packed to 16, so some channel blocks hold no channel), against the dense references."""
+    import vkconv.sparse as sparse_module
+    import vkconv.sparse_conv as sparse_conv
+
+    # up to 16 output channels the weights are packed to cout4 vec4s, which the block must divide
+    monkeypatch.setattr(sparse_conv, "choose_tile", lambda ctx, cout4, scheduled: sparse_conv.Tile(
+        rows, cb if cout4 > 4 else cout4, share))
+    monkeypatch.setattr(sparse_conv, "wants_schedule", lambda w, rb: scheduled)
+    if not texel:  # features uploaded as plain storage buffers: the kernel's storage variant
+        monkeypatch.setattr(sparse_module, "texel_capable", lambda ctx: False)
+    rng = np.random.default_rng(rows * 10 + cb)
+    st = random_tensor(rng, 300, (9, 10, 11), 2, 6)
+    w = (rng.standard_normal((40, 3, 3, 3, 6)) / math.sqrt(6)).astype(np.float32)
+    b = rng.standard_normal(40).astype(np.float32)
+    occ = occupancy(st.indices, 2, st.spatial_shape)
+    subm = vkconv.subm_conv3d(st, w, b, activation="Relu")
+    check_against_dense(subm, activate(dense_conv3d(st.to_dense(), w, b, pad=(1, 1, 1)), "Relu"), occ)
+    down = vkconv.sparse_conv3d(st, w, b, stride=2, padding=1, indice_key="down")
+    assert down.indice_dict["down"].has_schedule() == scheduled
+    sites = dense_conv3d(occ.astype(np.float64)[:, None], np.ones((1, 3, 3, 3, 1)), stride=(2,) * 3,
+                         pad=(1,) * 3)[:, 0] > 0.5
+    check_against_dense(down, dense_conv3d(st.to_dense(), w, b, (2,) * 3, (1,) * 3), sites)
+    wi = (rng.standard_normal((6, 3, 3, 3, 40)) / math.sqrt(40)).astype(np.float32)
+    up = vkconv.sparse_inverse_conv3d(down, wi, indice_key="down")
+    expected = dense_conv_transpose3d(down.to_dense(), wi, st.spatial_shape, (2,) * 3, (1,) * 3, (1,) * 3)
+    check_against_dense(up, expected, occ)
+
+
+def test_schedule_changes_no_bit():
+    """Rows taken in tap-mask order (and the 8-row tiles that come with it) give bitwise the
+    results of rows taken in order: each output row is summed by one invocation, in tap order."""
+    rng = np.random.default_rng(12)
+    st = random_tensor(rng, 1500, (19, 18, 17), 2, 8)
+    w = rng.standard_normal((16, 3, 3, 3, 8)).astype(np.float32)   # 2 x 4 vec4s: no schedule wanted
+    first = vkconv.subm_conv3d(st, w, indice_key="k")
+    rb = first.indice_dict["k"]
+    assert not rb.has_schedule()
+    rb.schedule()  # sorted now: every later layer of the key takes the rows in mask order
+    again = vkconv.SparseTensor(st.features, st.indices, st.spatial_shape, 2)
+    again.indice_dict["k"] = rb
+    assert np.array_equal(vkconv.subm_conv3d(again, w, indice_key="k").features, first.features)
+
+
+def test_buffer_pool_reuses_and_evicts(monkeypatch):
+    """Released buffers come back for a request of their size class; past POOL_BYTES the least
+    recently released are closed."""
+    from vkconv import sparse_device
+
+    ctx = vkconv.get_context()
+    a = sparse_device.lease(ctx, 100_000, "a")
+    assert a.size >= 100_000 and a.size <= 100_000 * 9 // 8 + 4096
+    sparse_device.release(a)
+    sparse_device.release(a)  # a second release is ignored
+    b = sparse_device.lease(ctx, 99_000, "b")
+    assert b is a and b.name == "b"
+    assert sparse_device.lease(ctx, 99_000, "c", texel=True) is not a  # another kind of buffer
+    monkeypatch.setattr(sparse_device, "POOL_BYTES", b.size)
+    c = sparse_device.lease(ctx, 99_000, "c")
+    sparse_device.release(b)
+    sparse_device.release(c)  # over budget: b, released first, is closed
+    assert not b._handles and c._handles
+    assert sparse_device.lease(ctx, 99_000, "d") is c
 
 
 # -- primitives -----------------------------------------------------------------------------------

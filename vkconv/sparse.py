@@ -26,7 +26,7 @@ from . import shapes
 from .activation import Activation
 from .context import get_context
 from .sparse_conv import gather_on_device, pack_weights, record_conv, scatter_add_on_device
-from .sparse_device import Recording, texel_capable
+from .sparse_device import Recording, release, texel_capable
 from .sparse_rulebook import Geometry, Rulebook, build_rulebook, make_geometry
 
 
@@ -202,7 +202,7 @@ def _run(st: SparseTensor, rb: Rulebook, weight: np.ndarray, bias, act: Activati
                 rec.submit()
                 out = y.read(np.float32, (n_out, w.cout4 * 4))
             finally:
-                y.close()
+                release(y)
     finally:
         w.close()
     return out if w.cout4 * 4 == cout else np.ascontiguousarray(out[:, :cout])

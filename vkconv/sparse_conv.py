@@ -1,10 +1,11 @@
-"""Sparse convolution compute on the device: gather -> GEMM -> scatter-add per kernel tap
-(``shaders/sparse_gemm.comp``), and the standalone row gather / scatter-add primitives.
+"""Sparse convolution compute on the device: one output-stationary dispatch per convolution
+(``shaders/sparse_gemm.comp``) over an output-stationary rulebook, and the standalone row gather /
+scatter-add primitives.
 
 Device feature layout: rows of ``ceil(C / 4)`` vec4 (channels zero-padded to a multiple of 4), so
 a chain of layers (the cv2.dnn encoder) passes features from one layer to the next on the device.
 Weights are spconv 2.x's ``[C_out, kD, kH, kW, C_in]``, repacked per tap as
-``[C_in (padded to 4)][C_out padded to 4 * CB]``.
+``[C_in (padded to 4)][C_out padded to 4 * coutp]``, with the bias as one more row.
 """
 from __future__ import annotations
 
@@ -17,39 +18,64 @@ import numpy as np
 from .activation import Activation
 from .buffer import Buffer, upload_constant
 from .context import Context
-from .pipeline import STORAGE, TEXEL4, texel_fits
-from .sparse_device import Recording, texel_capable
+from .pipeline import STORAGE, TEXEL1, TEXEL4, texel_fits
+from .sparse_device import Recording, lease, texel_capable
 from .sparse_rulebook import Rulebook
 
-# start, count, tap, cin4, cout4, coutp, n_in, n_out, act_a, act_b
-_GEMM_PUSH = struct.Struct("<8i2f")
+# n_in, n_out, kv, words, cin4, cout4, coutp, act_a, act_b
+_GEMM_PUSH = struct.Struct("<7i2f")
 _GATHER_PUSH = struct.Struct("<3i")
 
 
-def choose_tile(ctx: Context, cout4: int) -> tuple[int, int]:
-    """(pairs, vec4s of output channels) per invocation of ``sparse_gemm``.
+@dataclass(frozen=True)
+class Tile:
+    """What one ``sparse_gemm`` invocation computes: ``rows`` output rows x ``cb`` vec4s of output
+    channels; ``share``: neighbouring invocations take the other channel blocks of the same rows."""
 
-    lavapipe runs invocations 8 at a time in SIMD lanes and pays a lane-by-lane loop for every
-    buffer access, so a big tile wins there, up to the point where LLVM spills it: measured at
-    64 -> 64 channels, 8 x 4 ran 1.15x faster than 4 x 4 and 5x faster than 8 x 8 or 16 x 4
-    (docs/SPARSE.md).  GPUs keep the register tile small for occupancy (not measured on one yet).
+    rows: int
+    cb: int
+    share: bool
+
+
+def choose_tile(ctx: Context, cout4: int, *, scheduled: bool) -> Tile:
+    """The tile for ``cout4`` vec4s of output channels; ``scheduled``: the rows come sorted by tap
+    mask (:func:`wants_schedule`).
+
+    An invocation walks the union of its rows' taps, so more rows per tile reuse each weight load
+    more often but multiply zeros for the rows that lack a tap.  Measured on lavapipe (8 SIMD
+    lanes, every weight load a gather) at 30 k voxels (docs/SPARSE.md): 8-row tiles, whose rows
+    share their taps once sorted; up to 16 channels one invocation takes every channel of its
+    rows (2 rows when they come unsorted), wider layers give the same 8 rows to 8 neighbouring
+    lanes, 2 vec4s of channels each, so that the lanes of a SIMD group share rows and taps.  GPUs
+    run 32 or more lanes and keep the register tile small (not measured on one yet): a 4-row tile
+    shared by the lanes, 1 vec4 each.
     """
-    rows, widths = (8, (1, 2, 4)) if ctx.info.type == "cpu" else (4, (1, 2, 4))
-    return rows, next((v for v in widths if v >= cout4), widths[-1])
+    if ctx.info.type != "cpu":
+        return Tile(4, 1, True)
+    if cout4 <= 4:
+        return Tile(8 if scheduled else 2, cout4, False)
+    return Tile(8, 2, True)
+
+
+def wants_schedule(w: PackedWeights, rb: Rulebook) -> bool:
+    """Whether to sort a rulebook's rows by tap mask for this layer (about 10 ns per row on the
+    host, once per rulebook).  Measured on lavapipe at 30 k voxels: it pays from 32 x 32 channels
+    (a tenth of what it saves), and for strided rulebooks at any width (scattered rows group by
+    their one tap); 16-channel SubM layers over surfaces lost a little (the sort scatters
+    neighbouring rows, whose features share cache lines), so those keep the rows in order.  A
+    rulebook once sorted stays sorted for every later layer."""
+    return w.cin4 * w.cout4 >= 64 or not rb.geom.subm
 
 
 @dataclass
 class PackedWeights:
     """A layer's weights and bias on the device, in ``sparse_gemm``'s layout: per tap
-    ``[4 * cin4][4 * coutp]`` floats (zero-padded), bias ``[4 * coutp]``."""
+    ``[4 * cin4][coutp]`` vec4 (zero-padded), then the bias row ``[coutp]``."""
 
     weight: Buffer
-    bias: Buffer
-    has_bias: bool
     cin: int
     cout: int
-    rows: int  # pairs per invocation
-    cb: int    # vec4s of output channels per invocation
+    coutp: int  # vec4s per packed row: a multiple of every channel block choose_tile() picks
 
     @property
     def cin4(self) -> int:
@@ -59,75 +85,58 @@ class PackedWeights:
     def cout4(self) -> int:
         return -(-self.cout // 4)
 
-    @property
-    def coutp(self) -> int:
-        """vec4s per packed weight row: output channels padded to a whole number of blocks."""
-        return -(-self.cout4 // self.cb) * self.cb
-
     def close(self) -> None:
         self.weight.close()
-        self.bias.close()
 
 
 def pack_weights(ctx: Context, weight: np.ndarray, bias: np.ndarray | None) -> PackedWeights:
     """Upload ``weight [C_out, kD, kH, kW, C_in]`` and ``bias [C_out]`` (validated by the caller)."""
     cout, cin = weight.shape[0], weight.shape[4]
-    rows, cb = choose_tile(ctx, -(-cout // 4))
+    cout4 = -(-cout // 4)
+    coutp = cout4 if cout4 <= 4 else -(-cout4 // 8) * 8
+    kv = math.prod(weight.shape[1:4])
     cin_p = 4 * -(-cin // 4)
-    cout_p = 4 * cb * -(-cout // (4 * cb))
-    packed = np.zeros((math.prod(weight.shape[1:4]), cin_p, cout_p), np.float32)
-    packed[:, :cin, :cout] = weight.reshape(cout, -1, cin).transpose(1, 2, 0)
-    b = np.zeros(cout_p, np.float32)
+    packed = np.zeros((kv * cin_p + 1, 4 * coutp), np.float32)
+    packed[:kv * cin_p].reshape(kv, cin_p, -1)[:, :cin, :cout] = weight.reshape(cout, kv, cin).transpose(1, 2, 0)
     if bias is not None:
-        b[:cout] = bias
-    return PackedWeights(upload_constant(ctx, packed, "sparse conv weights", texel=texel_capable(ctx)),
-                         upload_constant(ctx, b, "sparse conv bias"), bias is not None, cin, cout,
-                         rows, cb)
+        packed[-1, :cout] = bias
+    buf = upload_constant(ctx, packed, "sparse conv weights", texel=texel_capable(ctx))
+    return PackedWeights(buf, cin, cout, coutp)
 
 
 def record_conv(rec: Recording, rb: Rulebook, x: Buffer, w: PackedWeights, act: Activation, *,
                 inverse: bool = False, staged: bool = False) -> Buffer:
     """Record one sparse convolution over ``rb`` on device features ``x``; returns the output
-    features buffer (``[n_out][cout4]`` vec4, owned by the caller).
+    features buffer (``[n_out][cout4]`` vec4, leased: the caller releases it).
 
     ``x`` and the returned buffer are texel-capable on devices with texel buffers (features go
     from one layer to the next).  ``inverse``: run the rulebook backwards (spconv's
-    SparseInverseConv3d): outputs are the rulebook's input sites.  Taps run one after another with a
-    barrier between them (each tap writes an output row at most once, so the read-modify-write
-    needs no atomics and the float additions happen in a fixed order).  SubM's centre tap pairs
-    every row with itself and covers every output row, so it runs last and applies bias and
-    activation in the same pass; otherwise an epilogue pass does, when there is a bias or an
-    activation.
+    SparseInverseConv3d): outputs are the rulebook's input sites.  One dispatch computes every
+    output row, bias and activation included; a row without taps gets ``act(bias)``.  Rows are
+    taken in the rulebook's tap-mask order when it has one or the layer is wide enough to want
+    one (:func:`wants_schedule`); results do not depend on the order.
     """
-    geom = rb.geom
-    n_in, n_out = (rb.n_out, rb.n_in) if inverse else (rb.n_in, rb.n_out)
     ctx = rec.ctx
-    y = Buffer(ctx, 16 * n_out * w.cout4, staged=staged, texel=texel_capable(ctx),
-               name="sparse conv output")
-    texel = x.texel and w.weight.texel and texel_fits(ctx, x.size) and texel_fits(ctx, w.weight.size)
-    shader, kinds = (("sparse_gemm_texel", (TEXEL4, TEXEL4) + (STORAGE,) * 3) if texel
+    n_in, n_out = (rb.n_out, rb.n_in) if inverse else (rb.n_in, rb.n_out)
+    table, masks = rb.tables(inverse=inverse)
+    sched = (rb.schedule(inverse=inverse) if rb.has_schedule(inverse=inverse) or wants_schedule(w, rb)
+             else None)
+    tile = choose_tile(ctx, w.cout4, scheduled=sched is not None)
+    assert w.coutp % tile.cb == 0, "pack_weights pads to a multiple of every block choose_tile picks"
+    y = lease(ctx, 16 * n_out * w.cout4, "sparse conv output", staged=staged, texel=texel_capable(ctx))
+    rows = sched or table  # bound either way; read only with a schedule
+    texel = (x.texel and w.weight.texel and table.texel and rows.texel and texel_fits(ctx, x.size)
+             and texel_fits(ctx, w.weight.size) and texel_fits(ctx, table.size, TEXEL1)
+             and texel_fits(ctx, rows.size, TEXEL1))
+    shader, kinds = (("sparse_gemm_texel", (TEXEL4, TEXEL4, TEXEL1, STORAGE, STORAGE, TEXEL1)) if texel
                      else ("sparse_gemm", None))
-    rec.fill(y, 0)
+    push = _GEMM_PUSH.pack(n_in, n_out, rb.geom.kv, rb.words, w.cin4, w.cout4, w.coutp, act.a, act.b)
+    tiles, blocks = -(-n_out // tile.rows), w.coutp // tile.cb
+    rec.dispatch(shader, [x, w.weight, table, masks, y, rows], push,
+                 tiles * (blocks if tile.share else 1), kinds=kinds,
+                 spec=(act.kind, tile.rows, tile.cb, int(tile.share), int(sched is not None)),
+                 z=1 if tile.share else blocks)
     rec.barrier()
-    z = w.coutp // w.cb
-    centre = geom.kv // 2 if geom.subm else -1
-
-    def gemm(mode: int, pairs: int, start: int, count: int, tap: int, cin4: int, rows_in: int) -> None:
-        push = _GEMM_PUSH.pack(start, count, tap, cin4, w.cout4, w.coutp, rows_in, n_out, act.a, act.b)
-        pair_source = rb.pair_buf if pairs else y
-        assert pair_source is not None  # a rulebook with pairs holds them on the device
-        buffers = [x, w.weight, w.bias, pair_source, y]
-        rec.dispatch(shader, buffers, push, -(-count // w.rows), kinds=kinds,
-                     spec=(act.kind if mode else 0, mode, pairs, w.rows, w.cb), z=z)
-        rec.barrier()
-
-    for t, count in enumerate(rb.counts):
-        if count and t != centre:
-            gemm(0, 2 if inverse else 1, t * rb.per_tap, int(count), t, w.cin4, n_in)
-    # Final pass over every output row: SubM's centre tap (row r -> row r), or, reading no input
-    # channel, just bias + activation.
-    if geom.subm or w.has_bias or act.kind:
-        gemm(1, 0, 0, n_out, max(centre, 0), w.cin4 if geom.subm else 0, n_out)
     return y
 
 

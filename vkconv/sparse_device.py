@@ -1,12 +1,23 @@
-"""Recording helper shared by the sparse modules: one command buffer, the scratch objects it uses.
+"""Recording helper shared by the sparse modules: one command buffer, the scratch objects it uses,
+and the buffer pool they come from.
 
-Sparse work has data-dependent sizes (how many output sites, how many pairs per tap), so it is
-recorded afresh per call rather than replayed from a :class:`vkconv.plan.Plan`.  A
-:class:`Recording` keeps every descriptor set and scratch buffer alive until its submission is
-done, reuses one descriptor set per (pipeline, buffers) so a 27-tap convolution binds one set, and
-lays 1-D work over a 2-D grid of workgroups when it exceeds ``maxComputeWorkGroupCount[0]``.
+Sparse work has data-dependent sizes (how many output sites, how many pairs), so it is recorded
+afresh per call rather than replayed from a :class:`vkconv.plan.Plan`.  A :class:`Recording` keeps
+every descriptor set and scratch buffer alive until its submission is done, reuses one descriptor
+set per (binding kinds, buffers), and lays 1-D work over a 2-D grid of workgroups when it exceeds
+``maxComputeWorkGroupCount[0]``.
+
+Buffers come from a per-context pool (:func:`lease` / :func:`release`) instead of a fresh
+allocation per call: a fresh allocation is fresh memory, and on lavapipe (and integrated GPUs) the
+first touch of every page of it is a page fault -- measured at about 0.55 ms per MiB, more than the
+convolution itself for 64-channel features.  Released buffers wait in the pool, by size class (at
+most 1/8 larger than asked for), up to ``POOL_BYTES`` in all, the least recently released going
+first.
 """
 from __future__ import annotations
+
+import collections
+import threading
 
 import numpy as np
 
@@ -14,9 +25,78 @@ from .buffer import Buffer
 from .command import CommandBuffer
 from .context import Context, vk
 from .conv_kernels import dispatch_grid
-from .pipeline import DescriptorSet, binding_kinds
+from .pipeline import DescriptorSet, binding_kinds, texel_fits
 
 INT32_MAX = 2**31 - 1
+POOL_BYTES = 256 << 20  # idle bytes a context's pool keeps at most
+
+
+class _Pool:
+    """Idle buffers of one context by (size class, staged, texel), least recently released first."""
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.idle: collections.OrderedDict[int, tuple[tuple, Buffer]] = collections.OrderedDict()
+        self.bytes = 0
+        self.lock = threading.Lock()
+
+
+_pools: dict[int, _Pool] = {}
+_pools_lock = threading.Lock()
+
+
+def _pool(ctx: Context) -> _Pool:
+    with _pools_lock:
+        for key in [k for k, p in _pools.items() if p.ctx._closing]:
+            del _pools[key]  # their buffers were closed with the context
+        pool = _pools.get(id(ctx))
+        if pool is None or pool.ctx is not ctx:
+            pool = _pools[id(ctx)] = _Pool(ctx)
+        return pool
+
+
+def _size_class(ctx: Context, nbytes: int, texel: bool) -> int:
+    """``nbytes`` rounded up to one of 8 sizes per power of two (at least 4 KiB), unless that
+    passes a device limit the exact size respects."""
+    step = max(4096, 1 << max(0, nbytes.bit_length() - 4))
+    size = -(-max(nbytes, 1) // step) * step
+    if size > ctx.info.max_storage_buffer_range or (texel and not texel_fits(ctx, size)):
+        return max(16, -(-nbytes // 16) * 16)  # Buffer's own rounding
+    return size
+
+
+def lease(ctx: Context, nbytes: int, name: str, *, staged: bool = False, texel: bool = False) -> Buffer:
+    """A buffer of at least ``nbytes`` (contents undefined), from the pool when it has one; give it
+    back with :func:`release` (or close it)."""
+    size = _size_class(ctx, int(nbytes), texel)
+    key = (size, staged or ctx.info.unified_memory, texel)
+    pool = _pool(ctx)
+    with pool.lock:
+        for ident, (k, buf) in pool.idle.items():
+            if k == key:
+                del pool.idle[ident]
+                pool.bytes -= size
+                buf.name = name
+                return buf
+    return Buffer(ctx, size, staged=staged, texel=texel, name=name)
+
+
+def release(buf: Buffer) -> None:
+    """Return a leased buffer to its context's pool (once; later calls and closed buffers are
+    ignored), closing the least recently released ones past ``POOL_BYTES``."""
+    ctx = buf.ctx
+    if ctx._closing or not buf._handles:
+        return
+    pool = _pool(ctx)
+    with pool.lock:
+        if id(buf) in pool.idle:
+            return
+        pool.idle[id(buf)] = ((buf.size, buf.staging is not None or buf.host_visible, buf.texel), buf)
+        pool.bytes += buf.size
+        while pool.bytes > POOL_BYTES:
+            _, (_, old) = pool.idle.popitem(last=False)
+            pool.bytes -= old.size
+            old.close()
 
 
 def texel_capable(ctx: Context) -> bool:
@@ -36,14 +116,16 @@ def grid(ctx: Context, invocations: int, local: int, z: int = 1) -> tuple[int, i
 class Recording:
     """A command buffer being recorded, with the objects it refers to.
 
-    ``scratch`` buffers and descriptor sets are closed by :meth:`close`; buffers made with
-    ``Buffer`` directly (results that outlive the recording) are the caller's.
+    ``scratch`` and kept ``upload`` buffers go back to the pool and descriptor sets are closed by
+    :meth:`close`; buffers made with :func:`lease` directly (results that outlive the recording)
+    are the caller's.
     """
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
         self.cmd = CommandBuffer(ctx)
         self._keep: list = []
+        self._buffers: list[Buffer] = []
         self._sets: dict = {}
         self._downloads: list[Buffer] = []
         self.cmd.begin()
@@ -51,16 +133,16 @@ class Recording:
     # -- buffers -------------------------------------------------------------------------------
     def scratch(self, nbytes: int, name: str, *, staged: bool = False) -> Buffer:
         """A buffer that lives as long as the recording (``staged``: readable after submit)."""
-        buf = Buffer(self.ctx, nbytes, staged=staged, name=name)
-        self._keep.append(buf)
+        buf = lease(self.ctx, nbytes, name, staged=staged)
+        self._buffers.append(buf)
         return buf
 
     def upload(self, array: np.ndarray, name: str, *, keep: bool = True, texel: bool = False) -> Buffer:
         """A buffer holding ``array``, copied to the device at the start of the recording
-        (``texel``: also bindable as a texel buffer)."""
-        buf = Buffer(self.ctx, array.nbytes, staged=True, texel=texel, name=name)
+        (``texel``: also bindable as a texel buffer); ``keep=False``: the caller releases it."""
+        buf = lease(self.ctx, array.nbytes, name, staged=True, texel=texel)
         if keep:
-            self._keep.append(buf)
+            self._buffers.append(buf)
         buf.write(array)
         buf.record_upload(self.cmd)
         return buf
@@ -89,7 +171,9 @@ class Recording:
         local = self.ctx.local_size(local)
         kinds = binding_kinds(len(buffers) if kinds is None else kinds)
         pipe = self.ctx.pipeline(shader, kinds, len(push), (local, 1, 1, *spec))
-        key = (id(pipe), tuple(id(b) for b in buffers))
+        # Pipelines with the same binding kinds have identically defined set layouts, which Vulkan
+        # lets one descriptor set serve (a rulebook's stages bind one set).
+        key = (kinds, tuple(id(b) for b in buffers))
         dset = self._sets.get(key)
         if dset is None:
             dset = self._sets[key] = DescriptorSet(pipe, buffers)
@@ -114,7 +198,10 @@ class Recording:
         self.cmd.end()
         for obj in [self.cmd, *self._keep]:
             obj.close()
+        for buf in self._buffers:
+            release(buf)
         self._keep.clear()
+        self._buffers.clear()
         self._sets.clear()
 
     def __enter__(self) -> Recording:

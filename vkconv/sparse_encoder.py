@@ -22,7 +22,7 @@ from .buffer import Buffer
 from .context import Context, get_context
 from .sparse import SparseTensor
 from .sparse_conv import PackedWeights, pack_weights, record_conv
-from .sparse_device import Recording, texel_capable
+from .sparse_device import Recording, release, texel_capable
 from .sparse_rulebook import Geometry, Rulebook, build_rulebook, make_geometry
 
 _DENSE_PUSH = struct.Struct("<7i")
@@ -164,7 +164,10 @@ class SparseEncoder:
                 return dense.read(np.float32, out.shape)
         finally:
             for obj in owned:
-                obj.close()
+                if isinstance(obj, Buffer):
+                    release(obj)
+                else:
+                    obj.close()
 
     def close(self) -> None:
         """Free the device weights (the encoder cannot be called afterwards)."""

@@ -13,9 +13,10 @@ spconv 2.x weight ``[C_out, kD, kH, kW, C_in]``), input rows to output rows:
 
 Device pipeline (``shaders/sparse_rulebook.comp``, ``sparse_scan.comp``): an int32 hash table on
 linearized coordinates (open addressing over 2-slot buckets, compare-and-swap inserts, no float or
-64-bit atomics) -> per-tap lists of (input row, output row) pairs, appended with one atomic counter
-per tap.  A regular convolution reads one int (the number of output sites) back between its two
-submissions; a SubM rulebook is one submission.  docs/SPARSE.md describes the stages.
+64-bit atomics) -> an output-stationary rulebook: per output row a bit mask of the taps that pair it
+with an input row, and a ``[n_out][kv]`` table of those input rows.  A regular convolution reads one
+int (the number of output sites) back between its two submissions; a SubM rulebook is one
+submission.  docs/SPARSE.md describes the stages.
 """
 from __future__ import annotations
 
@@ -28,12 +29,18 @@ import numpy as np
 from . import shapes
 from .buffer import Buffer
 from .context import Context
-from .sparse_device import INT32_MAX, Recording
+from .errors import VkconvError
+from .plan import closed_on_error
+from .sparse_device import INT32_MAX, Recording, lease, release, texel_capable
 
-_RB_PUSH = struct.Struct("<32i")
-_SCAN_PUSH = struct.Struct("<2i")
-_SCAN_ITEMS = 8
+_RB_PUSH = struct.Struct("<9i")
+# Rows are stored as float32 in the rulebook table (read through texel buffers): exact up to 2^24.
+MAX_ROWS = 1 << 24
+_SCAN_PUSH = struct.Struct("<3i")
 _SCAN_LOCAL = 128
+# Values per invocation at most: one block of 128 x 1024 runs as one workgroup (one CPU core on
+# lavapipe, about 0.2 ms for 30 k values), one dispatch for every cloud below 131 k voxels.
+_SCAN_MAX_ITEMS = 1024
 
 
 @dataclass(frozen=True)
@@ -143,24 +150,25 @@ def reference_rulebook(indices: np.ndarray,
 
 
 class Rulebook:
-    """A rulebook resident on the device: per-tap pair lists plus the host-side bookkeeping.
+    """A rulebook resident on the device, output-stationary (``shaders/sparse_rulebook.comp``).
 
-    Tap ``t``'s pairs are ``pair_buf[t * per_tap : t * per_tap + counts[t]]``, a device buffer of
-    int32 (input row, output row) pairs (``None`` without pairs).  A SubM rulebook leaves out the
-    centre tap, which pairs every row with itself.
-    ``in_indices`` / ``out_indices`` are the host arrays of the sites (SubM: the same array);
-    ``in_idx`` / ``out_idx`` their device copies.  Device memory is freed by :meth:`close` or when
-    the rulebook is garbage-collected.
+    ``masks`` ``[n_out][words]`` uint32 (``words = ceil(kv / 32)``): bit ``t % 32`` of word
+    ``t // 32`` is set when tap ``t`` pairs the output row with an input row; ``table``
+    ``[n_out][kv]`` float32: that input row (whole numbers below 2^24; only where the mask has the
+    tap).  A SubM rulebook lists the centre tap (every row with itself) like the others.  The same
+    pairs keyed by input row, for the inverse convolution, are built on first use
+    (:meth:`tables`).  ``in_indices`` / ``out_indices`` are the host arrays of the sites (SubM: the
+    same array); ``in_idx`` / ``out_idx`` their device copies.  Device buffers go back to the pool
+    on :meth:`close` (or are freed when the rulebook is garbage-collected).
     """
 
-    def __init__(self, geom: Geometry, in_indices: np.ndarray, out_indices: np.ndarray,
-                 per_tap: int, counts: np.ndarray, in_idx: Buffer | None, out_idx: Buffer | None,
-                 pairs: Buffer | None):
+    def __init__(self, geom: Geometry, in_indices: np.ndarray, out_indices: np.ndarray):
         self.geom = geom
         self.in_indices, self.out_indices = in_indices, out_indices
-        self.per_tap, self.counts = per_tap, counts
-        self.in_idx, self.out_idx = in_idx, out_idx
-        self.pair_buf = pairs
+        self.in_idx: Buffer | None = None
+        self.out_idx: Buffer | None = None
+        self._tables: dict[bool, tuple[Buffer, Buffer]] = {}
+        self._schedules: dict[bool, Buffer] = {}
 
     @property
     def n_in(self) -> int:
@@ -170,34 +178,67 @@ class Rulebook:
     def n_out(self) -> int:
         return len(self.out_indices)
 
+    @property
+    def words(self) -> int:
+        """32-bit mask words per row."""
+        return -(-self.geom.kv // 32)
+
+    def tables(self, *, inverse: bool = False) -> tuple[Buffer, Buffer]:
+        """``(table, masks)`` keyed by output row, or (``inverse``) by input row: the forward
+        pairs ``(i, o, t)`` as ``table[i][t] = o``, built on the device the first time."""
+        if inverse and inverse not in self._tables:
+            self._tables[True] = _invert(self)
+        return self._tables[inverse]
+
+    def has_schedule(self, *, inverse: bool = False) -> bool:
+        return inverse in self._schedules
+
+    def schedule(self, *, inverse: bool = False) -> Buffer:
+        """The rows of :meth:`tables` sorted by tap mask, as float32 row numbers (``[n]``), so that
+        the rows of a compute tile share their taps; sorted on the host the first time (a mask
+        readback and a numpy radix sort: about 10 ns per row)."""
+        if inverse not in self._schedules:
+            self._schedules[inverse] = _schedule(self, inverse)
+        return self._schedules[inverse]
+
     def pairs(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        """``[(in_rows, out_rows)]`` per tap, read back from the device (tests, debugging); the
-        SubM centre tap is listed explicitly."""
-        kv = self.geom.kv
-        lists = [(np.zeros(0, np.int32), np.zeros(0, np.int32)) for _ in range(kv)]
-        if self.pair_buf is not None and self.counts.any():
-            size = 8 * kv * self.per_tap
-            with Recording(self.pair_buf.ctx) as rec:
-                copy = rec.scratch(size, "rulebook pairs readback", staged=True)
-                rec.copy(self.pair_buf, 0, copy, 0, size)
+        """``[(in_rows, out_rows)]`` per tap, read back from the device (tests, benchmarks)."""
+        kv, n_out = self.geom.kv, self.n_out
+        if not self._tables:
+            empty = np.zeros(0, np.int32)
+            return [(empty, empty) for _ in range(kv)]
+        table, masks = self._tables[False]
+        with Recording(table.ctx) as rec:
+            copies = []
+            for buf, nbytes in ((table, 4 * kv * n_out), (masks, 4 * self.words * n_out)):
+                copy = rec.scratch(nbytes, "rulebook readback", staged=True)
+                rec.copy(buf, 0, copy, 0, nbytes)
                 rec.download(copy)
-                rec.submit()
-                pairs = copy.read(np.int32, (kv, self.per_tap, 2))
-            lists = [(pairs[t, :n, 0], pairs[t, :n, 1]) for t, n in enumerate(self.counts)]
-        if self.geom.subm:
-            rows = np.arange(self.n_in, dtype=np.int32)
-            lists[kv // 2] = (rows, rows)
-        return lists
+                copies.append(copy)
+            rec.submit()
+            rows = copies[0].read(np.float32, (n_out, kv))  # defined only where the mask has the tap
+            words = copies[1].read(np.uint32, (n_out, self.words))
+        out = []
+        for t in range(kv):
+            o = np.nonzero((words[:, t // 32] >> np.uint32(t % 32)) & 1)[0].astype(np.int32)
+            out.append((rows[o, t].astype(np.int32), o))
+        return out
 
     def close(self) -> None:
-        for buf in {id(b): b for b in (self.in_idx, self.out_idx, self.pair_buf)
-                    if b is not None}.values():
-            buf.close()
+        buffers = [self.in_idx, self.out_idx, *(b for pair in self._tables.values() for b in pair),
+                   *self._schedules.values()]
+        for buf in buffers:
+            if buf is not None:
+                release(buf)
+        self._tables.clear()
+        self._schedules.clear()
+        self.in_idx = self.out_idx = None
 
 
-def _buckets(keys: int) -> int:
-    """Power-of-two number of 2-slot hash buckets, at most a quarter of the slots used."""
-    return max(8, 1 << max(1, 2 * keys - 1).bit_length())
+def _buckets(keys: int, load: int) -> int:
+    """Power-of-two number of 2-slot hash buckets for at most ``keys`` keys, at most 1 / ``load``
+    of the slots used."""
+    return max(8, 1 << max(1, load * keys // 2 - 1).bit_length())
 
 
 def _axis_reach(k: int, s: int, d: int) -> tuple[int, int]:
@@ -206,16 +247,18 @@ def _axis_reach(k: int, s: int, d: int) -> tuple[int, int]:
     return g, -(-k // (s // g))
 
 
-def _push(geom: Geometry, n_in: int, n_out: int, mask: int, cap: int) -> bytes:
-    axes = [_axis_reach(k, s, d) for k, s, d in zip(geom.kernel, geom.stride, geom.dilation)]
-    gcd = [g for g, _ in axes]
-    # modular inverse of d / g modulo s / g (0 when s / g == 1: every tap qualifies)
-    inv = [pow(d // g, -1, s // g) if s // g > 1 else 0
-           for (g, _), s, d in zip(axes, geom.stride, geom.dilation)]
-    reach = math.prod(r for _, r in axes)
-    return _RB_PUSH.pack(*geom.in_shape, n_in, *geom.out_shape, n_out, *geom.kernel, geom.kv,
-                         *geom.padding, mask, *geom.dilation, cap, *geom.stride, reach, *gcd, 0,
-                         *inv, 0)
+def _push(geom: Geometry, n_in: int, n_out: int, mask: int = 0) -> bytes:
+    """The rulebook stages' push constants: grid sizes, row counts, hash buckets - 1."""
+    return _RB_PUSH.pack(*geom.in_shape, n_in, *geom.out_shape, n_out, mask)
+
+
+def _spec(geom: Geometry) -> tuple[int, ...]:
+    """The rulebook stages' specialization constants from id 3 (unused there, the activation
+    slot): kernel, stride, padding, dilation, gcd(dilation, stride), and the inverse of
+    dilation / gcd modulo stride / gcd (0 when stride / gcd is 1: every tap qualifies)."""
+    gcd = [_axis_reach(k, s, d)[0] for k, s, d in zip(geom.kernel, geom.stride, geom.dilation)]
+    inv = [pow(d // g, -1, s // g) if s // g > 1 else 0 for g, s, d in zip(gcd, geom.stride, geom.dilation)]
+    return (0, *geom.kernel, *geom.stride, *geom.padding, *geom.dilation, *gcd, *inv)
 
 
 def _reach(geom: Geometry) -> int:
@@ -227,27 +270,31 @@ def record_scan(rec: Recording, src: Buffer, n: int, dst: Buffer) -> None:
     """Record ``dst[0:n+1]`` = exclusive prefix sum of ``src[0:n]`` (grand total at ``dst[n]``);
     ``dst`` may be ``src``."""
     local = rec.ctx.local_size(_SCAN_LOCAL)
-    block = local * _SCAN_ITEMS
-    # constant_id 3 is the activation slot every shader reserves; the scan's own start at 4
-    spec = (0, _SCAN_ITEMS)
+    block = local * _SCAN_MAX_ITEMS
     levels = [(src, n)]  # (values, count) from the bottom of the tree up
     while levels[-1][1] > block:
-        count = -(-levels[-1][1] // block)
-        sums = rec.scratch(4 * (count + 1), "sparse scan block sums")
         values, m = levels[-1]
-        rec.dispatch("sparse_scan_reduce", [values, sums, values], _SCAN_PUSH.pack(m, 0),
-                     -(-m // _SCAN_ITEMS), spec=spec, local=local)
+        count = -(-m // block)
+        sums = rec.scratch(4 * (count + 1), "sparse scan block sums")
+        rec.dispatch("sparse_scan_reduce", [values, sums, values], _SCAN_PUSH.pack(m, _SCAN_MAX_ITEMS, 0),
+                     -(-m // _SCAN_MAX_ITEMS), local=local)
         rec.barrier()
         levels.append((sums, count))
     parent = None
     for depth in range(len(levels) - 1, -1, -1):
         values, m = levels[depth]
-        out = dst if depth == 0 else values
-        rec.dispatch("sparse_scan_downsweep", [values, out, parent or values],
-                     _SCAN_PUSH.pack(m, int(parent is not None)), -(-m // _SCAN_ITEMS), spec=spec,
-                     local=local)
+        # the top is one block, as short as its values allow; below, the blocks of the reduce
+        items = -(-m // local) if depth == len(levels) - 1 else _SCAN_MAX_ITEMS
+        rec.dispatch("sparse_scan_downsweep", [values, dst if depth == 0 else values, parent or values],
+                     _SCAN_PUSH.pack(m, items, int(parent is not None)), -(-m // items), local=local)
         rec.barrier()
         parent = values
+
+
+def _check_rows(name: str, n: int) -> None:
+    if n > MAX_ROWS:
+        raise VkconvError(f"{name}: {n} sites; the rulebook stores row numbers as float32, exact up "
+                          f"to {MAX_ROWS} sites")
 
 
 def build_rulebook(ctx: Context, indices: np.ndarray, geom: Geometry,
@@ -255,76 +302,123 @@ def build_rulebook(ctx: Context, indices: np.ndarray, geom: Geometry,
     """The rulebook of ``geom`` for the (validated, duplicate-free) ``indices [n, 4]`` int32.
 
     ``in_idx``: the indices already on the device (a previous layer's output), else uploaded;
-    either way the rulebook refers to it and :meth:`Rulebook.close` closes it.
+    either way the rulebook refers to it and :meth:`Rulebook.close` releases it.
     """
     n_in = len(indices)
-    kv = geom.kv
+    kv, words = geom.kv, -(-geom.kv // 32)
     if n_in == 0:
-        empty = np.zeros((0, 4), np.int32)
-        return Rulebook(geom, indices, indices if geom.subm else empty, 0, np.zeros(kv, np.int64),
-                        None, None, None)
-    with Recording(ctx) as rec:
-        if in_idx is None:
-            in_idx = rec.upload(np.ascontiguousarray(indices, np.int32), "sparse indices", keep=False)
+        return Rulebook(geom, indices, indices if geom.subm else np.zeros((0, 4), np.int32))
+    _check_rows("indices", n_in)
+    texel = texel_capable(ctx)
+    rb = Rulebook(geom, indices, indices)
+    with closed_on_error(rb), Recording(ctx) as rec:
+        rb.in_idx = in_idx if in_idx is not None else rec.upload(
+            np.ascontiguousarray(indices, np.int32), "sparse indices", keep=False)
         unused = rec.scratch(16, "unused binding")
-        counts = rec.scratch(4 * kv, "rulebook pairs per tap", staged=True)
-        rec.fill(counts, 0)
         if geom.subm:
-            buckets = _buckets(n_in)
-            table = rec.scratch(16 * buckets, "hash table")
-            pairs = _pair_buffer(ctx, kv, n_in)
-            rec.fill(table, -1)
+            # SubM looks every neighbour up, mostly in vain: a sparse table (1/8 used) ends more
+            # lookups at their first bucket (measured: 10 % faster than 1/4 on 30 k voxels)
+            buckets = _buckets(n_in, 8)
+            htab = rec.scratch(16 * buckets, "hash table")
+            table = lease(ctx, 4 * kv * n_in, "rulebook table", texel=texel)
+            masks = lease(ctx, 4 * words * n_in, "rulebook masks")
+            rb.out_idx, rb._tables[False] = rb.in_idx, (table, masks)
+            rec.fill(htab, -1)
+            rec.fill(masks, 0, 4 * words * n_in)
             rec.barrier()
-            buffers = [in_idx, table, unused, unused, unused, unused, counts, pairs, unused]
-            push = _push(geom, n_in, n_in, buckets - 1, n_in)
-            rec.dispatch("sparse_subm_insert", buffers, push, n_in)
+            buffers = [rb.in_idx, htab, unused, unused, unused, table, masks, unused, unused]
+            push, spec = _push(geom, n_in, n_in, buckets - 1), _spec(geom)
+            rec.dispatch("sparse_subm_insert", buffers, push, n_in, spec=spec)
             rec.barrier()
-            rec.dispatch("sparse_subm_pairs", buffers, push, n_in)
-            out_indices, out_idx, per_tap = indices, in_idx, n_in
-        else:
-            reach = _reach(geom)
-            buckets = _buckets(min(n_in * reach, geom.batch_size * math.prod(geom.out_shape)))
-            table = rec.scratch(16 * buckets, "hash table")
-            cand = rec.scratch(4 * n_in * reach, "rulebook candidates")
-            base = rec.scratch(4 * (n_in + 1), "rulebook row bases")
-            owner = rec.scratch(8 * buckets, "hash slot owners")
-            slot_row = rec.scratch(8 * buckets, "rulebook slot rows")
-            total = rec.scratch(4, "rulebook output count", staged=True)
-            for buf in (table, cand, owner, slot_row):
-                rec.fill(buf, -1)
-            rec.barrier()
-            buffers = [in_idx, table, cand, base, unused, owner, counts, unused, slot_row]
-            push = _push(geom, n_in, 0, buckets - 1, 0)
-            rec.dispatch("sparse_conv_candidates", buffers, push, n_in)
-            rec.barrier()
-            rec.dispatch("sparse_conv_count", buffers, push, n_in)
-            rec.barrier()
-            record_scan(rec, base, n_in, base)
-            rec.copy(base, 4 * n_in, total, 0, 4)
-            rec.download(total)
+            rec.dispatch("sparse_subm_pairs", buffers, push, n_in, spec=spec)
             rec.submit()
-            n_out = int(total.read(np.int32, (1,))[0])
-            if n_out == 0:
-                return Rulebook(geom, indices, np.zeros((0, 4), np.int32), 0, np.zeros(kv, np.int64),
-                                in_idx, None, None)
-            per_tap = min(n_in, n_out)
-            out_idx = Buffer(ctx, 16 * n_out, staged=True, name="sparse output indices")
-            pairs = _pair_buffer(ctx, kv, per_tap)
-            buffers = [in_idx, table, cand, base, out_idx, owner, counts, pairs, slot_row]
-            push = _push(geom, n_in, n_out, buckets - 1, per_tap)
-            rec.dispatch("sparse_conv_assign", buffers, push, n_in)
-            rec.barrier()
-            rec.dispatch("sparse_conv_pairs", buffers, push, n_in)
-            rec.download(out_idx)
-        rec.download(counts)
+            return rb
+        reach = _reach(geom)
+        # sized for the most sites the inputs can reach, which few clouds come near: half the slots
+        buckets = _buckets(min(n_in * reach, geom.batch_size * math.prod(geom.out_shape)), 2)
+        htab = rec.scratch(16 * buckets, "hash table")
+        cand = rec.scratch(4 * n_in * reach, "rulebook candidates")
+        base = rec.scratch(4 * (n_in + 1), "rulebook row bases")
+        total = rec.scratch(4, "rulebook output count", staged=True)
+        rec.fill(htab, -1)
+        rec.barrier()
+        buffers = [rb.in_idx, htab, cand, base, unused, unused, unused, unused, unused]
+        push, spec = _push(geom, n_in, 0, buckets - 1), _spec(geom)
+        rec.dispatch("sparse_conv_candidates", buffers, push, n_in, spec=spec)
+        rec.barrier()
+        rec.dispatch("sparse_conv_count", buffers, push, n_in, spec=spec)
+        rec.barrier()
+        record_scan(rec, base, n_in, base)
+        rec.copy(base, 4 * n_in, total, 0, 4)
+        rec.download(total)
         rec.submit()
-        if not geom.subm:
-            out_indices = out_idx.read(np.int32, (n_out, 4))
-        per_tap_counts = np.minimum(counts.read(np.int32, (kv,)), per_tap).astype(np.int64)
-        if geom.subm:  # the device counted the taps before the centre; the mirrored ones match
-            per_tap_counts[kv // 2 + 1:] = per_tap_counts[:kv // 2][::-1]
-    return Rulebook(geom, indices, out_indices, per_tap, per_tap_counts, in_idx, out_idx, pairs)
+        n_out = int(total.read(np.int32, (1,))[0])
+        if n_out == 0:
+            rb.out_indices = np.zeros((0, 4), np.int32)
+            return rb
+        _check_rows("output sites", n_out)
+        rb.out_idx = lease(ctx, 16 * n_out, "sparse output indices", staged=True)
+        table = lease(ctx, 4 * kv * n_out, "rulebook table", texel=texel)
+        masks = lease(ctx, 4 * words * n_out, "rulebook masks")
+        rb._tables[False] = (table, masks)
+        rec.fill(masks, 0, 4 * words * n_out)
+        rec.barrier()
+        buffers = [rb.in_idx, htab, cand, base, rb.out_idx, table, masks, unused, unused]
+        push = _push(geom, n_in, n_out, buckets - 1)
+        rec.dispatch("sparse_conv_pairs", buffers, push, n_in, spec=spec)
+        rec.download(rb.out_idx)
+        rec.submit()
+        rb.out_indices = rb.out_idx.read(np.int32, (n_out, 4))
+    return rb
 
 
-def _pair_buffer(ctx: Context, kv: int, per_tap: int) -> Buffer:
-    return Buffer(ctx, 8 * kv * per_tap, name="rulebook pairs")
+def _invert(rb: Rulebook) -> tuple[Buffer, Buffer]:
+    """The rulebook's pairs keyed by input row (``conv_invert``), as ``(table, masks)``; every
+    mask is zero when the forward convolution has no output site."""
+    assert rb.in_idx is not None  # a rulebook with input rows keeps them on the device
+    ctx, kv, words = rb.in_idx.ctx, rb.geom.kv, rb.words
+    inv_table = lease(ctx, 4 * kv * rb.n_in, "inverse rulebook table", texel=texel_capable(ctx))
+    inv_masks = lease(ctx, 4 * words * rb.n_in, "inverse rulebook masks")
+    try:
+        with Recording(ctx) as rec:
+            rec.fill(inv_masks, 0, 4 * words * rb.n_in)
+            if False in rb._tables:
+                unused = rec.scratch(16, "unused binding")
+                rec.barrier()
+                rec.dispatch("sparse_conv_invert",
+                             [unused, unused, unused, unused, unused, *rb._tables[False], inv_table,
+                              inv_masks], _push(rb.geom, rb.n_in, rb.n_out), rb.n_out, spec=_spec(rb.geom))
+            rec.submit()
+    except BaseException:
+        release(inv_table)
+        release(inv_masks)
+        raise
+    return inv_table, inv_masks
+
+
+def _schedule(rb: Rulebook, inverse: bool) -> Buffer:
+    """The rows of ``rb.tables(inverse)`` in the order of their tap masks (first mask word; rows
+    with equal masks keep their order), uploaded as float32 row numbers."""
+    masks = rb.tables(inverse=inverse)[1]
+    ctx, n = masks.ctx, rb.n_in if inverse else rb.n_out
+    if masks.host_visible:
+        words = masks.read(np.uint32, (n, rb.words))
+    else:
+        with Recording(ctx) as rec:
+            copy = rec.scratch(4 * n * rb.words, "rulebook masks readback", staged=True)
+            rec.copy(masks, 0, copy, 0, 4 * n * rb.words)
+            rec.download(copy)
+            rec.submit()
+            words = copy.read(np.uint32, (n, rb.words))
+    # numpy's stable sort of 16-bit keys is a radix sort: two passes sort the 32-bit masks
+    # 3-4x faster than one comparison sort
+    key = words[:, 0]
+    order = np.argsort((key & 0xFFFF).astype(np.uint16), kind="stable")
+    order = order[np.argsort((key[order] >> 16).astype(np.uint16), kind="stable")].astype(np.float32)
+    buf = lease(ctx, order.nbytes, "rulebook schedule", staged=True, texel=texel_capable(ctx))
+    try:
+        buf.upload(order)
+    except BaseException:
+        release(buf)
+        raise
+    return buf

@@ -117,7 +117,7 @@ def vkconv_runs(st: SparseTensor, weight: np.ndarray, layer: dict) -> tuple[dict
     runs = {"vk rulebook": lambda: build_rulebook(ctx, st.indices, geom).close(),
             "vk compute": lambda: conv(cached, weight, activation="Relu", indice_key="bench", **kwargs),
             "vk total": lambda: conv(st, weight, activation="Relu", **kwargs)}
-    pairs = int(rb.counts.sum()) + (rb.n_out if layer["subm"] else 0)
+    pairs = sum(len(o) for _, o in rb.pairs())
     return runs, dict(n_out=rb.n_out, pairs=pairs)
 
 
