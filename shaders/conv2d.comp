@@ -10,9 +10,9 @@
 // and four scalar input loads for 16 FMAs, with no shared memory (lavapipe runs barriers slowly).
 #extension GL_GOOGLE_include_directive : require
 #include "activation.glsl"
-#include "conv_grid.glsl"
 
 layout(local_size_x_id = 0, local_size_y = 1, local_size_z = 1) in;
+#include "grid.glsl"  // after the local size: it reads gl_WorkGroupSize
 
 layout(std430, binding = 0) readonly buffer Input { float x[]; };
 // [groups][oc_blocks][cin_g * k_d * k_h * k_w] vec4, output channels zero-padded to 4
@@ -25,7 +25,7 @@ layout(push_constant) uniform Params {
     int cin_g, in_d, in_h, in_w;
     int cout_g, out_d, out_h, out_w;
     int k_d, k_h, k_w, s_d, s_h, s_w, p_d, p_h, p_w, d_d, d_h, d_w;
-    int groups, oc_blocks, row_groups;
+    int groups, oc_blocks;
     float act_a, act_b;
 } p;
 
@@ -33,7 +33,7 @@ void main()
 {
     const int out_hw = p.out_h * p.out_w;
     const int out_size = p.out_d * out_hw;
-    const int p0 = flat_invocation(p.row_groups) * 4;
+    const int p0 = flat_invocation() * 4;
     if (p0 >= out_size) return;
     const int ocb = int(gl_WorkGroupID.z) % p.oc_blocks;
     const int ng = int(gl_WorkGroupID.z) / p.oc_blocks;  // n * groups + g

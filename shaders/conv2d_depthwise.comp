@@ -15,9 +15,9 @@
 #extension GL_GOOGLE_include_directive : require
 #extension GL_EXT_control_flow_attributes : require
 #include "activation.glsl"
-#include "conv_grid.glsl"
 
 layout(local_size_x_id = 0, local_size_y = 1, local_size_z = 1) in;
+#include "grid.glsl"  // after the local size: it reads gl_WorkGroupSize
 layout(constant_id = 5) const int PB = 16;       // output pixels per invocation, multiple of 4
 layout(constant_id = 6) const int KW = 3;
 layout(constant_id = 7) const int SW = 1;
@@ -50,7 +50,6 @@ layout(push_constant) uniform Params {
     int pad_d, pad_h, pad_w;       // IN_PLACE only: zeros before the input along each axis
     int k_d, k_h, s_d, s_h, d_d, d_h;
     int out_d, out_h, out_w, tiles_w;
-    int row_groups;
     float act_a, act_b;
 } p;
 
@@ -60,7 +59,7 @@ void main()
     // still fills whole SIMD groups.
     const int tiles = p.tiles_w * p.out_h * p.out_d;
     const int cout = p.channels * p.mult;
-    const int id = flat_invocation(p.row_groups);
+    const int id = flat_invocation();
     if (id >= tiles * cout) return;
     const int tile = id % tiles;
     const int oc = id / tiles;

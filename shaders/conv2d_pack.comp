@@ -7,9 +7,9 @@
 // variant: conv2d_pack -DTEXEL=1
 // variant: conv2d_pack_ssbo
 #extension GL_GOOGLE_include_directive : require
-#include "conv_grid.glsl"
 
 layout(local_size_x_id = 0, local_size_y = 1, local_size_z = 1) in;
+#include "grid.glsl"  // after the local size: it reads gl_WorkGroupSize
 
 #ifdef TEXEL
 // R32F view: one float per texel (a gather on lavapipe, 3x faster than scalar SSBO loads there).
@@ -25,14 +25,13 @@ layout(push_constant) uniform Params {
     int planes, d, h, w;
     int pd, ph, pw4;
     int pad_d, pad_h, pad_w;
-    int row_groups;
 } p;
 
 void main()
 {
     // One invocation per padded row: the divisions that locate the row (slow on lavapipe, which
     // scalarizes integer division) are paid once per row, not once per vec4.
-    const int r = flat_invocation(p.row_groups);
+    const int r = flat_invocation();
     if (r >= p.planes * p.pd * p.ph) return;
     const int iy = r % p.ph - p.pad_h;
     const int iz = (r / p.ph) % p.pd - p.pad_d;

@@ -19,9 +19,9 @@
 #extension GL_GOOGLE_include_directive : require
 #extension GL_EXT_control_flow_attributes : require
 #include "activation.glsl"
-#include "conv_grid.glsl"
 
 layout(local_size_x_id = 0, local_size_y = 1, local_size_z = 1) in;
+#include "grid.glsl"  // after the local size: it reads gl_WorkGroupSize
 layout(constant_id = 4) const int MB = 16;       // output channels per invocation, multiple of 4
 layout(constant_id = 5) const int PB = 16;       // output pixels per invocation, multiple of 4
 layout(constant_id = 6) const int KW = 3;        // kernel width
@@ -51,7 +51,6 @@ layout(push_constant) uniform Params {
     int pd, ph, pw4;               // padded input: depth, height, width / 4
     int k_d, k_h, s_d, s_h, d_d, d_h;
     int out_d, out_h, out_w, tiles_w;  // tiles_w = ceil(out_w / PB)
-    int row_groups;
     float act_a, act_b;
 } p;
 
@@ -60,7 +59,7 @@ void main()
     // Invocations run over (oc block, tile) with the tile fastest: neighbouring invocations
     // share weights, and a small image still fills whole SIMD groups (lavapipe runs 8 at a time).
     const int tiles = p.tiles_w * p.out_h * p.out_d;
-    const int id = flat_invocation(p.row_groups);
+    const int id = flat_invocation();
     if (id >= tiles * p.oc_blocks) return;
     const int tile = id % tiles;
     const int ocb = id / tiles;

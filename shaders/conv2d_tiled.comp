@@ -19,6 +19,7 @@
 #include "activation.glsl"
 
 layout(local_size_x_id = 0, local_size_y = 1, local_size_z = 1) in;  // (TM / RM) * (TN / RN)
+#include "grid.glsl"  // after the local size: it reads gl_WorkGroupSize
 layout(constant_id = 4) const int TM = 64;  // output channels per workgroup tile
 layout(constant_id = 5) const int TN = 64;  // output pixels per workgroup tile
 layout(constant_id = 6) const int TK = 16;  // K strip
@@ -42,7 +43,7 @@ layout(push_constant) uniform Params {
     int out_d, out_h, out_w;
     int s_d, s_h, s_w;
     int pad_d, pad_h, pad_w;
-    int oc_tiles, pix_tiles, row_groups;
+    int oc_tiles, pix_tiles;
     float act_a, act_b;
 } p;
 
@@ -53,7 +54,7 @@ shared ivec4 origin[TN];        // input corner (z, y, x) of each tile pixel, w:
 void main()
 {
     // The whole workgroup returns together (uniform), before any barrier.
-    const int wg = int(gl_WorkGroupID.x) + int(gl_WorkGroupID.y) * p.row_groups;
+    const int wg = flat_group();
     if (wg >= p.oc_tiles * p.pix_tiles) return;
     const int pix0 = (wg % p.pix_tiles) * TN;
     const int oct = wg / p.pix_tiles;

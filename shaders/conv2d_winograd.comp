@@ -19,9 +19,9 @@
 #extension GL_GOOGLE_include_directive : require
 #extension GL_EXT_control_flow_attributes : require
 #include "activation.glsl"
-#include "conv_grid.glsl"
 
 layout(local_size_x_id = 0, local_size_y = 1, local_size_z = 1) in;
+#include "grid.glsl"  // after the local size: it reads gl_WorkGroupSize
 
 #ifdef TEXEL
 layout(binding = 0) uniform samplerBuffer src;
@@ -38,7 +38,6 @@ layout(push_constant) uniform Params {
     int channels, tiles_h, tiles_q;  // tiles_q: groups of 4 tiles along a row
     int ph, pw4;                     // padded input (conv2d_pack layout)
     int ntp;                         // tiles per transformed plane: n * tiles_h * 4 * tiles_q
-    int row_groups;
 } p;
 
 // B^T applied to 6 values (each a vec4 over 4 tiles).
@@ -57,7 +56,7 @@ void main()
 {
     // One invocation per row of tiles, looping over its groups of 4 tiles: the divisions that
     // locate the row (scalarized on lavapipe) are paid once per row.
-    const int id = flat_invocation(p.row_groups);
+    const int id = flat_invocation();
     if (id >= p.ntp / (4 * p.tiles_q) * p.channels) return;
     const int ty = id % p.tiles_h;
     const int ci = (id / p.tiles_h) % p.channels;
@@ -101,7 +100,6 @@ layout(push_constant) uniform Params {
     int channels, tiles_h, tiles_q;
     int out_h, out_w;
     int ntp;
-    int row_groups;
     float act_a, act_b;
 } p;
 
@@ -119,7 +117,7 @@ void at(vec4 m[6], out vec4 o[4])
 void main()
 {
     // One invocation per row of tiles, looping over its groups of 4 tiles (see WINOGRAD_IN).
-    const int id = flat_invocation(p.row_groups);
+    const int id = flat_invocation();
     if (id >= p.ntp / (4 * p.tiles_q) * p.channels) return;
     const int ty = id % p.tiles_h;
     const int co = (id / p.tiles_h) % p.channels;

@@ -28,6 +28,7 @@
 #include "bilinear.glsl"
 
 layout(local_size_x_id = 0, local_size_y = 1, local_size_z = 1) in;
+#include "grid.glsl"  // after the local size: it reads gl_WorkGroupSize
 // OG_BLOCKS > 0: the offset group's 4-channel blocks (CIN_OG channels) as constants, so the block
 // loop unrolls (lavapipe then runs a short block loop without its per-iteration masking: 1.1x
 // faster sampling with 4 blocks); 0: both from push constants.
@@ -65,7 +66,7 @@ layout(push_constant) uniform Params {
     int cin_g, groups;
     int n0, q0, images, pixels;            // the chunk
     int tiles, pb4;                        // GEMM pixel tiles per image, vec4s per tile row
-    int row_groups, has_mask;
+    int has_mask;
 } p;
 
 void main()
@@ -74,7 +75,7 @@ void main()
     // workgroups read the same neighbourhood of the input and fill the same column tiles (on
     // lavapipe 1.2x faster than all pixels of one tap, then the next tap, and with 4 offset
     // groups another 1.15x faster than one offset group after the other).
-    const int wg = int(gl_WorkGroupID.x + gl_WorkGroupID.y * p.row_groups);
+    const int wg = flat_group();
     const int og_tap = wg / p.taps;
     const int tap = wg - og_tap * p.taps;
     const int pixel_group = og_tap / p.offset_groups;

@@ -4,6 +4,7 @@
 #extension GL_GOOGLE_include_directive : require
 
 layout(local_size_x_id = 0, local_size_y = 1, local_size_z = 1) in;
+#include "grid.glsl"  // after the local size: it reads gl_WorkGroupSize
 
 layout(std430, binding = 0) readonly buffer Src { float src[]; };   // [n_src][c]
 layout(std430, binding = 1) readonly buffer Idx { int idx[]; };     // [m]
@@ -13,7 +14,6 @@ layout(push_constant) uniform Params {
     int m, c, n_src;
 } p;
 
-#include "sparse_grid.glsl"
 
 void main()
 {

@@ -31,6 +31,7 @@
 #include "activation.glsl"
 
 layout(local_size_x_id = 0, local_size_y = 1, local_size_z = 1) in;
+#include "grid.glsl"  // after the local size: it reads gl_WorkGroupSize
 layout(constant_id = 4) const int ROWS = 2;
 layout(constant_id = 5) const int CB = 4;
 layout(constant_id = 6) const int SHARE = 0;
@@ -64,7 +65,6 @@ layout(push_constant) uniform Params {
     float act_a, act_b;
 } p;
 
-#include "sparse_grid.glsl"
 
 void main()
 {

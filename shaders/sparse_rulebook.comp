@@ -40,6 +40,7 @@
 #extension GL_GOOGLE_include_directive : require
 
 layout(local_size_x_id = 0, local_size_y = 1, local_size_z = 1) in;
+#include "grid.glsl"  // after the local size: it reads gl_WorkGroupSize
 
 layout(std430, binding = 0) readonly buffer InIdx { ivec4 in_idx[]; };   // (b, z, y, x) per row
 layout(std430, binding = 1) buffer HashTable { ivec4 htab[]; };          // 2-slot buckets
@@ -84,7 +85,6 @@ layout(push_constant) uniform Params {
 } p;
 
 #include "sparse_hash.glsl"
-#include "sparse_grid.glsl"
 
 #define OWNER(row) (0x7fffffff - (row))
 

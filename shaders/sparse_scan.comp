@@ -14,6 +14,7 @@
 #extension GL_GOOGLE_include_directive : require
 
 layout(local_size_x_id = 0, local_size_y = 1, local_size_z = 1) in;
+#include "grid.glsl"  // after the local size: it reads gl_WorkGroupSize
 
 layout(std430, binding = 0) readonly buffer Src { int src[]; };
 layout(std430, binding = 1) writeonly buffer Dst { int dst[]; };   // reduce: block sums
@@ -25,7 +26,6 @@ layout(push_constant) uniform Params {
     int has_parent;  // downsweep: add parent[block] (0 at the top of the tree)
 } p;
 
-#include "sparse_grid.glsl"
 
 shared int partial[gl_WorkGroupSize.x];
 

@@ -6,6 +6,7 @@
 #extension GL_GOOGLE_include_directive : require
 
 layout(local_size_x_id = 0, local_size_y = 1, local_size_z = 1) in;
+#include "grid.glsl"  // after the local size: it reads gl_WorkGroupSize
 
 layout(std430, binding = 0) readonly buffer Src { float src[]; };     // [m][c]
 layout(std430, binding = 1) readonly buffer Order { int order[]; };   // [m]
@@ -16,7 +17,6 @@ layout(push_constant) uniform Params {
     int n_dst, c, m;
 } p;
 
-#include "sparse_grid.glsl"
 
 void main()
 {

@@ -7,6 +7,7 @@
 #extension GL_GOOGLE_include_directive : require
 
 layout(local_size_x_id = 0, local_size_y = 1, local_size_z = 1) in;
+#include "grid.glsl"  // after the local size: it reads gl_WorkGroupSize
 
 layout(std430, binding = 0) readonly buffer Feat { float feat[]; };     // [n][stride]
 layout(std430, binding = 1) readonly buffer Idx { ivec4 idx[]; };       // (b, z, y, x)
@@ -17,7 +18,6 @@ layout(push_constant) uniform Params {
     int n, c, stride;
 } p;
 
-#include "sparse_grid.glsl"
 
 void main()
 {

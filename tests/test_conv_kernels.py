@@ -442,3 +442,13 @@ def test_post_activation_program_in_every_kernel(kernel):
         assert_close(op(x), expected, REL, what=f"{kernel} {case}")
     with pytest.raises(ValueError, match="register"):
         Activation().with_post([Instruction(OP_CODES["Add"], 1, 0)])
+
+
+@pytest.mark.parametrize("kernel", [*CASES, "tiled"])
+def test_workgroups_spread_over_two_grid_axes(kernel):
+    """A device allowing only 2 workgroups along x: every kernel's dispatch spreads over y as well
+    (shaders/include/grid.glsl), and each invocation still finds its own work."""
+    case = max(CASES.get(kernel, CASES["implicit_gemm"]), key=lambda c: math.prod(c.x_shape) * c.cout)
+    with vkconv.Context() as ctx:
+        ctx.info = dataclasses.replace(ctx.info, max_workgroup_count=(2, 65535, 65535))
+        _run(case, kernel, seed=21, ctx=ctx)

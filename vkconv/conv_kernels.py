@@ -50,11 +50,11 @@ log = logging.getLogger(__name__)
 
 KERNELS = ("direct", "implicit_gemm", "gemm1x1", "depthwise", "winograd", "tiled")
 
-_PUSH_DIRECT = struct.Struct("<23i2f")
-_PUSH_ROWS = struct.Struct("<18i2f")
-_PUSH_DEPTHWISE = struct.Struct("<19i2f")
-_PUSH_PACK = struct.Struct("<11i")
-_PUSH_TILED = struct.Struct("<19i2f")
+_PUSH_DIRECT = struct.Struct("<22i2f")
+_PUSH_ROWS = struct.Struct("<17i2f")
+_PUSH_DEPTHWISE = struct.Struct("<18i2f")
+_PUSH_PACK = struct.Struct("<10i")
+_PUSH_TILED = struct.Struct("<18i2f")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,9 +205,9 @@ def choose_pb(mb: int, out_w: int, tune: Tuning, speeds=_ROWS_SPEED) -> int:
     return best[1] if best else 4
 
 
-def dispatch_grid(ctx: Context, invocations: int, local: int, z: int, what: str):
-    """Workgroup counts covering ``invocations`` flat invocations (x, y) times ``z``; the x count
-    is what the shaders' ``flat_invocation`` needs as ``row_groups``."""
+def dispatch_grid(ctx: Context, invocations: int, local: int, z: int, what: str) -> tuple[int, int, int]:
+    """Workgroup counts covering ``invocations`` flat invocations (x, y) times ``z``, for the
+    shaders' ``flat_invocation()`` (shaders/include/grid.glsl)."""
     limit = ctx.info.max_workgroup_count
     total = max(1, -(-invocations // local))
     gx = min(total, limit[0])
@@ -215,7 +215,7 @@ def dispatch_grid(ctx: Context, invocations: int, local: int, z: int, what: str)
     if gy > limit[1] or z > limit[2]:
         raise VkconvError(f"{what}: ({gx}, {gy}, {z}) workgroups exceed the device's "
                           f"maxComputeWorkGroupCount {limit}")
-    return (gx, gy, z), gx
+    return gx, gy, z
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,10 +298,10 @@ class DirectKernel(Kernel):
             dset = DescriptorSet(self.pipeline, [plan.inputs[0], self.weights, self.bias, plan.outputs[0]])
             plan.keep.append(dset)
             blocks = -(-self.cout_g // 4)
-            groups, row_groups = dispatch_grid(ctx, -(-math.prod(geo.out) // 4), ls, geo.n * geo.group * blocks,
+            groups = dispatch_grid(ctx, -(-math.prod(geo.out) // 4), ls, geo.n * geo.group * blocks,
                                        "x (conv output size)")
             push = _PUSH_DIRECT.pack(geo.cin_g, *geo.size, geo.cout_g, *geo.out, *geo.kernel, *geo.strides,
-                                     *geo.pad_begin, *geo.dilations, geo.group, blocks, row_groups,
+                                     *geo.pad_begin, *geo.dilations, geo.group, blocks,
                                      self.act.a, self.act.b)
             plan.record(lambda cmd: cmd.dispatch(self.pipeline, dset, push, groups))
         return plan
@@ -355,8 +355,8 @@ class _PaddedInputKernel(Kernel):
                                 (TEXEL1 if texel_x else STORAGE, STORAGE), _PUSH_PACK.size, (ls, 1, 1))
         dset = DescriptorSet(pipe, [plan.inputs[0], padded])
         plan.keep.append(dset)
-        groups, row_groups = dispatch_grid(ctx, lay.planes * lay.pd * lay.ph, ls, 1, "x (padded input size)")
-        push = _PUSH_PACK.pack(lay.planes, *geo.size, lay.pd, lay.ph, lay.pw4, *geo.pad_begin, row_groups)
+        groups = dispatch_grid(ctx, lay.planes * lay.pd * lay.ph, ls, 1, "x (padded input size)")
+        push = _PUSH_PACK.pack(lay.planes, *geo.size, lay.pd, lay.ph, lay.pw4, *geo.pad_begin)
 
         def record(cmd: CommandBuffer) -> None:
             cmd.dispatch(pipe, dset, push, groups)
@@ -456,11 +456,11 @@ class RowsKernel(_PaddedInputKernel):
         dset = DescriptorSet(pipe, [source, weights, self.bias, output])
         plan.keep.append(dset)
         blocks = -(-self.cout_g // self.mb)
-        groups, row_groups = dispatch_grid(ctx, lay.tiles_w * g.out[1] * g.out[0] * blocks, ls,
+        groups = dispatch_grid(ctx, lay.tiles_w * g.out[1] * g.out[0] * blocks, ls,
                                    g.n * g.group, "x (conv output size)")
         push = _PUSH_ROWS.pack(g.cin_g, g.cout_g, g.group, blocks, lay.pd, lay.ph, lay.pw4,
                                g.kernel[0], g.kernel[1], g.strides[0], g.strides[1],
-                               g.dilations[0], g.dilations[1], *g.out, lay.tiles_w, row_groups,
+                               g.dilations[0], g.dilations[1], *g.out, lay.tiles_w,
                                self.act.a, self.act.b)
         return lambda cmd: cmd.dispatch(pipe, dset, push, groups)
 
@@ -517,12 +517,12 @@ class DepthwiseKernel(_PaddedInputKernel):
                                  shift))
             dset = DescriptorSet(pipe, [source, weights, self.bias, plan.outputs[0]])
             plan.keep.append(dset)
-            groups, row_groups = dispatch_grid(ctx, tiles_w * geo.out[1] * geo.out[0] * self.cout, ls,
+            groups = dispatch_grid(ctx, tiles_w * geo.out[1] * geo.out[0] * self.cout, ls,
                                                geo.n, "x (conv output size)")
             push = _PUSH_DEPTHWISE.pack(geo.group, self.cout_g, *dims, *geo.pad_begin,
                                         geo.kernel[0], geo.kernel[1], geo.strides[0], geo.strides[1],
                                         geo.dilations[0], geo.dilations[1], *geo.out, tiles_w,
-                                        row_groups, self.act.a, self.act.b)
+                                        self.act.a, self.act.b)
 
             def body(cmd: CommandBuffer) -> None:
                 if pack is not None:
@@ -535,8 +535,8 @@ class DepthwiseKernel(_PaddedInputKernel):
 # Winograd F(4x4, 3x3): y = A^T [ (G g G^T) . (B^T d B) ] A over 6x6 input / 4x4 output tiles.
 _WINOGRAD_G = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
                         [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]])
-_PUSH_WINOGRAD_IN = struct.Struct("<7i")
-_PUSH_WINOGRAD_OUT = struct.Struct("<7i2f")
+_PUSH_WINOGRAD_IN = struct.Struct("<6i")
+_PUSH_WINOGRAD_OUT = struct.Struct("<6i2f")
 
 
 @dataclass(frozen=True)
@@ -617,12 +617,12 @@ class WinogradKernel(_PaddedInputKernel):
             set_out = DescriptorSet(pipe_out, [m, self.bias, plan.outputs[0]])
             plan.keep += [set_in, set_out]
             tile_rows = geo.n * lay.tiles_h
-            groups_in, rows_in = dispatch_grid(ctx, geo.cin_g * tile_rows, ls, 1, "x (winograd input tiles)")
-            groups_out, rows_out = dispatch_grid(ctx, self.cout * tile_rows, ls, 1, "x (winograd output tiles)")
+            groups_in = dispatch_grid(ctx, geo.cin_g * tile_rows, ls, 1, "x (winograd input tiles)")
+            groups_out = dispatch_grid(ctx, self.cout * tile_rows, ls, 1, "x (winograd output tiles)")
             push_in = _PUSH_WINOGRAD_IN.pack(geo.cin_g, lay.tiles_h, lay.tiles_q, lay.padded.ph,
-                                             lay.padded.pw4, lay.ntp, rows_in)
+                                             lay.padded.pw4, lay.ntp)
             push_out = _PUSH_WINOGRAD_OUT.pack(self.cout, lay.tiles_h, lay.tiles_q, *geo.out[1:], lay.ntp,
-                                               rows_out, self.act.a, self.act.b)
+                                               self.act.a, self.act.b)
             gemm = self.gemm.rows_dispatch(plan, lay.gemm, lay.pb, lay.gemm_lay, v, m, texel)
 
             def body(cmd: CommandBuffer) -> None:
@@ -726,10 +726,10 @@ class TiledKernel(Kernel):
                                         plan.outputs[0]])
             plan.keep.append(dset)
             pix_tiles = -(-math.prod(geo.out) // t.tn)
-            groups, row_groups = dispatch_grid(ctx, self.oc_tiles * pix_tiles, 1, geo.n * geo.group,
+            groups = dispatch_grid(ctx, self.oc_tiles * pix_tiles, 1, geo.n * geo.group,
                                        "x (conv output size)")
             push = _PUSH_TILED.pack(geo.cin_g, geo.cout_g, geo.group, self.k_total, *geo.size, *geo.out,
-                                    *geo.strides, *geo.pad_begin, self.oc_tiles, pix_tiles, row_groups,
+                                    *geo.strides, *geo.pad_begin, self.oc_tiles, pix_tiles,
                                     self.act.a, self.act.b)
             plan.record(lambda cmd: cmd.dispatch(pipe, dset, push, groups))
         return plan

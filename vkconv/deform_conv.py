@@ -69,7 +69,7 @@ from .plan import Plan, PlanCache, closed_on_error
 from .resident import ResidentOp
 
 _PACK_PUSH = struct.Struct("<6i")
-_SAMPLE_PUSH = struct.Struct("<25i")
+_SAMPLE_PUSH = struct.Struct("<24i")
 _CHUNK_ALIGN = 32  # pixels: a multiple of every GEMM pixel tile (conv_kernels._ROWS_SPEED)
 # Offset groups of at most this many 4-channel blocks get the sampling stage's block loop unrolled
 # (specialization constants): 1.1x faster sampling at 4 blocks, no gain at 16, and 64 unrolled blocks
@@ -284,11 +284,11 @@ class DeformConv(ResidentOp):
                 tiles = geo.out[1]
                 # The sampling grid: (pixel quads rounded to workgroups) x offset groups x taps.
                 quad_groups = -(-(c.images * tiles * pb // 4) // ls)
-                groups, row_groups = dispatch_grid(ctx, quad_groups * og * taps * ls, ls, 1, "x (deform_conv columns)")
+                groups = dispatch_grid(ctx, quad_groups * og * taps * ls, ls, 1, "x (deform_conv columns)")
                 push = _SAMPLE_PUSH.pack(in_h, in_w, out_w, out_hw, kw, taps, *self.strides, *self.pads[:2],
                                          *self.dilations, og, cin_og, og_blocks, gemm.cin_g // taps,
                                          self.group, c.n0, c.q0, c.images, c.pixels, tiles, pb // 4,
-                                         row_groups, int(has_mask))
+                                         int(has_mask))
                 multiply = gemm.rows_dispatch(plan, geo, pb, lay, columns,
                                               plan.outputs[0] if scratch is None else scratch, texel_g)
                 place = None if scratch is None else self._placement(scratch, plan.outputs[0], c, cout,

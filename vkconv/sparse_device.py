@@ -106,11 +106,11 @@ def texel_capable(ctx: Context) -> bool:
 
 
 def grid(ctx: Context, invocations: int, local: int, z: int = 1) -> tuple[int, int, int]:
-    """Workgroups covering ``invocations`` 1-D invocations (``shaders/include/sparse_grid.glsl``
+    """Workgroups covering ``invocations`` 1-D invocations (``shaders/include/grid.glsl``
     reads the flat index back from ``gl_NumWorkGroups``); no workgroups for no work."""
     if invocations == 0:
         return (0, 0, z)
-    return dispatch_grid(ctx, invocations, local, z, f"{invocations} invocations x {z}")[0]
+    return dispatch_grid(ctx, invocations, local, z, f"{invocations} invocations x {z}")
 
 
 class Recording:
