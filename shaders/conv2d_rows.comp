@@ -1,9 +1,10 @@
 #version 450
 // Implicit-GEMM convolution over aligned row segments: NC[D][H]W float32, any rank 1..3 (1-D and
 // 2-D arrive with unit depth/height), groups, stride, dilation, bias and fused activation. The
-// input is the zero-padded, row-aligned copy written by conv2d_pack.comp (or, for a 1x1 stride-1
-// convolution, the input itself seen as one long row: a plain GEMM). Host code:
-// vkconv/conv_kernels.py.
+// input is the zero-padded, row-aligned copy written by conv2d_pack.comp, or the input itself: for
+// a 1x1 stride-1 convolution seen as one long row (a plain GEMM), and MASKED (input width a
+// multiple of 4) with rows outside the input skipped and vec4s outside a row read as zeros, which
+// saves the pack pass. Host code: vkconv/conv_kernels.py.
 //
 // One invocation owns an MB output channels x PB output pixels register tile (PB consecutive
 // pixels of one output row). For each input channel and kernel row it loads the input row segment
@@ -28,8 +29,12 @@ layout(constant_id = 6) const int KW = 3;        // kernel width
 layout(constant_id = 7) const int SW = 1;        // stride along W
 layout(constant_id = 8) const int DW = 1;        // dilation along W
 layout(constant_id = 9) const bool VEC_OUT = false;  // out_w % 4 == 0: store vec4s of pixels
+layout(constant_id = 10) const bool MASKED = false;
+// MASKED: a tile's first tap column sits SHIFT floats into its first aligned vec4, the same for
+// every tile (tiles start at multiples of 4 * SW columns): (-pad_w) mod 4.
+layout(constant_id = 11) const int SHIFT = 0;
 const int MV = MB / 4;
-const int SEGV = ((PB - 1) * SW + (KW - 1) * DW + 4) / 4;  // vec4s in one input row segment
+const int SEGV = (SHIFT + (PB - 1) * SW + (KW - 1) * DW + 4) / 4;  // vec4s in one input row segment
 
 #ifdef TEXEL
 layout(binding = 0) uniform samplerBuffer xp;
@@ -48,7 +53,8 @@ layout(std430, binding = 3) writeonly buffer Output { vec4 y[]; };
 
 layout(push_constant) uniform Params {
     int cin_g, cout_g, groups, oc_blocks;
-    int pd, ph, pw4;               // padded input: depth, height, width / 4
+    int pd, ph, pw4;               // padded input: depth, height, width / 4 (MASKED: the input's)
+    int pad_d, pad_h, pad_w;       // MASKED only: zeros before the input along each axis
     int k_d, k_h, s_d, s_h, d_d, d_h;
     int out_d, out_h, out_w, tiles_w;  // tiles_w = ceil(out_w / PB)
     float act_a, act_b;
@@ -70,7 +76,10 @@ void main()
     const int oz = tile / (p.tiles_w * p.out_h);
 
     const int row = p.pw4, slice = p.ph * p.pw4, plane = p.pd * slice;
-    const int xc = ng * p.cin_g * plane + oz * p.s_d * slice + oy * p.s_h * row + (ox0 * SW) / 4;
+    const int col4 = (ox0 * SW - p.pad_w - SHIFT) / 4;  // MASKED: exact, a multiple of 4
+    const int iz0 = MASKED ? oz * p.s_d - p.pad_d : oz * p.s_d;
+    const int iy0 = MASKED ? oy * p.s_h - p.pad_h : oy * p.s_h;
+    const int xc = ng * p.cin_g * plane + iz0 * slice + iy0 * row + (MASKED ? col4 : (ox0 * SW) / 4);
     int wi = (g * p.oc_blocks + ocb) * p.cin_g * p.k_d * p.k_h * KW * MV;
 
     vec4 acc[PB][MV];
@@ -83,30 +92,46 @@ void main()
     const int step_y = p.d_h * row;
     const int jump_z = p.d_d * slice - p.k_h * step_y;   // last ky -> next kz
     const int jump_c = plane - p.k_d * p.d_d * slice;    // last kz -> next input channel
-    int xr = xc, ky = 0, kz = 0;
+    int xr = xc, ky = 0, kz = 0, iy = iy0, iz = iz0;
     for (int r = 0; r < rows; ++r) {
-        vec4 seg[SEGV];
-        [[unroll]] for (int v = 0; v < SEGV; ++v) seg[v] = LOAD_X(xr + v);
-        [[unroll]] for (int kx = 0; kx < KW; ++kx) {
-            vec4 wv[MV];
-            [[unroll]] for (int m = 0; m < MV; ++m) wv[m] = LOAD_W(wi + m);
-            wi += MV;
-            [[unroll]] for (int j = 0; j < PB; ++j) {
-                const int e = j * SW + kx * DW;
-                const vec4 xv = vec4(seg[e >> 2][e & 3]);
-                [[unroll]] for (int m = 0; m < MV; ++m) acc[j][m] = fma(xv, wv[m], acc[j][m]);
+        // MASKED: a row outside the input is padding (all zeros): nothing to add
+        if (!MASKED || (uint(iy) < uint(p.ph) && uint(iz) < uint(p.pd))) {
+            vec4 seg[SEGV];
+            [[unroll]] for (int v = 0; v < SEGV; ++v) {
+                if (MASKED) {
+                    // clamped address, then select: padding columns are exact zeros
+                    const bool inside = uint(col4 + v) < uint(p.pw4);
+                    const vec4 value = LOAD_X(inside ? xr + v : xr - col4);
+                    seg[v] = inside ? value : vec4(0.0);
+                } else {
+                    seg[v] = LOAD_X(xr + v);
+                }
+            }
+            [[unroll]] for (int kx = 0; kx < KW; ++kx) {
+                vec4 wv[MV];
+                [[unroll]] for (int m = 0; m < MV; ++m) wv[m] = LOAD_W(wi + kx * MV + m);
+                [[unroll]] for (int j = 0; j < PB; ++j) {
+                    const int e = SHIFT + j * SW + kx * DW;
+                    const vec4 xv = vec4(seg[e >> 2][e & 3]);
+                    [[unroll]] for (int m = 0; m < MV; ++m) acc[j][m] = fma(xv, wv[m], acc[j][m]);
+                }
             }
         }
+        wi += KW * MV;
         // Next row without branches: ky, then kz, then the input channel wrap around.
         ++ky;
         xr += step_y;
+        iy += p.d_h;
         const bool wrap_y = ky == p.k_h;
         ky = wrap_y ? 0 : ky;
         kz += wrap_y ? 1 : 0;
         xr += wrap_y ? jump_z : 0;
+        iy = wrap_y ? iy0 : iy;
+        iz += wrap_y ? p.d_d : 0;
         const bool wrap_z = kz == p.k_d;
         kz = wrap_z ? 0 : kz;
         xr += wrap_z ? jump_c : 0;
+        iz = wrap_z ? iz0 : iz;
     }
 
     const int out_hw = p.out_h * p.out_w * p.out_d;

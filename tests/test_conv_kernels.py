@@ -106,6 +106,12 @@ CASES = {
         Case((2, 16, 12, 16), 32, (3, 3), (2, 2), (0, 1, 1, 0), activation="HardSwish"),
         Case((1, 8, 10, 10), 8, (5, 5), pads=(4, 4, 4, 4), dilations=(2, 2), group=2, activation="Sigmoid"),
         Case((1, 4, 7, 9), 3, (1, 4), (3, 2)),
+        # widths that are multiples of 4: read in place with the padding masked, column shifts 0..3
+        Case((1, 5, 12), 7, (3,), pads=(1, 2)),
+        Case((1, 3, 5, 6, 8), 5, (2, 3, 3), (1, 2, 1), (1, 0, 1, 0, 1, 1), activation="Relu"),
+        Case((1, 4, 9, 16), 6, (3, 7), pads=(1, 3, 1, 3)),
+        Case((1, 6, 11, 20), 5, (3, 3), (2, 2), (2, 2, 2, 2), (2, 2)),
+        Case((1, 8, 10, 12), 6, (5, 5), pads=(2, 2, 2, 2), group=2, activation="Tanh"),
     ],
     "gemm1x1": [
         Case((1, 8, 7, 5), 12, (1, 1), activation="Relu"),
@@ -218,14 +224,16 @@ def test_auto_selection_by_shape(case, expected, monkeypatch):
 
 
 def test_falls_back_to_direct_when_the_padded_copy_does_not_fit():
-    case = Case((1, 4, 64, 64), 4, (3, 3), pads=(1, 1, 1, 1))
+    case = Case((1, 4, 64, 63), 4, (3, 3), pads=(1, 1, 1, 1))
     x, w, b = case.arrays(4)
     with Context() as ctx:
-        # Room for the input and output (64 KiB) but not the padded copy (66 x 68 floats a channel).
+        # Room for the input and output (63 KiB) but not the padded copy (66 x 68 floats a channel).
         ctx.info = dataclasses.replace(ctx.info, max_storage_buffer_range=4 * 4 * 64 * 66)
         with vkconv.Conv(w, b, ctx=ctx, **case.geometry()) as op:
             assert op.kernel_for(x.shape) == "direct"
             assert_close(op(x), reference(x, w, b, **case.geometry()), REL)
+            # a width that is a multiple of 4 needs no copy: read in place
+            assert op.kernel_for((1, 4, 64, 64)) == "implicit_gemm"
 
 
 def test_env_var_forces_a_kernel(monkeypatch):

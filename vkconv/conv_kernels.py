@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 KERNELS = ("direct", "implicit_gemm", "gemm1x1", "depthwise", "winograd", "tiled")
 
 _PUSH_DIRECT = struct.Struct("<22i2f")
-_PUSH_ROWS = struct.Struct("<17i2f")
+_PUSH_ROWS = struct.Struct("<20i2f")
 _PUSH_DEPTHWISE = struct.Struct("<18i2f")
 _PUSH_PACK = struct.Struct("<10i")
 _PUSH_TILED = struct.Struct("<18i2f")
@@ -310,13 +310,15 @@ class DirectKernel(Kernel):
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Padded:
-    """Layout of the zero-padded, row-aligned input copy (conv2d_pack.comp)."""
+    """Layout of the zero-padded, row-aligned input copy (conv2d_pack.comp); with ``pad`` (begin
+    pads D, H, W), the input itself read in place, its padding masked (dims then the input's)."""
 
     planes: int
     pd: int
     ph: int
     pw4: int
     tiles_w: int
+    pad: tuple[int, int, int] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -390,10 +392,12 @@ class RowsKernel(_PaddedInputKernel):
         g = self._geometry(geo)
         pb = choose_pb(self.mb, g.out[2], self.tune)
         lay = _padded(g, pb)
-        # A flat image whose size is a multiple of 4 is already aligned: read it in place.
-        in_place = self.flat and g.size[2] % 4 == 0
+        # An image whose rows are whole vec4s is read in place: flat (a plain GEMM over one long
+        # row, the last tile reading slack past it) or with its padding masked by the shader.
+        in_place = g.size[2] % 4 == 0
         if in_place:
-            lay = _Padded(lay.planes, 1, 1, g.size[2] // 4, lay.tiles_w)
+            lay = _Padded(lay.planes, 1, 1, g.size[2] // 4, lay.tiles_w) if self.flat else \
+                _Padded(lay.planes, *g.size[:2], g.size[2] // 4, lay.tiles_w, g.pad_begin)
         return g, pb, lay, in_place
 
     def fits(self, geo: Geometry) -> bool:
@@ -402,8 +406,8 @@ class RowsKernel(_PaddedInputKernel):
 
     def plan(self, geo: Geometry) -> ConvPlan:
         g, pb, lay, in_place = self._layout(geo)
-        # In place, the last tile's segment may run past the image: give the input buffer slack.
-        plan = ConvPlan(self.ctx, geo.x_shape, geo.y_shape, self.slack(pb, lay) if in_place else 0)
+        # Flat in place, the last tile's segment may run past the image: give the input buffer slack.
+        plan = ConvPlan(self.ctx, geo.x_shape, geo.y_shape, self.slack(pb, lay) if in_place and self.flat else 0)
         with closed_on_error(plan):
             texel = self._use_texel([plan.inputs[0].size if in_place else lay.nbytes], [self.weights])
             if in_place:
@@ -450,15 +454,18 @@ class RowsKernel(_PaddedInputKernel):
         kind = TEXEL4 if texel else STORAGE
         weights, weight_kind = self.weights.binding(texel)
         vec_out = g.out[2] % 4 == 0
+        masked = lay.pad is not None
+        pads = lay.pad or (0, 0, 0)
         pipe = ctx.pipeline("conv2d_rows" if texel else "conv2d_rows_ssbo",
                             (kind, weight_kind, STORAGE, STORAGE), _PUSH_ROWS.size,
-                            (ls, 1, 1, self.act, self.mb, pb, kw, sw, dw, int(vec_out)))
+                            (ls, 1, 1, self.act, self.mb, pb, kw, sw, dw, int(vec_out), int(masked),
+                             -pads[2] % 4))
         dset = DescriptorSet(pipe, [source, weights, self.bias, output])
         plan.keep.append(dset)
         blocks = -(-self.cout_g // self.mb)
         groups = dispatch_grid(ctx, lay.tiles_w * g.out[1] * g.out[0] * blocks, ls,
                                    g.n * g.group, "x (conv output size)")
-        push = _PUSH_ROWS.pack(g.cin_g, g.cout_g, g.group, blocks, lay.pd, lay.ph, lay.pw4,
+        push = _PUSH_ROWS.pack(g.cin_g, g.cout_g, g.group, blocks, lay.pd, lay.ph, lay.pw4, *pads,
                                g.kernel[0], g.kernel[1], g.strides[0], g.strides[1],
                                g.dilations[0], g.dilations[1], *g.out, lay.tiles_w,
                                self.act.a, self.act.b)
