@@ -169,10 +169,14 @@ def test_profile_reports_device_time_and_transfers(mode, tmp_path):
     shape = (1, 8, 13, 10)
     model = _se_model(rng, shape)
     x = rng.standard_normal(shape).astype(np.float32)
+    ctx = vkconv.get_context()
     with cv_plugin.read_net(model, mode=mode) as net:
         net.setInput(x)
         expected = net.forward()
+        cv_plugin.profile(net, x)
+        live = ctx.live.copy()
         report = cv_plugin.profile(net, x)
+        assert ctx.live == live  # the timed replay's plan, command buffer and query pool are freed
         assert net.state.profiles is None  # profiling is for that one forward only
         net.setInput(x)
         assert_close(net.forward(), expected, 1e-6)  # the net still runs unprofiled

@@ -19,6 +19,7 @@ class Timestamps:
         self.period_ns = vk.vkGetPhysicalDeviceProperties(ctx.physical_device).limits.timestampPeriod
         self.pool = vk.vkCreateQueryPool(ctx.device, vk.VkQueryPoolCreateInfo(
             queryType=vk.VK_QUERY_TYPE_TIMESTAMP, queryCount=self.capacity), None)
+        ctx.track("query_pool", 1)
         self.labels: list[str] = []
 
     def reset(self, cmd) -> None:
@@ -43,8 +44,10 @@ class Timestamps:
         return [(self.labels[i], (data[i] - data[i - 1]) * self.period_ns * 1e-6) for i in range(1, n)]
 
     def close(self) -> None:
-        if self.pool is not None and not self.ctx._closed:
-            vk.vkDestroyQueryPool(self.ctx.device, self.pool, None)
+        if self.pool is not None:
+            if not self.ctx._closed:
+                vk.vkDestroyQueryPool(self.ctx.device, self.pool, None)
+            self.ctx.track("query_pool", -1)
         self.pool = None
 
 
