@@ -42,6 +42,7 @@ from ..command import CommandBuffer
 from ..context import get_context, vk
 from ..deform_conv import DeformConv
 from ..plan import Plan
+from ..timestamps import Timestamps
 from . import report
 
 SAMPLE_LIMIT = 0.25  # the sampling stage's share of vkconv's on-device time
@@ -61,9 +62,7 @@ class TimedDeformConv(DeformConv):
     """DeformConv that writes a timestamp at every stage boundary of its recorded command buffer."""
 
     def __init__(self, *args: Any, **kwargs: Any):
-        self._marks: list[str] = []
-        self._pool: Any = None
-        self._pool_size = 0
+        self._stamps: Timestamps | None = None
         super().__init__(*args, **kwargs)
         families = vk.vkGetPhysicalDeviceQueueFamilyProperties(self.ctx.physical_device)
         self.has_timestamps = families[self.ctx.queue_family].timestampValidBits > 0
@@ -71,45 +70,35 @@ class TimedDeformConv(DeformConv):
     def _build_plan(self, x_shape: tuple[int, ...], y_shape: tuple[int, ...], has_mask: bool) -> Plan:
         # One timestamp at the start, after the pack and after each chunk's two stages.
         need = 2 + 2 * len(self.chunks(x_shape[0], y_shape[2] * y_shape[3]))
-        if self.has_timestamps and need > self._pool_size:
-            self._destroy_pool()
-            info = vk.VkQueryPoolCreateInfo(queryType=vk.VK_QUERY_TYPE_TIMESTAMP, queryCount=need)
-            self._pool, self._pool_size = vk.vkCreateQueryPool(self.ctx.device, info, None), need
+        if self.has_timestamps and (self._stamps is None or need > self._stamps.capacity):
+            self._close_stamps()
+            self._stamps = Timestamps(self.ctx, need)
         return super()._build_plan(x_shape, y_shape, has_mask)
 
     def _stage(self, cmd: CommandBuffer, name: str) -> None:
-        if not self.has_timestamps:
+        if self._stamps is None:
             return
         if name == "begin":
-            self._marks = []
-            vk.vkCmdResetQueryPool(cmd.handle, self._pool, 0, self._pool_size)
-        vk.vkCmdWriteTimestamp(cmd.handle, vk.VK_PIPELINE_STAGE_BOTTOM_OF_PIPE_BIT, self._pool,
-                               len(self._marks))
-        self._marks.append(name)
+            self._stamps.reset(cmd)
+        self._stamps.mark(cmd, name)
 
     def stage_ms(self) -> dict[str, float]:
         """Device milliseconds per stage name, summed over chunks, for the last submitted call."""
-        n = len(self._marks)
-        if n < 2:
-            return {}
-        data = vk.ffi.new("uint64_t[]", n)
-        vk.vkGetQueryPoolResults(self.ctx.device, self._pool, 0, n, 8 * n, data, 8,
-                                 vk.VK_QUERY_RESULT_64_BIT | vk.VK_QUERY_RESULT_WAIT_BIT)
-        period = vk.vkGetPhysicalDeviceProperties(self.ctx.physical_device).limits.timestampPeriod
         out: dict[str, float] = {}
-        for i in range(1, n):
-            out[self._marks[i]] = out.get(self._marks[i], 0.0) + (data[i] - data[i - 1]) * period * 1e-6
-        out["total"] = (data[n - 1] - data[0]) * period * 1e-6
+        for name, ms in self._stamps.intervals() if self._stamps is not None else []:
+            out[name] = out.get(name, 0.0) + ms
+        if out:
+            out["total"] = sum(out.values())
         return out
 
-    def _destroy_pool(self) -> None:
-        if self._pool is not None:
-            vk.vkDestroyQueryPool(self.ctx.device, self._pool, None)
-            self._pool, self._pool_size = None, 0
+    def _close_stamps(self) -> None:
+        if self._stamps is not None:
+            self._stamps.close()
+            self._stamps = None
 
     def close(self) -> None:
         super().close()
-        self._destroy_pool()
+        self._close_stamps()
 
 
 def median_ms(fn: Runner, runs: int, warmup: int,
