@@ -324,12 +324,22 @@ def fold_affine(w: np.ndarray, b: np.ndarray | None, scale, shift, *, group: int
     return w2.astype(np.float32), (b * s + t).astype(np.float32)
 
 
+def batchnorm_affine(scale, beta, mean, var, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """Inference BatchNormalization as ``x * s + t`` per channel (float64)."""
+    s = np.asarray(scale, np.float64).reshape(-1) / np.sqrt(np.asarray(var, np.float64).reshape(-1) + eps)
+    return s, np.asarray(beta, np.float64).reshape(-1) - np.asarray(mean, np.float64).reshape(-1) * s
+
+
+def _node_batchnorm(node: Node, constants: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`batchnorm_affine` of a BatchNormalization node with constant parameters."""
+    scale, beta, mean, var = (constants[t] for t in node.inputs[1:5])
+    return batchnorm_affine(scale, beta, mean, var, float(node.attrs.get("epsilon", 1e-5)))
+
+
 def fold_batchnorm(w: np.ndarray, b: np.ndarray | None, scale, beta, mean, var, eps: float, *,
                    group: int = 1, transpose: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """:func:`fold_affine` of an inference BatchNormalization."""
-    s = np.asarray(scale, np.float64) / np.sqrt(np.asarray(var, np.float64) + eps)
-    return fold_affine(w, b, s, np.asarray(beta, np.float64) - np.asarray(mean, np.float64) * s,
-                       group=group, transpose=transpose)
+    return fold_affine(w, b, *batchnorm_affine(scale, beta, mean, var, eps), group=group, transpose=transpose)
 
 
 def _channel_constant(c: np.ndarray | None, rank: int, channels: int) -> np.ndarray | None:
@@ -411,11 +421,7 @@ def _fuse(nodes: list[Node], constants: dict[str, np.ndarray], keep: set[str]) -
         """(scale, shift) per channel of ``node`` applied to ``y``, None when it is not one."""
         ins = node.inputs
         if node.op_type == "BatchNormalization":
-            if ins[0] != y:
-                return None
-            scale, beta, mean, var = (constants[t].astype(np.float64).reshape(-1) for t in ins[1:5])
-            s = scale / np.sqrt(var + float(node.attrs.get("epsilon", 1e-5)))
-            return s, beta - mean * s
+            return _node_batchnorm(node, constants) if ins[0] == y else None
         if node.op_type not in ("Mul", "Add", "Sub") or len(ins) != 2 or ins.count(y) != 1:
             return None
         other = ins[1] if ins[0] == y else ins[0]
@@ -452,11 +458,13 @@ def _fuse(nodes: list[Node], constants: dict[str, np.ndarray], keep: set[str]) -
 _ELEMENTWISE = (*ACTIVATIONS, *BINARY, "BatchNormalization")
 
 
-def _program(members: list[Node], constants: dict[str, np.ndarray]) -> Node | None:
+def _program(members: list[Node],
+             constants: Mapping[str, np.ndarray]) -> tuple[Node, dict[str, np.ndarray]] | None:
     """One ``Elementwise`` node computing ``members`` (elementwise nodes in topological order; the
-    last one's output is the result), or None past the kernel's limits.  Size-1 constants of rank
-    <= 1 become immediates; BatchNormalization's folded scale and shift become per-channel inputs
-    (new constants named after its output)."""
+    last one's output is the result) and the constants it adds, or None past the kernel's limits.
+    Size-1 constants of rank <= 1 become immediates; BatchNormalization's folded scale and shift
+    become per-channel inputs (new constants named after its output)."""
+    added: dict[str, np.ndarray] = {}
     leaves: list[str] = []
     channel: list[int] = []
     registers: dict[str, int] = {}
@@ -487,11 +495,9 @@ def _program(members: list[Node], constants: dict[str, np.ndarray]) -> Node | No
         if node.op_type in BINARY:
             emit(OP_CODES[node.op_type], operand(ins[0]), operand(ins[1]))
         elif node.op_type == "BatchNormalization":
-            scale, beta, mean, var = (constants[t].astype(np.float64).reshape(-1) for t in ins[1:5])
-            s = scale / np.sqrt(var + float(node.attrs.get("epsilon", 1e-5)))
+            scale, shift = _node_batchnorm(node, constants)
             out = node.outputs[0]
-            constants[f"{out}__vk_scale"] = s.astype(np.float32)
-            constants[f"{out}__vk_shift"] = (beta - mean * s).astype(np.float32)
+            added[f"{out}__vk_scale"], added[f"{out}__vk_shift"] = scale.astype(np.float32), shift.astype(np.float32)
             emit(OP_CODES["Mul"], operand(ins[0]), operand(f"{out}__vk_scale", True))
             emit(OP_CODES["Add"], 3 + len(program), operand(f"{out}__vk_shift", True))
         else:
@@ -503,7 +509,7 @@ def _program(members: list[Node], constants: dict[str, np.ndarray]) -> Node | No
     names = [m.name or m.op_type for m in members]
     return Node("Elementwise", leaves, list(members[-1].outputs),
                 {"_program": program, "_channel_inputs": channel},
-                names[0] if len(names) == 1 else f"{names[0]}..{names[-1]}")
+                names[0] if len(names) == 1 else f"{names[0]}..{names[-1]}"), added
 
 
 def _fuse_epilogues(nodes: list[Node], keep: set[str]) -> list[Node]:
@@ -556,12 +562,14 @@ def _fuse_elementwise(nodes: list[Node], constants: dict[str, np.ndarray], keep:
                             or t in keep or not readers[t] <= members.keys():
                         continue
                     trial = sorted([*members.values(), p], key=lambda x: position[id(x)])
-                    if _program(trial, dict(constants)) is not None:
+                    if _program(trial, constants) is not None:
                         members[id(p)] = p
                         grown = True
         ordered = sorted(members.values(), key=lambda x: position[id(x)])
-        fused = _program(ordered, constants)
-        assert fused is not None  # one node alone is within every limit
+        built = _program(ordered, constants)
+        assert built is not None  # one node alone is within every limit
+        fused, added = built
+        constants.update(added)
         for m in ordered:
             grouped[id(m)] = None
         grouped[id(root)] = fused
