@@ -120,18 +120,19 @@ class Elementwise:
     """
 
     def __init__(self, program: Sequence[Instruction], n_inputs: int, ctx: Context | None = None,
-                 channel_inputs: Sequence[int] = ()):
+                 channel_inputs: Sequence[int] = (), name: str = "elementwise"):
         if not 1 <= n_inputs <= MAX_INPUTS:
             raise ValueError(f"n_inputs: expected 1..{MAX_INPUTS}, got {n_inputs}")
         check_program(program, n_inputs)
         self.program = tuple(program)
         self.n_inputs = n_inputs
         self.channel_inputs = frozenset(channel_inputs)
+        self.name = name  # how errors name the op
         self.ctx = ctx or get_context()
 
     def _shapes(self, in_shapes: Sequence[Shape]) -> tuple[list[Shape], Shape]:
         if len(in_shapes) != self.n_inputs:
-            raise ValueError(f"elementwise: expected {self.n_inputs} inputs, got {len(in_shapes)}")
+            raise ValueError(f"{self.name}: expected {self.n_inputs} inputs, got {len(in_shapes)}")
         shapes = [tuple(int(d) for d in s) for s in in_shapes]
         for i, s in enumerate(shapes):
             if len(s) > MAX_RANK:
@@ -152,10 +153,10 @@ class Elementwise:
     def record(self, cmd: CommandBuffer, inputs: Sequence[Buffer], outputs: Sequence[Buffer],
                in_shapes: Sequence[Shape]) -> list:
         shapes, out = self._shapes(in_shapes)
-        element_count("elementwise output", out)
+        element_count(f"{self.name} output", out)
         extents, strides = collapse(out, shapes)
         if len(extents) > 5:
-            raise ValueError(f"elementwise: the broadcast of {shapes} does not collapse to 5 axes")
+            raise ValueError(f"{self.name}: the broadcast of {shapes} does not collapse to 5 axes")
         axes = len(extents)
         pad = 5 - axes
         extents = [1] * pad + extents
@@ -192,16 +193,8 @@ class Binary(Elementwise):
         program = [Instruction(OP_CODES[op], 0, 1)]
         if Activation.parse(activation).kind:
             program.append(activation_instruction(activation, 4))
-        super().__init__(program, 2, ctx)
+        super().__init__(program, 2, ctx, name=op)
         self.op = op
-
-    def output_shapes(self, in_shapes: Sequence[Shape]) -> list[Shape]:
-        if len(in_shapes) != 2:
-            raise ValueError(f"{self.op}: expected 2 inputs, got {len(in_shapes)}")
-        a, b = (tuple(int(d) for d in s) for s in in_shapes)
-        if len(a) > MAX_RANK or len(b) > MAX_RANK:
-            raise ValueError(f"{self.op}: rank above {MAX_RANK} is not supported (A {a}, B {b})")
-        return [broadcast_shape(a, b)]
 
 
 class Unary(Elementwise):
@@ -212,4 +205,4 @@ class Unary(Elementwise):
     def __init__(self, activation, ctx: Context | None = None):
         if Activation.parse(activation).kind == 0:
             raise ValueError(f"activation: expected an activation, got {activation!r}")
-        super().__init__([activation_instruction(activation, 0)], 1, ctx)
+        super().__init__([activation_instruction(activation, 0)], 1, ctx, name="activation")
