@@ -267,11 +267,12 @@ class Layer:
         try:
             op = self._op()
             start = time.perf_counter()
+            arrays = op.merge(list(inputs), op.constants)
             profiles = self.state.profiles
             if profiles is None:
-                outs = op.forward(op.merge(list(inputs), op.constants))
+                outs = op.forward(arrays)
             else:
-                outs, steps = op.profile(op.merge(list(inputs), op.constants))
+                outs, steps = op.profile(arrays)
                 profiles[self.key] = LayerProfile(self.key, type(op).__name__.removesuffix("Op"),
                                                   sum(np.asarray(a).nbytes for a in inputs),
                                                   sum(o.nbytes for o in outs), steps)

@@ -1,7 +1,7 @@
 #version 450
 // Depthwise convolution (group == input channels, any channel multiplier), NC[D][H]W float32,
 // any rank 1..3, stride, dilation, bias and fused activation. Input: the zero-padded, row-aligned
-// copy written by conv2d_pack.comp or, IN_PLACE (input width a multiple of 4), the input itself:
+// copy written by conv2d_pack.comp or, MASKED (input width a multiple of 4), the input itself:
 // then rows outside the input are skipped and vec4s outside a row read as zeros, which saves the
 // pack pass (on lavapipe it took half the time of a 3x3 depthwise layer). Host code:
 // vkconv/conv_kernels.py.
@@ -23,12 +23,7 @@ layout(constant_id = 6) const int KW = 3;
 layout(constant_id = 7) const int SW = 1;
 layout(constant_id = 8) const int DW = 1;
 layout(constant_id = 9) const bool VEC_OUT = false;  // out_w % 4 == 0: store vec4s of pixels
-layout(constant_id = 10) const bool IN_PLACE = false;
-// IN_PLACE: a tile's first tap column sits SHIFT floats into its first aligned vec4, the same for
-// every tile (tiles start at multiples of 4 * SW columns): (-pad_w) mod 4.
-layout(constant_id = 11) const int SHIFT = 0;
 const int KWV = (KW + 3) / 4;
-const int SEGV = (SHIFT + (PB - 1) * SW + (KW - 1) * DW + 4) / 4;
 
 #ifdef TEXEL
 layout(binding = 0) uniform samplerBuffer xp;
@@ -41,13 +36,15 @@ layout(std430, binding = 1) readonly buffer Weight { vec4 wp[]; };
 #define LOAD_X(i) xp[i]
 #define LOAD_W(i) wp[i]
 #endif
+#include "row_segment.glsl"
+const int SEGV = (SHIFT + (PB - 1) * SW + (KW - 1) * DW + 4) / 4;
 layout(std430, binding = 2) readonly buffer Bias { float bias[]; };
 layout(std430, binding = 3) writeonly buffer Output { vec4 y[]; };
 
 layout(push_constant) uniform Params {
     int channels, mult;            // input channels, output channels per input channel
-    int pd, ph, pw4;               // padded copy's dims; IN_PLACE: the input's (width in vec4s)
-    int pad_d, pad_h, pad_w;       // IN_PLACE only: zeros before the input along each axis
+    int pd, ph, pw4;               // padded copy's dims; MASKED: the input's (width in vec4s)
+    int pad_d, pad_h, pad_w;       // MASKED only: zeros before the input along each axis
     int k_d, k_h, s_d, s_h, d_d, d_h;
     int out_d, out_h, out_w, tiles_w;
     float act_a, act_b;
@@ -69,12 +66,12 @@ void main()
     const int oz = tile / (p.tiles_w * p.out_h);
 
     const int row = p.pw4, slice = p.ph * p.pw4;
-    // IN_PLACE: the segment starts at column ox0 * SW - pad_w = 4 * col4 + SHIFT
+    // MASKED: the segment starts at column ox0 * SW - pad_w = 4 * col4 + SHIFT
     const int col4 = (ox0 * SW - p.pad_w - SHIFT) / 4;  // exact: a multiple of 4
-    const int iz0 = IN_PLACE ? oz * p.s_d - p.pad_d : oz * p.s_d;
-    const int iy0 = IN_PLACE ? oy * p.s_h - p.pad_h : oy * p.s_h;
+    const int iz0 = MASKED ? oz * p.s_d - p.pad_d : oz * p.s_d;
+    const int iy0 = MASKED ? oy * p.s_h - p.pad_h : oy * p.s_h;
     const int xr0 = (n * p.channels + oc / p.mult) * p.pd * slice + iz0 * slice + iy0 * row
-              + (IN_PLACE ? col4 : (ox0 * SW) / 4);
+              + (MASKED ? col4 : (ox0 * SW) / 4);
     int wi = oc * p.k_d * p.k_h * KWV;
 
     vec4 acc[PB / 4];
@@ -85,19 +82,10 @@ void main()
     const int jump_z = p.d_d * slice - p.k_h * step_y;  // last ky -> next kz
     int xr = xr0, ky = 0, iy = iy0, iz = iz0;
     for (int r = 0; r < rows; ++r) {
-        // IN_PLACE: a row outside the input is padding (all zeros): nothing to add
-        if (!IN_PLACE || (uint(iy) < uint(p.ph) && uint(iz) < uint(p.pd))) {
+        // MASKED: a row outside the input is padding (all zeros): nothing to add
+        if (!MASKED || (uint(iy) < uint(p.ph) && uint(iz) < uint(p.pd))) {
             vec4 seg[SEGV];
-            [[unroll]] for (int v = 0; v < SEGV; ++v) {
-                if (IN_PLACE) {
-                    // clamped address, then select: padding columns are exact zeros
-                    const bool inside = uint(col4 + v) < uint(p.pw4);
-                    const vec4 value = LOAD_X(inside ? xr + v : xr - col4);
-                    seg[v] = inside ? value : vec4(0.0);
-                } else {
-                    seg[v] = LOAD_X(xr + v);
-                }
-            }
+            [[unroll]] for (int v = 0; v < SEGV; ++v) seg[v] = segment_vec4(xr, v, col4, p.pw4);
             vec4 wrow[KWV];
             [[unroll]] for (int v = 0; v < KWV; ++v) wrow[v] = LOAD_W(wi + v);
             [[unroll]] for (int kx = 0; kx < KW; ++kx) {

@@ -29,12 +29,7 @@ layout(constant_id = 6) const int KW = 3;        // kernel width
 layout(constant_id = 7) const int SW = 1;        // stride along W
 layout(constant_id = 8) const int DW = 1;        // dilation along W
 layout(constant_id = 9) const bool VEC_OUT = false;  // out_w % 4 == 0: store vec4s of pixels
-layout(constant_id = 10) const bool MASKED = false;
-// MASKED: a tile's first tap column sits SHIFT floats into its first aligned vec4, the same for
-// every tile (tiles start at multiples of 4 * SW columns): (-pad_w) mod 4.
-layout(constant_id = 11) const int SHIFT = 0;
 const int MV = MB / 4;
-const int SEGV = (SHIFT + (PB - 1) * SW + (KW - 1) * DW + 4) / 4;  // vec4s in one input row segment
 
 #ifdef TEXEL
 layout(binding = 0) uniform samplerBuffer xp;
@@ -47,6 +42,8 @@ layout(std430, binding = 1) readonly buffer Weight { vec4 wp[]; };
 #define LOAD_X(i) xp[i]
 #define LOAD_W(i) wp[i]
 #endif
+#include "row_segment.glsl"
+const int SEGV = (SHIFT + (PB - 1) * SW + (KW - 1) * DW + 4) / 4;  // vec4s in one input row segment
 // [group][oc block][MB] as vec4, zero-padded like the weights
 layout(std430, binding = 2) readonly buffer Bias { vec4 bias[]; };
 layout(std430, binding = 3) writeonly buffer Output { vec4 y[]; };
@@ -97,16 +94,7 @@ void main()
         // MASKED: a row outside the input is padding (all zeros): nothing to add
         if (!MASKED || (uint(iy) < uint(p.ph) && uint(iz) < uint(p.pd))) {
             vec4 seg[SEGV];
-            [[unroll]] for (int v = 0; v < SEGV; ++v) {
-                if (MASKED) {
-                    // clamped address, then select: padding columns are exact zeros
-                    const bool inside = uint(col4 + v) < uint(p.pw4);
-                    const vec4 value = LOAD_X(inside ? xr + v : xr - col4);
-                    seg[v] = inside ? value : vec4(0.0);
-                } else {
-                    seg[v] = LOAD_X(xr + v);
-                }
-            }
+            [[unroll]] for (int v = 0; v < SEGV; ++v) seg[v] = segment_vec4(xr, v, col4, p.pw4);
             [[unroll]] for (int kx = 0; kx < KW; ++kx) {
                 vec4 wv[MV];
                 [[unroll]] for (int m = 0; m < MV; ++m) wv[m] = LOAD_W(wi + kx * MV + m);
