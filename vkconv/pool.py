@@ -93,7 +93,7 @@ class Pool:
         if self.is_global:  # the shared-memory reduction halves the workgroup: a power of two
             local = 1 << (local.bit_length() - 1)
         name = "pool_global" if self.is_global else "pool_vec4" if vec4 else "pool"
-        spec = (local, 1, 1, 0, mode, strides[1])  # constant 5 (S) is read by pool_vec4 only
+        spec: tuple[int, ...] = (local, 1, 1, 0, mode) + ((strides[1],) if vec4 else ())  # S: pool_vec4 only
         lanes = 4 if vec4 else 1
         pipe = self.ctx.pipeline(name, 2, _PUSH.size, spec)
         dset = DescriptorSet(pipe, [inputs[0], outputs[0]])
