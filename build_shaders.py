@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Compile every ``shaders/**/*.comp`` to SPIR-V and embed it in ``vkconv/_spirv.py``.
+"""Compile every ``shaders/**/*.comp`` to SPIR-V and embed it in ``vkconv/runtime/_spirv.py``.
 
 Like OpenCV dnn's vkcom ``spirv_generator.py``, the SPIR-V words are embedded in the package so that
 installing and running vkconv never needs glslang.  Unlike it, a shader that fails to compile or to
@@ -11,7 +11,7 @@ A shader without variant lines produces one module named after its file stem.
 
 Usage::
 
-    python build_shaders.py          # (re)generate vkconv/_spirv.py
+    python build_shaders.py          # (re)generate vkconv/runtime/_spirv.py
     python build_shaders.py --check  # exit 1 naming every stale or missing module
 
 ``--check`` compares SHA-256 digests of each shader's source, of every file it includes and of its
@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 SHADER_DIR = ROOT / "shaders"
 INCLUDE_DIR = SHADER_DIR / "include"
-OUTPUT = ROOT / "vkconv" / "_spirv.py"
+OUTPUT = ROOT / "vkconv" / "runtime" / "_spirv.py"
 TARGET_ENV = "vulkan1.1"
 
 _VARIANT_RE = re.compile(r"^//\s*variant:\s*(\w+)((?:\s+-D\w+(?:=\S+)?)*)\s*$", re.MULTILINE)

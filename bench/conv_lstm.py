@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 import cv_plugin
 import vkconv
 from cv_plugin import compat
-from vkconv.benchmarks import report
+from cv_plugin.bench import report
 
 
 def _median_ms(fn, runs: int) -> float:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Deformable convolution (DCNv2: offsets + mask, 3x3, stride 1, pad 1): vkconv vs CPU peers.
 
-The benchmark itself is :mod:`vkconv.benchmarks.deform` (also ``vkconv bench deform``): ONNX
+The benchmark itself is :mod:`cv_plugin.bench.deform` (also ``vkconv bench deform``): ONNX
 Runtime, torchvision and ncnn where importable, vkconv's per-stage on-device times from GPU
 timestamps, and PASS/FAIL against issue 4's targets.  This script keeps its results in
 ``bench/results/deform-<time>.jsonl`` (+ ``.png`` with matplotlib).
@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from vkconv.benchmarks import deform  # noqa: E402
+from cv_plugin.bench import deform  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(deform.main(default_out=ROOT / "bench" / "results"))

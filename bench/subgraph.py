@@ -16,8 +16,8 @@ import onnx
 import cv_plugin
 import vkconv
 from cv_plugin import compat, zoo
+from cv_plugin.bench import report
 from cv_plugin.subgraph import SubgraphOp
-from vkconv.benchmarks import report
 
 
 def _median_ms(net, x, runs: int) -> tuple[float, np.ndarray]:

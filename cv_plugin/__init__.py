@@ -10,11 +10,11 @@ activation fused) become ``vkconv.Conv`` custom layers, then loads it with ``cv2
 """
 from __future__ import annotations
 
-from .layers import NETS
-from .net import Net, read_net
-from .profile import Profile, profile
-from .registry import register, registered, unregister
-from .rewrite import RewriteReport, rewrite
+from cv_plugin.layers import NETS
+from cv_plugin.net import Net, read_net
+from cv_plugin.profile import Profile, profile
+from cv_plugin.registry import register, registered, unregister
+from cv_plugin.rewrite import RewriteReport, rewrite
 
 
 def release() -> None:

@@ -12,7 +12,7 @@ import logging
 
 import numpy as np
 
-from vkconv.errors import VkconvError
+from vkconv.runtime.errors import VkconvError
 
 log = logging.getLogger("vkconv")
 

@@ -12,10 +12,9 @@ from __future__ import annotations
 import numpy as np
 
 import vkconv
-from vkconv import conv_lstm
-
-from . import layers
-from .layers import _ints, _same
+from cv_plugin import layers
+from cv_plugin.layers import _ints, _same
+from vkconv.ops import conv_lstm
 
 OP_TYPE = "ConvLSTM2D"
 

@@ -25,10 +25,9 @@ from __future__ import annotations
 import numpy as np
 
 import vkconv
-from vkconv import shapes
-
-from . import layers
-from .rewrite import ROUTES, Route, conv_attributes
+from cv_plugin import layers
+from cv_plugin.rewrite import ROUTES, Route, conv_attributes
+from vkconv.kernels import shapes
 
 
 class DeformConvOp(layers.ResidentWeightsOp):

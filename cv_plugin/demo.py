@@ -19,7 +19,7 @@ import numpy as np
 import cv_plugin
 import vkconv
 from cv_plugin import compat, zoo
-from vkconv.benchmarks import report
+from cv_plugin.bench import report
 
 
 def _timed(net, blob: np.ndarray, runs: int) -> tuple[np.ndarray, float, list[float]]:

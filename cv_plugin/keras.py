@@ -25,10 +25,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from vkconv.conv_lstm import KERAS_ACTIVATIONS
-
-from .conv_lstm_layer import OP_TYPE
-from .rewrite import DOMAIN
+from cv_plugin.conv_lstm_layer import OP_TYPE
+from cv_plugin.rewrite import DOMAIN
+from vkconv.ops.conv_lstm import KERAS_ACTIVATIONS
 
 OPSET = 17
 

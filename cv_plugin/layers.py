@@ -23,11 +23,10 @@ from typing import Any
 import numpy as np
 
 import vkconv
-from vkconv import shapes
-from vkconv.graph import StepTime
-from vkconv.timestamps import device_times
-
-from . import compat
+from cv_plugin import compat
+from vkconv.graph.executor import StepTime
+from vkconv.kernels import shapes
+from vkconv.runtime.timestamps import device_times
 
 
 @dataclass

@@ -11,10 +11,9 @@ import numpy as np
 import onnx
 
 import vkconv
-
-from . import compat, registry, subgraph
-from .layers import NETS, NetState
-from .rewrite import RewriteReport, rewrite
+from cv_plugin import compat, registry, subgraph
+from cv_plugin.layers import NETS, NetState
+from cv_plugin.rewrite import RewriteReport, rewrite
 
 _ids = itertools.count(1)
 _ids_lock = threading.Lock()

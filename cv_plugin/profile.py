@@ -21,8 +21,8 @@ from html import escape
 
 import numpy as np
 
-from .layers import LayerProfile
-from .net import Net
+from cv_plugin.layers import LayerProfile
+from cv_plugin.net import Net
 
 
 @dataclass

@@ -8,8 +8,8 @@ from __future__ import annotations
 import importlib
 import threading
 
-from . import compat
-from .layers import LAYER_TYPES
+from cv_plugin import compat
+from cv_plugin.layers import LAYER_TYPES
 
 # Op modules: importing one adds its layer types to LAYER_TYPES and its routes to rewrite.ROUTES.
 OP_MODULES = ("cv_plugin.layers", "cv_plugin.deform_layer", "cv_plugin.conv_lstm_layer",

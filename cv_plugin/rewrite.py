@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from vkconv.graph import fold_batchnorm
+from vkconv.graph.executor import fold_batchnorm
 
 DOMAIN = "vkconv"
 

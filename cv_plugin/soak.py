@@ -12,8 +12,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 import vkconv
-
-from .net import read_net
+from cv_plugin.net import read_net
 
 INPUT_SHAPE = (1, 8, 19, 23)  # odd spatial sizes on purpose
 

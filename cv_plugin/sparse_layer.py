@@ -6,7 +6,7 @@ and an ``onnx.helper`` example):
 
 * ``vkconv.SparseEncoder(features [N, C] float, coords [N, 4], W0, B0, W1, B1, ...)`` -> the dense
   BEV map ``[batch, C_last * D', H', W']``: a SECOND-style middle encoder whose intermediate sparse
-  tensors stay on the device (vkconv.sparse_encoder.SparseEncoder);
+  tensors stay on the device (vkconv.ops.sparse.encoder.SparseEncoder);
 * ``vkconv.SubMConv3d(features [N, C_in], coords [N, 4], W, B)`` -> ``[N, C_out]``: one SubM layer,
   whose output sites are its input sites, so its shape is known.
 
@@ -19,10 +19,9 @@ from __future__ import annotations
 import numpy as np
 
 import vkconv
-from vkconv.activation import NAMES
-from vkconv.sparse_encoder import EncoderLayer, SparseEncoder, plan_layers
-
-from . import layers
+from cv_plugin import layers
+from vkconv.kernels.activation import NAMES
+from vkconv.ops.sparse.encoder import EncoderLayer, SparseEncoder, plan_layers
 
 
 def _ints(params: dict, key: str, default=None) -> tuple[int, ...]:

@@ -26,10 +26,9 @@ import onnx
 from onnx import TensorProto, helper
 
 import vkconv
-from vkconv.graph import Graph, Node, unsupported_reason
-
-from . import layers
-from .rewrite import DOMAIN, _Graph
+from cv_plugin import layers
+from cv_plugin.rewrite import DOMAIN, _Graph
+from vkconv.graph.executor import Graph, Node, unsupported_reason
 
 MODES = ("layer", "subgraph")
 

@@ -17,12 +17,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import vkconv
-from cv_plugin import soak, zoo
-from vkconv import benchmarks, cli
-from vkconv.benchmarks import report
-from vkconv.benchmarks import sparse as sparse_bench
-from vkconv.cli import main
-from vkconv.context import choose_device
+from cv_plugin import bench as benchmarks
+from cv_plugin import cli, soak, zoo
+from cv_plugin.bench import report
+from cv_plugin.bench import sparse as sparse_bench
+from cv_plugin.cli import main
+from vkconv.runtime.context import choose_device
 
 try:
     import cv2
@@ -131,7 +131,7 @@ def test_python_dash_m_and_console_script():
 
 def test_no_loader_is_one_line_saying_what_to_install():
     # None in sys.modules makes `import vulkan` fail exactly as a missing libvulkan.so.1 would.
-    code = "import sys; sys.modules['vulkan'] = None; from vkconv.cli import main; sys.exit(main(['info']))"
+    code = "import sys; sys.modules['vulkan'] = None; from cv_plugin.cli import main; sys.exit(main(['info']))"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                          timeout=120)
     assert res.returncode == 1
@@ -145,7 +145,7 @@ def test_unexpected_errors_are_one_line_with_a_hint(monkeypatch, capsys):
     def broken():
         raise KeyError("driver returned nonsense")
 
-    monkeypatch.setattr("vkconv.cli.list_devices", broken)
+    monkeypatch.setattr("cv_plugin.cli.list_devices", broken)
     assert main(["info"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "internal error (KeyError)" in err and "--debug" in err

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import conformance_root
 from onnx import helper, numpy_helper
+from oracles import assert_close, onnx_reference
 
 import vkconv
-from conftest import conformance_root
-from oracles import assert_close, onnx_reference
 
 REL = 1e-4
 

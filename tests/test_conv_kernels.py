@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import conformance_root
 from onnx import TensorProto, helper, numpy_helper
+from oracles import assert_close
 
 import vkconv
-from conftest import conformance_root
-from oracles import assert_close
-from vkconv.context import Context
+from vkconv.runtime.context import Context
 
 REL = 1e-4
 
@@ -188,7 +188,7 @@ def test_every_kernel_runs_under_mobile_limits(kernel, mobile_ctx):
     assert info.max_workgroup_invocations <= 128 and info.max_shared_memory <= 16384
     for i, case in enumerate(CASES[kernel][:3]):
         _run(case, kernel, seed=i, ctx=mobile_ctx)
-    for key in mobile_ctx._pipelines:
+    for key in mobile_ctx.pipelines:
         local = key[3][:3]
         assert math.prod(local) <= info.max_workgroup_invocations, key
 
@@ -199,7 +199,7 @@ def test_storage_buffers_replace_texels_past_the_texel_limit():
     with Context() as ctx:
         ctx.info = dataclasses.replace(ctx.info, max_texel_buffer_elements=64)
         _run(case, "implicit_gemm", seed=3, ctx=ctx)
-        names = {key[0] for key in ctx._pipelines}
+        names = {key[0] for key in ctx.pipelines}
         assert names == {"conv2d_pack_ssbo", "conv2d_rows_ssbo"}, names
 
 
@@ -374,7 +374,7 @@ def test_tiled_kernel_under_mobile_limits(mobile_ctx):
     info = mobile_ctx.info
     for i, case in enumerate(_TILED_MOBILE):
         _run(case, "tiled", seed=i, ctx=mobile_ctx)
-    for key in mobile_ctx._pipelines:
+    for key in mobile_ctx.pipelines:
         if key[0] == "conv2d_tiled":
             assert math.prod(key[3][:3]) <= info.max_workgroup_invocations, key
 
@@ -382,7 +382,7 @@ def test_tiled_kernel_under_mobile_limits(mobile_ctx):
 def test_tiled_kernel_with_small_tiles():
     """A device with 32 invocations per workgroup gets 16 x 16 tiles in K strips of 8: several
     channel and pixel tiles and strips on the same shapes."""
-    from vkconv.conv_kernels import choose_tiles
+    from vkconv.ops.conv.kernels import choose_tiles
 
     with Context() as ctx:
         ctx.info = dataclasses.replace(ctx.info, max_workgroup_invocations=32)
@@ -393,7 +393,7 @@ def test_tiled_kernel_with_small_tiles():
 
 
 def test_tile_choice_respects_the_device_limits():
-    from vkconv.conv_kernels import choose_tiles
+    from vkconv.ops.conv.kernels import choose_tiles
 
     with Context() as ctx:
         for invocations, shared in [(128, 16384), (64, 8192), (1024, 65536), (32, 4096)]:
@@ -430,7 +430,7 @@ def test_post_activation_program_in_every_kernel(kernel):
     """Activation.post (a graph moves constant elementwise chains after a conv there): HardSwish
     written out as PaddleOCR exports it, then a scale and shift, against numpy on onnxruntime's
     conv."""
-    from vkconv.activation import IMMEDIATE, OP_ACTIVATION, OP_CODES, Activation, Instruction
+    from vkconv.kernels.activation import IMMEDIATE, OP_ACTIVATION, OP_CODES, Activation, Instruction
 
     case = CASES.get(kernel, CASES["implicit_gemm"])[0]
     x, w, b = case.arrays(11)

@@ -10,17 +10,16 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import onnx
 import pytest
+from conftest import needs_opencv_layers
+from conv_lstm_reference import conv_lstm2d as reference
 from onnx import TensorProto, helper, numpy_helper
+from oracles import assert_close
 
 import cv_plugin
-from cv_plugin.keras import next_frame_model, randomize_weights, to_onnx
 import vkconv
-import vkconv.conv_lstm as conv_lstm_module
-from conv_lstm_reference import conv_lstm2d as reference
-from conftest import needs_opencv_layers
-from oracles import assert_close
+import vkconv.ops.conv_lstm as conv_lstm_module
+from cv_plugin.keras import next_frame_model, randomize_weights, to_onnx
 
 REL = 1e-4
 # Keras 3.15 on numpy 2 warns inside its own variable conversions; nothing here can act on it.

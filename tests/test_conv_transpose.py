@@ -19,11 +19,11 @@ import numpy as np
 import onnx
 import pytest
 from onnx import helper, numpy_helper
-
-import vkconv
 from oracles import assert_close, onnx_reference, onnxruntime_reference
 
-CT = importlib.import_module("vkconv.conv_transpose")  # the module; vkconv.conv_transpose is the function
+import vkconv
+
+CT = importlib.import_module("vkconv.ops.conv_transpose")  # the module; vkconv.conv_transpose is the function
 
 NODE_CASES = [
     "test_convtranspose", "test_convtranspose_1d", "test_convtranspose_3d",
@@ -36,7 +36,7 @@ PYTORCH_CASES = ["test_ConvTranspose2d"]
 
 # -- independent reference, from the specification ------------------------------------------------
 def spec_pads(in_spatial, kernel, strides, dilations, output_padding, pads, output_shape, auto_pad):
-    """The opset-22 pad equations, written out again here (not vkconv.shapes)."""
+    """The opset-22 pad equations, written out again here (not vkconv.kernels.shapes)."""
     n = len(kernel)
     if output_shape is None and auto_pad in ("SAME_UPPER", "SAME_LOWER"):
         output_shape = [size * s for size, s in zip(in_spatial, strides)]

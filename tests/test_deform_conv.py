@@ -17,7 +17,7 @@ from onnx import numpy_helper
 from oracles import assert_close, onnx_reference, onnxruntime_reference
 
 import vkconv
-from vkconv.deform_conv import Chunk, DeformConv, deform_conv
+from vkconv.ops.deform_conv import Chunk, DeformConv, deform_conv
 
 REL = 1e-4
 
@@ -295,7 +295,7 @@ def test_storage_buffer_fallback(h, w):
         ctx.info = dataclasses.replace(ctx.info, max_texel_buffer_elements=16)
         with DeformConv(inputs["w"], inputs["b"], ctx=ctx, **attrs) as op:
             got = op(inputs["x"], inputs["offset"], inputs["mask"])
-        names = {key[0] for key in ctx._pipelines}
+        names = {key[0] for key in ctx.pipelines}
     assert {"deform_conv_pack_ssbo", "deform_conv_sample_ssbo", "conv2d_rows_ssbo"} <= names, names
     assert not names & {"deform_conv_pack", "deform_conv_sample", "conv2d_rows"}, names
     assert_close(got, _ref(inputs, attrs), rel=REL)

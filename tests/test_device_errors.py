@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import needs_opencv_layers
 
 import cv_plugin
 import vkconv
 from cv_plugin import soak
-from conftest import needs_opencv_layers
-from vkconv.context import vk
+from vkconv.runtime.context import vk
 
 X = np.random.default_rng(0).standard_normal((1, 3, 9, 7)).astype(np.float32)
 W = np.random.default_rng(1).standard_normal((4, 3, 3, 3)).astype(np.float32)

@@ -6,11 +6,10 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from oracles import assert_close
 
 import vkconv
-from vkconv.graph import Graph, unsupported_reason
-
-from oracles import assert_close
+from vkconv.graph.executor import Graph, unsupported_reason
 
 
 def _ort(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:

@@ -1,17 +1,16 @@
-"""The non-conv kernels of device-resident graphs (vkconv.eltwise, vkconv.pool, vkconv.resize,
+"""The non-conv kernels of device-resident graphs (vkconv.ops.elementwise, vkconv.ops.pool, vkconv.ops.resize,
 vkconv.graph.Concat) against onnx.reference one-node models, max abs diff <= 1e-5 x max|expected|."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from oracles import assert_close, onnx_reference
 
 import vkconv
-from vkconv.eltwise import Binary, Unary
-from vkconv.graph import Concat, run_kernel
-from vkconv.pool import Pool
-from vkconv.resize import Resize
-
-from oracles import assert_close, onnx_reference
+from vkconv.graph.executor import Concat, run_kernel
+from vkconv.ops.elementwise import Binary, Unary
+from vkconv.ops.pool import Pool
+from vkconv.ops.resize import Resize
 
 REL = 1e-5
 
@@ -213,7 +212,7 @@ def test_kernels_leave_no_objects():
 
 
 def test_magic_division_is_exact():
-    from vkconv.indexing import magic
+    from vkconv.kernels.divide import magic
 
     rng = np.random.default_rng(7)
     for d in [1, 2, 3, 5, 7, 100, 321, 2**16 + 1, 2**30 + 1, 2**31 - 1, *rng.integers(1, 2**31, 200)]:
@@ -227,7 +226,7 @@ def test_magic_division_is_exact():
 
 def _program_reference(program, arrays):
     """numpy evaluation of an Elementwise program (float64)."""
-    from vkconv.activation import IMMEDIATE, OP_ACTIVATION
+    from vkconv.kernels.activation import IMMEDIATE, OP_ACTIVATION
 
     regs = {i: a.astype(np.float64) for i, a in enumerate(arrays)}
     for k, ins in enumerate(program):
@@ -248,8 +247,8 @@ def _program_reference(program, arrays):
     [(2, 1, 3, 1, 4), (1, 5, 1, 6, 1), (4,), (1,)],        # five uncollapsible axes
 ])
 def test_elementwise_program_four_inputs(shapes):
-    from vkconv.activation import IMMEDIATE, OP_ACTIVATION, Instruction
-    from vkconv.eltwise import Elementwise
+    from vkconv.kernels.activation import IMMEDIATE, OP_ACTIVATION, Instruction
+    from vkconv.ops.elementwise import Elementwise
 
     rng = np.random.default_rng(len(shapes[0]))
     arrays = [_rand(rng, *s, low=0.5, high=2.0) for s in shapes]
@@ -264,8 +263,8 @@ def test_elementwise_program_four_inputs(shapes):
 
 
 def test_elementwise_program_is_checked():
-    from vkconv.activation import Instruction
-    from vkconv.eltwise import Elementwise
+    from vkconv.kernels.activation import Instruction
+    from vkconv.ops.elementwise import Elementwise
 
     with pytest.raises(ValueError, match="register"):
         Elementwise([Instruction(0, 0, 5)], 1)

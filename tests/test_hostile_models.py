@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import needs_opencv_layers
 from onnx import TensorProto, helper, numpy_helper
 
 import cv_plugin
 import vkconv
-from conftest import needs_opencv_layers
 
 pytestmark = needs_opencv_layers()
 

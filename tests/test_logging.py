@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import vkconv
-from vkconv import log as vklog
+from vkconv.runtime import log as vklog
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,13 +48,13 @@ def test_vkconv_log_debug_shows_device_pipelines_plan_and_dispatches():
     assert res.returncode == 0, res.stderr
     lines = res.stderr.splitlines()
     assert all(line.startswith("vkconv") for line in lines), res.stderr
-    device = [line for line in lines if line.startswith("vkconv.context DEBUG: device [")]
+    device = [line for line in lines if line.startswith("vkconv.runtime.context DEBUG: device [")]
     assert len(device) == 1 and "chosen" in device[0]
-    assert any(re.match(r"vkconv\.plan DEBUG: plan created: inputs .* -> outputs .*\(1, 3, 5, 5\)", line)
+    assert any(re.match(r"vkconv\.runtime\.plan DEBUG: plan created: inputs .* -> outputs .*\(1, 3, 5, 5\)", line)
                for line in lines), res.stderr
-    assert any(line.startswith("vkconv.pipeline DEBUG: pipeline ") and " created: spec constants (" in line
+    assert any(line.startswith("vkconv.runtime.pipeline DEBUG: pipeline ") and " created: spec constants (" in line
                for line in lines), res.stderr
-    dispatches = [line for line in lines if line.startswith("vkconv.command DEBUG: dispatch ")]
+    dispatches = [line for line in lines if line.startswith("vkconv.runtime.command DEBUG: dispatch ")]
     assert dispatches and all(re.search(r"\(\d+, \d+, \d+\) workgroups of \(\d+, \d+, \d+\)", d)
                               for d in dispatches), res.stderr
 
@@ -104,16 +104,16 @@ def test_pipeline_creation_and_dispatch_sizes_are_logged(caplog):
             op(x, offset)
         created = ctx.stats["pipelines_created"]
     records = [r for r in caplog.records if r.name.startswith("vkconv")]
-    device = [r for r in records if r.name == "vkconv.context"]
+    device = [r for r in records if r.name == "vkconv.runtime.context"]
     assert len(device) == 1 and ctx.info.name in device[0].getMessage()
-    pipes = [r.getMessage() for r in records if r.name == "vkconv.pipeline"]
+    pipes = [r.getMessage() for r in records if r.name == "vkconv.runtime.pipeline"]
     assert len(pipes) == created >= 1
     assert all(re.match(r"pipeline \w+ created: spec constants \(.*\), \d+ buffers, \d+ push-constant bytes",
                         m) for m in pipes), pipes
     assert any(m.startswith("pipeline deform_conv_") for m in pipes), pipes
-    plans = [r.getMessage() for r in records if r.name == "vkconv.plan"]
+    plans = [r.getMessage() for r in records if r.name == "vkconv.runtime.plan"]
     assert len(plans) == 1 and "(1, 4, 6, 5)" in plans[0]
-    dispatches = [r.getMessage() for r in records if r.name == "vkconv.command"]
+    dispatches = [r.getMessage() for r in records if r.name == "vkconv.runtime.command"]
     assert len(dispatches) >= 1 and all(m.startswith(("dispatch deform_conv_", "dispatch conv2d_rows")) for m in dispatches)
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 import vkconv
-from vkconv._spirv import SPIRV
+from vkconv.runtime._spirv import SPIRV
 
 ROOT = Path(__file__).resolve().parent.parent
 # pip/build output that means the package index could not be used, rather than a packaging bug.
@@ -86,12 +86,12 @@ def test_wheel_is_pure_python_with_the_embedded_spirv(dist):
         names = set(z.namelist())
         meta = z.read(f"vkconv-{vkconv.__version__}.dist-info/METADATA").decode()
         entry_points = z.read(f"vkconv-{vkconv.__version__}.dist-info/entry_points.txt").decode()
-        spirv = z.read("vkconv/_spirv.py")
-    assert {"vkconv/__init__.py", "vkconv/_spirv.py", "vkconv/cli.py", "cv_plugin/__init__.py",
+        spirv = z.read("vkconv/runtime/_spirv.py")
+    assert {"vkconv/__init__.py", "vkconv/runtime/_spirv.py", "cv_plugin/cli.py", "cv_plugin/__init__.py",
             "cv_plugin/demo.py"} <= names
     assert not any(n.startswith(("tests/", "shaders/")) or n.endswith((".so", ".pyd")) for n in names)
     assert spirv == (ROOT / "vkconv" / "_spirv.py").read_bytes()  # every compiled shader, as checked in
-    assert "vkconv = vkconv.cli:main" in entry_points
+    assert "vkconv = cv_plugin.cli:main" in entry_points
     requires = [line.split(":", 1)[1].strip() for line in meta.splitlines() if line.startswith("Requires-Dist:")]
     for dep in ("numpy", "vulkan", "onnx"):
         assert any(r.startswith(dep) and "extra" not in r for r in requires), requires
@@ -104,7 +104,7 @@ def test_sdist_can_rebuild_the_shaders(dist):
     sdist = _one(dist, "*.tar.gz")
     with tarfile.open(sdist) as t:
         names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
-    assert {"pyproject.toml", "README.md", "build_shaders.py", "vkconv/_spirv.py",
+    assert {"pyproject.toml", "README.md", "build_shaders.py", "vkconv/runtime/_spirv.py",
             "shaders/include/activation.glsl", "tests/conftest.py", "tests/oracles.py"} <= names
     assert any(n.startswith("shaders/") and n.endswith(".comp") for n in names)
 
@@ -130,8 +130,8 @@ def test_wheel_runs_in_a_fresh_virtualenv(dist, tmp_path):
     assert version == vkconv.__version__
     assert all(Path(f).is_relative_to(venv) for f in files), files
 
-    res = _run([py, "-c", "import vkconv._spirv as s; print(len(s.SPIRV))"], cwd=work, env=env,
-               what="import vkconv._spirv", timeout=120)
+    res = _run([py, "-c", "import vkconv.runtime._spirv as s; print(len(s.SPIRV))"], cwd=work, env=env,
+               what="import vkconv.runtime._spirv", timeout=120)
     assert int(res.stdout) == len(SPIRV)
 
     res = _run([py, "-m", "cv_plugin.demo", "--size", "64", "--runs", "1"], cwd=work, env=env,

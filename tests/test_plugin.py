@@ -12,14 +12,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import conformance_root, needs_opencv_layers
 from onnx import TensorProto, helper, numpy_helper
+from oracles import assert_close
 
 import cv_plugin
 import vkconv
-from conftest import conformance_root, needs_opencv_layers
 from cv_plugin import compat, zoo
-from oracles import assert_close
-
 
 pytestmark = needs_opencv_layers()
 

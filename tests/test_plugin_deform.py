@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from onnx import TensorProto, helper, numpy_helper
-
-import cv_plugin
 from conftest import needs_opencv_layers
 from deform_reference import deform_conv_ref
+from onnx import TensorProto, helper, numpy_helper
 from oracles import assert_close
 from test_plugin import _cases, run_conformance_case
+
+import cv_plugin
 
 pytestmark = needs_opencv_layers()
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import needs_opencv_layers
+from oracles import assert_close
 
 import cv_plugin
-from conftest import needs_opencv_layers
 from cv_plugin import compat, zoo
-from oracles import assert_close
 
 pytestmark = needs_opencv_layers()
 

@@ -3,10 +3,9 @@ concurrent nets give bit-identical results (issue: reliability). Full counts: be
 from __future__ import annotations
 
 import numpy as np
-import pytest
+from conftest import needs_opencv_layers
 
 from cv_plugin import soak
-from conftest import needs_opencv_layers
 
 pytestmark = needs_opencv_layers()
 

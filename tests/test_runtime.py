@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 
 import vkconv
-from vkconv import _spirv
-from vkconv.buffer import Buffer, upload_constant
-from vkconv.command import CommandBuffer
-from vkconv.context import Context, DeviceInfo, choose_device
-from vkconv.errors import NoDeviceError, VkconvError
-from vkconv.pipeline import DescriptorSet
+from vkconv.runtime import _spirv
+from vkconv.runtime.buffer import Buffer
+from vkconv.runtime.command import CommandBuffer
+from vkconv.runtime.context import Context, DeviceInfo, choose_device
+from vkconv.runtime.errors import NoDeviceError, VkconvError
+from vkconv.runtime.pipeline import DescriptorSet, get_pipeline
+from vkconv.runtime.transfer import upload_constant
 
 ROOT = Path(__file__).resolve().parent.parent
 # Raw pipelines below bind more buffers and push-constant bytes than the conv shader uses (legal
@@ -103,10 +104,10 @@ def test_pipeline_cache_reuse(ctx):
         op(x)
     assert ctx.stats["pipelines_created"] == created, "same shader + spec built a second pipeline"
     # The lookup itself returns the very same object for the same key ...
-    p = ctx.pipeline(SHADER, N_BUFFERS, PUSH, (64, 1, 1, 1))
-    assert ctx.pipeline(SHADER, N_BUFFERS, PUSH, (64, 1, 1, 1)) is p
+    p = get_pipeline(ctx, SHADER, N_BUFFERS, PUSH, (64, 1, 1, 1))
+    assert get_pipeline(ctx, SHADER, N_BUFFERS, PUSH, (64, 1, 1, 1)) is p
     # ... and a different specialization is a different pipeline.
-    assert ctx.pipeline(SHADER, N_BUFFERS, PUSH, (64, 1, 1, 6)) is not p
+    assert get_pipeline(ctx, SHADER, N_BUFFERS, PUSH, (64, 1, 1, 6)) is not p
 
 
 def test_functional_conv_reuses_pipelines():
@@ -171,7 +172,7 @@ def test_closing_a_context_destroys_its_objects_and_refuses_reuse():
     with pytest.raises(VkconvError, match="closed"):
         Buffer(c, 64)
     with pytest.raises(VkconvError, match="closed"):
-        c.pipeline(SHADER, N_BUFFERS, PUSH, (64, 1, 1, 0))
+        get_pipeline(c, SHADER, N_BUFFERS, PUSH, (64, 1, 1, 0))
     with pytest.raises(VkconvError, match="closed"):
         vkconv.Conv(_weights(rng), ctx=c)
     op.close()
@@ -194,7 +195,7 @@ _VK_TYPES = {"other": 0, "integrated": 1, "discrete": 2, "virtual": 3, "cpu": 4}
 
 def _fake(index: int, name: str, kind: str, compute: bool = True) -> DeviceInfo:
     """A DeviceInfo as _describe would build it for a device of Vulkan type ``kind``."""
-    from vkconv.context import _TYPE_RANK
+    from vkconv.runtime.context import _TYPE_RANK
 
     return DeviceInfo(
         index=index, name=name, type=kind, api_version="1.3.0", driver_version=1, vendor_id=0,
@@ -287,12 +288,12 @@ def test_build_shaders_check_is_clean():
 
 
 def test_build_shaders_is_deterministic_and_check_detects_staleness(tmp_path):
-    """Built twice in a private copy (never touching the real vkconv/_spirv.py): identical bytes."""
+    """Built twice in a private copy (never touching the real vkconv/runtime/_spirv.py): identical bytes."""
     _need_glslang()
     shutil.copytree(ROOT / "shaders", tmp_path / "shaders")
     shutil.copy2(ROOT / "build_shaders.py", tmp_path / "build_shaders.py")
-    (tmp_path / "vkconv").mkdir()
-    out = tmp_path / "vkconv" / "_spirv.py"
+    (tmp_path / "vkconv" / "runtime").mkdir(parents=True)
+    out = tmp_path / "vkconv" / "runtime" / "_spirv.py"
 
     def run(*args):
         return subprocess.run([sys.executable, "build_shaders.py", *args], cwd=tmp_path,
@@ -324,8 +325,8 @@ def test_validation_layer_catches_an_incompatible_descriptor_set():
     try:
         vkconv.validation_messages(clear=True)
         spec = (64, 1, 1, 0)
-        pipeline = c.pipeline(SHADER, N_BUFFERS, PUSH, spec)
-        other = c.pipeline(SHADER, N_BUFFERS + 1, PUSH, spec)  # an unused extra binding is legal
+        pipeline = get_pipeline(c, SHADER, N_BUFFERS, PUSH, spec)
+        other = get_pipeline(c, SHADER, N_BUFFERS + 1, PUSH, spec)  # an unused extra binding is legal
         assert vkconv.validation_messages() == []  # the setup itself is clean
         dset = DescriptorSet(other, [Buffer(c, 64) for _ in range(N_BUFFERS + 1)])
         with CommandBuffer(c) as cmd:

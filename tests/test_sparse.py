@@ -18,10 +18,10 @@ import zlib
 
 import numpy as np
 import pytest
+from oracles import assert_close, onnx_reference
 
 import vkconv
-from oracles import assert_close, onnx_reference
-from vkconv.sparse_rulebook import build_rulebook, make_geometry, reference_rulebook
+from vkconv.ops.sparse.rulebook import build_rulebook, make_geometry, reference_rulebook
 
 REL = 1e-4
 
@@ -254,8 +254,8 @@ def test_rulebook_device_equals_numpy():
 def test_device_prefix_scan(n):
     """The rulebook's exclusive scan over one and two levels of blocks (128 x 1024 values per
     block; the tree code is the same at every level), in place."""
-    from vkconv.sparse_device import Recording
-    from vkconv.sparse_rulebook import record_scan
+    from vkconv.ops.sparse.device import Recording
+    from vkconv.ops.sparse.rulebook import record_scan
 
     values = np.random.default_rng(n).integers(0, 5, n).astype(np.int32)
     with Recording(vkconv.get_context()) as rec:
@@ -320,8 +320,8 @@ TILES = [(2, 4, False, False, True), (1, 8, False, False, True), (8, 2, True, Tr
 def test_every_tile_shape_matches_dense(monkeypatch, rows, cb, share, scheduled, texel):
     """SubM, strided and inverse convolutions with the tile forced: 40 output channels (10 vec4,
     packed to 16, so some channel blocks hold no channel), against the dense references."""
-    import vkconv.sparse as sparse_module
-    import vkconv.sparse_conv as sparse_conv
+    import vkconv.ops.sparse.conv as sparse_conv
+    import vkconv.ops.sparse.tensor as sparse_module
 
     # up to 16 output channels the weights are packed to cout4 vec4s, which the block must divide
     monkeypatch.setattr(sparse_conv, "choose_tile", lambda ctx, cout4, scheduled: sparse_conv.Tile(
@@ -365,7 +365,7 @@ def test_schedule_changes_no_bit():
 def test_buffer_pool_reuses_and_evicts(monkeypatch):
     """Released buffers come back for a request of their size class; past POOL_BYTES the least
     recently released are closed."""
-    from vkconv import sparse_device
+    from vkconv.ops.sparse import device as sparse_device
 
     ctx = vkconv.get_context()
     a = sparse_device.lease(ctx, 100_000, "a")

@@ -13,10 +13,10 @@ import math
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-
-import cv_plugin
 from oracles import assert_close
 from test_sparse import activate, dense_conv3d, occupancy, random_sites
+
+import cv_plugin
 
 REL = 1e-4
 SPATIAL = (21, 40, 36)
@@ -160,10 +160,10 @@ def test_subm_layer_through_cv2(cloud):
 
 
 def test_encoder_without_opencv_matches_layer_by_layer_api(cloud):
-    """vkconv.sparse_encoder.SparseEncoder (device-resident chain) equals the same layers run one
+    """vkconv.ops.sparse.encoder.SparseEncoder (device-resident chain) equals the same layers run one
     by one through the numpy API; an empty cloud gives an all-zero map."""
     import vkconv
-    from vkconv.sparse_encoder import EncoderLayer, SparseEncoder
+    from vkconv.ops.sparse.encoder import EncoderLayer, SparseEncoder
 
     features, idx = cloud
     weights = make_weights(np.random.default_rng(25), 4, SECOND)

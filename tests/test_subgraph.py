@@ -6,13 +6,12 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from oracles import assert_close
 
 import cv_plugin
 import vkconv
 from cv_plugin import compat, soak, zoo
 from cv_plugin.subgraph import SubgraphOp, partition
-
-from oracles import assert_close
 
 
 def _cpu(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:

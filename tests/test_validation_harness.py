@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 
 import vkconv
-from vkconv.buffer import Buffer
-from vkconv.command import CommandBuffer
-from vkconv.context import Context
+from vkconv.runtime.buffer import Buffer
+from vkconv.runtime.command import CommandBuffer
+from vkconv.runtime.context import Context
+
 pytest_plugins = ["pytester"]
 
 def _validated_context() -> Context:
@@ -38,16 +39,16 @@ def test_sync_validation_reports_a_missing_barrier():
 
 PLANTED = '''
 import vkconv
-from vkconv.buffer import Buffer
-from vkconv.command import CommandBuffer
-from vkconv.context import Context
-from vkconv.pipeline import DescriptorSet
+from vkconv.runtime.buffer import Buffer
+from vkconv.runtime.command import CommandBuffer
+from vkconv.runtime.context import Context
+from vkconv.runtime.pipeline import DescriptorSet, get_pipeline
 
 
 def test_planted_error():
     ctx = Context(validation=True)
-    pipe = ctx.pipeline("conv2d", 4, 128, (64, 1, 1, 0))
-    other = ctx.pipeline("conv2d", 5, 128, (64, 1, 1, 0))
+    pipe = get_pipeline(ctx, "conv2d", 4, 128, (64, 1, 1, 0))
+    other = get_pipeline(ctx, "conv2d", 5, 128, (64, 1, 1, 0))
     dset = DescriptorSet(other, [Buffer(ctx, 64) for _ in range(5)])
     with CommandBuffer(ctx) as cmd:
         with cmd.recording():

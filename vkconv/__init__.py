@@ -1,21 +1,28 @@
 """vkconv: ONNX-exact convolutions as GLSL compute shaders on any Vulkan device.
 
-Arrays in, arrays out (numpy float32, NCHW).  The SPIR-V is embedded (``vkconv/_spirv.py``), so no
+Arrays in, arrays out (numpy float32, NCHW).  The SPIR-V is embedded (``vkconv/runtime/_spirv.py``), so no
 shader compiler is needed at run time.  See ``python -m vkconv info`` for the devices.
 """
 from __future__ import annotations
 
-from .activation import Activation
-from .context import Context, DeviceInfo, close_context, get_context, list_devices, validation_messages
-from .conv import Conv, conv
-from .conv_lstm import ConvLSTM2D, conv_lstm2d
-from .conv_transpose import ConvTranspose, conv_transpose
-from .deform_conv import DeformConv, deform_conv
-from .errors import NoDeviceError, ValidationError, VkconvError
-from .graph import Graph
-from .log import configure_logging
-from .shapes import resolve_auto_pad
-from .sparse import SparseTensor, gather_rows, scatter_add_rows, sparse_conv3d, sparse_inverse_conv3d, subm_conv3d
+from vkconv.graph.executor import Graph
+from vkconv.kernels.activation import Activation
+from vkconv.kernels.shapes import resolve_auto_pad
+from vkconv.ops.conv.op import Conv, conv
+from vkconv.ops.conv_lstm import ConvLSTM2D, conv_lstm2d
+from vkconv.ops.conv_transpose import ConvTranspose, conv_transpose
+from vkconv.ops.deform_conv import DeformConv, deform_conv
+from vkconv.ops.sparse.tensor import (
+    SparseTensor,
+    gather_rows,
+    scatter_add_rows,
+    sparse_conv3d,
+    sparse_inverse_conv3d,
+    subm_conv3d,
+)
+from vkconv.runtime.context import Context, DeviceInfo, close_context, get_context, list_devices, validation_messages
+from vkconv.runtime.errors import NoDeviceError, ValidationError, VkconvError
+from vkconv.runtime.log import configure_logging
 
 __version__ = "0.1.0"
 

@@ -1,6 +1,6 @@
 """``python -m vkconv``: the same command line as the ``vkconv`` script."""
 import sys
 
-from .cli import main
+from cv_plugin.cli import main
 
 sys.exit(main())

@@ -1,0 +1,803 @@
+"""Convolution kernels and their selection by shape: host side of ``shaders/conv2d*.comp``.
+
+Every kernel computes ONNX ``Conv`` on NC[D][H]W float32 data lifted to 3-D (a 1-D convolution has
+unit depth and height, a 2-D one unit depth) and fuses bias and activation:
+
+``direct`` (conv2d.comp)
+    4 output channels x 4 pixels per invocation, reading the input in place with bounds checks.
+    Slow, but needs no scratch memory: the fallback when a padded copy would not fit.
+``implicit_gemm`` (conv2d_pack.comp + conv2d_rows.comp)
+    the input is first copied zero-padded with 4-aligned rows; then each invocation computes an
+    MB output channels x PB pixels register tile from aligned vec4 row segments.
+``gemm1x1`` (conv2d_rows.comp)
+    1x1, stride 1, no padding: the same kernel over the whole image seen as one row, a plain GEMM
+    (no padded copy when the image size is a multiple of 4).
+``depthwise`` (conv2d_pack.comp + conv2d_depthwise.comp)
+    group == input channels, any channel multiplier.
+``winograd`` (conv2d_winograd.comp)
+    F(4x4, 3x3) for 3x3 stride-1 undilated 2-D convolutions: input transform, 36 batched GEMMs,
+    output transform.
+``tiled`` (conv2d_tiled.comp)
+    GPU-style implicit GEMM: a TM output channels x TN pixels tile per workgroup, K walked in
+    strips through shared memory, an RM x RN register tile per invocation, the input read in place.
+    Chosen instead of ``implicit_gemm`` on non-CPU devices.
+
+Tile sizes and local sizes are specialization constants chosen from the device (:func:`tuning`).
+The operands are read through uniform texel buffers where the device allows
+(:mod:`vkconv.runtime.pipeline` says why), else through storage buffers; ``VKCONV_CONV_TEXEL=0``
+forces storage buffers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from vkconv.kernels.activation import Activation
+from vkconv.runtime.buffer import Buffer
+from vkconv.runtime.command import CommandBuffer
+from vkconv.runtime.context import Context
+from vkconv.runtime.errors import VkconvError
+from vkconv.runtime.pipeline import STORAGE, TEXEL1, TEXEL4, TEXEL4H, DescriptorSet, get_pipeline, texel_fits
+from vkconv.runtime.plan import Plan, closed_on_error
+from vkconv.runtime.transfer import upload_constant
+
+log = logging.getLogger(__name__)
+
+KERNELS = ("direct", "implicit_gemm", "gemm1x1", "depthwise", "winograd", "tiled")
+
+_PUSH_DIRECT = struct.Struct("<22i2f")
+_PUSH_ROWS = struct.Struct("<20i2f")
+_PUSH_DEPTHWISE = struct.Struct("<18i2f")
+_PUSH_PACK = struct.Struct("<10i")
+_PUSH_TILED = struct.Struct("<18i2f")
+
+
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Geometry:
+    """One convolution at one input shape, lifted to 3-D: every triple is (depth, height, width)."""
+
+    n: int
+    group: int
+    cin_g: int
+    cout_g: int
+    size: tuple[int, int, int]
+    kernel: tuple[int, int, int]
+    strides: tuple[int, int, int]
+    dilations: tuple[int, int, int]
+    pad_begin: tuple[int, int, int]
+    pad_end: tuple[int, int, int]
+    out: tuple[int, int, int]
+    x_shape: tuple[int, ...]
+    y_shape: tuple[int, ...]
+
+    @classmethod
+    def lift(cls, x_shape, weight_shape, group: int, strides, dilations, pads, y_shape) -> Geometry:
+        nd = len(x_shape) - 2
+
+        def three(values, unit):
+            return (unit,) * (3 - nd) + tuple(int(v) for v in values)
+
+        return cls(n=int(x_shape[0]), group=group, cin_g=int(weight_shape[1]),
+                   cout_g=int(weight_shape[0]) // group, size=three(x_shape[2:], 1),
+                   kernel=three(weight_shape[2:], 1), strides=three(strides, 1),
+                   dilations=three(dilations, 1), pad_begin=three(pads[:nd], 0),
+                   pad_end=three(pads[nd:], 0), out=three(y_shape[2:], 1),
+                   x_shape=tuple(x_shape), y_shape=tuple(y_shape))
+
+    @property
+    def pointwise(self) -> bool:
+        """1x1 kernel, stride 1, no padding: the output pixels are the input pixels."""
+        return (self.kernel == (1, 1, 1) and self.strides == (1, 1, 1)
+                and self.pad_begin == (0, 0, 0) and self.pad_end == (0, 0, 0))
+
+    @property
+    def winograd_shape(self) -> bool:
+        """3x3 2-D (or 1x3x3 3-D with unit depth), stride 1, no dilation."""
+        return (self.kernel == (1, 3, 3) and self.strides == (1, 1, 1)
+                and self.dilations == (1, 1, 1) and self.size[0] == 1)
+
+
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Tuning:
+    """Launch shapes chosen from the device: local size and register-tile sizes."""
+
+    local_size: int
+    max_tile: int  # MB * PB bound: register-tile floats per invocation
+    texel: bool    # read operands through texel buffers
+    fp16: bool = False  # keep weights as fp16 (RGBA16F texel views); arithmetic stays fp32
+
+
+def tuning(ctx: Context, fp16: bool | None = None) -> Tuning:
+    """Tile sizes by device type, and the weight storage precision.
+
+    On a CPU device (lavapipe) an invocation is one SIMD lane of a loop the JIT unrolls; loads are
+    expensive and registers spill cheaply to L1, so big register tiles (16x16) win. A GPU has a
+    register file per thread and needs occupancy: at most 32 accumulators per invocation.
+    ``fp16``: None follows ``VKCONV_FP16=1`` (ignored, with a log line, where the device cannot read
+    RGBA16F texel buffers); True on such a device is an error.
+    """
+    big = ctx.info.type == "cpu"
+    texel = os.environ.get("VKCONV_CONV_TEXEL", "1") not in ("0", "")
+    if fp16 is None:
+        fp16 = os.environ.get("VKCONV_FP16", "") == "1"
+        if fp16 and not ctx.info.fp16_texel:
+            log.info("VKCONV_FP16=1 ignored: %s cannot read RGBA16F texel buffers", ctx.info.name)
+            fp16 = False
+    elif fp16 and not ctx.info.fp16_texel:
+        raise VkconvError(f"fp16: {ctx.info.name} cannot read RGBA16F texel buffers")
+    return Tuning(local_size=ctx.local_size(), max_tile=256 if big else 32, texel=texel,
+                  fp16=bool(fp16) and texel)
+
+
+class ResidentWeights:
+    """Packed weights kept on the device for texel or storage reads.
+
+    With ``fp16`` the device copy is float16, read through an RGBA16F view (half the memory and
+    weight bandwidth; each weight rounded once, accumulation stays fp32); a float32 copy is made only
+    if a plan has to fall back to storage buffers, which cannot convert halves.
+    """
+
+    def __init__(self, ctx: Context, packed: np.ndarray, name: str, fp16: bool):
+        self.ctx, self.name, self.size = ctx, name, packed.nbytes  # size: fp32 bytes, for texel_fits
+        self._packed: np.ndarray | None = packed if fp16 else None
+        self.half = upload_constant(ctx, packed.astype(np.float16), name + " (fp16)", texel=True) \
+            if fp16 else None
+        self.full = None if fp16 else upload_constant(ctx, packed, name, texel=True)
+
+    def binding(self, texel: bool) -> tuple[Buffer, str]:
+        """The buffer and binding kind a plan reading through texels (or not) binds."""
+        if texel and self.half is not None:
+            return self.half, TEXEL4H
+        if self.full is None:
+            assert self._packed is not None
+            self.full = upload_constant(self.ctx, self._packed, self.name, texel=True)
+            self._packed = None
+        return self.full, TEXEL4 if texel else STORAGE
+
+    def close(self) -> None:
+        for buf in (self.half, self.full):
+            if buf is not None:
+                buf.close()
+        self.half = self.full = None
+
+
+
+# Relative throughput of the rows kernel for (MB, PB) register tiles, measured on lavapipe over
+# 1x1 GEMMs and 3x3 convolutions (stride 1 and 2); larger tiles (12x20, 20x12, 24x8, 16x32) were
+# no faster or spilled. A GPU only sees the tiles its max_tile allows.
+_ROWS_SPEED = {(16, 16): 1.0, (16, 8): 0.85, (8, 16): 0.8, (8, 32): 0.8, (16, 4): 0.6, (4, 32): 0.6,
+               (8, 8): 0.6, (4, 16): 0.5, (8, 4): 0.35, (4, 8): 0.35, (4, 4): 0.25}
+_DEPTHWISE_SPEED = {16: 1.0, 8: 0.8, 4: 0.5}
+
+
+def choose_mb(cout_g: int, tune: Tuning) -> int:
+    """Output channels per invocation: the block whose fastest allowed tile is fastest net of the
+    zero-padded part of the last block."""
+    best = None
+    for mb in sorted({m for m, _ in _ROWS_SPEED}, reverse=True):
+        speeds = [s for (m, pb), s in _ROWS_SPEED.items() if m == mb and m * pb <= tune.max_tile]
+        if not speeds:
+            continue
+        score = max(speeds) * max(cout_g, 1) / max(-(-cout_g // mb) * mb, 1)
+        if best is None or score > best[0]:
+            best = (score, mb)
+    assert best is not None  # _ROWS_SPEED has a 4 x 4 tile, within every max_tile (>= 32)
+    return best[1]
+
+
+def choose_pb(mb: int, out_w: int, tune: Tuning, speeds=_ROWS_SPEED) -> int:
+    """Pixels per invocation for ``mb`` channels: fastest tile net of the partial last tile."""
+    best = None
+    for (m, pb), speed in speeds.items():
+        if m != mb or m * pb > tune.max_tile:
+            continue
+        padded = -(-out_w // pb) * pb
+        score = speed * out_w / padded
+        if best is None or score > best[0]:
+            best = (score, pb)
+    return best[1] if best else 4
+
+
+def dispatch_grid(ctx: Context, invocations: int, local: int, z: int, what: str) -> tuple[int, int, int]:
+    """Workgroup counts covering ``invocations`` flat invocations (x, y) times ``z``, for the
+    shaders' ``flat_invocation()`` (shaders/include/grid.glsl)."""
+    limit = ctx.info.max_workgroup_count
+    total = max(1, -(-invocations // local))
+    gx = min(total, limit[0])
+    gy = -(-total // gx)
+    if gy > limit[1] or z > limit[2]:
+        raise VkconvError(f"{what}: ({gx}, {gy}, {z}) workgroups exceed the device's "
+                          f"maxComputeWorkGroupCount {limit}")
+    return gx, gy, z
+
+
+# ---------------------------------------------------------------------------------------------
+def pack_oc_blocks(w: np.ndarray, group: int, mb: int) -> np.ndarray:
+    """``[C_out, C_in/g, kd, kh, kw]`` -> ``[g][ceil(C_out/g / mb)][C_in/g][kd][kh][kw][mb]``,
+    output channels zero-padded to whole blocks, so kernels load ``mb / 4`` vec4s per tap."""
+    cout, cin_g = w.shape[:2]
+    k = w.shape[2:]
+    cout_g = cout // group
+    blocks = -(-cout_g // mb)
+    padded = np.zeros((group, blocks * mb, cin_g, *k), np.float32)
+    padded[:, :cout_g] = w.reshape(group, cout_g, cin_g, *k)
+    padded = padded.reshape(group, blocks, mb, cin_g, *k)
+    return np.ascontiguousarray(np.moveaxis(padded, 2, -1))
+
+
+def pack_bias_blocks(b: np.ndarray | None, cout: int, group: int, mb: int) -> np.ndarray:
+    """``[C_out]`` -> ``[g][blocks * mb]``, zero-padded like :func:`pack_oc_blocks`."""
+    cout_g = cout // group
+    blocks = -(-cout_g // mb)
+    packed = np.zeros((group, blocks * mb), np.float32)
+    if b is not None:
+        packed[:, :cout_g] = b.reshape(group, cout_g)
+    return packed
+
+
+class ConvPlan(Plan):
+    """A :class:`Plan` whose input can also be read as a texel buffer, with ``slack`` spare bytes
+    after it (row-segment loads of a last partial tile stay inside the buffer)."""
+
+    def __init__(self, ctx: Context, x_shape, y_shape, slack: int = 0):
+        super().__init__(ctx, [], [("conv output", y_shape)])
+        with closed_on_error(self):
+            self.inputs.append(Buffer(ctx, 4 * math.prod(x_shape) + slack, staged=True, texel=True,
+                                      name="conv input x"))
+        self.input_shapes.append(tuple(x_shape))
+
+
+# ---------------------------------------------------------------------------------------------
+class Kernel:
+    """A kernel with resident packed weights; :meth:`plan` records one input shape."""
+
+    name = ""
+
+    def __init__(self, ctx: Context, w: np.ndarray, b: np.ndarray | None, group: int,
+                 activation: Activation, tune: Tuning):
+        self.ctx, self.group, self.act, self.tune = ctx, group, activation, tune
+        self.cout, self.cin_g = w.shape[:2]
+        self.cout_g = self.cout // group
+        self.buffers: list[Buffer | ResidentWeights] = []
+
+    def fits(self, geo: Geometry) -> bool:
+        """Whether this kernel's scratch buffers fit the device's limits at this shape."""
+        return True
+
+    def plan(self, geo: Geometry) -> ConvPlan:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        for buf in self.buffers:
+            buf.close()
+        self.buffers.clear()
+
+
+class DirectKernel(Kernel):
+    name = "direct"
+
+    def __init__(self, ctx, w, b, group, activation, tune):
+        super().__init__(ctx, w, b, group, activation, tune)
+        self.weights = upload_constant(ctx, pack_oc_blocks(w, group, 4), "conv weights")
+        self.bias = upload_constant(ctx, pack_bias_blocks(b, self.cout, group, 4), "conv bias")
+        self.buffers += [self.weights, self.bias]
+        self.pipeline = get_pipeline(ctx, "conv2d", 4, _PUSH_DIRECT.size,
+                                     (tune.local_size, 1, 1, activation))
+
+    def plan(self, geo: Geometry) -> ConvPlan:
+        ctx, ls = self.ctx, self.tune.local_size
+        plan = ConvPlan(ctx, geo.x_shape, geo.y_shape)
+        with closed_on_error(plan):
+            dset = DescriptorSet(self.pipeline, [plan.inputs[0], self.weights, self.bias, plan.outputs[0]])
+            plan.keep.append(dset)
+            blocks = -(-self.cout_g // 4)
+            groups = dispatch_grid(ctx, -(-math.prod(geo.out) // 4), ls, geo.n * geo.group * blocks,
+                                       "x (conv output size)")
+            push = _PUSH_DIRECT.pack(geo.cin_g, *geo.size, geo.cout_g, *geo.out, *geo.kernel, *geo.strides,
+                                     *geo.pad_begin, *geo.dilations, geo.group, blocks,
+                                     self.act.a, self.act.b)
+            plan.record(lambda cmd: cmd.dispatch(self.pipeline, dset, push, groups))
+        return plan
+
+
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Padded:
+    """Layout of the zero-padded, row-aligned input copy (conv2d_pack.comp); with ``pad`` (begin
+    pads D, H, W), the input itself read in place, its padding masked (dims then the input's)."""
+
+    planes: int
+    pd: int
+    ph: int
+    pw4: int
+    tiles_w: int
+    pad: tuple[int, int, int] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return 16 * self.planes * self.pd * self.ph * self.pw4
+
+
+def _padded(geo: Geometry, pb: int) -> _Padded:
+    """Padded dims such that every row segment of every tile (including the partial last one)
+    is inside its row: width >= last segment start + its vec4s, rounded to 4."""
+    kw, sw, dw = geo.kernel[2], geo.strides[2], geo.dilations[2]
+    tiles_w = -(-geo.out[2] // pb)
+    segv = ((pb - 1) * sw + (kw - 1) * dw + 4) // 4
+    width = geo.size[2] + geo.pad_begin[2] + geo.pad_end[2]
+    pw4 = max(-(-width // 4), (tiles_w - 1) * pb * sw // 4 + segv)
+    pd = geo.size[0] + geo.pad_begin[0] + geo.pad_end[0]
+    ph = geo.size[1] + geo.pad_begin[1] + geo.pad_end[1]
+    return _Padded(geo.n * geo.group * geo.cin_g, pd, ph, pw4, tiles_w)
+
+
+class _PaddedInputKernel(Kernel):
+    """Shared by the kernels that read the padded copy: the pack pass and texel/storage choice."""
+
+    def _use_texel(self, plan_bytes: list[int], texel_buffers: list[Buffer | ResidentWeights]) -> bool:
+        if not self.tune.texel:
+            return False
+        return (all(texel_fits(self.ctx, n) for n in plan_bytes)
+                and all(texel_fits(self.ctx, b.size) for b in texel_buffers))
+
+    def _pack(self, plan: ConvPlan, geo: Geometry, lay: _Padded, texel: bool):
+        """A padded texel buffer kept by the plan, and the recorder of the pass that fills it."""
+        ctx, ls = self.ctx, self.tune.local_size
+        padded = Buffer(ctx, lay.nbytes, texel=True, name="conv padded input")
+        plan.keep.append(padded)
+        texel_x = texel and texel_fits(ctx, plan.inputs[0].size, TEXEL1)
+        pipe = get_pipeline(ctx, "conv2d_pack" if texel_x else "conv2d_pack_ssbo",
+                                (TEXEL1 if texel_x else STORAGE, STORAGE), _PUSH_PACK.size, (ls, 1, 1))
+        dset = DescriptorSet(pipe, [plan.inputs[0], padded])
+        plan.keep.append(dset)
+        groups = dispatch_grid(ctx, lay.planes * lay.pd * lay.ph, ls, 1, "x (padded input size)")
+        push = _PUSH_PACK.pack(lay.planes, *geo.size, lay.pd, lay.ph, lay.pw4, *geo.pad_begin)
+
+        def record(cmd: CommandBuffer) -> None:
+            cmd.dispatch(pipe, dset, push, groups)
+            cmd.barrier()
+        return padded, record
+
+
+class RowsKernel(_PaddedInputKernel):
+    """``implicit_gemm``, or ``gemm1x1`` (``flat``): conv2d_rows.comp, see the module docstring."""
+
+    def __init__(self, ctx, w, b, group, activation, tune, flat: bool = False):
+        super().__init__(ctx, w, b, group, activation, tune)
+        self.name = "gemm1x1" if flat else "implicit_gemm"
+        self.flat = flat
+        self.mb = choose_mb(self.cout_g, tune)
+        self.weights = ResidentWeights(ctx, pack_oc_blocks(w, group, self.mb), "conv weights", tune.fp16)
+        self.bias = upload_constant(ctx, pack_bias_blocks(b, self.cout, group, self.mb), "conv bias")
+        self.buffers += [self.weights, self.bias]
+
+    def _geometry(self, geo: Geometry) -> Geometry:
+        if not self.flat:
+            return geo
+        if not geo.pointwise:
+            raise VkconvError("gemm1x1 needs a 1x1 kernel, stride 1 and no padding")
+        pixels = math.prod(geo.size)
+        one = (1, 1, 1)
+        return Geometry(geo.n, geo.group, geo.cin_g, geo.cout_g, (1, 1, pixels), one, one, one,
+                        (0, 0, 0), (0, 0, 0), (1, 1, pixels), geo.x_shape, geo.y_shape)
+
+    def _layout(self, geo: Geometry):
+        g = self._geometry(geo)
+        pb = choose_pb(self.mb, g.out[2], self.tune)
+        lay = _padded(g, pb)
+        # An image whose rows are whole vec4s is read in place: flat (a plain GEMM over one long
+        # row, the last tile reading slack past it) or with its padding masked by the shader.
+        in_place = g.size[2] % 4 == 0
+        if in_place:
+            lay = _Padded(lay.planes, 1, 1, g.size[2] // 4, lay.tiles_w) if self.flat else \
+                _Padded(lay.planes, *g.size[:2], g.size[2] // 4, lay.tiles_w, g.pad_begin)
+        return g, pb, lay, in_place
+
+    def fits(self, geo: Geometry) -> bool:
+        _, _, lay, in_place = self._layout(geo)
+        return in_place or lay.nbytes <= self.ctx.info.max_storage_buffer_range
+
+    def plan(self, geo: Geometry) -> ConvPlan:
+        g, pb, lay, in_place = self._layout(geo)
+        # Flat in place, the last tile's segment may run past the image: give the input buffer slack.
+        plan = ConvPlan(self.ctx, geo.x_shape, geo.y_shape, self.slack(pb, lay) if in_place and self.flat else 0)
+        with closed_on_error(plan):
+            texel = self._use_texel([plan.inputs[0].size if in_place else lay.nbytes], [self.weights])
+            if in_place:
+                source, pack = plan.inputs[0], None
+            else:
+                source, pack = self._pack(plan, g, lay, texel)
+            rows = self.rows_dispatch(plan, g, pb, lay, source, plan.outputs[0], texel)
+
+            def body(cmd: CommandBuffer) -> None:
+                if pack is not None:
+                    pack(cmd)
+                rows(cmd)
+            plan.record(body)
+        return plan
+
+    def tiled_operand(self, images: int, pixels: int) -> tuple[Geometry, int, _Padded]:
+        """A plain GEMM over an operand that its caller writes (deform_conv's sampled columns), laid
+        out tile-major: ``[images][group][tile][K][PB]`` floats, one invocation's K x PB block
+        contiguous (writers then fill whole cache lines; K is C_in/g of this ``flat`` kernel).
+
+        Put to the implicit-GEMM loop as a 1-channel input of ``tiles * K`` rows of PB pixels
+        convolved by a K x 1 kernel at stride K along H: kernel row ``ky`` of output row ``oy``
+        reads operand row ``ky`` of tile ``oy``, and the packed weights of a flat kernel
+        (``[C_out, K, 1, 1, 1]``) are already in that order.  Returns the geometry, PB and layout
+        for :meth:`rows_dispatch`, whose output is then ``[images][C_out][tiles * PB]``."""
+        pb = choose_pb(self.mb, pixels, self.tune)
+        tiles, k = -(-pixels // pb), self.cin_g
+        one, zero = (1, 1, 1), (0, 0, 0)
+        geo = Geometry(images, self.group, 1, self.cout_g, (1, tiles * k, pb), (1, k, 1), (1, k, 1), one,
+                       zero, zero, (1, tiles, pb), (images, self.group, tiles * k, pb),
+                       (images, self.cout, tiles, pb))
+        return geo, pb, _padded(geo, pb)
+
+    @staticmethod
+    def slack(pb: int, lay: _Padded) -> int:
+        """Bytes past a flat (``gemm1x1``) source that its last partial tile reads."""
+        return 16 * max(0, (lay.tiles_w - 1) * pb // 4 + pb // 4 - lay.pw4)
+
+    def rows_dispatch(self, plan: Plan, g: Geometry, pb: int, lay: _Padded, source: Buffer,
+                      output: Buffer, texel: bool):
+        """Bind ``source`` (``lay``) and ``output`` for conv2d_rows; the recorder of its dispatch."""
+        ctx, ls = self.ctx, self.tune.local_size
+        kw, sw, dw = g.kernel[2], g.strides[2], g.dilations[2]
+        kind = TEXEL4 if texel else STORAGE
+        weights, weight_kind = self.weights.binding(texel)
+        vec_out = g.out[2] % 4 == 0
+        masked = lay.pad is not None
+        pads = lay.pad or (0, 0, 0)
+        pipe = get_pipeline(ctx, "conv2d_rows" if texel else "conv2d_rows_ssbo",
+                            (kind, weight_kind, STORAGE, STORAGE), _PUSH_ROWS.size,
+                            (ls, 1, 1, self.act, self.mb, pb, kw, sw, dw, int(vec_out), int(masked),
+                             -pads[2] % 4))
+        dset = DescriptorSet(pipe, [source, weights, self.bias, output])
+        plan.keep.append(dset)
+        blocks = -(-self.cout_g // self.mb)
+        groups = dispatch_grid(ctx, lay.tiles_w * g.out[1] * g.out[0] * blocks, ls,
+                                   g.n * g.group, "x (conv output size)")
+        push = _PUSH_ROWS.pack(g.cin_g, g.cout_g, g.group, blocks, lay.pd, lay.ph, lay.pw4, *pads,
+                               g.kernel[0], g.kernel[1], g.strides[0], g.strides[1],
+                               g.dilations[0], g.dilations[1], *g.out, lay.tiles_w,
+                               self.act.a, self.act.b)
+        return lambda cmd: cmd.dispatch(pipe, dset, push, groups)
+
+
+class DepthwiseKernel(_PaddedInputKernel):
+    """``depthwise``: group == C_in (one input channel per group), any multiplier."""
+
+    name = "depthwise"
+
+    def __init__(self, ctx, w, b, group, activation, tune):
+        super().__init__(ctx, w, b, group, activation, tune)
+        if self.cin_g != 1:
+            raise VkconvError(f"depthwise needs one input channel per group, got {self.cin_g}")
+        kd, kh, kw = w.shape[2:]
+        kwv = -(-kw // 4)
+        packed = np.zeros((self.cout, kd, kh, 4 * kwv), np.float32)
+        packed[..., :kw] = w[:, 0]
+        self.weights = ResidentWeights(ctx, packed, "depthwise weights", tune.fp16)
+        bias = np.zeros(self.cout, np.float32) if b is None else b
+        self.bias = upload_constant(ctx, bias, "depthwise bias")
+        self.buffers += [self.weights, self.bias]
+
+    def _layout(self, geo: Geometry):
+        """(PB, the padded copy's layout, or None to read the input in place: its rows are whole
+        vec4s when the width is a multiple of 4)."""
+        pb = choose_pb(0, geo.out[2], self.tune, {(0, p): s for p, s in _DEPTHWISE_SPEED.items()})
+        return pb, None if geo.size[2] % 4 == 0 else _padded(geo, pb)
+
+    def fits(self, geo: Geometry) -> bool:
+        lay = self._layout(geo)[1]
+        return lay is None or lay.nbytes <= self.ctx.info.max_storage_buffer_range
+
+    def plan(self, geo: Geometry) -> ConvPlan:
+        ctx, ls = self.ctx, self.tune.local_size
+        pb, lay = self._layout(geo)
+        plan = ConvPlan(ctx, geo.x_shape, geo.y_shape)
+        with closed_on_error(plan):
+            if lay is None:
+                texel = self._use_texel([plan.inputs[0].size], [self.weights])
+                source, pack = plan.inputs[0], None
+                dims = (*geo.size[:2], geo.size[2] // 4)
+                tiles_w = -(-geo.out[2] // pb)
+            else:
+                texel = self._use_texel([lay.nbytes], [self.weights])
+                source, pack = self._pack(plan, geo, lay, texel)
+                dims, tiles_w = (lay.pd, lay.ph, lay.pw4), lay.tiles_w
+            kind = TEXEL4 if texel else STORAGE
+            weights, weight_kind = self.weights.binding(texel)
+            kw, sw, dw = geo.kernel[2], geo.strides[2], geo.dilations[2]
+            shift = -geo.pad_begin[2] % 4 if lay is None else 0
+            pipe = get_pipeline(ctx, "conv2d_depthwise" if texel else "conv2d_depthwise_ssbo",
+                                (kind, weight_kind, STORAGE, STORAGE), _PUSH_DEPTHWISE.size,
+                                (ls, 1, 1, self.act, 0, pb, kw, sw, dw, int(geo.out[2] % 4 == 0), int(lay is None),
+                                 shift))
+            dset = DescriptorSet(pipe, [source, weights, self.bias, plan.outputs[0]])
+            plan.keep.append(dset)
+            groups = dispatch_grid(ctx, tiles_w * geo.out[1] * geo.out[0] * self.cout, ls,
+                                               geo.n, "x (conv output size)")
+            push = _PUSH_DEPTHWISE.pack(geo.group, self.cout_g, *dims, *geo.pad_begin,
+                                        geo.kernel[0], geo.kernel[1], geo.strides[0], geo.strides[1],
+                                        geo.dilations[0], geo.dilations[1], *geo.out, tiles_w,
+                                        self.act.a, self.act.b)
+
+            def body(cmd: CommandBuffer) -> None:
+                if pack is not None:
+                    pack(cmd)
+                cmd.dispatch(pipe, dset, push, groups)
+            plan.record(body)
+        return plan
+
+
+# Winograd F(4x4, 3x3): y = A^T [ (G g G^T) . (B^T d B) ] A over 6x6 input / 4x4 output tiles.
+_WINOGRAD_G = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+                        [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]])
+_PUSH_WINOGRAD_IN = struct.Struct("<6i")
+_PUSH_WINOGRAD_OUT = struct.Struct("<6i2f")
+
+
+@dataclass(frozen=True)
+class _WinogradLayout:
+    tiles_h: int
+    tiles_q: int      # groups of 4 tiles along a row
+    ntp: int          # tiles per transformed plane (all images): n * tiles_h * 4 * tiles_q
+    padded: _Padded   # the input copy the input transform reads
+    gemm: Geometry    # the 36 GEMMs as one grouped 1x1 convolution over ntp pixels
+    pb: int
+    gemm_lay: _Padded
+
+
+class WinogradKernel(_PaddedInputKernel):
+    """``winograd``: input transform, 36 GEMMs (the ``gemm1x1`` kernel, grouped), output transform;
+    see shaders/conv2d_winograd.comp."""
+
+    name = "winograd"
+
+    def __init__(self, ctx, w, b, group, activation, tune):
+        super().__init__(ctx, w, b, group, activation, tune)
+        if w.shape[2:] != (1, 3, 3) or group != 1:
+            raise VkconvError(f"winograd needs 3x3 2-D weights and group 1, got {w.shape}, group={group}")
+        # U[a = 6i + k][co][ci] = (G g G^T)[i][k], in float64 then rounded once.
+        u = np.einsum("ij,ocjk,lk->iloc", _WINOGRAD_G, w[:, :, 0].astype(np.float64), _WINOGRAD_G)
+        u = u.reshape(36 * self.cout, self.cin_g, 1, 1, 1).astype(np.float32)
+        # fp32 even with fp16 weights requested: F(4,3)'s output transform multiplies the rounding
+        # of the transformed weights (measured: 4e-3 of the output's scale with fp16, 1e-5 with fp32).
+        self.gemm = RowsKernel(ctx, u, None, 36, Activation(), dataclasses.replace(tune, fp16=False), flat=True)
+        bias = np.zeros(self.cout, np.float32) if b is None else b
+        self.bias = upload_constant(ctx, bias, "winograd bias")
+        self.buffers += [self.bias]
+
+    def _layout(self, geo: Geometry) -> _WinogradLayout:
+        out_h, out_w = geo.out[1:]
+        tiles_h, tiles_q = -(-out_h // 4), -(-out_w // 16)
+        ntp = geo.n * tiles_h * 4 * tiles_q
+        h, w = geo.size[1:]
+        # Tile rows start at padded row 4 ty and column 4 tx (the image sits at the pads), and the
+        # last group of 4 tiles reads 6 rows x 5 vec4s.
+        ph = max(h + geo.pad_begin[1] + geo.pad_end[1], 4 * tiles_h + 2)
+        pw4 = max(-(-(w + geo.pad_begin[2] + geo.pad_end[2]) // 4), 4 * tiles_q + 1)
+        padded = _Padded(geo.n * geo.cin_g, 1, ph, pw4, tiles_q)
+        one = (1, 1, 1)
+        gemm = Geometry(1, 36, geo.cin_g, self.cout, (1, 1, ntp), one, one, one, (0, 0, 0), (0, 0, 0),
+                        (1, 1, ntp), geo.x_shape, geo.y_shape)
+        pb = choose_pb(self.gemm.mb, ntp, self.tune)
+        gemm_lay = _Padded(36 * geo.cin_g, 1, 1, ntp // 4, -(-ntp // pb))
+        return _WinogradLayout(tiles_h, tiles_q, ntp, padded, gemm, pb, gemm_lay)
+
+    def _sizes(self, geo: Geometry, lay: _WinogradLayout) -> list[int]:
+        """Bytes of the padded input, transformed input (with GEMM slack) and GEMM output."""
+        return [lay.padded.nbytes, 4 * 36 * geo.cin_g * lay.ntp + RowsKernel.slack(lay.pb, lay.gemm_lay),
+                4 * 36 * self.cout * lay.ntp]
+
+    def fits(self, geo: Geometry) -> bool:
+        return all(n <= self.ctx.info.max_storage_buffer_range for n in self._sizes(geo, self._layout(geo)))
+
+    def plan(self, geo: Geometry) -> ConvPlan:
+        ctx, ls = self.ctx, self.tune.local_size
+        lay = self._layout(geo)
+        sizes = self._sizes(geo, lay)
+        plan = ConvPlan(ctx, geo.x_shape, geo.y_shape)
+        with closed_on_error(plan):
+            texel = self._use_texel(sizes, [self.gemm.weights])
+            padded, pack = self._pack(plan, geo, lay.padded, texel)
+            v = Buffer(ctx, sizes[1], texel=True, name="winograd transformed input")
+            m = Buffer(ctx, sizes[2], texel=True, name="winograd transformed output")
+            plan.keep += [v, m]
+            kind = TEXEL4 if texel else STORAGE
+            suffix = "" if texel else "_ssbo"
+            pipe_in = get_pipeline(ctx, "conv2d_winograd_in" + suffix, (kind, STORAGE),
+                                       _PUSH_WINOGRAD_IN.size, (ls, 1, 1))
+            pipe_out = get_pipeline(ctx, "conv2d_winograd_out" + suffix, (kind, STORAGE, STORAGE),
+                                        _PUSH_WINOGRAD_OUT.size,
+                                        (ls, 1, 1, self.act, 0, 0, 0, 0, 0, int(geo.out[2] % 4 == 0)))
+            set_in = DescriptorSet(pipe_in, [padded, v])
+            set_out = DescriptorSet(pipe_out, [m, self.bias, plan.outputs[0]])
+            plan.keep += [set_in, set_out]
+            tile_rows = geo.n * lay.tiles_h
+            groups_in = dispatch_grid(ctx, geo.cin_g * tile_rows, ls, 1, "x (winograd input tiles)")
+            groups_out = dispatch_grid(ctx, self.cout * tile_rows, ls, 1, "x (winograd output tiles)")
+            push_in = _PUSH_WINOGRAD_IN.pack(geo.cin_g, lay.tiles_h, lay.tiles_q, lay.padded.ph,
+                                             lay.padded.pw4, lay.ntp)
+            push_out = _PUSH_WINOGRAD_OUT.pack(self.cout, lay.tiles_h, lay.tiles_q, *geo.out[1:], lay.ntp,
+                                               self.act.a, self.act.b)
+            gemm = self.gemm.rows_dispatch(plan, lay.gemm, lay.pb, lay.gemm_lay, v, m, texel)
+
+            def body(cmd: CommandBuffer) -> None:
+                pack(cmd)
+                cmd.dispatch(pipe_in, set_in, push_in, groups_in)
+                cmd.barrier()
+                gemm(cmd)
+                cmd.barrier()
+                cmd.dispatch(pipe_out, set_out, push_out, groups_out)
+            plan.record(body)
+        return plan
+
+    def close(self) -> None:
+        self.gemm.close()
+        super().close()
+
+
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TileShape:
+    """conv2d_tiled.comp's tiles: TM x TN per workgroup, K strips of TK, RM x RN per invocation."""
+
+    tm: int
+    tn: int
+    tk: int
+    rm: int
+    rn: int
+
+    @property
+    def invocations(self) -> int:
+        return (self.tm // self.rm) * (self.tn // self.rn)
+
+    @property
+    def shared_bytes(self) -> int:
+        """Both operand tiles plus the per-pixel origins (an ivec4 each)."""
+        return 4 * (self.tm * self.tk + self.tk * self.tn) + 16 * self.tn
+
+
+# Largest first: 64 x 64 reuses each loaded operand 64 times with 64 accumulators per invocation
+# (a GPU's register budget at good occupancy); smaller tiles for devices with fewer invocations or
+# less shared memory.
+_TILE_SHAPES = (TileShape(64, 64, 16, 8, 8), TileShape(32, 64, 16, 4, 8), TileShape(32, 32, 16, 4, 4),
+                TileShape(16, 16, 8, 4, 4))
+
+
+def choose_tiles(ctx: Context) -> TileShape:
+    """The largest tile within min(128, device) invocations per workgroup and min(16 KiB, device)
+    shared memory."""
+    info = ctx.info
+    invocations = min(128, info.max_workgroup_invocations, info.max_workgroup_size[0])
+    shared = min(16384, info.max_shared_memory)
+    for tile in _TILE_SHAPES:
+        if tile.invocations <= invocations and tile.shared_bytes <= shared:
+            return tile
+    raise VkconvError(f"tiled: {info.name} allows {invocations} invocations and {shared} bytes of shared "
+                      f"memory per workgroup, below the smallest tile's {_TILE_SHAPES[-1]}")
+
+
+class TiledKernel(Kernel):
+    """``tiled``: conv2d_tiled.comp, see the module docstring.  Weights are packed
+    ``[g][oc tile][K padded to TK][TM]`` (float32 even with ``fp16``: the kernel reads storage
+    buffers), with a table splitting each k into (input channel, dilated tap offsets)."""
+
+    name = "tiled"
+
+    def __init__(self, ctx, w, b, group, activation, tune):
+        super().__init__(ctx, w, b, group, activation, tune)
+        t = self.tile = choose_tiles(ctx)
+        kernel = w.shape[2:]
+        self.k_total = self.cin_g * math.prod(kernel)
+        self.oc_tiles = -(-self.cout_g // t.tm)
+        k_pad = -(-self.k_total // t.tk) * t.tk
+        packed = np.zeros((group, self.oc_tiles * t.tm, k_pad), np.float32)
+        packed[:, :self.cout_g, :self.k_total] = w.reshape(group, self.cout_g, self.k_total)
+        packed = packed.reshape(group, self.oc_tiles, t.tm, k_pad).transpose(0, 1, 3, 2)
+        self.weights = upload_constant(ctx, np.ascontiguousarray(packed), "tiled conv weights")
+        bias = np.zeros(self.cout, np.float32) if b is None else b
+        self.bias = upload_constant(ctx, bias, "tiled conv bias")
+        self.buffers += [self.weights, self.bias]
+        self._taps: dict[tuple[int, int, int], Buffer] = {}  # by dilations
+
+    def taps(self, geo: Geometry) -> Buffer:
+        """``[K]`` ivec4 (input channel, kz * d_d, ky * d_h, kx * d_w) in the weights' k order."""
+        buf = self._taps.get(geo.dilations)
+        if buf is None:
+            ci, kz, ky, kx = np.meshgrid(np.arange(self.cin_g), *(np.arange(k) for k in geo.kernel),
+                                         indexing="ij")
+            table = np.stack([ci, kz * geo.dilations[0], ky * geo.dilations[1], kx * geo.dilations[2]], -1)
+            buf = self._taps[geo.dilations] = upload_constant(
+                self.ctx, np.ascontiguousarray(table.reshape(-1, 4), np.int32), "tiled conv taps")
+            self.buffers.append(buf)
+        return buf
+
+    def plan(self, geo: Geometry) -> ConvPlan:
+        ctx, t = self.ctx, self.tile
+        plan = ConvPlan(ctx, geo.x_shape, geo.y_shape)
+        with closed_on_error(plan):
+            pipe = get_pipeline(ctx, "conv2d_tiled", 5, _PUSH_TILED.size,
+                                (t.invocations, 1, 1, self.act, t.tm, t.tn, t.tk, t.rm, t.rn))
+            dset = DescriptorSet(pipe, [plan.inputs[0], self.weights, self.taps(geo), self.bias,
+                                        plan.outputs[0]])
+            plan.keep.append(dset)
+            pix_tiles = -(-math.prod(geo.out) // t.tn)
+            groups = dispatch_grid(ctx, self.oc_tiles * pix_tiles, 1, geo.n * geo.group,
+                                       "x (conv output size)")
+            push = _PUSH_TILED.pack(geo.cin_g, geo.cout_g, geo.group, self.k_total, *geo.size, *geo.out,
+                                    *geo.strides, *geo.pad_begin, self.oc_tiles, pix_tiles,
+                                    self.act.a, self.act.b)
+            plan.record(lambda cmd: cmd.dispatch(pipe, dset, push, groups))
+        return plan
+
+    def close(self) -> None:
+        super().close()
+        self._taps.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+def eligible(name: str, geo: Geometry) -> str | None:
+    """Why kernel ``name`` cannot run ``geo`` (None if it can)."""
+    if name == "gemm1x1" and not geo.pointwise:
+        return "needs a 1x1 kernel, stride 1 and no padding"
+    if name == "depthwise" and not (geo.cin_g == 1 and geo.group > 1):
+        return "needs group == input channels (> 1)"
+    if name == "winograd" and not (geo.winograd_shape and geo.group == 1):
+        return "needs a 3x3 2-D kernel, stride 1, dilation 1, group 1"
+    return None
+
+
+GPU_TYPES = ("discrete", "integrated", "virtual")
+
+
+def select(geo: Geometry, device_type: str = "cpu") -> str:
+    """The kernel the shape calls for on a device of ``device_type`` (``DeviceInfo.type``), before
+    checking that its scratch buffers fit.  Implicit-GEMM shapes get ``tiled`` on GPUs (discrete,
+    integrated, virtual) and ``implicit_gemm`` on CPU devices, where shared memory and barriers are
+    slow (docs/PERFORMANCE.md)."""
+    if eligible("depthwise", geo) is None:
+        return "depthwise"
+    if eligible("gemm1x1", geo) is None:
+        return "gemm1x1"
+    if eligible("winograd", geo) is None and winograd_pays(geo):
+        return "winograd"
+    return "tiled" if device_type in GPU_TYPES else "implicit_gemm"
+
+
+def winograd_pays(geo: Geometry) -> bool:
+    """Winograd wins when the channel counts are large enough for its GEMMs to dominate the
+    transforms and the 36 GEMMs over the tile grid (padded to groups of 4 tiles along rows) do at
+    most half the multiplications of a direct convolution.  Measured on lavapipe: 0.3-0.6x the
+    implicit GEMM's time from 64 input channels on; ties or loses at 16-32 channels or 7x7 images."""
+    out_h, out_w = geo.out[1:]
+    tiles = geo.n * -(-out_h // 4) * 4 * -(-out_w // 16)
+    return (geo.cin_g >= 64 and geo.cout_g >= 32
+            and 36 * tiles <= 0.5 * 9 * geo.n * out_h * out_w)
+
+
+def make_kernel(name: str, ctx: Context, w: np.ndarray, b: np.ndarray | None, group: int,
+                activation: Activation, tune: Tuning) -> Kernel:
+    """Kernel ``name`` with weights ``w`` ``[C_out, C_in/g, kd, kh, kw]`` packed and uploaded."""
+    if name == "direct":
+        return DirectKernel(ctx, w, b, group, activation, tune)
+    if name in ("implicit_gemm", "gemm1x1"):
+        return RowsKernel(ctx, w, b, group, activation, tune, flat=name == "gemm1x1")
+    if name == "depthwise":
+        return DepthwiseKernel(ctx, w, b, group, activation, tune)
+    if name == "winograd":
+        return WinogradKernel(ctx, w, b, group, activation, tune)
+    if name == "tiled":
+        return TiledKernel(ctx, w, b, group, activation, tune)
+    raise ValueError(f"kernel: unknown {name!r}; expected one of {', '.join(KERNELS)}")

@@ -1,0 +1,363 @@
+"""Convolutional LSTM (Keras ``ConvLSTM2D``) on the device: host side of ``shaders/conv_lstm.comp``.
+
+Layouts: input ``x`` is ``[N, T, C, H, W]`` (time-major frames, each NCHW), weights are in Keras'
+own layouts (``kernel [kh, kw, C, 4F]``, ``recurrent_kernel [rkh, rkw, F, 4F]``, ``bias [4F]``, the
+4F axis holding the gates in Keras' order i, f, c, o), initial states ``h0``/``c0`` and the output
+frames are ``[N, F, H', W']``; all float32.  The output is ``[N, T, F, H', W']`` with
+``return_sequences`` and the last hidden state ``[N, F, H', W']`` without.
+
+Semantics are Keras 3's ``ConvLSTMCell``::
+
+    g = conv(x_t, kernel, strides, padding, dilation) + bias + conv_same(h_{t-1}, recurrent_kernel)
+    i, f, o = rec_act(g_i), rec_act(g_f), rec_act(g_o)
+    c_t = f * c_{t-1} + i * act(g_c);   h_t = o * act(c_t)
+
+The recurrent convolution is always "same"-padded with stride 1 and no dilation, as in Keras.
+
+The whole sequence is one recorded command buffer and one queue submit: the input convolution of
+all N*T frames in one dispatch, then one dispatch per time step (recurrent convolution fused with
+the gates), hidden and cell state staying in device buffers between steps.
+"""
+from __future__ import annotations
+
+import struct
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+
+from vkconv.kernels import shapes
+from vkconv.kernels.activation import Activation
+from vkconv.ops.base import ResidentOp
+from vkconv.runtime.buffer import Buffer
+from vkconv.runtime.context import Context, get_context
+from vkconv.runtime.pipeline import DescriptorSet, get_pipeline
+from vkconv.runtime.plan import Plan, PlanCache, closed_on_error
+from vkconv.runtime.transfer import upload_constant
+
+_PUSH = struct.Struct("<22i4f")
+# Compiled tiles: (pixels, filters) per invocation; each filter is a vec4 of its four gates.
+TILES = ((4, 1), (8, 2), (8, 4), (16, 8))
+_SIGMOID, _HARD_SIGMOID = Activation.parse("Sigmoid").kind, Activation.parse("HardSigmoid").kind
+
+# Keras activation names -> vkconv activation specs.  Keras 3's hard_sigmoid is relu6(x + 3) / 6,
+# not ONNX's default slope 0.2 (Keras 2's); pass ("HardSigmoid", 0.2, 0.5) for that one.
+KERAS_ACTIVATIONS = {
+    "linear": None,
+    "tanh": "Tanh",
+    "sigmoid": "Sigmoid",
+    "relu": "Relu",
+    "relu6": ("Clip", 0.0, 6.0),
+    "hard_sigmoid": ("HardSigmoid", 1.0 / 6.0, 0.5),
+    "hard_silu": "HardSwish",
+    "hard_swish": "HardSwish",
+    "leaky_relu": ("LeakyRelu", 0.2),
+}
+
+
+def keras_activation(name: str, spec) -> Activation:
+    """A Keras activation name (see :data:`KERAS_ACTIVATIONS`), or any
+    :meth:`vkconv.Activation.parse` spec such as ``("HardSigmoid", 0.2, 0.5)``."""
+    if isinstance(spec, str) and spec.lower() in KERAS_ACTIVATIONS:
+        return Activation.parse(KERAS_ACTIVATIONS[spec.lower()])
+    try:
+        return Activation.parse(spec)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}; Keras names: {', '.join(KERAS_ACTIVATIONS)}") from None
+
+
+def choose_tile(ctx: Context, filters: int) -> tuple[int, int]:
+    """(pixels, filters) per invocation, one of :data:`TILES`.
+
+    lavapipe runs 8 invocations per SIMD instruction and pays a gather per lane-varying load, so
+    the biggest register tile wins there: on the 64-filter layers of the next-frame model, 16 x 8
+    took 0.6-0.7x the time of 8 x 4 and 0.5x that of 8 x 2 (bigger tiles, 16 x 16 and 32 x 8,
+    measured no faster).  On GPUs a small tile keeps registers for occupancy (not measured on a GPU
+    yet).  Narrow layers get the smallest block that holds their filters.
+    """
+    if ctx.info.type != "cpu":
+        return TILES[0]
+    return next((t for t in TILES if t[1] >= filters), TILES[-1])
+
+
+def pack_gates(kernel: np.ndarray, fb: int) -> np.ndarray:
+    """Keras ``[kh, kw, C, 4F]`` -> ``[ceil(F / fb), C, kh, kw, fb, 4]`` (i, f, c, o per filter),
+    filters zero-padded to a multiple of ``fb``."""
+    kh, kw, cin, four_f = kernel.shape
+    f = four_f // 4
+    blocks = -(-f // fb)
+    gates = kernel.reshape(kh, kw, cin, 4, f).transpose(4, 2, 0, 1, 3)  # [F, C, kh, kw, 4]
+    packed = np.zeros((blocks * fb, cin, kh, kw, 4), np.float32)
+    packed[:f] = gates
+    return np.ascontiguousarray(packed.reshape(blocks, fb, cin, kh, kw, 4).transpose(0, 2, 3, 4, 1, 5))
+
+
+def pack_bias(bias: np.ndarray | None, filters: int, fb: int) -> np.ndarray:
+    """Keras ``[4F]`` (or no bias) -> ``[ceil(F / fb) * fb, 4]``, zero-padded."""
+    packed = np.zeros((-(-filters // fb) * fb, 4), np.float32)
+    if bias is not None:
+        packed[:filters] = bias.reshape(4, filters).T
+    return packed
+
+
+def output_shape(x_shape: Sequence[int], kernel_shape: Sequence[int], *, padding: str = "same",
+                 strides=1, dilation=1, return_sequences: bool = True) -> tuple[int, ...]:
+    """Output shape for ``x_shape`` ``[N, T, C, H, W]`` and a Keras kernel shape, without a device.
+
+    Unknown dimensions (<= 0, as OpenCV reports dynamic ones while importing a model) stay unknown.
+    ValueError names the argument when the shapes do not fit together.
+    """
+    geo = _Geometry(x_shape, kernel_shape, padding, strides, dilation, unknown_ok=True)
+    return geo.output(return_sequences)
+
+
+class _Geometry:
+    """Input-convolution sizes and pads of one input shape (Keras' "same" = ONNX SAME_UPPER).
+
+    With ``unknown_ok``, dimensions <= 0 are unknown: unchecked, and unknown in the output.
+    """
+
+    def __init__(self, x_shape, kernel_shape, padding, strides, dilation, *, unknown_ok: bool = False):
+        x_shape, kernel_shape = tuple(int(s) for s in x_shape), tuple(int(s) for s in kernel_shape)
+        if len(x_shape) != 5:
+            raise ValueError(f"x: expected rank 5 (N, T, C, H, W), got shape {x_shape}")
+        kh, kw, cin, four_f = kernel_shape
+        known = [s > 0 or not unknown_ok for s in x_shape]
+        if known[2] and x_shape[2] != cin:
+            raise ValueError(f"x: {x_shape[2]} channels, but kernel {kernel_shape} expects {cin}")
+        if known[1] and x_shape[1] < 1:
+            raise ValueError(f"x: needs at least one time step, got shape {x_shape}")
+        mode = {"same": "SAME_UPPER", "valid": "VALID"}.get(str(padding).lower())
+        if mode is None:
+            raise ValueError(f"padding: expected 'same' or 'valid', got {padding!r}")
+        self.strides = shapes.spatial("strides", strides, 2, minimum=1)
+        self.dilation = shapes.spatial("dilation", dilation, 2, minimum=1)
+        self.n, self.steps, self.cin = x_shape[:3]
+        self.in_hw = x_shape[3:]
+        self.filters = four_f // 4
+        pads = shapes.resolve_auto_pad(mode, self.in_hw, (kh, kw), self.strides, self.dilation)
+        assert pads is not None  # None only for NOTSET
+        self.pads = pads
+        self.out_hw = tuple(shapes.conv_out_size(s, k, st, self.pads[i], self.pads[i + 2], d) if ok else s
+                            for i, (s, k, st, d, ok) in enumerate(zip(self.in_hw, (kh, kw), self.strides,
+                                                                      self.dilation, known[3:])))
+        if any(o < 1 for o, ok in zip(self.out_hw, known[3:]) if ok):
+            raise ValueError(f"x: frames of {self.in_hw} are smaller than the dilated kernel {(kh, kw)} "
+                             f"(dilation {self.dilation}, padding {padding!r}); output would be "
+                             f"{self.out_hw}")
+
+    def output(self, return_sequences: bool) -> tuple[int, ...]:
+        state = (self.filters, *self.out_hw)
+        return (self.n, self.steps, *state) if return_sequences else (self.n, *state)
+
+
+class ConvLSTM2D(ResidentOp):
+    """A ConvLSTM2D layer whose weights stay on the device; call it with ``[N, T, C, H, W]``.
+
+    ``padding``: ``"same"`` or ``"valid"`` (input convolution only). ``activation``: the cell
+    activation, ``recurrent_activation``: ``"sigmoid"`` or ``"hard_sigmoid"`` (Keras 3's,
+    ``relu6(x + 3) / 6``) or ``("HardSigmoid", alpha, beta)``; see :func:`keras_activation`.
+    The first call at a new input shape records a command buffer; later calls reuse it.
+    """
+
+    def __init__(self, kernel: np.ndarray, recurrent_kernel: np.ndarray, bias: np.ndarray | None = None,
+                 *, padding: str = "same", strides=1, dilation=1, return_sequences: bool = True,
+                 activation="tanh", recurrent_activation="sigmoid", ctx: Context | None = None):
+        kernel = shapes.as_float32("kernel", kernel, 4)
+        if str(padding).lower() not in ("same", "valid"):
+            raise ValueError(f"padding: expected 'same' or 'valid', got {padding!r}")
+        self.padding = str(padding).lower()
+        self.strides = shapes.spatial("strides", strides, 2, minimum=1)
+        self.dilation = shapes.spatial("dilation", dilation, 2, minimum=1)
+        self.return_sequences = bool(return_sequences)
+        self.activation = keras_activation("activation", activation)
+        self.recurrent_activation = keras_activation("recurrent_activation", recurrent_activation)
+        if self.recurrent_activation.kind not in (_SIGMOID, _HARD_SIGMOID):
+            raise ValueError(f"recurrent_activation: expected sigmoid or hard_sigmoid, got "
+                             f"{recurrent_activation!r}")
+        self.ctx = ctx or get_context()
+        self.local_size = self.ctx.local_size()
+        self._plans = PlanCache()
+        self._lock = threading.Lock()
+        self._buffers: list[Buffer] = []
+        self.kernel_shape: tuple[int, ...] | None = None
+        self.recurrent_shape: tuple[int, ...] | None = None
+        self.set_weights(kernel, recurrent_kernel, bias)
+
+    # -- weights -------------------------------------------------------------------------------
+    def set_weights(self, kernel: np.ndarray, recurrent_kernel: np.ndarray,
+                    bias: np.ndarray | None = None) -> None:
+        """Replace the weights by arrays of the same shapes (Keras layouts); plans are rebuilt."""
+        kernel = shapes.as_float32("kernel", kernel, 4)
+        recurrent_kernel = shapes.as_float32("recurrent_kernel", recurrent_kernel, 4)
+        kh, kw, cin, four_f = kernel.shape
+        if min(kernel.shape) < 1 or four_f % 4:
+            raise ValueError(f"kernel: expected [kh, kw, C, 4 * filters] with every dimension >= 1, "
+                             f"got {kernel.shape}")
+        f = four_f // 4
+        rkh, rkw, rin, rout = recurrent_kernel.shape
+        if rin != f or rout != four_f or rkh < 1 or rkw < 1:
+            raise ValueError(f"recurrent_kernel: expected [kh, kw, {f}, {four_f}] for {f} filters, "
+                             f"got {recurrent_kernel.shape}")
+        if bias is not None:
+            bias = shapes.as_float32("bias", bias, 1)
+            if bias.shape[0] != four_f:
+                raise ValueError(f"bias: expected {four_f} values (4 gates x {f} filters), "
+                                 f"got {bias.shape[0]}")
+        if self.kernel_shape is not None and (kernel.shape, recurrent_kernel.shape) != (
+                self.kernel_shape, self.recurrent_shape):
+            raise ValueError(f"kernel: shapes {kernel.shape}, {recurrent_kernel.shape} differ from this "
+                             f"layer's {self.kernel_shape}, {self.recurrent_shape}")
+        pix, fb = choose_tile(self.ctx, f)
+        with self._lock:
+            self._release()
+            self.kernel_shape, self.recurrent_shape = kernel.shape, recurrent_kernel.shape
+            self.filters, self.pix, self.fb = f, pix, fb
+            self.f_blocks = -(-f // fb)
+            self._w = upload_constant(self.ctx, pack_gates(kernel, fb), "conv_lstm kernel")
+            self._u = upload_constant(self.ctx, pack_gates(recurrent_kernel, fb),
+                                      "conv_lstm recurrent kernel")
+            self._b = upload_constant(self.ctx, pack_bias(bias, f, fb), "conv_lstm bias")
+            self._buffers = [self._w, self._u, self._b]
+            tile = f"{pix}x{fb}"
+            rec = self.recurrent_activation.kind
+            # The input convolution has no activation: its gates are activated in the step shader.
+            self._input_pipe = get_pipeline(self.ctx, f"conv_lstm_input_{tile}", 4, _PUSH.size,
+                                                 (self.local_size, 1, 1, Activation().kind))
+            self._step_pipe = get_pipeline(self.ctx, f"conv_lstm_step_{tile}", 5, _PUSH.size,
+                                                (self.local_size, 1, 1, self.activation.kind, rec))
+
+    # -- shapes --------------------------------------------------------------------------------
+    def _geometry(self, x_shape) -> _Geometry:
+        return _Geometry(x_shape, self.kernel_shape, self.padding, self.strides, self.dilation)
+
+    def output_shape(self, x_shape) -> tuple[int, ...]:
+        """Output shape for an input of ``x_shape``; ValueError if the input does not fit."""
+        return self._geometry(x_shape).output(self.return_sequences)
+
+    # -- execution -----------------------------------------------------------------------------
+    def __call__(self, x: np.ndarray, initial_state=None) -> np.ndarray:
+        """Run the sequence ``x`` ``[N, T, C, H, W]``; ``initial_state`` is ``(h0, c0)``, each
+        ``[N, F, H', W']``, or None for zeros."""
+        x = shapes.as_float32("x", x, 5)
+        geo = self._geometry(x.shape)
+        y_shape = geo.output(self.return_sequences)
+        state_shape = (geo.n, self.filters, *geo.out_hw)
+        states = []
+        if initial_state is not None:
+            if not isinstance(initial_state, (tuple, list)) or len(initial_state) != 2:
+                raise ValueError("initial_state: expected (h0, c0) or None")
+            for name, s in zip(("initial_state[0] (h0)", "initial_state[1] (c0)"), initial_state):
+                s = shapes.as_float32(name, s, 4)
+                if s.shape != state_shape:
+                    raise ValueError(f"{name}: expected shape {state_shape}, got {s.shape}")
+                states.append(s)
+        if geo.n == 0:
+            return np.zeros(y_shape, np.float32)
+        with self._lock:
+            plan = self._plans.get((x.shape, bool(states)), lambda: self._build_plan(geo, bool(states)))
+            return plan.run([x, *states])[0]
+
+    def _push(self, geo: _Geometry, *, cin, in_hw, out_hw, kernel, strides, pads, dilation, t=0,
+              src=(0, 0), dst=(0, 0), has_state=0) -> bytes:
+        act, rec = self.activation, self.recurrent_activation
+        return _PUSH.pack(cin, *in_hw, *out_hw, *kernel, *strides, *pads[:2], *dilation,
+                          self.filters, self.f_blocks, geo.steps, t, *src, *dst, has_state,
+                          act.a, act.b, rec.a, rec.b)
+
+    def _build_plan(self, geo: _Geometry, with_state: bool) -> Plan:
+        n, steps, f = geo.n, geo.steps, self.filters
+        y_shape = geo.output(self.return_sequences)
+        inputs = [("conv_lstm input x", (n, steps, geo.cin, *geo.in_hw))]
+        if with_state:
+            inputs += [("conv_lstm h0", (n, f, *geo.out_hw)), ("conv_lstm c0", (n, f, *geo.out_hw))]
+        plan = Plan(self.ctx, inputs, [("conv_lstm output", y_shape)])
+        with closed_on_error(plan): # a buffer past the device's limits, or too many workgroups
+            self._record(plan, geo, with_state)
+        return plan
+
+    def _record(self, plan: Plan, geo: _Geometry, with_state: bool) -> None:
+        ctx, n, steps, f = self.ctx, geo.n, geo.steps, self.filters
+        hw = geo.out_hw[0] * geo.out_hw[1]
+        y = plan.outputs[0]
+        gx = Buffer(ctx, 16 * n * steps * self.f_blocks * self.fb * hw, name="conv_lstm input gates")
+        plan.keep.append(gx)
+        if with_state:
+            h0, cell = plan.inputs[1], plan.inputs[2]  # c0 is re-uploaded by every run: update in place
+        else:
+            h0, cell = None, Buffer(ctx, 4 * n * f * hw, name="conv_lstm cell state")
+            plan.keep.append(cell)
+        # Where h_t lives: with return_sequences, in y itself (frame t of every batch item);
+        # otherwise in two buffers taking turns, arranged so that the last step writes y.
+        if self.return_sequences:
+            slots = [(y, t * f * hw, steps * f * hw) for t in range(steps)]
+        else:
+            spare = Buffer(ctx, 4 * n * f * hw, name="conv_lstm hidden state")
+            plan.keep.append(spare)
+            slots = [(y if (steps - 1 - t) % 2 == 0 else spare, 0, f * hw) for t in range(steps)]
+
+        sets: dict[tuple[int, int], DescriptorSet] = {}
+
+        def step_set(src: Buffer, dst: Buffer) -> DescriptorSet:
+            key = (id(src), id(dst))
+            if key not in sets:
+                sets[key] = DescriptorSet(self._step_pipe, [src, self._u, gx, cell, dst])
+                plan.keep.append(sets[key])
+            return sets[key]
+
+        input_set = DescriptorSet(self._input_pipe, [plan.inputs[0], self._w, self._b, gx])
+        plan.keep.append(input_set)
+        assert self.kernel_shape is not None and self.recurrent_shape is not None  # set in __init__
+        kh, kw = self.kernel_shape[:2]
+        input_push = self._push(geo, cin=geo.cin, in_hw=geo.in_hw, out_hw=geo.out_hw, kernel=(kh, kw),
+                                strides=self.strides, pads=geo.pads, dilation=self.dilation)
+        rk = self.recurrent_shape[:2]
+        rpads = shapes.resolve_auto_pad("SAME_UPPER", geo.out_hw, rk, (1, 1), (1, 1))
+        pixel_groups = -(-hw // (self.pix * self.local_size))
+        commands = [(self._input_pipe, input_set, input_push, (pixel_groups, self.f_blocks, n * steps))]
+        for t in range(steps):
+            dst = slots[t]
+            if t > 0:
+                src = slots[t - 1]
+            elif h0 is not None:  # with_state
+                src = (h0, 0, f * hw)
+            else:
+                src = dst  # without state h_{-1} is never read
+            push = self._push(geo, cin=f, in_hw=geo.out_hw, out_hw=geo.out_hw, kernel=rk, strides=(1, 1),
+                              pads=rpads, dilation=(1, 1), t=t, src=src[1:], dst=dst[1:],
+                              has_state=int(t > 0 or with_state))
+            commands.append((self._step_pipe, step_set(src[0], dst[0]), push,
+                             (pixel_groups, self.f_blocks, n)))
+
+        def body(cmd):
+            for i, (pipe, dset, push, groups) in enumerate(commands):
+                if i:
+                    cmd.barrier()
+                cmd.dispatch(pipe, dset, push, groups)
+
+        plan.record(body)
+
+    # -- lifetime ------------------------------------------------------------------------------
+    def _release(self) -> None:
+        self._plans.clear()
+        for buf in self._buffers:
+            buf.close()
+        self._buffers = []
+
+
+def conv_lstm2d(x: np.ndarray, kernel: np.ndarray, recurrent_kernel: np.ndarray,
+                bias: np.ndarray | None, *, padding: str = "same", strides=1, dilation=1,
+                return_sequences: bool = True, activation="tanh", recurrent_activation="sigmoid",
+                initial_state=None) -> np.ndarray:
+    """Keras 3 ``ConvLSTM2D`` on the Vulkan device (see the module docstring for the equations).
+
+    ``x``: ``[N, T, C, H, W]`` float32. ``kernel [kh, kw, C, 4F]``, ``recurrent_kernel
+    [rkh, rkw, F, 4F]``, ``bias [4F]`` or None: Keras layouts, gates i, f, c, o. ``padding``:
+    ``"same"`` or ``"valid"``; ``strides``/``dilation``: an int or two. ``initial_state``: ``(h0, c0)``
+    each ``[N, F, H', W']``, or None for zeros. Returns ``[N, T, F, H', W']`` with
+    ``return_sequences``, else the last hidden state ``[N, F, H', W']``. ValueError names a bad argument.
+    """
+    with ConvLSTM2D(kernel, recurrent_kernel, bias, padding=padding, strides=strides, dilation=dilation,
+                    return_sequences=return_sequences, activation=activation,
+                    recurrent_activation=recurrent_activation) as op:
+        return op(x, initial_state)
