@@ -140,7 +140,7 @@ class Op:
         pass
 
 
-class ResidentWeightsOp(Op):
+class ConvFamilyOp(Op):
     """An op with inputs X, W[, B] and attributes of the Conv family, run by a vkconv object that
     keeps W and B on the device; W and B may be constants or runtime inputs (re-uploaded only when
     they change)."""
@@ -194,7 +194,7 @@ class ResidentWeightsOp(Op):
             self.device_op = None
 
 
-class ConvOp(ResidentWeightsOp):
+class ConvOp(ConvFamilyOp):
     """ONNX Conv (1-D/2-D/3-D) with fused BatchNorm/activation."""
 
     def output_shapes(self, in_shapes):
@@ -207,7 +207,7 @@ class ConvOp(ResidentWeightsOp):
                            group=self.group, activation=self.activation, auto_pad=self.auto_pad)
 
 
-class ConvTransposeOp(ResidentWeightsOp):
+class ConvTransposeOp(ConvFamilyOp):
     """ONNX ConvTranspose (1-D/2-D/3-D), output_padding and output_shape included."""
 
     def __init__(self, params: dict, constants: list[np.ndarray]):

@@ -53,7 +53,7 @@ from vkconv.runtime.timestamps import Timestamps
 from vkconv.runtime.transfer import upload_constant
 
 
-class GraphKernel(Protocol):
+class GraphStep(Protocol):
     """What a graph step runs (Elementwise, Pool, Concat, ConvNode...): device-free shape inference and
     recording into a command buffer; a ``close()`` method, where present, frees device memory."""
 
@@ -63,7 +63,7 @@ class GraphKernel(Protocol):
                in_shapes: Sequence[Shape]) -> list: ...
 
 
-def run_kernel(kernel: GraphKernel, arrays: Sequence[np.ndarray], ctx: Context | None = None) -> list[np.ndarray]:
+def run_step(kernel: GraphStep, arrays: Sequence[np.ndarray], ctx: Context | None = None) -> list[np.ndarray]:
     """Run one kernel (``output_shapes`` + ``record``) on float32 ``arrays`` with a one-off plan:
     for tests and one-off use; a :class:`Graph` is the way to run many."""
     ctx = ctx or get_context()
@@ -163,7 +163,7 @@ class ConvNode:
         self.op.close()
 
 
-def _build(node: Node, constants: Mapping[str, np.ndarray], ctx: Context) -> tuple[GraphKernel, list[str]]:
+def _build(node: Node, constants: Mapping[str, np.ndarray], ctx: Context) -> tuple[GraphStep, list[str]]:
     """(kernel, names of the tensors its ``record`` reads) for a supported node (one that
     :func:`unsupported_reason` accepts, so its weights and parameters are constants)."""
     op, a, ins = node.op_type, node.attrs, node.inputs
@@ -198,7 +198,7 @@ def _build(node: Node, constants: Mapping[str, np.ndarray], ctx: Context) -> tup
     return Resize(**params, ctx=ctx), ins[:1]
 
 
-def _kernel_label(kernel: GraphKernel, x_shape: Shape) -> str:
+def _step_label(kernel: GraphStep, x_shape: Shape) -> str:
     if isinstance(kernel, ConvNode):
         return f"conv {kernel.op.kernel_for(x_shape)}" if isinstance(kernel.op, Conv) else "convtranspose"
     return type(kernel).__name__.lower()
@@ -262,7 +262,7 @@ class Graph:
             if reason is not None:
                 raise ValueError(f"graph: node {n.name or n.op_type!r} ({n.op_type}): {reason}")
         nodes = fuse(sort_nodes(nodes, set(self.inputs) | set(consts)), consts, set(self.outputs))
-        self.steps: list[tuple[Node, GraphKernel, list[str]]] = []
+        self.steps: list[tuple[Node, GraphStep, list[str]]] = []
         self._const_buffers: dict[str, Buffer] = {}
         self._shape_cache: dict[tuple, dict[str, Shape]] = {}
         with closed_on_error(self):
@@ -403,7 +403,7 @@ class Graph:
                     plan.close()
         finally:
             stamps.close()
-        times = [StepTime(node.name or node.op_type, node.op_type, _kernel_label(kernel, known[reads[0]]),
+        times = [StepTime(node.name or node.op_type, node.op_type, _step_label(kernel, known[reads[0]]),
                           known[reads[0]], known[node.outputs[0]], t)
                  for (node, kernel, reads), t in zip(self.steps, best)]
         return outputs, times

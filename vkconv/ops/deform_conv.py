@@ -58,10 +58,11 @@ import numpy as np
 
 from vkconv.kernels import shapes
 from vkconv.ops.base import WeightedOp
-from vkconv.ops.conv.kernels import RowsKernel, dispatch_grid, tuning
+from vkconv.ops.conv.kernels import RowsKernel, tuning
 from vkconv.runtime.buffer import Buffer
 from vkconv.runtime.command import CommandBuffer
 from vkconv.runtime.context import Context, vk
+from vkconv.runtime.dispatch import grid
 from vkconv.runtime.errors import VkconvError
 from vkconv.runtime.pipeline import STORAGE, TEXEL1, TEXEL4, DescriptorSet, get_pipeline, texel_fits
 from vkconv.runtime.plan import Plan, closed_on_error
@@ -268,7 +269,7 @@ class DeformConv(WeightedOp):
                 tiles = geo.out[1]
                 # The sampling grid: (pixel quads rounded to workgroups) x offset groups x taps.
                 quad_groups = -(-(c.images * tiles * pb // 4) // ls)
-                groups = dispatch_grid(ctx, quad_groups * og * taps * ls, ls, 1, "x (deform_conv columns)")
+                groups = grid(ctx, quad_groups * og * taps * ls, ls, 1, "x (deform_conv columns)")
                 push = _SAMPLE_PUSH.pack(in_h, in_w, out_w, out_hw, kw, taps, *self.strides, *self.pads[:2],
                                          *self.dilations, og, cin_og, og_blocks, gemm.cin_g // taps,
                                          self.group, c.n0, c.q0, c.images, c.pixels, tiles, pb // 4,
