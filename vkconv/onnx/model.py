@@ -121,7 +121,16 @@ class ModelView:
 
 def tensor_info(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, int]]:
     """(rank, elem_type) of every tensor that ONNX shape inference can type; a model that shape
-    inference rejects gets only what its own value_info says."""
+    inference rejects gets only what its own value_info says.  Outputs of custom-domain nodes
+    (vkconv's ConvLSTM2D, mmcv's DeformConv...), which inference cannot type, are taken as float32
+    so that the types of what follows them are inferred."""
+    known = {vi.name for vi in [*model.graph.input, *model.graph.value_info, *model.graph.output]}
+    custom = [t for n in model.graph.node if n.domain not in STANDARD_DOMAINS for t in n.output
+              if t and t not in known]
+    if custom:
+        model = onnx.ModelProto.FromString(model.SerializeToString())
+        model.graph.value_info.extend(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
+                                      for t in custom)
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
     except Exception:  # noqa: BLE001 - shape inference raises many types on exotic models
