@@ -10,7 +10,8 @@ from oracles import assert_close
 
 import cv_plugin
 import vkconv
-from cv_plugin import compat, soak, zoo
+from cv_plugin import compat
+from cv_plugin.bench import soak, zoo
 from cv_plugin.subgraph import SubgraphOp, partition
 
 
