@@ -24,7 +24,7 @@ import numpy as np
 
 import vkconv
 from cv_plugin import compat
-from vkconv.graph.executor import StepTime
+from vkconv.graph import StepTime
 from vkconv.kernels import shapes
 from vkconv.kernels.activation import Instruction
 from vkconv.runtime.timestamps import device_times

@@ -9,7 +9,8 @@ from onnx import TensorProto, helper, numpy_helper
 from oracles import assert_close
 
 import vkconv
-from vkconv.graph.executor import Graph, unsupported_reason
+from vkconv.graph import Graph
+from vkconv.onnx import unsupported_reason
 
 
 def _ort(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:

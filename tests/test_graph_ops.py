@@ -7,7 +7,8 @@ import pytest
 from oracles import assert_close, onnx_reference
 
 import vkconv
-from vkconv.graph.executor import Concat, run_step
+from vkconv.graph.steps import run_step
+from vkconv.ops.concat import Concat
 from vkconv.ops.elementwise import Binary, Unary
 from vkconv.ops.pool import Pool
 from vkconv.ops.resize import Resize
