@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from vkconv.onnx.fusion import CONV_TYPES, fuse
+from vkconv.onnx.fusion import ANCHORS, CONV_TYPES, fuse
 from vkconv.onnx.model import (
     ModelView,
     Node,
@@ -146,7 +146,7 @@ def _fusion_plan(model: onnx.ModelProto, g: ModelView, labels: list[str]) -> dic
     """Label of each routed node that absorbs others -> the fused node :func:`vkconv.onnx.fuse`
     makes of it (its ``members``, folded W/B in ``g.constants``, ``_activation``, ``_post``)."""
     ranks, types = tensor_info(model)
-    anchors = tuple({op for (_, op), route in ROUTES.items() if route.fuse_activation})
+    anchors = tuple({*ANCHORS, *(op for (_, op), route in ROUTES.items() if route.fuse_activation)})
     nodes, outside = [], set()
     for proto, name in zip(model.graph.node, labels):
         routed = _route(proto) is not None

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from vkconv.graph.steps import ConvNode, GraphStep, build_step, step_label
+from vkconv.graph.steps import GraphStep, PlanStep, build_step, step_label
 from vkconv.kernels import shapes
 from vkconv.onnx.fusion import fuse
 from vkconv.onnx.model import Node, graph_constants, is_constant_node, node_constants, sort_nodes
@@ -109,7 +109,7 @@ class Graph:
                             self.ctx, np.ascontiguousarray(consts[t], np.float32), f"graph constant {t}")
         self._const_shapes = {t: tuple(consts[t].shape) for t in self._const_buffers}
         self._plans = PlanCache()
-        self._conv_shapes: dict[tuple, list[tuple[ConvNode, Shape]]] = {}
+        self._conv_shapes: dict[tuple, list[tuple[PlanStep, list[Shape]]]] = {}
         self._lock = threading.Lock()
         self.transfers = {"uploads": 0, "downloads": 0}
 
@@ -154,10 +154,11 @@ class Graph:
         # first, the one it reads: the conv then runs on them with no copy in or out.
         homes: dict[str, Buffer] = {}
         for node, kernel, reads in self.steps:
-            if isinstance(kernel, ConvNode):
-                conv_plan = kernel.plan(known[reads[0]])
-                homes.setdefault(reads[0], conv_plan.inputs[0])
-                homes.setdefault(node.outputs[0], conv_plan.outputs[0])
+            if isinstance(kernel, PlanStep):
+                op_plan = kernel.plan([known[t] for t in reads])
+                for t, buf in zip(reads, op_plan.inputs):
+                    homes.setdefault(t, buf)
+                homes.setdefault(node.outputs[0], op_plan.outputs[0])
         pooled: set[str] = set()
         free: dict[int, list[Buffer]] = defaultdict(list)
         assignment = []  # per step: (input buffers, output buffers, input shapes)
@@ -181,8 +182,8 @@ class Graph:
                 if t in pooled and last.get(t, -1) <= i:
                     free[bufs[t].size].append(bufs[t])
                     pooled.discard(t)
-        self._conv_shapes[in_shapes] = [(k, s[0]) for (_, k, _), (_, _, s) in zip(self.steps, assignment)
-                                        if isinstance(k, ConvNode)]
+        self._conv_shapes[in_shapes] = [(k, s) for (_, k, _), (_, _, s) in zip(self.steps, assignment)
+                                        if isinstance(k, PlanStep)]
         copies = [(bufs[n], out) for n, out in zip(self.outputs, plan.outputs) if bufs[n] is not out]
 
         def body(cmd: CommandBuffer) -> None:
@@ -208,8 +209,8 @@ class Graph:
         key = tuple(a.shape for a in arrays)
         with self._lock:
             plan = self._plans.get(key, lambda: self._build_plan(key))
-            for conv, x_shape in self._conv_shapes.get(key, []):
-                conv.plan(x_shape)  # keep the conv plans this graph plan replays most recent
+            for step, step_shapes in self._conv_shapes.get(key, []):
+                step.plan(step_shapes)  # keep the op plans this graph plan replays most recent
             self.transfers["uploads"] += len(arrays)
             self.transfers["downloads"] += len(self.outputs)
             return plan.run(arrays)

@@ -12,10 +12,11 @@ import numpy as np
 from vkconv.kernels import shapes
 from vkconv.kernels.activation import Activation
 from vkconv.onnx.model import Node
-from vkconv.onnx.support import POOLS, resize_params
-from vkconv.ops.concat import Concat
+from vkconv.onnx.support import POOLS, resize_params, slice_params
 from vkconv.ops.conv.op import Conv
 from vkconv.ops.conv_transpose import ConvTranspose
+from vkconv.ops.copies import Concat, Slice
+from vkconv.ops.deform_conv import DeformConv
 from vkconv.ops.elementwise import Elementwise, Shape, element_count
 from vkconv.ops.pool import Pool
 from vkconv.ops.resize import Resize
@@ -26,7 +27,7 @@ from vkconv.runtime.plan import Plan
 
 
 class GraphStep(Protocol):
-    """What a graph step runs (Elementwise, Pool, Concat, ConvNode...): device-free shape inference and
+    """What a graph step runs (Elementwise, Pool, Concat, PlanStep...): device-free shape inference and
     recording into a command buffer; a ``close()`` method, where present, frees device memory."""
 
     def output_shapes(self, in_shapes: Sequence[Shape]) -> list[Shape]: ...
@@ -53,11 +54,12 @@ def run_step(kernel: GraphStep, arrays: Sequence[np.ndarray], ctx: Context | Non
         plan.close()
 
 
-class ConvNode:
-    """A Conv or ConvTranspose node run through its vkconv object's recorded plan, on the plan's
-    own input / output buffers when the graph gave it those, else with a copy in / out."""
+class PlanStep:
+    """A Conv, ConvTranspose or DeformConv node run through its vkconv op's recorded plan, on the
+    plan's own input / output buffers when the graph gave it those, else with copies in / out.
+    Inputs: X (and, for DeformConv, offset and optional mask)."""
 
-    def __init__(self, op: Conv | ConvTranspose):
+    def __init__(self, op: Conv | ConvTranspose | DeformConv):
         self.op = op
 
     def output_shapes(self, in_shapes: Sequence[Shape]) -> list[Shape]:
@@ -67,19 +69,26 @@ class ConvNode:
             return [shapes.conv_output_shape(x, op.weight_shape, op.strides, op.pads, op.dilations,
                                              op.group, op.auto_pad)[0]]
         if len(x) == op.nd + 2 and any(d <= 0 for d in x[2:]):  # unknown while importing
-            return [(x[0], op.weight_shape[1] * op.group, *(-1,) * op.nd)]
+            cout = op.weight_shape[0] if isinstance(op, DeformConv) else op.weight_shape[1] * op.group
+            return [(x[0], cout, *(-1,) * op.nd)]
         return [op.output_shape(x)]
 
-    def plan(self, x_shape: Shape) -> Plan:
-        """The op's plan for ``x_shape``; calling it also marks the plan most recently used in the
-        op's cache, which keeps it alive as long as a graph plan that replays it."""
-        return self.op.plan(tuple(x_shape))
+    def plan(self, in_shapes: Sequence[Shape]) -> Plan:
+        """The op's plan for these input shapes; calling it also marks the plan most recently used
+        in the op's cache, which keeps it alive as long as a graph plan that replays it."""
+        x = tuple(int(d) for d in in_shapes[0])
+        if isinstance(self.op, DeformConv):
+            return self.op.plan(x, len(in_shapes) > 2)
+        return self.op.plan(x)
 
     def record(self, cmd, inputs, outputs, in_shapes):
-        plan = self.plan(in_shapes[0])
-        # the tensors' own sizes: a kernel's plan buffers may be padded beyond them
-        if inputs[0] is not plan.inputs[0]:
-            cmd.copy(inputs[0].buffer, plan.inputs[0].buffer, 4 * math.prod(in_shapes[0]))
+        plan = self.plan(in_shapes)
+        copied = False
+        for buf, own, shape in zip(inputs, plan.inputs, in_shapes):
+            if buf is not own:  # the tensors' own sizes: a plan's buffers may be padded beyond them
+                cmd.copy(buf.buffer, own.buffer, 4 * math.prod(shape))
+                copied = True
+        if copied:
             cmd.barrier()
         plan.body(cmd)
         if outputs[0] is not plan.outputs[0]:
@@ -105,10 +114,21 @@ def build_step(node: Node, constants: Mapping[str, np.ndarray], ctx: Context) ->
                       activation=Activation.parse(a.get("_activation")).with_post(a["_post"]) if "_post" in a
                       else a.get("_activation"))
         if op == "Conv":
-            return ConvNode(Conv(w, b, **common)), ins[:1]
+            return PlanStep(Conv(w, b, **common)), ins[:1]
         shape = a.get("output_shape")
-        return ConvNode(ConvTranspose(w, b, output_padding=tuple(a.get("output_padding", [0] * nd)),
+        return PlanStep(ConvTranspose(w, b, output_padding=tuple(a.get("output_padding", [0] * nd)),
                                       output_shape=tuple(shape)[-nd:] if shape else None, **common)), ins[:1]
+    if op == "DeformConv":
+        w = np.asarray(constants[ins[1]]).astype(np.float32)
+        b = np.asarray(constants[node.input(3)]).astype(np.float32) if node.input(3) else None
+        deform = DeformConv(w, b, strides=tuple(a.get("strides", [1, 1])), pads=tuple(a.get("pads", [0] * 4)),
+                            dilations=tuple(a.get("dilations", [1, 1])), group=int(a.get("group", 1)),
+                            offset_group=int(a.get("offset_group", 1)), activation=a.get("_activation"), ctx=ctx)
+        return PlanStep(deform), [ins[0], ins[2], *([node.input(4)] if node.input(4) else [])]
+    if op == "Slice":
+        bounds = slice_params(node, constants)
+        assert not isinstance(bounds, str)  # unsupported_reason turned the node down otherwise
+        return Slice(*bounds, ctx=ctx), ins[:1]
     if op == "Elementwise":
         return Elementwise(a["_program"], len(ins), ctx, a["_channel_inputs"]), list(ins)
     if op in POOLS:
@@ -127,8 +147,9 @@ def build_step(node: Node, constants: Mapping[str, np.ndarray], ctx: Context) ->
 
 
 def step_label(kernel: GraphStep, x_shape: Shape) -> str:
-    if isinstance(kernel, ConvNode):
-        return f"conv {kernel.op.kernel_for(x_shape)}" if isinstance(kernel.op, Conv) else "convtranspose"
+    if isinstance(kernel, PlanStep):
+        op = kernel.op
+        return f"conv {op.kernel_for(x_shape)}" if isinstance(op, Conv) else type(op).__name__.lower()
     return type(kernel).__name__.lower()
 
 

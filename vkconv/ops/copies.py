@@ -1,4 +1,5 @@
-"""ONNX ``Concat`` on the device, for device-resident graphs: copy commands only (no shader)."""
+"""ONNX ``Concat`` and ``Slice`` on the device, for device-resident graphs: copy commands only
+(one region per outer index), no shader."""
 from __future__ import annotations
 
 import math
@@ -51,4 +52,44 @@ class Concat:
                        for o in range(outer)]
             vk.vkCmdCopyBuffer(cmd.handle, buf.buffer, outputs[0].buffer, len(regions), regions)
             offset += chunk
+        return []
+
+
+class Slice:
+    """ONNX ``Slice`` of one ``axis`` (negative counts from the end) with step 1: ``starts`` and
+    ``ends`` clamped as ONNX clamps them (DCN exporters split a conv's output into offsets and mask
+    this way)."""
+
+    def __init__(self, axis: int, start: int, end: int, ctx: Context | None = None):
+        self.axis, self.start, self.end = int(axis), int(start), int(end)
+        self.ctx = ctx or get_context()
+
+    def _range(self, shape: Shape) -> tuple[int, int, int]:
+        """(axis, first index, count) for an input of ``shape``."""
+        rank = len(shape)
+        if not -rank <= self.axis < rank:
+            raise ValueError(f"axes: {self.axis} is out of range for rank {rank}")
+        axis = self.axis % rank
+        size = int(shape[axis])
+        start, end = (s + size if s < 0 else s for s in (self.start, self.end))
+        start, end = min(max(start, 0), size), min(max(end, 0), size)
+        return axis, start, max(end - start, 0)
+
+    def output_shapes(self, in_shapes: Sequence[Shape]) -> list[Shape]:
+        shape = tuple(int(d) for d in in_shapes[0])
+        axis = self.axis % len(shape) if -len(shape) <= self.axis < len(shape) else self.axis
+        if 0 <= axis < len(shape) and shape[axis] <= 0:  # unknown while importing
+            return [shape]
+        axis, _, count = self._range(shape)
+        return [(*shape[:axis], count, *shape[axis + 1:])]
+
+    def record(self, cmd: CommandBuffer, inputs: Sequence[Buffer], outputs: Sequence[Buffer],
+               in_shapes: Sequence[Shape]) -> list:
+        shape = tuple(int(d) for d in in_shapes[0])
+        element_count("Slice output", self.output_shapes(in_shapes)[0])
+        axis, start, count = self._range(shape)
+        inner = 4 * math.prod(shape[axis + 1:])
+        regions = [vk.VkBufferCopy(srcOffset=(o * shape[axis] + start) * inner, dstOffset=o * count * inner,
+                                   size=count * inner) for o in range(math.prod(shape[:axis]))]
+        vk.vkCmdCopyBuffer(cmd.handle, inputs[0].buffer, outputs[0].buffer, len(regions), regions)
         return []
