@@ -323,7 +323,8 @@ DCN_X = RNG.standard_normal((1, DCN_C, 12, 10)).astype(np.float32)
 def dcn_model(bias: bool, blocks: int = 2, seed: int = 0) -> onnx.ModelProto:
     """torchvision-style DCNv2 ResNet basic blocks: a conv predicts offsets and mask (sigmoid) from
     the block input, a 3x3 DeformConv (with or without bias) + ReLU, a 3x3 Conv, and the residual
-    add + ReLU; seeded random weights."""
+    add + ReLU; seeded random weights.  Convs carry kernel_shape, as exporters write it (plain
+    OpenCV 4.10 refuses a Conv without it)."""
     rng = np.random.default_rng(seed)
     nodes, inits = [], {"s0": np.array([0], np.int64), "s18": np.array([18], np.int64),
                         "s27": np.array([27], np.int64), "ax": np.array([1], np.int64)}
@@ -339,14 +340,14 @@ def dcn_model(bias: bool, blocks: int = 2, seed: int = 0) -> onnx.ModelProto:
         if bias:
             inits[p + "b1"] = (rng.standard_normal(DCN_C) * 0.1).astype(np.float32)
         nodes += [
-            helper.make_node("Conv", [x, p + "w_om", p + "b_om"], [p + "om"], pads=pads),
+            helper.make_node("Conv", [x, p + "w_om", p + "b_om"], [p + "om"], pads=pads, kernel_shape=[3, 3]),
             helper.make_node("Slice", [p + "om", "s0", "s18", "ax"], [p + "offset"]),
             helper.make_node("Slice", [p + "om", "s18", "s27", "ax"], [p + "mlogit"]),
             helper.make_node("Sigmoid", [p + "mlogit"], [p + "mask"]),
             helper.make_node("DeformConv", [x, p + "w1", p + "offset", p + "b1" if bias else "", p + "mask"],
                              [p + "d"], pads=pads, name=p + "dcn"),
             helper.make_node("Relu", [p + "d"], [p + "r"]),
-            helper.make_node("Conv", [p + "r", p + "w2", p + "b2"], [p + "c"], pads=pads),
+            helper.make_node("Conv", [p + "r", p + "w2", p + "b2"], [p + "c"], pads=pads, kernel_shape=[3, 3]),
             helper.make_node("Add", [p + "c", x], [p + "sum"]),
             helper.make_node("Relu", [p + "sum"], [p + "out"]),
         ]
