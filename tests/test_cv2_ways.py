@@ -367,8 +367,11 @@ def test_dcn_resnet_stack_every_way_in(bias, tmp_path):
     with cv_plugin.read_net(model) as net:
         results["read_net layer"] = _forward(net, feeds)
         assert len(net.report.routed) == 3 * 2  # 2 convs + 1 DeformConv per block
-    cv_plugin.convert(model, tmp_path / "dcn.vkconv.onnx")
-    results["saved, fresh process"] = _fresh_process(tmp_path / "dcn.vkconv.onnx", feeds, tmp_path)
+    with cv_plugin.read_net(model, mode="subgraph") as net:
+        results["read_net subgraph"] = _forward(net, feeds)
+    for mode in ("layer", "subgraph"):
+        cv_plugin.convert(model, tmp_path / f"dcn.{mode}.onnx", mode=mode)
+        results[f"saved {mode}, fresh process"] = _fresh_process(tmp_path / f"dcn.{mode}.onnx", feeds, tmp_path)
     for way, out in results.items():
         diff = float(np.abs(out.astype(np.float64) - expected).max())
         print(f"DCN stack ({'bias' if bias else 'no bias'}) {way}: max|diff| {diff:.3g}, max|y| {scale:.3g}, "
