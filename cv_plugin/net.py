@@ -180,6 +180,17 @@ def load_model(model) -> onnx.ModelProto:
     raise ValueError(f"model: expected a path, bytes or onnx.ModelProto, got {type(model).__name__}")
 
 
+def prepare_model(model, mode: str, input_shapes: Mapping[str, Sequence[int]] | None) -> onnx.ModelProto:
+    """What :func:`read_net` and :func:`cv_plugin.convert` start from: ``model`` loaded (see
+    :func:`load_model`) and checked, with ``input_shapes`` fixed; ValueError naming the problem."""
+    if mode not in subgraph.MODES:
+        raise ValueError(f"mode: expected one of {', '.join(subgraph.MODES)}, got {mode!r}")
+    proto = load_model(model)
+    if not proto.graph.node:
+        raise ValueError("model: the ONNX model has no nodes (empty or not an ONNX file)")
+    return fix_input_shapes(proto, input_shapes) if input_shapes else proto
+
+
 def read_net(model, *, fuse: bool = True, fallback: bool = False, mode: str = "layer",
              min_ops: int = 2, input_shapes: Mapping[str, Sequence[int]] | None = None,
              max_shapes: int = 4) -> Net:
@@ -196,15 +207,9 @@ def read_net(model, *, fuse: bool = True, fallback: bool = False, mode: str = "l
     imported per input shape at ``forward`` (see :class:`Net`), keeping the last ``max_shapes``.
     Registers vkconv's layers first if :func:`cv_plugin.register` was not called.
     """
-    if mode not in subgraph.MODES:
-        raise ValueError(f"mode: expected one of {', '.join(subgraph.MODES)}, got {mode!r}")
     if not isinstance(max_shapes, int) or max_shapes < 1:
         raise ValueError(f"max_shapes: expected a positive int, got {max_shapes!r}")
-    proto = load_model(model)
-    if not proto.graph.node:
-        raise ValueError("model: the ONNX model has no nodes (empty or not an ONNX file)")
-    if input_shapes:
-        proto = fix_input_shapes(proto, input_shapes)
+    proto = prepare_model(model, mode, input_shapes)
     try:
         vkconv.get_context()
     except vkconv.NoDeviceError as exc:
