@@ -136,6 +136,8 @@ class Buffer:
         self._map = None
 
     def close(self) -> None:
+        with self.ctx.lock:  # a copy still waiting to be submitted must not reach a freed buffer
+            self.ctx.pending_uploads[:] = [p for p in self.ctx.pending_uploads if p[0] is not self]
         self._map = None
         self._finalizer()
 

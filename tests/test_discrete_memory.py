@@ -1,0 +1,120 @@
+"""The discrete-GPU memory path (``VKCONV_MEMORY=discrete``) on any device: device-local buffers
+the host does not map, host-visible staging twins, and the copies between them recorded with the
+dispatches -- still one queue submit per call, building an op included.
+
+Oracles: onnx.reference (Conv), onnxruntime (the device graph), OpenCV's own CPU layers (the cv2
+net), numpy indexing (gather / scatter-add).  Tolerance: max abs diff <= rel x max|expected|
+(tests/oracles.assert_close).  With ``VKCONV_VALIDATION=1`` synchronization validation checks the
+copies' barriers (tests/test_validation_harness.py proves it reports a missing one).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import needs_opencv_layers
+from oracles import assert_close, onnx_reference
+from test_graph import _chain_model, _ort
+
+import cv_plugin
+import vkconv
+from cv_plugin import compat, zoo
+from vkconv.graph.executor import Graph
+from vkconv.runtime.buffer import Buffer
+from vkconv.runtime.context import Context
+
+
+@pytest.fixture
+def discrete(monkeypatch):
+    """The process-wide context opened anew as a discrete GPU's; the next test gets the device as
+    it reports itself (unless the whole run is under the profile)."""
+    vkconv.close_context()
+    monkeypatch.setenv("VKCONV_MEMORY", "discrete")
+    ctx = vkconv.get_context()
+    yield ctx
+    vkconv.close_context()
+
+
+def test_profile_makes_buffers_device_local_with_staging(discrete):
+    assert not discrete.info.unified_memory
+    with Buffer(discrete, 64, name="plain") as plain, Buffer(discrete, 64, staged=True) as staged:
+        assert not plain.host_visible and plain.staging is None
+        with pytest.raises(vkconv.VkconvError, match="plain has no host-visible memory"):
+            plain.write(np.zeros(4, np.float32))
+        assert staged.staging is not None
+        staged.write(np.arange(4, dtype=np.float32))  # lands in the staging twin
+        np.testing.assert_array_equal(staged.read(np.float32, (4,)), np.arange(4))
+
+
+def test_unknown_profile_is_refused(monkeypatch):
+    monkeypatch.setenv("VKCONV_MEMORY", "vram")
+    with pytest.raises(vkconv.VkconvError, match="VKCONV_MEMORY='vram': expected 'discrete'"):
+        Context()
+
+
+@pytest.mark.parametrize("kernel", ["implicit_gemm", "winograd", "direct", "gemm1x1", "depthwise"])
+def test_conv_build_and_calls_one_submit_each(discrete, kernel):
+    """Building uploads nothing on its own: the weights ride in the first call's submit."""
+    rng = np.random.default_rng(4)
+    group = 8 if kernel == "depthwise" else 1
+    k = 1 if kernel == "gemm1x1" else 3
+    x = rng.standard_normal((1, 8, 10, 9)).astype(np.float32)
+    w = rng.standard_normal((8, 8 // group, k, k)).astype(np.float32)
+    b = rng.standard_normal(8).astype(np.float32)
+    geometry = dict(strides=1, pads=k // 2, dilations=1, group=group)
+    expected = onnx_reference("Conv", {"x": x, "w": w, "b": b},
+                              dict(kernel_shape=[k, k], pads=[k // 2] * 4, group=group))
+    before = discrete.stats["submits"]
+    with vkconv.Conv(w, b, kernel=kernel, **geometry) as op:
+        assert discrete.stats["submits"] == before
+        for i in range(3):
+            y = op(x)
+            assert discrete.stats["submits"] == before + i + 1
+            assert_close(y, expected, 1e-3 if kernel == "winograd" else 1e-4)
+
+
+@needs_opencv_layers()
+@pytest.mark.parametrize("mode, per_forward", [("layer", 13), ("subgraph", 1)])
+def test_vgg16_through_cv2_submits_as_on_unified_memory(discrete, mode, per_forward):
+    """VGG-16's 13 convolutions: one submit per conv layer (layer mode) or one in all (subgraph
+    mode), the first forward -- which builds every op and uploads its weights -- included."""
+    model = zoo.vgg16(seed=5, size=32, classes=10)
+    blob = np.random.default_rng(5).random((1, 3, 32, 32), dtype=np.float32)
+    cpu = compat.read_onnx(model.SerializeToString())
+    cpu.setInput(blob)
+    expected = cpu.forward()
+    with cv_plugin.read_net(model, mode=mode) as net:
+        for _ in range(2):
+            net.setInput(blob)
+            before = discrete.stats["submits"]
+            out = net.forward()
+            assert discrete.stats["submits"] - before == per_forward
+            assert_close(out, expected, 1e-3, f"vgg16 {mode}")
+
+
+def test_device_graph_forward_is_one_submit(discrete):
+    rng = np.random.default_rng(6)
+    model = _chain_model(rng)
+    before = discrete.stats["submits"]
+    with Graph(model.graph) as g:
+        assert discrete.stats["submits"] == before  # the constants wait for the first forward
+        for shape in ((1, 3, 9, 11), (2, 3, 6, 5), (1, 3, 9, 11)):  # new shape, new shape, replay
+            x = rng.standard_normal(shape).astype(np.float32)
+            before = discrete.stats["submits"]
+            got = g({"x": x})
+            assert discrete.stats["submits"] == before + 1
+            y, r1 = _ort(model, {"x": x})
+            assert_close(got["y"], y, 1e-4, "y")
+            assert_close(got["r1"], r1, 1e-4, "r1")
+
+
+def test_sparse_uploads_reach_the_dispatch(discrete):
+    """Row gather and scatter-add upload their operands in the command buffer that uses them."""
+    rng = np.random.default_rng(7)
+    src = rng.standard_normal((50, 6)).astype(np.float32)
+    idx = rng.integers(0, 50, 200)
+    np.testing.assert_array_equal(vkconv.gather_rows(src, idx), src[idx])
+    dst = rng.standard_normal((9, 6)).astype(np.float32)
+    rows = rng.integers(0, 9, 50)
+    expected = dst.copy()
+    np.add.at(expected, rows, src)
+    assert_close(vkconv.scatter_add_rows(dst, src, rows), expected, 1e-6)
