@@ -4,7 +4,8 @@ dispatches -- still one queue submit per call, building an op included.
 
 Oracles: onnx.reference (Conv), onnxruntime (the device graph), OpenCV's own CPU layers (the cv2
 net), numpy indexing (gather / scatter-add).  Tolerance: max abs diff <= rel x max|expected|
-(tests/oracles.assert_close).  With ``VKCONV_VALIDATION=1`` synchronization validation checks the
+(tests/oracles.assert_close); sparse convolutions: the float64 dense references of
+tests/test_sparse.py.  With ``VKCONV_VALIDATION=1`` synchronization validation checks the
 copies' barriers (tests/test_validation_harness.py proves it reports a missing one).
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ import pytest
 from conftest import needs_opencv_layers
 from oracles import assert_close, onnx_reference
 from test_graph import _chain_model, _ort
+from test_sparse import check_against_dense, dense_conv3d, dense_conv_transpose3d, occupancy, random_tensor
 
 import cv_plugin
 import vkconv
@@ -118,3 +120,34 @@ def test_sparse_uploads_reach_the_dispatch(discrete):
     expected = dst.copy()
     np.add.at(expected, rows, src)
     assert_close(vkconv.scatter_add_rows(dst, src, rows), expected, 1e-6)
+
+
+def test_sparse_convolutions_submit_as_on_unified_memory(discrete):
+    """SubM: the rulebook, then the convolution (2 submits); strided: the rulebook reads its output
+    count back between its two submissions (3); inverse: the inverse table, then the convolution
+    (2).  Wide layers sort the rulebook rows by tap mask on the host, which reads the masks without
+    a submit of its own."""
+    rng = np.random.default_rng(8)
+    st = random_tensor(rng, 500, (12, 11, 10), 1, 32)
+    w = (rng.standard_normal((32, 3, 3, 3, 32)) / np.sqrt(32 * 27)).astype(np.float32)
+    sites = occupancy(st.indices, 1, st.spatial_shape)
+    steps = [
+        ("subm", 2, lambda: vkconv.subm_conv3d(st, w),
+         lambda out: (dense_conv3d(st.to_dense(), w, pad=(1, 1, 1)), sites)),
+        ("strided", 3, lambda: vkconv.sparse_conv3d(st, w, stride=2, padding=1, indice_key="down"),
+         lambda out: (dense_conv3d(st.to_dense(), w, stride=(2, 2, 2), pad=(1, 1, 1)),
+                      occupancy(out.indices, 1, out.spatial_shape))),
+    ]
+    outs = {}
+    for name, submits, run, expect in steps:
+        before = discrete.stats["submits"]
+        outs[name] = out = run()
+        assert discrete.stats["submits"] - before == submits, name
+        dense, active = expect(out)
+        check_against_dense(out, dense, active, name)
+    down = outs["strided"]
+    before = discrete.stats["submits"]
+    up = vkconv.sparse_inverse_conv3d(down, w, indice_key="down")
+    assert discrete.stats["submits"] - before == 2
+    check_against_dense(up, dense_conv_transpose3d(down.to_dense(), w, st.spatial_shape, (2, 2, 2),
+                                                   (1, 1, 1), (1, 1, 1)), sites, "inverse")
