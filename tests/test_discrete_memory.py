@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from conftest import needs_opencv_layers
 from oracles import assert_close, onnx_reference
+from test_device_errors import _fail_once
 from test_graph import _chain_model, _ort
 from test_sparse import check_against_dense, dense_conv3d, dense_conv_transpose3d, occupancy, random_tensor
 
@@ -22,7 +23,8 @@ import vkconv
 from cv_plugin import compat, zoo
 from vkconv.graph.executor import Graph
 from vkconv.runtime.buffer import Buffer
-from vkconv.runtime.context import Context
+from vkconv.runtime.context import Context, vk
+from vkconv.runtime.transfer import upload_constant
 
 
 @pytest.fixture
@@ -72,6 +74,24 @@ def test_conv_build_and_calls_one_submit_each(discrete, kernel):
             y = op(x)
             assert discrete.stats["submits"] == before + i + 1
             assert_close(y, expected, 1e-3 if kernel == "winograd" else 1e-4)
+
+
+def test_pending_uploads_outlive_a_failed_submit_and_skip_closed_buffers(discrete, monkeypatch):
+    """Weights whose submit fails wait for the next one (else that call would read whatever the
+    fresh memory held); a buffer closed before any submit is left out of it (else the copy would
+    write freed memory)."""
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((1, 4, 7, 6)).astype(np.float32)
+    w = rng.standard_normal((5, 4, 3, 3)).astype(np.float32)
+    expected = onnx_reference("Conv", {"x": x, "w": w}, dict(kernel_shape=[3, 3], pads=[1] * 4))
+    upload_constant(discrete, np.ones(1 << 16, np.float32), "closed before any submit").close()
+    with vkconv.Conv(w, pads=1) as op:
+        _fail_once(monkeypatch, "vkQueueSubmit", vk.VkErrorOutOfDeviceMemory)
+        with pytest.raises(vkconv.VkconvError, match="ran out of memory"):
+            op(x)
+        assert discrete.pending_uploads, "the weights' copies were lost with the failed submit"
+        assert_close(op(x), expected)
+    assert not discrete.pending_uploads
 
 
 @needs_opencv_layers()

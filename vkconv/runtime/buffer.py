@@ -136,10 +136,11 @@ class Buffer:
         self._map = None
 
     def close(self) -> None:
-        with self.ctx.lock:  # a copy still waiting to be submitted must not reach a freed buffer
-            self.ctx.pending_uploads[:] = [p for p in self.ctx.pending_uploads if p[0] is not self]
-        self._map = None
-        self._finalizer()
+        # Under the lock that submits take: an upload of this buffer still waiting for a submit
+        # (runtime.transfer) then records nothing, as it has no staging twin any more.
+        with self.ctx.lock:
+            self._map = self.staging = None
+            self._finalizer()
 
     def __enter__(self) -> Buffer:
         return self

@@ -121,7 +121,12 @@ class CommandBuffer:
                     uploads = _record_uploads(ctx, pending)
                 handles = [self.handle] if uploads is None else [uploads.handle, self.handle]
                 info = v.VkSubmitInfo(commandBufferCount=len(handles), pCommandBuffers=handles)
-                v.vkQueueSubmit(ctx.queue, 1, [info], self.fence)
+                try:
+                    v.vkQueueSubmit(ctx.queue, 1, [info], self.fence)
+                except v.VkError:
+                    ctx.pending_uploads[:0] = pending  # not submitted: they wait for the next one
+                    pending = []
+                    raise
                 ctx.stats["submits"] += 1
                 ctx.stats["dispatches"] += self.dispatches
             v.vkWaitForFences(ctx.device, 1, [self.fence], v.VK_TRUE, ctx.timeout_ns)
