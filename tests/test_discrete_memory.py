@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import needs_opencv_layers
+from conv_lstm_reference import conv_lstm2d
+from deform_reference import deform_conv_ref
 from oracles import assert_close, onnx_reference
 from test_device_errors import _fail_once
 from test_graph import _chain_model, _ort
@@ -74,6 +76,35 @@ def test_conv_build_and_calls_one_submit_each(discrete, kernel):
             y = op(x)
             assert discrete.stats["submits"] == before + i + 1
             assert_close(y, expected, 1e-3 if kernel == "winograd" else 1e-4)
+
+
+def _resident_op_case(name: str, rng):
+    """(op, call arguments, expected output) for one of the other ops with resident weights."""
+    x = rng.standard_normal((1, 6, 9, 8)).astype(np.float32)
+    if name == "ConvTranspose":
+        w = rng.standard_normal((6, 4, 3, 3)).astype(np.float32)
+        expected = onnx_reference("ConvTranspose", {"x": x, "w": w}, dict(kernel_shape=[3, 3], strides=[2, 2]))
+        return vkconv.ConvTranspose(w, strides=2), (x,), expected
+    if name == "DeformConv":
+        w = rng.standard_normal((8, 6, 3, 3)).astype(np.float32)
+        offset = rng.standard_normal((1, 18, 9, 8)).astype(np.float32)
+        return vkconv.DeformConv(w, pads=1), (x, offset), deform_conv_ref(x, w, offset, pads=1)
+    seq = rng.standard_normal((1, 3, 5, 6, 6)).astype(np.float32)  # [N, T, C, H, W]
+    k, u = (rng.standard_normal((3, 3, c, 16)).astype(np.float32) * 0.3 for c in (5, 4))
+    b = rng.standard_normal(16).astype(np.float32)
+    return vkconv.ConvLSTM2D(k, u, b), (seq,), conv_lstm2d(seq, k, u, b)
+
+
+@pytest.mark.parametrize("name", ["ConvTranspose", "DeformConv", "ConvLSTM2D"])
+def test_other_resident_ops_build_and_calls_one_submit_each(discrete, name):
+    """Building and the first call: one submit; every later call: one."""
+    before = discrete.stats["submits"]
+    op, args, expected = _resident_op_case(name, np.random.default_rng(10))
+    with op:
+        for i in range(2):
+            assert_close(op(*args), expected, 1e-4, name)
+            assert discrete.stats["submits"] == before + 1, f"call {i}"
+            before = discrete.stats["submits"]
 
 
 def test_pending_uploads_outlive_a_failed_submit_and_skip_closed_buffers(discrete, monkeypatch):
