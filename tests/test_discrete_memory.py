@@ -24,8 +24,9 @@ from test_sparse import check_against_dense, dense_conv3d, dense_conv_transpose3
 
 import cv_plugin
 import vkconv
-from cv_plugin import compat, zoo
-from vkconv.graph.executor import Graph
+from cv_plugin import compat
+from cv_plugin.bench import zoo
+from vkconv.graph import Graph
 from vkconv.runtime.buffer import Buffer
 from vkconv.runtime.context import Context, vk
 from vkconv.runtime.transfer import upload_constant
