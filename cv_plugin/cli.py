@@ -86,6 +86,7 @@ def _device_lines(d: DeviceInfo, chosen: bool) -> list[str]:
     count = "x".join(map(str, d.max_workgroup_count))
     return [
         f"{mark} [{d.index}] {d.name}  ({d.type}, Vulkan {d.api_version}){tail}",
+        f"      driver:    {d.driver}",
         f"      workgroup: max {d.max_workgroup_invocations} invocations, size {size}, count {count}",
         f"      memory:    shared {_size(d.max_shared_memory)}, max storage buffer range "
         f"{_size(d.max_storage_buffer_range)}, push constants {_size(d.max_push_constants_size)}, "

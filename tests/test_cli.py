@@ -49,6 +49,8 @@ def test_info_lists_every_device_and_marks_the_chosen_one(devices, capsys):
     for label in ("invocations", "shared", "max storage buffer range", "push constants", "subgroup size",
                   "fp16 storage", "fp16 arithmetic", "unified"):
         assert label in out
+    for d in devices:  # lavapipe: "llvmpipe, Mesa 22.3.6 (LLVM 15.0.6)"
+        assert d.driver and f"driver:    {d.driver}" in out
 
 
 def test_info_json_matches_list_devices(devices, capsys):
@@ -64,6 +66,7 @@ def test_info_json_matches_list_devices(devices, capsys):
     assert first["max_workgroup_size"] == list(info.max_workgroup_size)
     assert first["max_storage_buffer_range"] == info.max_storage_buffer_range
     assert first["fp16_storage"] == info.fp16_storage
+    assert first["driver"] == info.driver
     assert "rank" not in first
 
 

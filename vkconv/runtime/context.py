@@ -31,6 +31,7 @@ import collections
 import dataclasses
 import logging
 import os
+import sys
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -110,10 +111,38 @@ class DeviceInfo:
     rank: int = field(repr=False)
     max_texel_buffer_elements: int = 0  # 0 when RGBA32F / R32F uniform texel buffers are unsupported
     fp16_texel: bool = False  # RGBA16F uniform texel buffers (vkconv's fp16 weight storage)
+    # the driver's name and version, e.g. "llvmpipe, Mesa 25.0.7 (LLVM 15.0.6)": speed and shader
+    # validity differ between drivers of the same device (shown by vkconv info)
+    driver: str = ""
 
 
 def _version_str(v: int) -> str:
     return f"{v >> 22}.{(v >> 12) & 0x3FF}.{v & 0xFFF}"
+
+
+def _driver_version_str(vendor_id: int, version: int) -> str:
+    """``VkPhysicalDeviceProperties.driverVersion`` decoded: its encoding is the vendor's own."""
+    if vendor_id == 0x10DE:  # NVIDIA: 10.8.8.6 bits
+        return f"{version >> 22}.{(version >> 14) & 0xFF}.{(version >> 6) & 0xFF}.{version & 0x3F}"
+    if vendor_id == 0x8086 and sys.platform == "win32":  # Intel's Windows driver: 18.14 bits (Mesa's is below)
+        return f"{version >> 14}.{version & 0x3FFF}"
+    return _version_str(version)  # VK_MAKE_VERSION: Mesa, AMD, Arm, Qualcomm, ...
+
+
+def _driver(pd, vendor_id: int, version: int) -> str:
+    """Driver name and version from VkPhysicalDeviceDriverProperties where the device has
+    VK_KHR_driver_properties (core in 1.2, but the instance asks for 1.1), else the decoded
+    driverVersion (lavapipe's is a constant 1, so the name matters)."""
+    v = vk
+    decoded = f"version {_driver_version_str(vendor_id, version)}"
+    if "VK_KHR_driver_properties" not in {e.extensionName for e in v.vkEnumerateDeviceExtensionProperties(pd, None)}:
+        return decoded
+    drv = v.VkPhysicalDeviceDriverProperties()
+    props2 = v.VkPhysicalDeviceProperties2(pNext=drv)  # drv stays referenced until the call returns
+    v.vkGetPhysicalDeviceProperties2(pd, props2)
+    name = v.ffi.string(drv.driverName).decode(errors="replace").strip()
+    info = v.ffi.string(drv.driverInfo).decode(errors="replace").strip()
+    return ", ".join(s for s in (name, info or decoded) if s)
 
 
 def _create_instance(validation: bool):
@@ -185,6 +214,7 @@ def _describe(index: int, pd) -> DeviceInfo:
         unified_memory=unified,
         has_compute_queue=any(q.queueFlags & v.VK_QUEUE_COMPUTE_BIT for q in queues),
         rank=_TYPE_RANK.get(props.deviceType, 4),
+        driver=_driver(pd, props.vendorID, props.driverVersion),
     )
 
 

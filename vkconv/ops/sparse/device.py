@@ -100,7 +100,7 @@ def release(buf: Buffer) -> None:
 
 
 def texel_capable(ctx: Context) -> bool:
-    """Whether this device reads RGBA32F uniform texel buffers (vkconv/pipeline.py says why the
+    """Whether this device reads RGBA32F uniform texel buffers (vkconv/runtime/pipeline.py says why the
     sparse GEMM prefers them for its float operands)."""
     return ctx.info.max_texel_buffer_elements > 0
 
