@@ -20,7 +20,7 @@ import pytest
 
 from vkconv.runtime import _spirv
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _build_shaders():

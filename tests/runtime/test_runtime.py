@@ -22,7 +22,7 @@ from vkconv.runtime.errors import NoDeviceError, VkconvError
 from vkconv.runtime.pipeline import DescriptorSet, get_pipeline
 from vkconv.runtime.transfer import upload_constant
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # Raw pipelines below bind more buffers and push-constant bytes than the conv shader uses (legal
 # in Vulkan), so that they stay valid whatever the conv kernel's exact interface is.
 SHADER, N_BUFFERS, PUSH = "conv2d", 8, 128
@@ -279,7 +279,7 @@ def test_device_info_names_the_driver():
         assert info.driver.startswith("llvmpipe, Mesa ")
 
 
-# -- embedded SPIR-V and its build (validity per Vulkan version: tests/test_spirv.py) ------------
+# -- embedded SPIR-V and its build (validity per Vulkan version: tests/runtime/test_spirv.py) ------------
 def test_every_embedded_module_has_a_digest():
     assert _spirv.SPIRV and set(_spirv.SPIRV) == set(_spirv.DIGESTS)
 

@@ -29,7 +29,7 @@ try:
 except ImportError:  # the info tests still run
     cv2 = None
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

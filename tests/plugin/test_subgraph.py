@@ -254,7 +254,7 @@ def test_keras_next_frame_model_is_one_device_resident_layer():
     """Keras' next-frame model converted by cv_plugin.keras: the Transposes between layouts, the
     three ConvLSTM2D, the BatchNormalizations, the Conv3D and its Sigmoid form one subgraph, so one
     upload and one readback per forward (layer mode: 8), equal to layer mode and to Keras' own
-    prediction within tests/test_conv_lstm.py's tolerance (1e-4 x max|expected|)."""
+    prediction within tests/ops/test_conv_lstm.py's tolerance (1e-4 x max|expected|)."""
     os.environ.setdefault("KERAS_BACKEND", "torch")
     keras = pytest.importorskip("keras", reason="the model is built with Keras (extra [keras])")
     from cv_plugin.keras import next_frame_model, to_onnx

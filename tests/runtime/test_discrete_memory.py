@@ -3,12 +3,12 @@ the host does not map, host-visible staging twins, and the copies between them r
 dispatches -- still one queue submit per call, building an op included.
 
 Oracles: onnx.reference (Conv, ConvTranspose), the float64 references of tests/deform_reference.py,
-tests/conv_lstm_reference.py and tests/test_sparse.py, onnxruntime (the device graph), OpenCV's own
+tests/conv_lstm_reference.py and tests/ops/test_sparse.py, onnxruntime (the device graph), OpenCV's own
 CPU layers (the cv2 net), numpy indexing (gather / scatter-add).  Tolerance: max abs diff <= rel x
 max|expected| (tests/oracles.assert_close), 1e-4 (fp32 weights) but 1e-3 for the cv2 net (OpenCV's
 own CPU convolutions round differently over 13 layers).  With ``VKCONV_VALIDATION=1``
 synchronization validation checks the barriers around the copies within each command buffer
-(tests/test_validation_harness.py proves it reports a missing one).
+(tests/runtime/test_validation_harness.py proves it reports a missing one).
 """
 from __future__ import annotations
 
