@@ -12,6 +12,11 @@ Subcommands:
 ``profile MODEL.onnx``
     per-layer wall time: OpenCV's own per-layer profile (``getPerfProfile``) beside the time spent
     inside each vkconv layer's op.
+``tune MODEL.onnx``
+    measure the kernel candidates of every convolution of the model at its input shape (within
+    ``--budget-ms`` per shape), store the fastest in the tuning cache (which later runs use by
+    default), and print a before (heuristic) / after (tuned) table per layer; ``--clear`` empties
+    the cache first.
 ``bench [conv|deform|sparse|all]``
     the benchmarks of :mod:`cv_plugin.bench` with a progress bar over their cases; each prints
     its table and writes JSON lines and a PNG chart (with matplotlib) into ``--out``.
@@ -38,10 +43,13 @@ import numpy as np
 
 import cv_plugin
 from cv_plugin import bench as benchmarks
-from cv_plugin import compat
+from cv_plugin import compat, tuning
 from vkconv import __version__
+from vkconv.ops.conv.kernels import Candidate
+from vkconv.ops.tune import budget_ms
 from vkconv.runtime.context import DeviceInfo, choose_device, get_context, list_devices
 from vkconv.runtime.errors import VkconvError
+from vkconv.runtime.tunecache import cache_for
 
 if TYPE_CHECKING:  # onnx and cv2 are imported only by the commands that load a model
     import onnx
@@ -204,11 +212,21 @@ def npy_input(path: str, inp: ModelInput) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
-def make_feeds(model: onnx.ModelProto, input_path: str | None, seed: int) -> tuple[dict[str, np.ndarray], str]:
-    """Input name -> blob for every runtime input, and where the blobs came from."""
+def make_feeds(model: onnx.ModelProto, input_path: str | None, seed: int,
+               input_shapes: dict[str, list[int]] | None = None) -> tuple[dict[str, np.ndarray], str]:
+    """Input name -> blob for every runtime input, and where the blobs came from;
+    ``input_shapes`` (name -> dims) replaces the model's shapes of random inputs."""
     inputs = model_inputs(model)
     if not inputs:
         raise CliError("the model has no runtime input to feed")
+    for name, dims in (input_shapes or {}).items():
+        match = [i for i in inputs if i.name == name]
+        if not match:
+            raise CliError(f"--input-shape {name}: the model has no such input "
+                           f"(inputs: {', '.join(i.describe() for i in inputs)})")
+        if match[0].dims is not None and len(match[0].dims) != len(dims):
+            raise CliError(f"--input-shape {name}: {len(dims)} dimensions, the input has {len(match[0].dims)}")
+        match[0].dims = list(dims)
     if input_path is None:
         rng = np.random.default_rng(seed)
         return {i.name: random_input(i, rng) for i in inputs}, f"random uniform [0, 1), seed {seed}"
@@ -251,7 +269,8 @@ def _prepare(args: argparse.Namespace) -> tuple[onnx.ModelProto, dict[str, np.nd
     import before raising, and the command line reports every error as one line."""
 
     model = _load_model(args.model)
-    feeds, source = make_feeds(model, args.input, args.seed)
+    feeds, source = make_feeds(model, getattr(args, "input", None), args.seed,
+                               dict(getattr(args, "input_shape", None) or []))
     cv_log = getattr(getattr(compat.cv2_module(), "utils", None), "logging", None)
     if cv_log is not None and not getattr(args, "debug", False):
         cv_log.setLogLevel(cv_log.LOG_LEVEL_SILENT)
@@ -275,6 +294,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         outs, first, times = _timed(net, feeds, names, args.runs)
         ran = sum(1 for count in net.vulkan_forwards().values() if count)
         routed = len(net.report.routed)
+        if getattr(args, "debug", False):  # which candidate each convolution ran, and why
+            for key, conv in tuning.conv_ops(net.state):
+                for shape, choice in conv.choices().items():
+                    print(f"conv {key} x{list(shape)}: {choice}")
     for name, blob in feeds.items():
         print(f"input  {name}: {tuple(blob.shape)} float32, {source}")
     for name, out in zip(names, outs):
@@ -345,6 +368,59 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    cache = cache_for(get_context())
+    if args.clear:
+        cache.clear()
+        print(f"tuning cache cleared: {cache.path}")
+    if args.model is None:
+        if not args.clear:
+            raise CliError("give MODEL.onnx to tune (or --clear alone to empty the cache)")
+        return 0
+    budget = budget_ms(args.budget_ms)
+    model, feeds, _, names = _prepare(args)
+    with cv_plugin.read_net(model, mode=args.mode, tune=False) as net:
+        _header(args.model, model, net.report)
+        _forward(net, feeds, names)  # builds every convolution at its input shape
+        convs = [(key, conv, shape) for key, conv in tuning.conv_ops(net.state) for shape in conv.choices()]
+        rows, start = [], time.perf_counter()
+        for i, (key, conv, shape) in enumerate(convs, 1):
+            print(f"\rtune [{i}/{len(convs)}] {key[:40]:40s} x{list(shape)}", end="", file=sys.stderr, flush=True)
+            signature = conv.signature(shape)
+            entry = cache.get(signature)
+            if entry is None:
+                conv.autotune(shape, budget)
+                entry, source = cache.get(signature), "tuner"
+            else:
+                source = "cache"
+            assert entry is not None  # autotune stored it
+            rows.append((key, shape, entry, source))
+        print(file=sys.stderr)
+        spent = time.perf_counter() - start
+    _tune_table(rows, spent, budget, cache.path)
+    return 0
+
+
+def _tune_table(rows: list[tuple[str, tuple[int, ...], dict, str]], spent: float, budget: float, path: Path) -> None:
+    """Before (heuristic) / after (tuned) per layer, from the cache entries (device ms)."""
+    def label(record: dict) -> str:
+        return Candidate.from_json(record).label()
+
+    width = max([len("layer")] + [len(r[0][:48]) for r in rows])
+    print(f"  {'layer':<{width}}  {'input':<18}  {'heuristic':<30} {'ms':>8}  {'tuned':<30} {'ms':>8}  "
+          f"{'speedup':>7}  from")
+    before = after = 0.0
+    for key, shape, entry, source in rows:
+        h_ms, t_ms = float(entry["heuristic_ms"]), float(entry["ms"])
+        before, after = before + h_ms, after + t_ms
+        print(f"  {key[:48]:<{width}}  {'x'.join(map(str, shape)):<18}  {label(entry['heuristic'])[:30]:<30} "
+              f"{h_ms:8.3f}  {label(entry['candidate'])[:30]:<30} {t_ms:8.3f}  {h_ms / t_ms:7.2f}  {source}")
+    ratio = before / after if after else float("nan")
+    print(f"  {'sum':<{width}}  {'':<18}  {'':<30} {before:8.3f}  {'':<30} {after:8.3f}  {ratio:7.2f}")
+    print(f"{len(rows)} convolutions; tuning took {spent:.1f} s (budget {budget:.0f} ms per shape); "
+          f"device ms from the tuner's timings; cache {path}")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.cases and args.name != "conv":
@@ -367,6 +443,17 @@ def _runs(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _input_shape(text: str) -> tuple[str, list[int]]:
+    name, sep, dims = text.rpartition("=")
+    try:
+        values = [int(d) for d in dims.split(",")]
+    except ValueError:
+        values = []
+    if not sep or not name or not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected NAME=N,C,H,W with positive sizes, got {text!r}")
+    return name, values
 
 
 def _add_model_options(parser: argparse.ArgumentParser, runs_help: str) -> None:
@@ -428,6 +515,26 @@ def build_parser() -> argparse.ArgumentParser:
                     "(getPerfProfile) beside the time spent inside each vkconv layer's op, with totals.")
     _add_model_options(profile, "profiled forwards after the warm-up (default 3)")
     profile.set_defaults(func=cmd_profile)
+
+    tune = sub.add_parser(
+        "tune", parents=[_common()], help="measure the fastest kernels for a model's convolutions on this device",
+        description="Run MODEL.onnx once to find its convolutions' input shapes, then time each one's kernel "
+                    "candidates on the device (within --budget-ms per shape) and store the fastest in the "
+                    "tuning cache ($VKCONV_CACHE_DIR, else $XDG_CACHE_HOME/vkconv, else ~/.cache/vkconv), "
+                    "which read_net and vkconv.Conv use from then on (VKCONV_TUNE=0 ignores it). Shapes the "
+                    "cache already has are reported from it. Prints a before (heuristic) / after (tuned) "
+                    "table per layer.")
+    tune.add_argument("model", nargs="?", metavar="MODEL.onnx", help="the ONNX model (optional with --clear)")
+    tune.add_argument("--input-shape", action="append", type=_input_shape, metavar="NAME=N,C,H,W",
+                      help="the shape of input NAME (repeatable); default: the model's, a dynamic batch 1 and "
+                           f"other dynamic dimensions {DEFAULT_DIM}")
+    tune.add_argument("--mode", choices=["layer", "subgraph"], default="layer",
+                      help="load the model as in `vkconv run --mode` (the convolutions and shapes are the same)")
+    tune.add_argument("--budget-ms", type=float, default=None, metavar="MS",
+                      help="wall-time budget per shape (default $VKCONV_TUNE_BUDGET_MS, else 2000)")
+    tune.add_argument("--clear", action="store_true", help="empty this device's tuning cache first")
+    tune.add_argument("--seed", type=int, default=0, help="seed of the random input (default 0)")
+    tune.set_defaults(func=cmd_tune)
 
     bench = sub.add_parser(
         "bench", parents=[_common()], help="benchmark vkconv against its peers (progress bar, JSON, PNG)",

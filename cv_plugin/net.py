@@ -11,9 +11,10 @@ import numpy as np
 import onnx
 
 import vkconv
-from cv_plugin import compat, registry, subgraph
+from cv_plugin import compat, registry, subgraph, tuning
 from cv_plugin.layers import NETS, NetState
 from cv_plugin.rewrite import RewriteReport, rewrite
+from vkconv.ops.tune import tune_mode
 
 _ids = itertools.count(1)
 _ids_lock = threading.Lock()
@@ -104,7 +105,7 @@ def _load(model) -> onnx.ModelProto:
 
 
 def read_net(model, *, fuse: bool = True, fallback: bool = False, mode: str = "layer",
-             min_ops: int = 2) -> Net:
+             min_ops: int = 2, tune: bool | str | None = None) -> Net:
     """Load ``model`` (a path, serialized bytes or ``onnx.ModelProto``) with Conv on Vulkan.
 
     ``fuse``: fold a following BatchNormalization and fuse a following activation into the conv.
@@ -113,10 +114,14 @@ def read_net(model, *, fuse: bool = True, fallback: bool = False, mode: str = "l
     ``mode``: ``"layer"`` runs each routed node as its own layer; ``"subgraph"`` runs each
     connected group of at least ``min_ops`` supported ops as one device-resident layer
     (:mod:`cv_plugin.subgraph`).
+    ``tune``: handed to every convolution (see :class:`vkconv.Conv`): True measures the kernel
+    candidates of each new shape the tuning cache lacks (at the first forward) and stores the
+    fastest; False ignores the cache; None follows ``VKCONV_TUNE`` (default: cached choices only).
     Registers vkconv's layers first if :func:`cv_plugin.register` was not called.
     """
     if mode not in subgraph.MODES:
         raise ValueError(f"mode: expected one of {', '.join(subgraph.MODES)}, got {mode!r}")
+    tune_mode(tune)  # a bad value fails before the model loads
     proto = _load(model)
     if not proto.graph.node:
         raise ValueError("model: the ONNX model has no nodes (empty or not an ONNX file)")
@@ -147,6 +152,7 @@ def read_net(model, *, fuse: bool = True, fallback: bool = False, mode: str = "l
             raise errors[0] from exc
         raise
     net = Net(cv_net, net_id, state, report)
+    tuning.apply(state, tune)
     net._raise_pending()  # a layer that could not be built: report it now, not at forward
     compat.log.debug("read_net: routed to vkconv %s; left to OpenCV %s; %d BatchNorm folded, %d activations "
                      "fused", report.routed, report.left_to_opencv, report.folded_batchnorm, report.fused_activations)

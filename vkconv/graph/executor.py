@@ -586,7 +586,7 @@ def _fuse_elementwise(nodes: list[Node], constants: dict[str, np.ndarray], keep:
 
 def _kernel_label(kernel: GraphKernel, x_shape: Shape) -> str:
     if isinstance(kernel, ConvNode):
-        return f"conv {kernel.op.kernel_for(x_shape)}" if isinstance(kernel.op, Conv) else "convtranspose"
+        return f"conv {kernel.op.choice_for(x_shape)}" if isinstance(kernel.op, Conv) else "convtranspose"
     return type(kernel).__name__.lower()
 
 
