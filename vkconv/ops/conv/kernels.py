@@ -838,6 +838,10 @@ class Candidate:
     texel: bool | None = None
     tile: TileShape | None = None
 
+    def __post_init__(self):
+        if self.mb % 4 or self.pb % 4 or min(self.mb, self.pb, self.local_size) < 0:
+            raise ValueError(f"candidate: mb and pb must be multiples of 4 and local_size >= 0, got {self}")
+
     def tuning(self, base: Tuning) -> Tuning:
         """``base`` with this candidate's choices fixed.  Texel reads stay off where ``base`` has
         them off (``VKCONV_CONV_TEXEL=0``, or the kernel reads storage buffers only)."""
@@ -860,7 +864,10 @@ class Candidate:
         return " ".join(parts)
 
     def to_json(self) -> dict:
-        record = {k: v for k, v in dataclasses.asdict(self).items() if v not in (0, None)}
+        record: dict = {"kernel": self.kernel}
+        record |= {k: v for k, v in (("mb", self.mb), ("pb", self.pb), ("local_size", self.local_size)) if v}
+        if self.texel is not None:
+            record["texel"] = self.texel
         if self.tile is not None:
             record["tile"] = dataclasses.astuple(self.tile)
         return record

@@ -64,11 +64,16 @@ class KernelChoice:
         return f"{self.candidate.label()} ({self.source})"
 
 
-def _kernel_request(kernel: str | None) -> str:
+def _kernel_request(kernel: str | Candidate | None) -> Candidate | None:
+    """The forced candidate (None: chosen per shape)."""
+    if isinstance(kernel, Candidate):
+        if kernel.kernel not in KERNELS:
+            raise ValueError(f"kernel: unknown {kernel.kernel!r}; expected one of {', '.join(KERNELS)}")
+        return kernel
     name = kernel if kernel is not None else os.environ.get("VKCONV_CONV_KERNEL", "") or "auto"
     if name != "auto" and name not in KERNELS:
         raise ValueError(f"kernel: unknown {name!r}; expected 'auto' or one of {', '.join(KERNELS)}")
-    return name
+    return None if name == "auto" else Candidate(name)
 
 
 class Conv(ResidentOp):
@@ -78,7 +83,8 @@ class Conv(ResidentOp):
     shape, as in ONNX.  The first call at a new input shape records a command buffer; later calls
     at that shape reuse it (one submit each, no Vulkan object created).  ``kernel`` forces a kernel
     (``"direct"``, ``"implicit_gemm"``, ``"gemm1x1"``, ``"depthwise"``, ``"winograd"``, ``"tiled"``; default
-    ``VKCONV_CONV_KERNEL`` or ``"auto"``); a forced kernel that cannot run a shape raises ValueError.
+    ``VKCONV_CONV_KERNEL`` or ``"auto"``), or a whole :class:`~vkconv.ops.conv.kernels.Candidate`
+    (register tile, local size, reads); a forced kernel that cannot run a shape raises ValueError.
     ``fp16=True`` (default: ``VKCONV_FP16=1``) keeps the weights of the texel-buffer kernels
     (implicit_gemm, gemm1x1, depthwise; not winograd, whose transform would magnify the rounding) as
     float16 — half the weight memory and bandwidth;
@@ -93,7 +99,7 @@ class Conv(ResidentOp):
 
     def __init__(self, w: np.ndarray, b: np.ndarray | None = None, *, strides=1, pads=0,
                  dilations=1, group: int = 1, activation=None, auto_pad: str = "NOTSET",
-                 ctx: Context | None = None, kernel: str | None = None, fp16: bool | None = None,
+                 ctx: Context | None = None, kernel: str | Candidate | None = None, fp16: bool | None = None,
                  tune: bool | str | None = None):
         w = shapes.as_float32("w", w, (3, 4, 5))
         self.nd = w.ndim - 2
@@ -107,7 +113,7 @@ class Conv(ResidentOp):
                                 (1,) * self.nd)  # validates the name
         self.auto_pad = auto_pad
         self.activation = Activation.parse(activation)
-        self.kernel = _kernel_request(kernel)
+        self.forced = _kernel_request(kernel)
         self.tune_mode = tune_mode(tune)
         self.ctx = ctx or get_context()
         self.ctx.check()
@@ -207,11 +213,11 @@ class Conv(ResidentOp):
         return choice
 
     def _choose(self, geo: Geometry) -> KernelChoice:
-        if self.kernel != "auto":
-            reason = eligible(self.kernel, geo)
+        if self.forced is not None:
+            reason = self._unusable(self.forced, geo)
             if reason is not None:
-                raise ValueError(f"kernel: {self.kernel!r} cannot run x of shape {geo.x_shape}: {reason}")
-            return KernelChoice(self._resolve(Candidate(self.kernel), geo), "forced")
+                raise ValueError(f"kernel: {self.forced.label()!r} cannot run x of shape {geo.x_shape}: {reason}")
+            return KernelChoice(self._resolve(self.forced, geo), "forced")
         if self.tune_mode != "0":
             cached = self._cached(geo)
             if cached is not None:
@@ -238,11 +244,24 @@ class Conv(ResidentOp):
         except (ValueError, TypeError) as exc:
             log.warning("tuning cache entry for %s ignored: %s", self._signature(geo), exc)
             return None
-        usable = (eligible(cand.kernel, geo) is None
-                  and (not cand.local_size or cand.local_size in local_sizes(self.ctx, cand.kernel))
-                  and (cand.tile is None or cand.tile in tile_shapes(self.ctx))
-                  and self._kernel(cand).fits(geo))
-        return cand if usable else None
+        reason = self._unusable(cand, geo)
+        if reason is not None:
+            log.warning("tuning cache entry for %s ignored: %s %s", self._signature(geo), cand.label(), reason)
+            return None
+        return cand
+
+    def _unusable(self, cand: Candidate, geo: Geometry) -> str | None:
+        """Why ``cand`` cannot run ``geo`` on this device (None if it can)."""
+        reason = eligible(cand.kernel, geo)
+        if reason is not None:
+            return reason
+        if cand.local_size and cand.local_size not in local_sizes(self.ctx, cand.kernel):
+            return f"local size {cand.local_size} is not one of {local_sizes(self.ctx, cand.kernel)} here"
+        if cand.tile is not None and cand.tile not in tile_shapes(self.ctx):
+            return f"tile {cand.tile} exceeds this device's workgroup limits"
+        if not self._kernel(cand).fits(geo):
+            return "its scratch buffers exceed the device's storage buffer range"
+        return None
 
     def autotune(self, x_shape, budget: float | None = None) -> TuneResult[Candidate]:
         """Measure the candidates for inputs of ``x_shape`` now (whatever the cache holds and
