@@ -30,7 +30,7 @@ from cv_plugin.rewrite import ROUTES, Route, conv_attributes
 from vkconv.kernels import shapes
 
 
-class DeformConvOp(layers.ResidentWeightsOp):
+class DeformConvOp(layers.ConvFamilyOp):
     """Inputs X, W, offset[, B[, mask]]; an empty mask (torchvision's "no mask") means DCNv1."""
 
     def __init__(self, params: dict, constants: list[np.ndarray]):

@@ -26,6 +26,7 @@ import vkconv
 from cv_plugin import compat
 from vkconv.graph.executor import StepTime
 from vkconv.kernels import shapes
+from vkconv.kernels.activation import Instruction
 from vkconv.runtime.timestamps import device_times
 
 
@@ -88,6 +89,20 @@ def _ints(params: dict, key: str, n: int, default: int) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
+def epilogue(params: dict) -> vkconv.Activation | None:
+    """The fused epilogue the rewrite wrote into ``params``: ``vk_act`` (name) with ``vk_act_a`` /
+    ``vk_act_b``, and ``vk_post``, an elementwise program as 5 numbers per instruction."""
+    act = str(params.get("vk_act", ""))
+    spec = (act, float(params.get("vk_act_a", 0.0)), float(params.get("vk_act_b", 0.0))) if act else None
+    post = params.get("vk_post")
+    if post is None:
+        return vkconv.Activation.parse(spec) if spec else None
+    values = [float(v) for v in (post if isinstance(post, (list, tuple)) else [post])]
+    program = [Instruction(int(values[i]), int(values[i + 1]), int(values[i + 2]), values[i + 3], values[i + 4])
+               for i in range(0, len(values) - 4, 5)]
+    return vkconv.Activation.parse(spec).with_post(program)
+
+
 class Op:
     """Base of the objects behind the layers: shapes without a device, forward on it."""
 
@@ -125,7 +140,7 @@ class Op:
         pass
 
 
-class ResidentWeightsOp(Op):
+class ConvFamilyOp(Op):
     """An op with inputs X, W[, B] and attributes of the Conv family, run by a vkconv object that
     keeps W and B on the device; W and B may be constants or runtime inputs (re-uploaded only when
     they change)."""
@@ -138,9 +153,7 @@ class ResidentWeightsOp(Op):
         self.dilations = _ints(params, "vk_dilations", self.nd, 1)
         self.pads = _ints(params, "vk_pads", 2 * self.nd, 0)
         self.auto_pad = str(params.get("vk_auto_pad", "NOTSET"))
-        act = str(params.get("vk_act", ""))
-        self.activation = (act, float(params.get("vk_act_a", 0.0)), float(params.get("vk_act_b", 0.0))) \
-            if act else None
+        self.activation = epilogue(params)
         self.device_op = None
         # the runtime W/B the device weights were made from
         self._w_src: np.ndarray | None = None
@@ -181,7 +194,7 @@ class ResidentWeightsOp(Op):
             self.device_op = None
 
 
-class ConvOp(ResidentWeightsOp):
+class ConvOp(ConvFamilyOp):
     """ONNX Conv (1-D/2-D/3-D) with fused BatchNorm/activation."""
 
     tune: bool | str | None = None  # read_net(tune=...), handed to vkconv.Conv
@@ -196,7 +209,7 @@ class ConvOp(ResidentWeightsOp):
                            group=self.group, activation=self.activation, auto_pad=self.auto_pad, tune=self.tune)
 
 
-class ConvTransposeOp(ResidentWeightsOp):
+class ConvTransposeOp(ConvFamilyOp):
     """ONNX ConvTranspose (1-D/2-D/3-D), output_padding and output_shape included."""
 
     def __init__(self, params: dict, constants: list[np.ndarray]):

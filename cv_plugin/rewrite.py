@@ -1,35 +1,35 @@
-"""In-memory ONNX rewrite that routes convolutions to vkconv's layers.
+"""Layer mode: the in-memory ONNX rewrite that routes convolutions to vkconv's layers.
 
 Standard nodes listed in :data:`ROUTES` (``Conv``, ``ConvTranspose``...) become nodes of the
 custom domain ``vkconv`` (layer type ``vkconv.<Op>``), which OpenCV's importer hands to our registered
-Python layer, so no built-in layer is ever overridden.  A directly following ``BatchNormalization``
-is folded into constant weights and a directly following activation is fused into the shader's
-epilogue, each only when nothing else reads the intermediate tensor and it is not a graph output.
+Python layer, so no built-in layer is ever overridden.  What is fused into a routed node is decided
+by :mod:`vkconv.onnx.fusion`, the same passes subgraph mode runs: following BatchNormalization and
+per-channel affine ops folded into constant weights, an activation and a chain of elementwise ops
+by constants taken into the shader's epilogue, each only when nothing else reads the intermediate
+tensor and it is not a graph output.
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
-from vkconv.graph.executor import fold_batchnorm
+from vkconv.onnx.fusion import CONV_TYPES, fuse
+from vkconv.onnx.model import (
+    ModelView,
+    Node,
+    attributes,
+    fold_shape_constants,
+    is_constant_node,
+    tensor_info,
+    unique_labels,
+)
+from vkconv.onnx.support import runs_on_device
 
 DOMAIN = "vkconv"
-
-# ONNX activation -> (vkconv activation name, attribute defaults (a, b))
-_ACTIVATIONS = {
-    "Relu": ("Relu", {}),
-    "LeakyRelu": ("LeakyRelu", {"alpha": 0.01}),
-    "HardSigmoid": ("HardSigmoid", {"alpha": 0.2, "beta": 0.5}),
-    "HardSwish": ("HardSwish", {}),
-    "Sigmoid": ("Sigmoid", {}),
-    "Tanh": ("Tanh", {}),
-    "Clip": ("Clip", {}),
-}
 
 
 @dataclass
@@ -40,97 +40,10 @@ class RewriteReport:
     folded_batchnorm: int = 0
     fused_activations: int = 0
     left_to_opencv: list[str] = field(default_factory=list)
+    # routed node key -> the labels of the source nodes it replaced (itself first)
+    fused: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # node key -> its constant inputs (in ONNX order), removed from the graph
     constants: dict[str, list[np.ndarray]] = field(default_factory=dict, repr=False)
-
-
-class _Graph:
-    """Lookups over one ONNX graph that the rewrite keeps up to date."""
-
-    def __init__(self, graph: onnx.GraphProto):
-        self.graph = graph
-        self.initializers = {t.name: t for t in graph.initializer}
-        self.constants: dict[str, np.ndarray] = {
-            t.name: numpy_helper.to_array(t) for t in graph.initializer}
-        for node in graph.node:
-            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-                for a in node.attribute:
-                    if a.name == "value":
-                        self.constants[node.output[0]] = numpy_helper.to_array(a.t)
-        self.graph_outputs = {o.name for o in graph.output}
-        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-        for node in graph.node:
-            for name in node.input:
-                self.consumers[name].append(node)
-        self.shapes: dict[str, list] = {}
-        for vi in [*graph.input, *graph.value_info, *graph.output]:
-            dims = vi.type.tensor_type.shape.dim
-            if vi.type.tensor_type.HasField("shape"):
-                self.shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
-
-    def sole_consumer(self, tensor: str) -> onnx.NodeProto | None:
-        users = self.consumers.get(tensor, [])
-        if len(users) == 1 and tensor not in self.graph_outputs:
-            return users[0]
-        return None
-
-    def add_initializer(self, name: str, value: np.ndarray) -> str:
-        value = value.astype(np.float32)
-        tensor = numpy_helper.from_array(value, name)
-        self.graph.initializer.append(tensor)
-        self.initializers[name] = tensor
-        self.constants[name] = value
-        return name
-
-
-def _attrs(node: onnx.NodeProto) -> dict:
-    values = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    return {k: v.decode() if isinstance(v, bytes) else v for k, v in values.items()}
-
-
-def _fold_batchnorm(g: _Graph, conv: onnx.NodeProto, bn: onnx.NodeProto, key: str) -> bool:
-    """Fold ``bn`` into ``conv``'s constant W and B (in place). False when it cannot be folded."""
-    attrs = _attrs(bn)
-    if attrs.get("training_mode", 0) or len(bn.output) > 1 and any(bn.output[1:]):
-        return False
-    w_name = conv.input[1]
-    b_name = conv.input[2] if len(conv.input) > 2 and conv.input[2] else None
-    needed = [w_name, *bn.input[1:5]] + ([b_name] if b_name else [])
-    if any(n not in g.constants for n in needed):
-        return False
-    scale, beta, mean, var = (g.constants[n].reshape(-1) for n in bn.input[1:5])
-    w_folded, b_folded = fold_batchnorm(g.constants[w_name], g.constants[b_name] if b_name else None,
-                                        scale, beta, mean, var, float(attrs.get("epsilon", 1e-5)))
-    x_name = conv.input[0]
-    del conv.input[:]
-    conv.input.extend([x_name, g.add_initializer(f"{key}__vk_w", w_folded),
-                       g.add_initializer(f"{key}__vk_b", b_folded)])
-    conv.output[0] = bn.output[0]
-    return True
-
-
-def _activation(g: _Graph, node: onnx.NodeProto) -> tuple[str, float, float] | None:
-    """``(name, a, b)`` for a fusable activation node, None otherwise."""
-    if node.domain not in ("", "ai.onnx") or node.op_type not in _ACTIVATIONS:
-        return None
-    name, defaults = _ACTIVATIONS[node.op_type]
-    attrs = {**defaults, **_attrs(node)}
-    if node.op_type == "Clip":
-        lo, hi = attrs.get("min", -np.inf), attrs.get("max", np.inf)  # opset < 11 attributes
-        bounds = list(node.input[1:3])
-        for i, tensor in enumerate(bounds):
-            if not tensor:
-                continue
-            if tensor not in g.constants:
-                return None  # runtime bounds cannot be baked into the pipeline
-            value = float(np.asarray(g.constants[tensor]).reshape(-1)[0])
-            lo, hi = (value, hi) if i == 0 else (lo, value)
-        return name, float(lo), float(hi)
-    if node.op_type == "LeakyRelu":
-        return name, float(attrs["alpha"]), 0.0
-    if node.op_type == "HardSigmoid":
-        return name, float(attrs["alpha"]), float(attrs["beta"])
-    return name, 0.0, 0.0
 
 
 @dataclass(frozen=True)
@@ -175,9 +88,9 @@ ROUTES: dict[tuple[str, str], Route] = {
 }
 
 
-def _kernel(g: _Graph, node: onnx.NodeProto, w_name: str) -> list[int] | None:
+def _kernel(g: ModelView, node: onnx.NodeProto, w_name: str) -> list[int] | None:
     """The kernel shape from the kernel_shape attribute or from W's known shape."""
-    kernel = _attrs(node).get("kernel_shape")
+    kernel = attributes(node).get("kernel_shape")
     if kernel is None:
         w_shape = list(g.constants[w_name].shape) if w_name in g.constants else g.shapes.get(w_name)
         if w_shape and len(w_shape) > 2 and all(d for d in w_shape[2:]):
@@ -213,34 +126,7 @@ def _check_attributes(label: str, op_type: str, attrs: dict, nd: int, w_shape) -
                          f"weights' shape {list(w_shape)}")
 
 
-def _unique(label: str, keys: set[str]) -> str:
-    key = label
-    while key in keys:
-        key += "'"
-    keys.add(key)
-    return key
-
-
-def _fuse_followers(g: _Graph, node: onnx.NodeProto, route: Route, key: str, removed: set[int],
-                    report: RewriteReport) -> tuple[str, float, float] | None:
-    """Fold a following BatchNormalization and absorb a following activation into ``node``."""
-    nxt = g.sole_consumer(node.output[0])
-    if route.fold_batchnorm and nxt is not None and nxt.op_type == "BatchNormalization" \
-            and nxt.domain in ("", "ai.onnx") and _fold_batchnorm(g, node, nxt, key):
-        removed.add(id(nxt))
-        report.folded_batchnorm += 1
-        nxt = g.sole_consumer(node.output[0])
-    if not route.fuse_activation or nxt is None or id(nxt) in removed:
-        return None
-    act = _activation(g, nxt)
-    if act is not None:
-        node.output[0] = nxt.output[0]
-        removed.add(id(nxt))
-        report.fused_activations += 1
-    return act
-
-
-def _take_constants(g: _Graph, node: onnx.NodeProto, net_id: int, key: str,
+def _take_constants(g: ModelView, node: onnx.NodeProto, net_id: int, key: str,
                     report: RewriteReport) -> dict:
     """Move ``node``'s constant inputs into ``report.constants``; return the bookkeeping attributes
     every vkconv layer reads (which inputs were constant, how many there were, who it is)."""
@@ -256,6 +142,41 @@ def _take_constants(g: _Graph, node: onnx.NodeProto, net_id: int, key: str,
     return dict(vk_net=net_id, vk_key=key, vk_const=sum(1 << i for i in const), vk_ninputs=len(inputs))
 
 
+def _fusion_plan(model: onnx.ModelProto, g: ModelView, labels: list[str]) -> dict[str, Node]:
+    """Label of each routed node that absorbs others -> the fused node :func:`vkconv.onnx.fuse`
+    makes of it (its ``members``, folded W/B in ``g.constants``, ``_activation``, ``_post``)."""
+    ranks, types = tensor_info(model)
+    anchors = tuple({op for (_, op), route in ROUTES.items() if route.fuse_activation})
+    nodes, outside = [], set()
+    for proto, name in zip(model.graph.node, labels):
+        routed = _route(proto) is not None
+        if is_constant_node(proto):
+            continue
+        if routed or runs_on_device(proto, g.constants, ranks, types):
+            nodes.append(Node.from_proto(proto, name))
+        else:
+            outside.update(proto.input)
+    keep = outside | g.graph_outputs
+    fused = fuse(nodes, g.constants, keep, anchors)
+    return {n.members[0]: n for n in fused if n.op_type in anchors and len(n.members) > 1}
+
+
+def _route(node: onnx.NodeProto) -> Route | None:
+    return ROUTES.get(("" if node.domain == "ai.onnx" else node.domain, node.op_type))
+
+
+def _fused_attributes(fused: Node) -> dict:
+    """The vk_act* / vk_post attributes of a fused node's epilogue (OpenCV takes float lists)."""
+    out: dict[str, object] = {}
+    act = fused.attrs.get("_activation")
+    if act is not None:
+        name, a, b = (*act, 0.0, 0.0)[:3]
+        out.update(vk_act=name, vk_act_a=float(a), vk_act_b=float(b))
+    if "_post" in fused.attrs:
+        out["vk_post"] = [float(v) for ins in fused.attrs["_post"] for v in ins.constants()]
+    return out
+
+
 def rewrite(model: onnx.ModelProto, net_id: int, *, fuse: bool = True) -> tuple[onnx.ModelProto, RewriteReport]:
     """A copy of ``model`` whose routable nodes are ``vkconv``-domain nodes tagged with ``net_id``.
 
@@ -263,26 +184,27 @@ def rewrite(model: onnx.ModelProto, net_id: int, *, fuse: bool = True) -> tuple[
     converter...) keep their attributes and get the bookkeeping ones.
     """
     model = onnx.ModelProto.FromString(model.SerializeToString())
-    g = _Graph(model.graph)
+    g = ModelView(model.graph)
+    folded = fold_shape_constants(model.graph, g.constants)
     report = RewriteReport(routed=[])
-    removed: set[int] = set()
-    keys: set[str] = set()
     nodes = list(model.graph.node)
-    for index, node in enumerate(nodes):
-        label = node.name or f"{node.op_type}#{index}"
+    labels = unique_labels(nodes)
+    plan = _fusion_plan(model, g, labels) if fuse else {}
+    absorbed = {m for f in plan.values() for m in f.members[1:]}
+    op_of = {name: n.op_type for name, n in zip(labels, nodes)}
+    for node, label in zip(nodes, labels):
         if node.domain == DOMAIN:
-            key = _unique(label, keys)
-            for name, value in _take_constants(g, node, net_id, key, report).items():
+            for name, value in _take_constants(g, node, net_id, label, report).items():
                 node.attribute.append(helper.make_attribute(name, value))
-            node.name = key
-            report.routed.append(key)
+            node.name = label
+            report.routed.append(label)
             continue
-        route = ROUTES.get(("" if node.domain == "ai.onnx" else node.domain, node.op_type))
-        if route is None:
+        route = _route(node)
+        if route is None or label in absorbed:
             continue
         order = route.inputs or tuple(range(len(node.input)))
         inputs = [node.input[i] if i < len(node.input) else "" for i in order]
-        attrs = _attrs(node)
+        attrs = attributes(node)
         scalars = {name: node.input[i] for i, name in route.scalar_inputs.items() if i < len(node.input)}
         if any(t not in g.constants for t in scalars.values()):
             report.left_to_opencv.append(label)  # attributes computed at run time: not ours
@@ -292,21 +214,28 @@ def rewrite(model: onnx.ModelProto, net_id: int, *, fuse: bool = True) -> tuple[
         if kernel is None or len(kernel) not in route.ranks:
             report.left_to_opencv.append(label)
             continue
-        key = _unique(label, keys)
-        if route.inputs:
-            del node.input[:]
-            node.input.extend(inputs)
-        act = _fuse_followers(g, node, route, key, removed, report) if fuse else None
+        fused = plan.get(label)
+        if fused is not None:
+            if fused.op_type in CONV_TYPES:  # W and B may have been folded: new constants
+                inputs = list(fused.inputs)
+            node.output[0] = fused.outputs[0]
+            report.fused[label] = fused.members
+            report.folded_batchnorm += sum(op_of[m] == "BatchNormalization" for m in fused.members)
+            report.fused_activations += "_activation" in fused.attrs
+        del node.input[:]
+        node.input.extend(inputs)
         w_shape = g.constants[inputs[1]].shape if inputs[1] in g.constants else None
         new_attrs = dict(kernel_shape=kernel, vk_nd=len(kernel), **route.attributes(attrs, len(kernel)))
         _check_attributes(label, node.op_type, new_attrs, len(kernel), w_shape)
-        new_attrs.update(_take_constants(g, node, net_id, key, report))
-        if act is not None:
-            new_attrs.update(vk_act=act[0], vk_act_a=act[1], vk_act_b=act[2])
-        node.CopyFrom(helper.make_node(route.layer, list(node.input), [node.output[0]], name=key,
+        new_attrs.update(_take_constants(g, node, net_id, label, report))
+        if fused is not None:
+            new_attrs.update(_fused_attributes(fused))
+        node.CopyFrom(helper.make_node(route.layer, list(node.input), [node.output[0]], name=label,
                                        domain=DOMAIN, **new_attrs))
-        report.routed.append(key)
-    kept = [n for n in nodes if id(n) not in removed]
+        report.routed.append(label)
+    kept = [n for n, name in zip(nodes, labels) if name not in absorbed]
+    read = {t for n in kept for t in n.input} | g.graph_outputs
+    kept = [n for n in kept if id(n) not in folded or any(t in read for t in n.output)]
     del model.graph.node[:]
     model.graph.node.extend(kept)
     _drop_dangling(model.graph)

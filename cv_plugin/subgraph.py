@@ -23,12 +23,22 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import helper
 
 import vkconv
 from cv_plugin import layers
-from cv_plugin.rewrite import DOMAIN, _Graph
-from vkconv.graph.executor import Graph, Node, unsupported_reason
+from cv_plugin.rewrite import DOMAIN
+from vkconv.graph import Graph
+from vkconv.onnx.model import (
+    ModelView,
+    Node,
+    fold_shape_constants,
+    is_constant_node,
+    sort_protos,
+    tensor_info,
+    unique_labels,
+)
+from vkconv.onnx.support import runs_on_device
 
 MODES = ("layer", "subgraph")
 
@@ -42,22 +52,6 @@ class SubgraphSpec:
     inputs: list[str]
     outputs: list[str]
     shape: tuple = field(default=(), repr=False)  # Layer reads constants' .shape; a spec has none
-
-
-def _tensor_info(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, int]]:
-    """(rank, elem_type) of every tensor that ONNX shape inference can type."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # noqa: BLE001 - a model shape inference rejects just gets no ranks
-        inferred = model
-    g = inferred.graph
-    ranks, types = {}, {}
-    for vi in [*g.input, *g.value_info, *g.output]:
-        tt = vi.type.tensor_type
-        types[vi.name] = tt.elem_type
-        if tt.HasField("shape"):
-            ranks[vi.name] = len(tt.shape.dim)
-    return ranks, types
 
 
 def _groups(nodes: list[onnx.NodeProto], ok: list[bool]) -> list[list[int]]:
@@ -120,49 +114,19 @@ def _groups(nodes: list[onnx.NodeProto], ok: list[bool]) -> list[list[int]]:
     return list(by_group.values())
 
 
-_FOLDABLE = {"Reshape", "Unsqueeze", "Squeeze", "Flatten", "Transpose", "Cast", "Identity"}
-
-
-def _fold_constants(graph: onnx.GraphProto, constants: dict[str, np.ndarray]) -> set[int]:
-    """Evaluate shape-only nodes (Reshape, Unsqueeze...) whose inputs are all constants, as OpenCV's
-    importer does, adding their outputs to ``constants``: exporters reshape per-channel parameters
-    this way, and a group must take them as constants, not as inputs OpenCV never passes.
-    Returns the ids of the folded nodes."""
-    from onnx.reference import ReferenceEvaluator
-
-    folded = set()
-    for node in graph.node:
-        if node.op_type not in _FOLDABLE or node.domain not in ("", "ai.onnx") \
-                or not all(t in constants for t in node.input if t):
-            continue
-        try:
-            outs = ReferenceEvaluator(node).run(None, {t: constants[t] for t in node.input if t})
-        except Exception:  # noqa: BLE001 - left to OpenCV, unfolded
-            continue
-        constants.update(zip(node.output, (np.asarray(o) for o in outs)))
-        folded.add(id(node))
-    return folded
-
-
 def partition(model: onnx.ModelProto, *, min_ops: int = 2) -> tuple[onnx.ModelProto, dict[str, SubgraphSpec]]:
     """A copy of ``model`` whose groups of supported nodes are ``vkconv.Subgraph`` nodes, and the
     spec of each by node name."""
     if not isinstance(min_ops, int) or min_ops < 1:
         raise ValueError(f"min_ops: expected a positive int, got {min_ops!r}")
     model = onnx.ModelProto.FromString(model.SerializeToString())
-    g = _Graph(model.graph)
-    folded = _fold_constants(model.graph, g.constants)
-    ranks, types = _tensor_info(model)
-    nodes = [n for n in model.graph.node
-             if not (n.op_type == "Constant" and n.domain in ("", "ai.onnx"))]
-
-    def supported(n: onnx.NodeProto) -> bool:
-        if unsupported_reason(n, g.constants, ranks) is not None:
-            return False
-        tensors = [t for t in [*n.input, *n.output] if t and t not in g.constants]
-        return all(types.get(t) == TensorProto.FLOAT for t in tensors)
-
-    groups = [grp for grp in _groups(nodes, [supported(n) for n in nodes]) if len(grp) >= min_ops]
+    g = ModelView(model.graph)
+    folded = fold_shape_constants(model.graph, g.constants)
+    ranks, types = tensor_info(model)
+    label_of = dict(zip(map(id, model.graph.node), unique_labels(model.graph.node)))
+    nodes = [n for n in model.graph.node if not is_constant_node(n)]
+    groups = [grp for grp in _groups(nodes, [runs_on_device(n, g.constants, ranks, types) for n in nodes])
+              if len(grp) >= min_ops]
     specs: dict[str, SubgraphSpec] = {}
     replaced: dict[int, onnx.NodeProto | None] = {}
     names = {n.name for n in model.graph.node}
@@ -178,7 +142,7 @@ def partition(model: onnx.ModelProto, *, min_ops: int = 2) -> tuple[onnx.ModelPr
         while key in names:
             key += "_"
         names.add(key)
-        specs[key] = SubgraphSpec([Node.from_proto(n) for n in members], consts, inputs, outputs)
+        specs[key] = SubgraphSpec([Node.from_proto(n, label_of[id(n)]) for n in members], consts, inputs, outputs)
         node = helper.make_node("Subgraph", inputs, outputs, name=key, domain=DOMAIN)
         for j, i in enumerate(grp):
             replaced[id(nodes[i])] = node if j == len(grp) - 1 else None
@@ -189,27 +153,10 @@ def partition(model: onnx.ModelProto, *, min_ops: int = 2) -> tuple[onnx.ModelPr
         kept = [n for n in kept if id(n) not in folded or any(t in read for t in n.output)]
         available = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
         del model.graph.node[:]
-        model.graph.node.extend(_toposort(kept, available))  # OpenCV imports nodes in file order
+        model.graph.node.extend(sort_protos(kept, available))  # OpenCV imports nodes in file order
         if not any(o.domain == DOMAIN for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return model, specs
-
-
-def _toposort(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
-    """``nodes`` in a topological order, stable: a node moves only after what it reads."""
-    ready, order, pending = set(available), [], list(nodes)
-    while pending:
-        rest = []
-        for n in pending:
-            if all(not t or t in ready for t in n.input):
-                order.append(n)
-                ready.update(n.output)
-            else:
-                rest.append(n)
-        if len(rest) == len(pending):  # inputs nothing produces: keep them, OpenCV reports it
-            return order + rest
-        pending = rest
-    return order
 
 
 def attach(state: layers.NetState, specs: dict[str, SubgraphSpec]) -> None:

@@ -7,7 +7,7 @@ import pytest
 from oracles import assert_close, onnx_reference
 
 import vkconv
-from vkconv.graph.executor import Concat, run_kernel
+from vkconv.graph.executor import Concat, run_step
 from vkconv.ops.elementwise import Binary, Unary
 from vkconv.ops.pool import Pool
 from vkconv.ops.resize import Resize
@@ -36,14 +36,14 @@ def test_binary_matches_onnx(op, a_shape, b_shape):
     rng = np.random.default_rng(hash((op, a_shape, b_shape)) % 2**32)
     a = _rand(rng, *a_shape)
     b = _rand(rng, *b_shape, low=0.5, high=2.0) * rng.choice([-1, 1], b_shape).astype(np.float32)
-    got = run_kernel(Binary(op), [a, b])[0]
+    got = run_step(Binary(op), [a, b])[0]
     assert_close(got, onnx_reference(op, {"a": a, "b": b}, {}), REL)
 
 
 def test_binary_fused_activation():
     rng = np.random.default_rng(1)
     a, b = _rand(rng, 1, 4, 9, 11), _rand(rng, 4, 1, 1)
-    got = run_kernel(Binary("Mul", ("HardSigmoid", 0.3, 0.4)), [a, b])[0]
+    got = run_step(Binary("Mul", ("HardSigmoid", 0.3, 0.4)), [a, b])[0]
     expected = onnx_reference("HardSigmoid", {"x": onnx_reference("Mul", {"a": a, "b": b}, {})},
                               {"alpha": 0.3, "beta": 0.4})
     assert_close(got, expected, REL)
@@ -66,7 +66,7 @@ UNARY = [("Relu", {}, ()), ("LeakyRelu", {"alpha": 0.07}, (0.07,)), ("HardSwish"
 def test_unary_matches_onnx(name, attrs, params, shape):
     rng = np.random.default_rng(2)
     x = _rand(rng, *shape, low=-6, high=6)
-    got = run_kernel(Unary((name, *params)), [x])[0]
+    got = run_step(Unary((name, *params)), [x])[0]
     if name == "Clip":
         feeds = {"x": x, "min": np.float32(params[0]), "max": np.float32(params[1])}
         expected = onnx_reference("Clip", feeds, {})
@@ -102,7 +102,7 @@ def test_pool_matches_onnx(kind, attrs, shape):
     rng = np.random.default_rng(3)
     x = _rand(rng, *shape)
     kw = {k: v for k, v in attrs.items() if k != "kernel_shape"}
-    got = run_kernel(Pool(kind, attrs.get("kernel_shape"), **kw), [x])[0]
+    got = run_step(Pool(kind, attrs.get("kernel_shape"), **kw), [x])[0]
     assert_close(got, onnx_reference(kind, {"x": x}, attrs), REL)
 
 
@@ -112,7 +112,7 @@ def test_global_pools_reduce_whole_planes(kind, shape):
     rng = np.random.default_rng(8)
     x = _rand(rng, *shape)
     x[0, 1, 0, -1] = np.nan if kind == "GlobalMaxPool" else x[0, 1, 0, -1]  # NaN propagates through max
-    got = run_kernel(Pool(kind), [x])[0]
+    got = run_step(Pool(kind), [x])[0]
     expected = onnx_reference(kind, {"x": x}, {})
     np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
     assert_close(np.nan_to_num(got), np.nan_to_num(expected), REL)
@@ -136,7 +136,7 @@ def test_concat_matches_onnx(axis):
         shape = list(base)
         shape[axis] = extent
         xs.append(_rand(rng, *shape))
-    got = run_kernel(Concat(axis), xs)[0]
+    got = run_step(Concat(axis), xs)[0]
     assert_close(got, onnx_reference("Concat", {f"x{i}": x for i, x in enumerate(xs)}, {"axis": axis}), REL)
 
 
@@ -172,7 +172,7 @@ def test_resize_matches_onnx(mode, coord, nearest, scales, sizes):
     x = _rand(rng, 2, 3, 7, 10)
     scales_a = None if scales is None else np.array(scales, np.float32)
     sizes_a = None if sizes is None else np.array(sizes, np.int64)
-    got = run_kernel(Resize(mode, coord, nearest, scales=scales_a, sizes=sizes_a), [x])[0]
+    got = run_step(Resize(mode, coord, nearest, scales=scales_a, sizes=sizes_a), [x])[0]
     feeds = {"x": x, "roi": None, "scales": scales_a, "sizes": sizes_a}
     expected = onnx_reference("Resize", feeds, dict(mode=mode, coordinate_transformation_mode=coord,
                                                     nearest_mode=nearest), opset=19)
@@ -183,7 +183,7 @@ def test_upsample_matches_onnx():
     rng = np.random.default_rng(6)
     x = _rand(rng, 1, 2, 5, 3)
     scales = np.array([1, 1, 2, 3], np.float32)
-    got = run_kernel(Resize("nearest", "asymmetric", "floor", scales=scales), [x])[0]
+    got = run_step(Resize("nearest", "asymmetric", "floor", scales=scales), [x])[0]
     assert_close(got, onnx_reference("Upsample", {"x": x, "scales": scales}, {"mode": "nearest"}, opset=9), REL)
 
 
@@ -198,15 +198,15 @@ def test_resize_refuses_bad_arguments():
 
 def test_kernels_refuse_empty_tensors():
     with pytest.raises(ValueError, match="no elements"):
-        run_kernel(Unary("Relu"), [np.zeros((0, 3), np.float32)])
+        run_step(Unary("Relu"), [np.zeros((0, 3), np.float32)])
 
 
 def test_kernels_leave_no_objects():
     ctx = vkconv.get_context()
     before = {k: v for k, v in ctx.live.items() if k not in ("pipeline",)}
     x = np.ones((1, 2, 4, 4), np.float32)
-    run_kernel(Resize("linear", scales=[1, 1, 2, 2]), [x])
-    run_kernel(Binary("Add"), [x, x])
+    run_step(Resize("linear", scales=[1, 1, 2, 2]), [x])
+    run_step(Binary("Add"), [x, x])
     after = {k: v for k, v in ctx.live.items() if k not in ("pipeline",)}
     assert after == before
 
@@ -258,7 +258,7 @@ def test_elementwise_program_four_inputs(shapes):
                Instruction(OP_ACTIVATION + 2, 6, 6, -0.5, 0.75),  # r7 = clip(r6)
                Instruction(2, 7, 3),                         # r8 = r7 * d
                Instruction(1, 8, IMMEDIATE, -1.0)]           # r9 = r8 - (-1)
-    got = run_kernel(Elementwise(program, 4), arrays)[0]
+    got = run_step(Elementwise(program, 4), arrays)[0]
     assert_close(got, _program_reference(program, arrays), REL)
 
 

@@ -152,10 +152,23 @@ def test_batchnorm_and_activation_fused(op, attrs, bounds):
 
 
 def test_not_fused_when_intermediate_has_other_reader():
+    """OpenCV's Transpose also reads the conv's output, so the Relu stays OpenCV's."""
+    nodes = [_conv(), helper.make_node("Relu", ["c"], ["r"]), helper.make_node("Transpose", ["c"], ["t"]),
+             helper.make_node("Transpose", ["t"], ["u"]), helper.make_node("Sub", ["r", "u"], ["y"])]
+    model = _model(nodes, {"w": W, "b": B}, X.shape, (1, 8, 10, 5))
+    out, report, types = _run(model, X)
+    assert report.fused_activations == 0 and report.fused == {} and "ReLU" in types
+    assert_close(out, _ort(model, X), 1e-4)
+
+
+def test_elementwise_chain_on_the_conv_output_becomes_its_epilogue():
+    """Relu(c) + c reads only the conv's output: one elementwise program, run in the conv's store
+    (the same decision subgraph mode makes)."""
     nodes = [_conv(), helper.make_node("Relu", ["c"], ["r"]), helper.make_node("Add", ["r", "c"], ["y"])]
     model = _model(nodes, {"w": W, "b": B}, X.shape, (1, 8, 10, 5))
     out, report, types = _run(model, X)
-    assert report.fused_activations == 0 and "ReLU" in types
+    assert report.fused == {"Conv#0": ("Conv#0", "Relu#1", "Add#2")}
+    assert set(types) - {"__NetInputLayer__", "Identity"} == {"vkconv.Conv"}, types
     assert_close(out, _ort(model, X), 1e-4)
 
 

@@ -1,6 +1,6 @@
 // Flat workgroup / invocation numbers over a 2-D grid of workgroups, shared by every shader that
 // dispatches 1-D work: large problems exceed maxComputeWorkGroupCount[0] (65535 on many devices),
-// so the host (vkconv/conv_kernels.py `dispatch_grid`) spreads the workgroups over x and y.
+// so the host (vkconv/runtime/dispatch.py `grid`) spreads the workgroups over x and y.
 // Include it after the shader's `layout(local_size_x_id = ...) in;`: before that declaration
 // glslang folds gl_WorkGroupSize to its default (1, 1, 1).
 #ifndef VKCONV_GRID_GLSL

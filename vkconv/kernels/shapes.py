@@ -24,6 +24,13 @@ def as_float32(name: str, value, ndim: int | tuple[int, ...] | None = None) -> n
     return np.ascontiguousarray(value)
 
 
+def positive_int(name: str, value) -> int:
+    """``value`` as an int >= 1; bools and non-integers are refused (``group=True`` is a mistake)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return int(value)
+
+
 def spatial(name: str, value, n: int, *, minimum: int) -> tuple[int, ...]:
     """A scalar or length-``n`` sequence of ints, each at least ``minimum``."""
     if isinstance(value, (int, np.integer)):

@@ -21,18 +21,17 @@ the gates), hidden and cell state staying in device buffers between steps.
 from __future__ import annotations
 
 import struct
-import threading
 from collections.abc import Sequence
 
 import numpy as np
 
 from vkconv.kernels import shapes
 from vkconv.kernels.activation import Activation
-from vkconv.ops.base import ResidentOp
+from vkconv.ops.base import DeviceOp
 from vkconv.runtime.buffer import Buffer
-from vkconv.runtime.context import Context, get_context
+from vkconv.runtime.context import Context
 from vkconv.runtime.pipeline import DescriptorSet, get_pipeline
-from vkconv.runtime.plan import Plan, PlanCache, closed_on_error
+from vkconv.runtime.plan import Plan, closed_on_error
 from vkconv.runtime.transfer import upload_constant
 
 _PUSH = struct.Struct("<22i4f")
@@ -151,7 +150,7 @@ class _Geometry:
         return (self.n, self.steps, *state) if return_sequences else (self.n, *state)
 
 
-class ConvLSTM2D(ResidentOp):
+class ConvLSTM2D(DeviceOp):
     """A ConvLSTM2D layer whose weights stay on the device; call it with ``[N, T, C, H, W]``.
 
     ``padding``: ``"same"`` or ``"valid"`` (input convolution only). ``activation``: the cell
@@ -175,10 +174,8 @@ class ConvLSTM2D(ResidentOp):
         if self.recurrent_activation.kind not in (_SIGMOID, _HARD_SIGMOID):
             raise ValueError(f"recurrent_activation: expected sigmoid or hard_sigmoid, got "
                              f"{recurrent_activation!r}")
-        self.ctx = ctx or get_context()
+        super().__init__(ctx)
         self.local_size = self.ctx.local_size()
-        self._plans = PlanCache()
-        self._lock = threading.Lock()
         self._buffers: list[Buffer] = []
         self.kernel_shape: tuple[int, ...] | None = None
         self.recurrent_shape: tuple[int, ...] | None = None

@@ -15,22 +15,20 @@ from __future__ import annotations
 
 import math
 import struct
-import threading
 
 import numpy as np
 
 from vkconv.kernels import shapes
-from vkconv.kernels.activation import Activation
 from vkconv.kernels.divide import magic
-from vkconv.ops.base import ResidentOp
+from vkconv.ops.base import WeightedOp
 from vkconv.ops.conv.kernels import Geometry, Kernel, make_kernel, pack_bias_blocks, tuning
-from vkconv.ops.elementwise import ELEMENTWISE_LOCAL, linear_groups
 from vkconv.runtime.buffer import Buffer
 from vkconv.runtime.command import CommandBuffer
-from vkconv.runtime.context import Context, get_context
+from vkconv.runtime.context import Context
+from vkconv.runtime.dispatch import LOOP_LOCAL, looped_grid
 from vkconv.runtime.errors import VkconvError
 from vkconv.runtime.pipeline import DescriptorSet, get_pipeline
-from vkconv.runtime.plan import Plan, PlanCache, closed_on_error
+from vkconv.runtime.plan import Plan, closed_on_error
 from vkconv.runtime.transfer import upload_constant
 
 # in_size, cin_g, out_size, cout_g, kernel, groups, stride, oc_blocks, dil, w_blocks, tap_step,
@@ -73,7 +71,7 @@ def pack_weights(w: np.ndarray, group: int, oc_block: int) -> np.ndarray:
     return np.ascontiguousarray(packed.transpose(0, 2, 4, 1, 3))
 
 
-class ConvTranspose(ResidentOp):
+class ConvTranspose(WeightedOp):
     """A transposed convolution whose weights stay on the device; call it with inputs of any
     batch/size (``[N, C_in, *spatial]`` -> ``[N, C_out, *out]``).
 
@@ -88,14 +86,9 @@ class ConvTranspose(ResidentOp):
     def __init__(self, w: np.ndarray, b: np.ndarray | None = None, *, strides=1, pads=0,
                  dilations=1, group: int = 1, output_padding=0, output_shape=None,
                  auto_pad: str = "NOTSET", activation=None, ctx: Context | None = None):
-        w = shapes.as_float32("w", w, (3, 4, 5))
-        self.nd = w.ndim - 2
-        if not isinstance(group, (int, np.integer)) or group < 1:
-            raise ValueError(f"group: expected a positive int, got {group!r}")
-        self.group = int(group)
-        self.strides = shapes.spatial("strides", strides, self.nd, minimum=1)
-        self.dilations = shapes.spatial("dilations", dilations, self.nd, minimum=1)
-        self.pads = shapes.pads(pads, self.nd)
+        super().__init__(w, ranks=(3, 4, 5), strides=strides, pads=pads, dilations=dilations, group=group,
+                         activation=activation, ctx=ctx)
+        w = np.asarray(w)
         self.output_padding = shapes.spatial("output_padding", output_padding, self.nd, minimum=0)
         # The spec's "less than stride/dilation" is ambiguous; onnx.reference and onnxruntime both
         # reject output_padding >= stride, so we do too.
@@ -107,35 +100,26 @@ class ConvTranspose(ResidentOp):
         ones = (1,) * self.nd
         shapes.resolve_conv_transpose_pads(auto_pad, ones, ones, ones, ones, ones)  # validates the name
         self.auto_pad = auto_pad
-        self.activation = Activation.parse(activation)
-        self.ctx = ctx or get_context()
         self.local_size = self.ctx.local_size()
         self.pix, ocv = choose_tile(self.ctx, w.shape[1])
         self.oc_block = 4 * ocv
         self.pipeline = get_pipeline(self.ctx, f"conv_transpose_{self.pix}x{self.oc_block}", 4, _PUSH.size,
                                           (self.local_size, 1, 1, self.activation))
-        self._plans = PlanCache()
-        self._lock = threading.Lock()
         self._weights: Buffer | None = None
         self._bias: Buffer | None = None
         self._gemm: Kernel | None = None  # the 1x1 GEMM of the kernel == stride path, made on first use
         self.set_weights(w, b)
 
+    first_axis = "input"
+
+    def output_channels(self, w_shape: tuple[int, ...]) -> int:
+        return w_shape[1] * self.group  # W is [C_in, C_out / group, *k]
+
     # -- weights -------------------------------------------------------------------------------
     def set_weights(self, w: np.ndarray, b: np.ndarray | None = None) -> None:
         """Replace the weights (and bias) by arrays of the same layout; plans are rebuilt."""
-        w = shapes.as_float32("w", w, self.nd + 2)
-        if self._weights is not None and w.shape != self.weight_shape:
-            raise ValueError(f"w: shape {w.shape} differs from this ConvTranspose's {self.weight_shape}")
-        if min(w.shape[2:]) < 1:
-            raise ValueError(f"w: kernel dimensions must be >= 1, got shape {w.shape}")
-        if w.shape[0] % self.group:
-            raise ValueError(f"w: {w.shape[0]} input channels are not divisible by group={self.group}")
-        cout = w.shape[1] * self.group
-        if b is not None:
-            b = shapes.as_float32("b", b, 1)
-            if b.shape[0] != cout:
-                raise ValueError(f"b: expected {cout} values (one per output channel), got {b.shape[0]}")
+        w, b = self.check_weights(w, b)
+        cout = self.output_channels(w.shape)
         with self._lock:
             self._release()
             self.weight_shape = w.shape
@@ -256,13 +240,13 @@ class ConvTranspose(ResidentOp):
             vec4 = geo.size[2] % 4 == 0
             lanes = 4 * out[2] // geo.size[2] if vec4 else 1  # 4 columns of each column-tap plane
             total = math.prod(y_shape) // lanes
-            local = self.ctx.local_size(ELEMENTWISE_LOCAL)
+            local = self.ctx.local_size(LOOP_LOCAL)
             pipe = get_pipeline(self.ctx, "conv_transpose_shuffle", 2, _SHUFFLE_PUSH.size,
                                      (local, 1, 1, 0, *((1,) * (3 - self.nd) + self.strides), int(vec4)))
             dset = DescriptorSet(pipe, [columns, plan.outputs[0]])
             plan.keep.append(dset)
             push = _SHUFFLE_PUSH.pack(*magic(out[2] // lanes), *magic(out[1]), *magic(out[0]), *geo.size, *out, total)
-            groups = linear_groups(self.ctx, total, local)
+            groups = looped_grid(self.ctx, total, local)
 
             def body(cmd: CommandBuffer) -> None:
                 gemm(cmd)

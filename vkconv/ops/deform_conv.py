@@ -51,22 +51,21 @@ from __future__ import annotations
 
 import math
 import struct
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from vkconv.kernels import shapes
-from vkconv.kernels.activation import Activation
-from vkconv.ops.base import ResidentOp
-from vkconv.ops.conv.kernels import RowsKernel, dispatch_grid, tuning
+from vkconv.ops.base import WeightedOp
+from vkconv.ops.conv.kernels import RowsKernel, tuning
 from vkconv.runtime.buffer import Buffer
 from vkconv.runtime.command import CommandBuffer
-from vkconv.runtime.context import Context, get_context, vk
+from vkconv.runtime.context import Context, vk
+from vkconv.runtime.dispatch import grid
 from vkconv.runtime.errors import VkconvError
 from vkconv.runtime.pipeline import STORAGE, TEXEL1, TEXEL4, DescriptorSet, get_pipeline, texel_fits
-from vkconv.runtime.plan import Plan, PlanCache, closed_on_error
+from vkconv.runtime.plan import Plan, closed_on_error
 
 _PACK_PUSH = struct.Struct("<6i")
 _SAMPLE_PUSH = struct.Struct("<24i")
@@ -88,7 +87,7 @@ class Chunk:
     pixels: int
 
 
-class DeformConv(ResidentOp):
+class DeformConv(WeightedOp):
     """A 2-D deformable convolution whose weights stay on the device (see the module docstring).
 
     Call it as ``op(x, offset, mask=None)``.  The first call at a new (input shape, mask or not)
@@ -102,34 +101,20 @@ class DeformConv(ResidentOp):
     def __init__(self, w: np.ndarray, b: np.ndarray | None = None, *, strides=1, pads=0,
                  dilations=1, group: int = 1, offset_group: int = 1, activation=None,
                  ctx: Context | None = None):
-        w = shapes.as_float32("w", w, 4)
-        for name, value in (("group", group), ("offset_group", offset_group)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
-        self.group, self.offset_group = int(group), int(offset_group)
-        self.strides = shapes.spatial("strides", strides, 2, minimum=1)
-        self.dilations = shapes.spatial("dilations", dilations, 2, minimum=1)
-        self.pads = shapes.pads(pads, 2)
-        self.activation = Activation.parse(activation)
-        self.ctx = ctx or get_context()
+        super().__init__(w, ranks=4, strides=strides, pads=pads, dilations=dilations, group=group,
+                         activation=activation, ctx=ctx)
+        self.offset_group = shapes.positive_int("offset_group", offset_group)
         self.tune = tuning(self.ctx)
-        self._plans = PlanCache()
-        self._lock = threading.Lock()
         self._gemm: RowsKernel | None = None
-        self.weight_shape: tuple[int, ...] = ()  # set by set_weights
         self.set_weights(w, b)
 
     # -- weights -------------------------------------------------------------------------------
     def set_weights(self, w: np.ndarray, b: np.ndarray | None = None) -> None:
         """Replace the weights (and bias) by arrays of the same layout; plans are rebuilt."""
-        w = shapes.as_float32("w", w, 4)
-        if self.weight_shape and w.shape != self.weight_shape:
-            raise ValueError(f"w: shape {w.shape} differs from this DeformConv's {self.weight_shape}")
+        w, b = self.check_weights(w, b)
         cout, cin_g, kh, kw = w.shape
-        if min(w.shape) < 1:
+        if cout < 1 or cin_g < 1:
             raise ValueError(f"w: every dimension must be >= 1, got shape {w.shape}")
-        if cout % self.group:
-            raise ValueError(f"w: {cout} output channels are not divisible by group={self.group}")
         cin = cin_g * self.group
         if cin % self.offset_group:
             raise ValueError(f"offset_group: {cin} input channels (w {w.shape} x group={self.group}) "
@@ -284,7 +269,7 @@ class DeformConv(ResidentOp):
                 tiles = geo.out[1]
                 # The sampling grid: (pixel quads rounded to workgroups) x offset groups x taps.
                 quad_groups = -(-(c.images * tiles * pb // 4) // ls)
-                groups = dispatch_grid(ctx, quad_groups * og * taps * ls, ls, 1, "x (deform_conv columns)")
+                groups = grid(ctx, quad_groups * og * taps * ls, ls, 1, "x (deform_conv columns)")
                 push = _SAMPLE_PUSH.pack(in_h, in_w, out_w, out_hw, kw, taps, *self.strides, *self.pads[:2],
                                          *self.dilations, og, cin_og, og_blocks, gemm.cin_g // taps,
                                          self.group, c.n0, c.q0, c.images, c.pixels, tiles, pb // 4,

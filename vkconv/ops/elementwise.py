@@ -25,24 +25,13 @@ from vkconv.kernels.divide import magic
 from vkconv.runtime.buffer import Buffer
 from vkconv.runtime.command import CommandBuffer
 from vkconv.runtime.context import Context, get_context
+from vkconv.runtime.dispatch import LOOP_LOCAL, looped_grid
 from vkconv.runtime.pipeline import DescriptorSet, get_pipeline
 
 MAX_RANK = 5
 _INT32_MAX = 2**31 - 1
 
 Shape = tuple[int, ...]
-
-
-# Invocations per workgroup of the one-element-per-invocation kernels.
-ELEMENTWISE_LOCAL = 128
-
-
-def linear_groups(ctx: Context, count: int, local: int) -> tuple[int, int, int]:
-    """Workgroups for a grid-stride loop over ``count`` items, capped at the device limit (GPUs) or
-    at 1024 (CPU devices, where each workgroup has a fixed start-up cost and longer loops per
-    invocation measured 1.5-2x faster); the shaders loop over the rest."""
-    cap = 1024 if ctx.info.type == "cpu" else ctx.info.max_workgroup_count[0]
-    return (max(1, min(-(-count // local), cap)), 1, 1)
 
 
 def element_count(name: str, shape: Shape) -> int:
@@ -174,7 +163,7 @@ class Elementwise:
             extents[4] //= 4
         inner = extents[1] * extents[2] * extents[3] * extents[4]
         magics = [v for d in extents[2:] for v in magic(d)]
-        local = self.ctx.local_size(ELEMENTWISE_LOCAL)
+        local = self.ctx.local_size(LOOP_LOCAL)
         spec: list[int | float] = [local, 1, 1, 0, self.n_inputs, len(self.program), axes, 0]
         for k in range(MAX_INSTRUCTIONS):
             ins = self.program[k] if k < len(self.program) else Instruction(0, 0, 0)
@@ -182,7 +171,7 @@ class Elementwise:
         pipe = get_pipeline(self.ctx, "eltwise_vec4" if vec4 else "eltwise", MAX_INPUTS + 1, _PUSH.size, tuple(spec))
         bufs = list(inputs[:self.n_inputs]) + [inputs[0]] * (MAX_INPUTS - self.n_inputs) + [outputs[0]]
         dset = DescriptorSet(pipe, bufs)
-        groups = linear_groups(self.ctx, inner, local)
+        groups = looped_grid(self.ctx, inner, local)
         cmd.dispatch(pipe, dset, _PUSH.pack(*magics, *extents, *[v for s in strides for v in s], inner),
                      (groups[0], 1, min(extents[0], self.ctx.info.max_workgroup_count[2])))
         return [dset]

@@ -12,10 +12,11 @@ from collections.abc import Sequence
 
 from vkconv.kernels import shapes
 from vkconv.kernels.divide import magic
-from vkconv.ops.elementwise import ELEMENTWISE_LOCAL, Shape, element_count, linear_groups
+from vkconv.ops.elementwise import Shape, element_count
 from vkconv.runtime.buffer import Buffer
 from vkconv.runtime.command import CommandBuffer
 from vkconv.runtime.context import Context, get_context
+from vkconv.runtime.dispatch import LOOP_LOCAL, looped_grid
 from vkconv.runtime.pipeline import DescriptorSet, get_pipeline
 
 _KINDS = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool")
@@ -86,7 +87,7 @@ class Pool:
         total = element_count(f"{self.kind} output", out)
         kernel, strides, dilations, pads, out_hw = self._geometry(x_shape)
         mode = 0 if "Max" in self.kind else (2 if self.count_include_pad else 1)
-        local = self.ctx.local_size(ELEMENTWISE_LOCAL)
+        local = self.ctx.local_size(LOOP_LOCAL)
         # windows that tile each row exactly along W: 4 outputs per invocation from aligned vec4s
         vec4 = (not self.is_global and kernel[1] == strides[1] and dilations[1] == 1 and pads[1] == 0
                 and x_shape[3] % 4 == 0 and out_hw[1] % 4 == 0 and out_hw[1] * strides[1] <= x_shape[3])
@@ -101,6 +102,6 @@ class Pool:
                           *dilations, *pads[:2], *pads[2:], total // lanes)
         # global pools: one workgroup per plane (the output has one element per plane)
         groups = (min(total, self.ctx.info.max_workgroup_count[0]), 1, 1) if self.is_global \
-            else linear_groups(self.ctx, total // lanes, local)
+            else looped_grid(self.ctx, total // lanes, local)
         cmd.dispatch(pipe, dset, push, groups)
         return [dset]

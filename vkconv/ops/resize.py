@@ -16,10 +16,11 @@ import numpy as np
 
 from vkconv.kernels import shapes
 from vkconv.kernels.divide import magic
-from vkconv.ops.elementwise import ELEMENTWISE_LOCAL, Shape, element_count, linear_groups
+from vkconv.ops.elementwise import Shape, element_count
 from vkconv.runtime.buffer import Buffer
 from vkconv.runtime.command import CommandBuffer
 from vkconv.runtime.context import Context, get_context
+from vkconv.runtime.dispatch import LOOP_LOCAL, looped_grid
 from vkconv.runtime.pipeline import DescriptorSet, get_pipeline
 
 _PUSH = struct.Struct("<4I5i")
@@ -149,9 +150,9 @@ class Resize:
         index = _table(self.ctx, cmd, np.concatenate([t[0].reshape(-1) for t in tables]), "resize indices")
         weight = _table(self.ctx, cmd, np.concatenate([t[1] for t in tables]), "resize weights")
         cmd.barrier()
-        local = self.ctx.local_size(ELEMENTWISE_LOCAL)
+        local = self.ctx.local_size(LOOP_LOCAL)
         pipe = get_pipeline(self.ctx, "resize", 4, _PUSH.size, (local, 1, 1, 0, int(linear), fh, fw, int(vec4)))
         dset = DescriptorSet(pipe, [inputs[0], index, weight, outputs[0]])
         cmd.dispatch(pipe, dset, _PUSH.pack(*magic(out[3] // lanes), *magic(out[2]), *x_shape[2:], *out[2:],
-                                            total // lanes), linear_groups(self.ctx, total // lanes, local))
+                                            total // lanes), looped_grid(self.ctx, total // lanes, local))
         return [dset, index, weight]

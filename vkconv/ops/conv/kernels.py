@@ -43,6 +43,7 @@ from vkconv.kernels.activation import Activation
 from vkconv.runtime.buffer import Buffer
 from vkconv.runtime.command import CommandBuffer
 from vkconv.runtime.context import Context
+from vkconv.runtime.dispatch import grid
 from vkconv.runtime.errors import VkconvError
 from vkconv.runtime.pipeline import STORAGE, TEXEL1, TEXEL4, TEXEL4H, DescriptorSet, get_pipeline, texel_fits
 from vkconv.runtime.plan import Plan, closed_on_error
@@ -144,7 +145,7 @@ def tuning(ctx: Context, fp16: bool | None = None) -> Tuning:
                   fp16=bool(fp16) and texel)
 
 
-class ResidentWeights:
+class DeviceWeights:
     """Packed weights kept on the device for texel or storage reads.
 
     With ``fp16`` the device copy is float16, read through an RGBA16F view (half the memory and
@@ -219,20 +220,6 @@ def choose_pb(mb: int, out_w: int, tune: Tuning, speeds=_ROWS_SPEED) -> int:
     return best[1] if best else 4
 
 
-def dispatch_grid(ctx: Context, invocations: int, local: int, z: int, what: str) -> tuple[int, int, int]:
-    """Workgroup counts covering ``invocations`` flat invocations (x, y) times ``z``, for the
-    shaders' ``flat_invocation()`` (shaders/include/grid.glsl)."""
-    limit = ctx.info.max_workgroup_count
-    total = max(1, -(-invocations // local))
-    gx = min(total, limit[0])
-    gy = -(-total // gx)
-    if gy > limit[1] or z > limit[2]:
-        raise VkconvError(f"{what}: ({gx}, {gy}, {z}) workgroups exceed the device's "
-                          f"maxComputeWorkGroupCount {limit}")
-    return gx, gy, z
-
-
-# ---------------------------------------------------------------------------------------------
 def pack_oc_blocks(w: np.ndarray, group: int, mb: int) -> np.ndarray:
     """``[C_out, C_in/g, kd, kh, kw]`` -> ``[g][ceil(C_out/g / mb)][C_in/g][kd][kh][kw][mb]``,
     output channels zero-padded to whole blocks, so kernels load ``mb / 4`` vec4s per tap."""
@@ -279,7 +266,7 @@ class Kernel:
         self.ctx, self.group, self.act, self.tune = ctx, group, activation, tune
         self.cout, self.cin_g = w.shape[:2]
         self.cout_g = self.cout // group
-        self.buffers: list[Buffer | ResidentWeights] = []
+        self.buffers: list[Buffer | DeviceWeights] = []
 
     def fits(self, geo: Geometry) -> bool:
         """Whether this kernel's scratch buffers fit the device's limits at this shape."""
@@ -312,7 +299,7 @@ class DirectKernel(Kernel):
             dset = DescriptorSet(self.pipeline, [plan.inputs[0], self.weights, self.bias, plan.outputs[0]])
             plan.keep.append(dset)
             blocks = -(-self.cout_g // 4)
-            groups = dispatch_grid(ctx, -(-math.prod(geo.out) // 4), ls, geo.n * geo.group * blocks,
+            groups = grid(ctx, -(-math.prod(geo.out) // 4), ls, geo.n * geo.group * blocks,
                                        "x (conv output size)")
             push = _PUSH_DIRECT.pack(geo.cin_g, *geo.size, geo.cout_g, *geo.out, *geo.kernel, *geo.strides,
                                      *geo.pad_begin, *geo.dilations, geo.group, blocks,
@@ -355,7 +342,7 @@ def _padded(geo: Geometry, pb: int) -> _Padded:
 class _PaddedInputKernel(Kernel):
     """Shared by the kernels that read the padded copy: the pack pass and texel/storage choice."""
 
-    def _use_texel(self, plan_bytes: list[int], texel_buffers: list[Buffer | ResidentWeights]) -> bool:
+    def _use_texel(self, plan_bytes: list[int], texel_buffers: list[Buffer | DeviceWeights]) -> bool:
         if not self.tune.texel:
             return False
         return (all(texel_fits(self.ctx, n) for n in plan_bytes)
@@ -371,7 +358,7 @@ class _PaddedInputKernel(Kernel):
                                 (TEXEL1 if texel_x else STORAGE, STORAGE), _PUSH_PACK.size, (ls, 1, 1))
         dset = DescriptorSet(pipe, [plan.inputs[0], padded])
         plan.keep.append(dset)
-        groups = dispatch_grid(ctx, lay.planes * lay.pd * lay.ph, ls, 1, "x (padded input size)")
+        groups = grid(ctx, lay.planes * lay.pd * lay.ph, ls, 1, "x (padded input size)")
         push = _PUSH_PACK.pack(lay.planes, *geo.size, lay.pd, lay.ph, lay.pw4, *geo.pad_begin)
 
         def record(cmd: CommandBuffer) -> None:
@@ -388,7 +375,7 @@ class RowsKernel(_PaddedInputKernel):
         self.name = "gemm1x1" if flat else "implicit_gemm"
         self.flat = flat
         self.mb = choose_mb(self.cout_g, tune)
-        self.weights = ResidentWeights(ctx, pack_oc_blocks(w, group, self.mb), "conv weights", tune.fp16)
+        self.weights = DeviceWeights(ctx, pack_oc_blocks(w, group, self.mb), "conv weights", tune.fp16)
         self.bias = upload_constant(ctx, pack_bias_blocks(b, self.cout, group, self.mb), "conv bias")
         self.buffers += [self.weights, self.bias]
 
@@ -477,7 +464,7 @@ class RowsKernel(_PaddedInputKernel):
         dset = DescriptorSet(pipe, [source, weights, self.bias, output])
         plan.keep.append(dset)
         blocks = -(-self.cout_g // self.mb)
-        groups = dispatch_grid(ctx, lay.tiles_w * g.out[1] * g.out[0] * blocks, ls,
+        groups = grid(ctx, lay.tiles_w * g.out[1] * g.out[0] * blocks, ls,
                                    g.n * g.group, "x (conv output size)")
         push = _PUSH_ROWS.pack(g.cin_g, g.cout_g, g.group, blocks, lay.pd, lay.ph, lay.pw4, *pads,
                                g.kernel[0], g.kernel[1], g.strides[0], g.strides[1],
@@ -499,7 +486,7 @@ class DepthwiseKernel(_PaddedInputKernel):
         kwv = -(-kw // 4)
         packed = np.zeros((self.cout, kd, kh, 4 * kwv), np.float32)
         packed[..., :kw] = w[:, 0]
-        self.weights = ResidentWeights(ctx, packed, "depthwise weights", tune.fp16)
+        self.weights = DeviceWeights(ctx, packed, "depthwise weights", tune.fp16)
         bias = np.zeros(self.cout, np.float32) if b is None else b
         self.bias = upload_constant(ctx, bias, "depthwise bias")
         self.buffers += [self.weights, self.bias]
@@ -538,7 +525,7 @@ class DepthwiseKernel(_PaddedInputKernel):
                                  shift))
             dset = DescriptorSet(pipe, [source, weights, self.bias, plan.outputs[0]])
             plan.keep.append(dset)
-            groups = dispatch_grid(ctx, tiles_w * geo.out[1] * geo.out[0] * self.cout, ls,
+            groups = grid(ctx, tiles_w * geo.out[1] * geo.out[0] * self.cout, ls,
                                                geo.n, "x (conv output size)")
             push = _PUSH_DEPTHWISE.pack(geo.group, self.cout_g, *dims, *geo.pad_begin,
                                         geo.kernel[0], geo.kernel[1], geo.strides[0], geo.strides[1],
@@ -642,8 +629,8 @@ class WinogradKernel(_PaddedInputKernel):
             set_out = DescriptorSet(pipe_out, [m, self.bias, plan.outputs[0]])
             plan.keep += [set_in, set_out]
             tile_rows = geo.n * lay.tiles_h
-            groups_in = dispatch_grid(ctx, geo.cin_g * tile_rows, ls, 1, "x (winograd input tiles)")
-            groups_out = dispatch_grid(ctx, self.cout * tile_rows, ls, 1, "x (winograd output tiles)")
+            groups_in = grid(ctx, geo.cin_g * tile_rows, ls, 1, "x (winograd input tiles)")
+            groups_out = grid(ctx, self.cout * tile_rows, ls, 1, "x (winograd output tiles)")
             push_in = _PUSH_WINOGRAD_IN.pack(geo.cin_g, lay.tiles_h, lay.tiles_q, lay.padded.ph,
                                              lay.padded.pw4, lay.ntp)
             push_out = _PUSH_WINOGRAD_OUT.pack(self.cout, lay.tiles_h, lay.tiles_q, *geo.out[1:], lay.ntp,
@@ -751,7 +738,7 @@ class TiledKernel(Kernel):
                                         plan.outputs[0]])
             plan.keep.append(dset)
             pix_tiles = -(-math.prod(geo.out) // t.tn)
-            groups = dispatch_grid(ctx, self.oc_tiles * pix_tiles, 1, geo.n * geo.group,
+            groups = grid(ctx, self.oc_tiles * pix_tiles, 1, geo.n * geo.group,
                                        "x (conv output size)")
             push = _PUSH_TILED.pack(geo.cin_g, geo.cout_g, geo.group, self.k_total, *geo.size, *geo.out,
                                     *geo.strides, *geo.pad_begin, self.oc_tiles, pix_tiles,

@@ -19,14 +19,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import threading
 import time
 
 import numpy as np
 
 from vkconv.kernels import shapes
-from vkconv.kernels.activation import Activation
-from vkconv.ops.base import ResidentOp
+from vkconv.ops.base import WeightedOp
 from vkconv.ops.conv.kernels import (
     KERNELS,
     Candidate,
@@ -42,8 +40,8 @@ from vkconv.ops.conv.kernels import (
     tuning,
 )
 from vkconv.ops.tune import TuneResult, budget_ms, search, tune_mode
-from vkconv.runtime.context import Context, get_context
-from vkconv.runtime.plan import Plan, PlanCache
+from vkconv.runtime.context import Context
+from vkconv.runtime.plan import Plan
 from vkconv.runtime.timestamps import Stopwatch
 from vkconv.runtime.tunecache import cache_for
 
@@ -76,7 +74,7 @@ def _kernel_request(kernel: str | Candidate | None) -> Candidate | None:
     return None if name == "auto" else Candidate(name)
 
 
-class Conv(ResidentOp):
+class Conv(WeightedOp):
     """A convolution whose weights stay on the device; call it with inputs of any batch/size.
 
     ``auto_pad`` (``NOTSET``, ``SAME_UPPER``, ``SAME_LOWER``, ``VALID``) overrides ``pads`` per input
@@ -95,33 +93,20 @@ class Conv(ResidentOp):
     default) follows ``VKCONV_TUNE`` (``cache``: a cached choice where there is one, never timing).
     """
 
-    weight_shape: tuple[int, ...]  # set by set_weights
-
     def __init__(self, w: np.ndarray, b: np.ndarray | None = None, *, strides=1, pads=0,
                  dilations=1, group: int = 1, activation=None, auto_pad: str = "NOTSET",
                  ctx: Context | None = None, kernel: str | Candidate | None = None, fp16: bool | None = None,
                  tune: bool | str | None = None):
-        w = shapes.as_float32("w", w, (3, 4, 5))
-        self.nd = w.ndim - 2
-        if not isinstance(group, (int, np.integer)) or isinstance(group, bool) or group < 1:
-            raise ValueError(f"group: expected a positive int, got {group!r}")
-        self.group = int(group)
-        self.strides = shapes.spatial("strides", strides, self.nd, minimum=1)
-        self.dilations = shapes.spatial("dilations", dilations, self.nd, minimum=1)
-        self.pads = shapes.pads(pads, self.nd)
+        super().__init__(w, ranks=(3, 4, 5), strides=strides, pads=pads, dilations=dilations, group=group,
+                         activation=activation, ctx=ctx)
         shapes.resolve_auto_pad(auto_pad, (1,) * self.nd, (1,) * self.nd, (1,) * self.nd,
                                 (1,) * self.nd)  # validates the name
         self.auto_pad = auto_pad
-        self.activation = Activation.parse(activation)
         self.forced = _kernel_request(kernel)
         self.tune_mode = tune_mode(tune)
-        self.ctx = ctx or get_context()
-        self.ctx.check()
         self.tuning = tuning(self.ctx, fp16)
-        self._plans = PlanCache()
         self._kernels: dict[Candidate, Kernel] = {}
         self._choices: dict[tuple[int, ...], KernelChoice] = {}  # by input shape
-        self._lock = threading.Lock()
         self._w: np.ndarray | None = None
         self._b: np.ndarray | None = None
         self.set_weights(w, b)
@@ -129,17 +114,7 @@ class Conv(ResidentOp):
     # -- weights -------------------------------------------------------------------------------
     def set_weights(self, w: np.ndarray, b: np.ndarray | None = None) -> None:
         """Replace the weights (and bias) by arrays of the same layout; plans are rebuilt."""
-        w = shapes.as_float32("w", w, self.nd + 2)
-        if self._w is not None and w.shape != self.weight_shape:
-            raise ValueError(f"w: shape {w.shape} differs from this Conv's {self.weight_shape}")
-        if w.shape[0] % self.group:
-            raise ValueError(f"w: {w.shape[0]} output channels are not divisible by group={self.group}")
-        if any(k < 1 for k in w.shape[2:]):
-            raise ValueError(f"w: kernel dimensions must be >= 1, got {w.shape[2:]}")
-        if b is not None:
-            b = shapes.as_float32("b", b, 1)
-            if b.shape[0] != w.shape[0]:
-                raise ValueError(f"b: expected {w.shape[0]} values (one per output channel), got {b.shape[0]}")
+        w, b = self.check_weights(w, b)
         with self._lock:
             self._release()
             self.weight_shape = w.shape

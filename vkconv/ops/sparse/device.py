@@ -21,10 +21,10 @@ import threading
 
 import numpy as np
 
-from vkconv.ops.conv.kernels import dispatch_grid
 from vkconv.runtime.buffer import Buffer
 from vkconv.runtime.command import CommandBuffer
 from vkconv.runtime.context import Context, vk
+from vkconv.runtime.dispatch import grid
 from vkconv.runtime.pipeline import DescriptorSet, binding_kinds, get_pipeline, texel_fits
 
 INT32_MAX = 2**31 - 1
@@ -103,14 +103,6 @@ def texel_capable(ctx: Context) -> bool:
     """Whether this device reads RGBA32F uniform texel buffers (vkconv/pipeline.py says why the
     sparse GEMM prefers them for its float operands)."""
     return ctx.info.max_texel_buffer_elements > 0
-
-
-def grid(ctx: Context, invocations: int, local: int, z: int = 1) -> tuple[int, int, int]:
-    """Workgroups covering ``invocations`` 1-D invocations (``shaders/include/grid.glsl``
-    reads the flat index back from ``gl_NumWorkGroups``); no workgroups for no work."""
-    if invocations == 0:
-        return (0, 0, z)
-    return dispatch_grid(ctx, invocations, local, z, f"{invocations} invocations x {z}")
 
 
 class Recording:

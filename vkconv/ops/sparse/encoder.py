@@ -20,7 +20,7 @@ from vkconv.kernels import shapes
 from vkconv.kernels.activation import Activation
 from vkconv.ops.sparse.conv import PackedWeights, pack_weights, record_conv
 from vkconv.ops.sparse.device import Recording, release, texel_capable
-from vkconv.ops.sparse.rulebook import Geometry, Rulebook, build_rulebook, make_geometry
+from vkconv.ops.sparse.rulebook import Rulebook, SparseGeometry, build_rulebook, make_geometry
 from vkconv.ops.sparse.tensor import SparseTensor
 from vkconv.runtime.buffer import Buffer
 from vkconv.runtime.context import Context, get_context
@@ -49,7 +49,7 @@ class EncoderPlan:
     """What an encoder's layers resolve to without a device: per-layer geometry and activation,
     channel counts and the output grid."""
 
-    geoms: tuple[Geometry, ...]
+    geoms: tuple[SparseGeometry, ...]
     acts: tuple[Activation, ...]
     in_channels: int
     out_channels: int
@@ -66,7 +66,7 @@ def plan_layers(layers: list[EncoderLayer], spatial_shape, batch_size: int) -> E
     """Validate ``layers`` on a ``batch_size x spatial_shape`` grid (ValueError naming the layer)."""
     if not layers:
         raise ValueError("layers: expected at least one layer")
-    geoms: list[Geometry] = []
+    geoms: list[SparseGeometry] = []
     acts: list[Activation] = []
     d, h, w_ = (int(s) for s in spatial_shape)
     grid: tuple[int, int, int] = (d, h, w_)

@@ -45,7 +45,7 @@ _SCAN_MAX_ITEMS = 1024
 
 
 @dataclass(frozen=True)
-class Geometry:
+class SparseGeometry:
     """Everything a rulebook depends on besides the indices (all per-axis values are (D, H, W))."""
 
     subm: bool
@@ -68,7 +68,7 @@ class Geometry:
 
 
 def make_geometry(spatial_shape, batch_size: int, kernel, *, subm: bool, stride=1, padding=0,
-                  dilation=1) -> Geometry:
+                  dilation=1) -> SparseGeometry:
     """Validated geometry; ValueError names the argument (the output would be empty, an even SubM
     kernel, or a grid whose linear index does not fit int32)."""
     kernel = shapes.spatial("kernel", tuple(kernel), 3, minimum=1)
@@ -92,7 +92,7 @@ def make_geometry(spatial_shape, batch_size: int, kernel, *, subm: bool, stride=
         if batch_size * math.prod(grid) > INT32_MAX:
             raise ValueError(f"{name}: batch_size x {grid} = {batch_size * math.prod(grid)} sites; the "
                              f"rulebook's hash keys are int32 (at most {INT32_MAX})")
-    return Geometry(subm, kernel, stride, padding, dilation, in_shape, out_shape, int(batch_size))
+    return SparseGeometry(subm, kernel, stride, padding, dilation, in_shape, out_shape, int(batch_size))
 
 
 def _linear(indices: np.ndarray, grid) -> np.ndarray:
@@ -108,7 +108,7 @@ def _taps(kernel) -> np.ndarray:
 
 
 def reference_rulebook(indices: np.ndarray,
-                       geom: Geometry) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+                       geom: SparseGeometry) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
     """The rulebook in numpy: ``(out_indices [n_out, 4] int32, [(in_rows, out_rows)] per tap)``.
 
     Output rows follow the device's numbering (by smallest input row reaching the site, then tap).
@@ -163,7 +163,7 @@ class Rulebook:
     on :meth:`close` (or are freed when the rulebook is garbage-collected).
     """
 
-    def __init__(self, geom: Geometry, in_indices: np.ndarray, out_indices: np.ndarray):
+    def __init__(self, geom: SparseGeometry, in_indices: np.ndarray, out_indices: np.ndarray):
         self.geom = geom
         self.in_indices, self.out_indices = in_indices, out_indices
         self.in_idx: Buffer | None = None
@@ -248,12 +248,12 @@ def _axis_reach(k: int, s: int, d: int) -> tuple[int, int]:
     return g, -(-k // (s // g))
 
 
-def _push(geom: Geometry, n_in: int, n_out: int, mask: int = 0) -> bytes:
+def _push(geom: SparseGeometry, n_in: int, n_out: int, mask: int = 0) -> bytes:
     """The rulebook stages' push constants: grid sizes, row counts, hash buckets - 1."""
     return _RB_PUSH.pack(*geom.in_shape, n_in, *geom.out_shape, n_out, mask)
 
 
-def _spec(geom: Geometry) -> tuple[int, ...]:
+def _spec(geom: SparseGeometry) -> tuple[int, ...]:
     """The rulebook stages' specialization constants from id 3 (unused there, the activation
     slot): kernel, stride, padding, dilation, gcd(dilation, stride), and the inverse of
     dilation / gcd modulo stride / gcd (0 when stride / gcd is 1: every tap qualifies)."""
@@ -262,7 +262,7 @@ def _spec(geom: Geometry) -> tuple[int, ...]:
     return (0, *geom.kernel, *geom.stride, *geom.padding, *geom.dilation, *gcd, *inv)
 
 
-def _reach(geom: Geometry) -> int:
+def _reach(geom: SparseGeometry) -> int:
     """Most output sites one input site can reach."""
     return math.prod(_axis_reach(k, s, d)[1] for k, s, d in zip(geom.kernel, geom.stride, geom.dilation))
 
@@ -298,7 +298,7 @@ def _check_rows(name: str, n: int) -> None:
                           f"to {MAX_ROWS} sites")
 
 
-def build_rulebook(ctx: Context, indices: np.ndarray, geom: Geometry,
+def build_rulebook(ctx: Context, indices: np.ndarray, geom: SparseGeometry,
                    in_idx: Buffer | None = None) -> Rulebook:
     """The rulebook of ``geom`` for the (validated, duplicate-free) ``indices [n, 4]`` int32.
 

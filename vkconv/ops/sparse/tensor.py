@@ -26,7 +26,7 @@ from vkconv.kernels import shapes
 from vkconv.kernels.activation import Activation
 from vkconv.ops.sparse.conv import gather_on_device, pack_weights, record_conv, scatter_add_on_device
 from vkconv.ops.sparse.device import Recording, release, texel_capable
-from vkconv.ops.sparse.rulebook import Geometry, Rulebook, build_rulebook, make_geometry
+from vkconv.ops.sparse.rulebook import Rulebook, SparseGeometry, build_rulebook, make_geometry
 from vkconv.runtime.context import get_context
 
 
@@ -149,7 +149,7 @@ def _same_sites(rb_indices: np.ndarray, indices: np.ndarray) -> bool:
                                      and np.array_equal(rb_indices, indices))
 
 
-def _rulebook(st: SparseTensor, geom: Geometry, indice_key: str | None) -> tuple[Rulebook, dict]:
+def _rulebook(st: SparseTensor, geom: SparseGeometry, indice_key: str | None) -> tuple[Rulebook, dict]:
     """The cached rulebook for ``geom`` on ``st`` or a new one, and the output's indice_dict."""
     if indice_key is not None and not isinstance(indice_key, str):
         raise ValueError(f"indice_key: expected a str or None, got {indice_key!r}")
@@ -169,7 +169,7 @@ def _rulebook(st: SparseTensor, geom: Geometry, indice_key: str | None) -> tuple
     return rb, out_dict
 
 
-def _convolve(st: SparseTensor, geom: Geometry, indice_key, weight, bias, act: Activation):
+def _convolve(st: SparseTensor, geom: SparseGeometry, indice_key, weight, bias, act: Activation):
     """Features ``[n_out, C_out]`` of ``st`` convolved with ``geom``, its rulebook and the output's
     indice_dict; a rulebook no key keeps is freed at once."""
     rb, out_dict = _rulebook(st, geom, indice_key)

@@ -1,0 +1,144 @@
+"""What runs on the device in a device-resident graph (the support matrix) and how a node's ONNX
+attributes and constant inputs become the parameters of a vkconv op."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+
+from vkconv.onnx.model import STANDARD_DOMAINS, Node, const, is_float
+from vkconv.ops.elementwise import MAX_RANK
+from vkconv.ops.resize import COORDINATE_MODES, NEAREST_MODES
+
+ACTIVATIONS = ("Relu", "Clip", "LeakyRelu", "HardSwish", "HardSigmoid", "Sigmoid", "Tanh")
+BINARY = ("Add", "Sub", "Mul", "Div")
+POOLS = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool")
+OP_TYPES = ("Conv", "ConvTranspose", "BatchNormalization", *ACTIVATIONS, *BINARY, *POOLS, "Concat",
+            "Resize", "Upsample")
+
+
+
+
+def activation_spec(node: Node, constants: Mapping[str, np.ndarray]):
+    """``(name, a, b)`` for an activation node (see :class:`vkconv.Activation`), None when its
+    parameters are not constants."""
+    a = node.attrs
+    if node.op_type == "Clip":
+        lo, hi = float(a.get("min", -np.inf)), float(a.get("max", np.inf))  # opset < 11 attributes
+        for i, tensor in enumerate(node.inputs[1:3]):
+            if not tensor:
+                continue
+            value = const(constants, tensor)
+            if value is None or value.size != 1:
+                return None
+            lo, hi = (float(value.reshape(-1)[0]), hi) if i == 0 else (lo, float(value.reshape(-1)[0]))
+        return ("Clip", lo, hi)
+    if node.op_type == "LeakyRelu":
+        return ("LeakyRelu", float(a.get("alpha", 0.01)))
+    if node.op_type == "HardSigmoid":
+        return ("HardSigmoid", float(a.get("alpha", 0.2)), float(a.get("beta", 0.5)))
+    return (node.op_type,)
+
+
+def resize_params(node: Node, constants: Mapping[str, np.ndarray]) -> dict | str:
+    """Keyword arguments of :class:`~vkconv.ops.resize.Resize` for a Resize / Upsample node, or the
+    reason it cannot run here."""
+    a = node.attrs
+    mode = a.get("mode", "nearest")
+    if node.op_type == "Upsample":
+        scales = a.get("scales") if len(node.inputs) < 2 else const(constants, node.inputs[1])
+        if scales is None:
+            return "Upsample scales are not a constant"
+        return dict(mode=mode, coordinate_transformation_mode="asymmetric", nearest_mode="floor",
+                    scales=np.asarray(scales, np.float32))
+    if len(node.inputs) < 3:
+        return "Resize of opset 10 (no roi input) is not supported"
+    coord = a.get("coordinate_transformation_mode", "half_pixel")
+    nearest = a.get("nearest_mode", "round_prefer_floor")
+    if coord not in COORDINATE_MODES:
+        return f"coordinate_transformation_mode {coord!r} is not supported"
+    if nearest not in NEAREST_MODES:
+        return f"nearest_mode {nearest!r} is not supported"
+    if int(a.get("antialias", 0)) or int(a.get("exclude_outside", 0)) or "axes" in a \
+            or a.get("keep_aspect_ratio_policy", "stretch") != "stretch":
+        return "antialias, exclude_outside, axes and keep_aspect_ratio_policy are not supported"
+    scales = const(constants, node.inputs[2])
+    sizes = const(constants, node.inputs[3]) if len(node.inputs) > 3 else None
+    if scales is not None and scales.size == 0:
+        scales = None
+    if (scales is None) == (sizes is None or sizes.size == 0):
+        return "Resize needs exactly one of scales and sizes, as a constant"
+    return dict(mode=mode, coordinate_transformation_mode=coord, nearest_mode=nearest, scales=scales,
+                sizes=sizes if scales is None else None)
+
+
+def unsupported_reason(node: Node | onnx.NodeProto, constants: Mapping[str, np.ndarray],
+                       ranks: Mapping[str, int] | None = None) -> str | None:
+    """Why ``node`` cannot run in a :class:`Graph` (None when it can).  ``ranks``: the known ranks
+    of tensors (shape inference); the ops that need a rank refuse tensors not in it.  Without
+    ``ranks`` ranks are not checked here (a :class:`Graph` checks shapes when it meets them)."""
+    if isinstance(node, onnx.NodeProto):
+        if node.domain not in STANDARD_DOMAINS:
+            return f"domain {node.domain!r}"
+        node = Node.from_proto(node)
+    op, ins = node.op_type, list(node.inputs)
+
+    def rank(t: str, wanted: int) -> int | None:
+        return wanted if ranks is None else ranks.get(t)
+
+    if op not in OP_TYPES:
+        return f"{op} is not a graph op"
+    if len([o for o in node.outputs if o]) != 1:
+        return f"{op} with {len(node.outputs)} outputs"
+    runtime = [t for t in ins if t and t not in constants]
+    if not runtime:
+        return "no runtime input (constant folding is OpenCV's job)"
+    if op in ("Conv", "ConvTranspose"):
+        w = const(constants, ins[1]) if len(ins) > 1 else None
+        if not is_float(w) or w.ndim not in (3, 4, 5):
+            return "W is not a float constant of rank 3..5"
+        if len(ins) > 2 and ins[2] and not is_float(const(constants, ins[2])):
+            return "B is not a float constant"
+        return None
+    if op == "BatchNormalization":
+        if int(node.attrs.get("training_mode", 0)) or len(ins) != 5 \
+                or not all(is_float(const(constants, t)) for t in ins[1:]):
+            return "BatchNormalization needs inference mode and constant parameters"
+        return None if (rank(ins[0], 4) or 0) >= 2 else "input rank unknown"
+    if op in ACTIVATIONS:
+        return None if activation_spec(node, constants) is not None else "Clip bounds are not constants"
+    if op in BINARY:
+        for t in ins:
+            c, r = const(constants, t), rank(t, 4)
+            if c is not None and not is_float(c):
+                return "non-float constant operand"
+            if c is None and not 0 <= (r if r is not None else -1) <= MAX_RANK:
+                return f"operand rank unknown or above {MAX_RANK}"
+        return None
+    if op in POOLS:
+        if rank(ins[0], 4) != 4:
+            return "pooling runs on 4-D NCHW input only"
+        if op == "MaxPool" and int(node.attrs.get("storage_order", 0)):
+            return "storage_order 1"
+        return None
+    if op == "Concat":
+        for t in ins:
+            c = const(constants, t)
+            if (c is not None and not is_float(c)) or (c is None and rank(t, 4) is None):
+                return "Concat operand of unknown rank or non-float constant"
+        return None
+    params = resize_params(node, constants)  # Resize, Upsample
+    if isinstance(params, str):
+        return params
+    return None if rank(ins[0], 4) == 4 else "Resize runs on 4-D NCHW input only"
+
+
+def runs_on_device(node: onnx.NodeProto, constants: Mapping[str, np.ndarray], ranks: Mapping[str, int],
+                   types: Mapping[str, int]) -> bool:
+    """Whether a device graph can run ``node``: :func:`unsupported_reason` accepts it with the
+    inferred ``ranks``, and every runtime tensor it touches is float32 (``types``: ONNX elem types)."""
+    if unsupported_reason(node, constants, ranks) is not None:
+        return False
+    tensors = [t for t in [*node.input, *node.output] if t and t not in constants]
+    return all(types.get(t) == onnx.TensorProto.FLOAT for t in tensors)
