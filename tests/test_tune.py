@@ -18,12 +18,14 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import cv_plugin
 import vkconv
-from cv_plugin import cli
+from cv_plugin import cli, compat
+from cv_plugin import tuning as net_tuning
 from tests.conftest import needs_opencv_layers
 from tests.oracles import assert_close, onnxruntime_reference
 from vkconv.ops import tune
-from vkconv.ops.conv.kernels import KERNELS, Candidate, Geometry, candidates, resolve, tuning
+from vkconv.ops.conv.kernels import KERNELS, Candidate, Geometry, candidates, tuning
 from vkconv.runtime.tunecache import TuneCache, cache_for, device_identity
 
 REL = 1e-4
@@ -237,9 +239,30 @@ def test_search_stops_at_the_budget_and_prunes_slow_candidates():
     result = tune.search("base", [lambda best: ["slow", "fast"], lambda best: ["huge"]], Fake, budget=1e6,
                          prior=lambda c: 1e9 if c == "huge" else 1.0)
     assert result.best == "fast" and result.best_ms == 5.0 and result.baseline_ms == 10.0
-    assert calls.count("slow") == 1 and calls.count("fast") == 3 and "huge" not in calls
-    assert {t.candidate: t.note for t in result.trials} == {"base": "baseline", "slow": "pruned", "fast": "",
-                                                            "huge": "over budget"}
+    # fast: 3 timings in its trial and 3 in the rematch against the baseline, which it wins
+    assert calls.count("slow") == 1 and calls.count("fast") == 6 and calls.count("base") == 6
+    assert "huge" not in calls
+    assert [(t.candidate, t.note) for t in result.trials] == [
+        ("base", "baseline"), ("slow", "pruned"), ("fast", ""), ("huge", "over budget"),
+        ("fast", "rematch: baseline 10.000 ms")]
+
+
+def test_a_winner_that_loses_the_rematch_leaves_the_baseline():
+    """Noise made "lucky" look fast in its trial; side by side with the baseline it is not."""
+    timings = {"base": iter([10.0] * 3 + [10.0] * 3), "lucky": iter([8.0, 8.0, 8.0] + [10.2] * 3)}
+
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def once(self):
+            return next(timings[self.name])
+
+        def close(self):
+            pass
+
+    result = tune.search("base", [lambda best: ["lucky"]], Fake, budget=1e6)
+    assert result.best == "base" and result.best_ms == result.baseline_ms == 10.0
 
 
 def test_tune_settings_are_checked(monkeypatch):
@@ -317,9 +340,6 @@ def test_cli_tune_then_run_uses_the_cache(monkeypatch, tmp_path, capsys):
 
 @needs_opencv_layers()
 def test_read_net_tune_true_tunes_every_conv_and_matches_opencv(monkeypatch, tmp_path):
-    import cv_plugin
-    from cv_plugin import compat, tuning as net_tuning
-
     monkeypatch.setenv("VKCONV_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("VKCONV_TUNE_BUDGET_MS", "0")
     model = _three_convs()

@@ -8,7 +8,9 @@ walk, not the whole product, so a shape costs a few dozen timings at most).  Eac
 once with real-shaped data (its output checked against the baseline's by the op), then once more
 between GPU timestamps; one clearly slower than the best so far (``PRUNE``) stops there, the others
 get two more timed runs and count by their fastest.  A candidate replaces the best only when it is
-``MARGIN`` faster, so noise alone never moves the choice away from the heuristic.
+``MARGIN`` faster, and a final winner other than the heuristic choice must stay ``MARGIN`` faster in
+a side-by-side rematch (both timed alternately), so that noise alone rarely moves the choice away
+from the heuristic.
 
 Budget (``VKCONV_TUNE_BUDGET_MS``, default 2000 ms of wall time per shape, pipeline builds
 included): a candidate starts only while the time spent plus its expected cost (its ``prior``
@@ -128,10 +130,37 @@ def search(baseline: C, stages: Sequence[Callable[[C], Sequence[C]]], measure: C
             ms = result.trials[-1].ms
             if ms is not None and ms < result.best_ms * (1 - MARGIN):
                 result.best, result.best_ms = cand, ms
+    if result.best != baseline:
+        _confirm(result, measure)
     result.seconds = time.perf_counter() - start
     log.debug("tuned in %.2f s: %s %.3f ms (baseline %s %.3f ms), %d trials", result.seconds, result.best,
               result.best_ms, baseline, base_ms, len(result.trials))
     return result
+
+
+def _confirm(result: TuneResult[C], measure: Callable[[C], Timed | None]) -> None:
+    """Time the baseline and the winner again, alternately (three runs each), and go back to the
+    baseline unless the winner is still ``MARGIN`` faster: a winner picked in a burst of load
+    from other processes does not survive a side-by-side rematch."""
+    pair = [measure(result.baseline), measure(result.best)]
+    try:
+        base, best = pair
+        if base is None or best is None:
+            return
+        base_times, best_times = [], []
+        for _ in range(3):
+            base_times.append(base.once())
+            best_times.append(best.once())
+        base_ms, best_ms = min(base_times), min(best_times)
+        result.trials.append(Trial(result.best, best_ms, f"rematch: baseline {base_ms:.3f} ms"))
+        if best_ms < base_ms * (1 - MARGIN):
+            result.best_ms, result.baseline_ms = best_ms, base_ms
+        else:
+            result.best, result.best_ms, result.baseline_ms = result.baseline, base_ms, base_ms
+    finally:
+        for timed in pair:
+            if timed is not None:
+                timed.close()
 
 
 def _trial(cand: C, measure: Callable[[C], Timed | None], best_ms: float) -> Trial[C]:
