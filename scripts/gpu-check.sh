@@ -87,9 +87,9 @@ from cv_plugin import zoo
 onnx.save(zoo.vgg16(size=224, head=False), '$OUT/vgg16-conv.onnx')
 onnx.save(zoo.ppocr_det_like(size=640), '$OUT/ppocr-det-like.onnx')
 "
-step tune-vgg16 60 "$PY" -m vkconv tune "$OUT/vgg16-conv.onnx"
+step tune-vgg16 60 "$PY" -m vkconv tune "$OUT/vgg16-conv.onnx" --time-limit 40
 step tune-vgg16-cached 20 "$PY" -m vkconv tune "$OUT/vgg16-conv.onnx"
-step tune-ppocr 50 "$PY" -m vkconv tune "$OUT/ppocr-det-like.onnx" --mode subgraph
+step tune-ppocr 50 "$PY" -m vkconv tune "$OUT/ppocr-det-like.onnx" --mode subgraph --time-limit 30
 for f in tune-vgg16 tune-vgg16-cached tune-ppocr; do cp "$OUT/$f.log" "$OUT/$f.txt"; done
 
 # 5. the conv benchmark (tuned choices from the cache above) against its peers

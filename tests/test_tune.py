@@ -334,6 +334,10 @@ def test_cli_tune_then_run_uses_the_cache(monkeypatch, tmp_path, capsys):
     assert len(debug) == 3 and all(line.endswith("(heuristic)") for line in debug), debug
     assert cli.main(["tune", "--clear"]) == 0
     assert not list((tmp_path / "cache").glob("*.json"))
+    assert cli.main(["tune", str(path), "--budget-ms", "0", "--time-limit", "0"]) == 0  # the first shape only
+    out = capsys.readouterr().out
+    assert len([line for line in out.splitlines() if line.strip().startswith("conv")]) == 1
+    assert "2 convolutions not tuned: --time-limit 0 s reached" in out
     assert cli.main(["tune", str(path), "--input-shape", "y=1,3,8,8"]) == 1
     assert "no such input" in capsys.readouterr().err
 
