@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from cv_plugin import soak
+from cv_plugin.bench import soak
 
 
 def main() -> int:

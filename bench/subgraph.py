@@ -15,8 +15,8 @@ import onnx
 
 import cv_plugin
 import vkconv
-from cv_plugin import compat, zoo
-from cv_plugin.bench import report
+from cv_plugin import compat
+from cv_plugin.bench import report, zoo
 from cv_plugin.subgraph import SubgraphOp
 
 

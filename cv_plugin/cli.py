@@ -17,6 +17,9 @@ Subcommands:
     ``--budget-ms`` per shape), store the fastest in the tuning cache (which later runs use by
     default), and print a before (heuristic) / after (tuned) table per layer; ``--clear`` empties
     the cache first.
+``convert IN.onnx OUT.onnx``
+    write the model rewritten for vkconv's layers, self-contained (weights inside), so that plain
+    ``cv2.dnn.readNet(OUT)`` runs it after ``cv_plugin.register()`` (:func:`cv_plugin.convert`).
 ``bench [conv|deform|sparse|all]``
     the benchmarks of :mod:`cv_plugin.bench` with a progress bar over their cases; each prints
     its table and writes JSON lines and a PNG chart (with matplotlib) into ``--out``.
@@ -44,6 +47,7 @@ import numpy as np
 import cv_plugin
 from cv_plugin import bench as benchmarks
 from cv_plugin import compat, tuning
+from cv_plugin.input_shapes import fix_input_shapes, parse_shape, runtime_inputs, symbolic_inputs
 from vkconv import __version__
 from vkconv.ops.conv.kernels import Candidate
 from vkconv.ops.tune import budget_ms
@@ -133,13 +137,6 @@ class ModelInput:
         return f"{self.name!r} [{', '.join('?' if d is None else str(d) for d in self.dims)}]"
 
 
-def _one_line(exc: BaseException) -> str:
-    """``exc``'s message on one line, followed by its one-line notes (``in vkconv layer ...``)."""
-    parts = [" ".join(str(exc).split())]
-    parts += [n for n in getattr(exc, "__notes__", []) if "\n" not in n]
-    return "; ".join(p for p in parts if p)
-
-
 def _load_model(path: str) -> onnx.ModelProto:
     import onnx
 
@@ -148,7 +145,7 @@ def _load_model(path: str) -> onnx.ModelProto:
     try:
         model = onnx.load(path)
     except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
-        raise CliError(f"{path}: not an ONNX model ({type(exc).__name__}: {_one_line(exc)})") from exc
+        raise CliError(f"{path}: not an ONNX model ({type(exc).__name__}: {compat.one_line(exc)})") from exc
     if not model.graph.node:
         raise CliError(f"{path}: the ONNX model has no nodes (empty or not an ONNX file)")
     return model
@@ -156,11 +153,8 @@ def _load_model(path: str) -> onnx.ModelProto:
 
 def model_inputs(model: onnx.ModelProto) -> list[ModelInput]:
     """The graph inputs that are not initializers, in graph order."""
-    constant = {t.name for t in model.graph.initializer}
     found = []
-    for vi in model.graph.input:
-        if vi.name in constant:
-            continue
+    for vi in runtime_inputs(model):
         tensor = vi.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
                 for d in tensor.shape.dim] if tensor.HasField("shape") else None
@@ -203,7 +197,7 @@ def npy_input(path: str, inp: ModelInput) -> np.ndarray:
     try:
         array = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
-        raise CliError(f"--input {path}: not a .npy array ({_one_line(exc)})") from exc
+        raise CliError(f"--input {path}: not a .npy array ({compat.one_line(exc)})") from exc
     if not isinstance(array, np.ndarray) or array.dtype.kind not in "biuf":
         raise CliError(f"--input {path}: expected a numeric array, got {getattr(array, 'dtype', type(array))}")
     if inp.dims is not None and (array.ndim != len(inp.dims) or any(
@@ -212,21 +206,11 @@ def npy_input(path: str, inp: ModelInput) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
-def make_feeds(model: onnx.ModelProto, input_path: str | None, seed: int,
-               input_shapes: dict[str, list[int]] | None = None) -> tuple[dict[str, np.ndarray], str]:
-    """Input name -> blob for every runtime input, and where the blobs came from;
-    ``input_shapes`` (name -> dims) replaces the model's shapes of random inputs."""
+def make_feeds(model: onnx.ModelProto, input_path: str | None, seed: int) -> tuple[dict[str, np.ndarray], str]:
+    """Input name -> blob for every runtime input, and where the blobs came from."""
     inputs = model_inputs(model)
     if not inputs:
         raise CliError("the model has no runtime input to feed")
-    for name, dims in (input_shapes or {}).items():
-        match = [i for i in inputs if i.name == name]
-        if not match:
-            raise CliError(f"--input-shape {name}: the model has no such input "
-                           f"(inputs: {', '.join(i.describe() for i in inputs)})")
-        if match[0].dims is not None and len(match[0].dims) != len(dims):
-            raise CliError(f"--input-shape {name}: {len(dims)} dimensions, the input has {len(match[0].dims)}")
-        match[0].dims = list(dims)
     if input_path is None:
         rng = np.random.default_rng(seed)
         return {i.name: random_input(i, rng) for i in inputs}, f"random uniform [0, 1), seed {seed}"
@@ -263,14 +247,24 @@ def _ms(seconds: float) -> str:
     return f"{ms:.1f} ms" if ms >= 10 else f"{ms:.3f} ms"
 
 
+def _input_shapes(args: argparse.Namespace) -> dict[str, tuple[int, ...]]:
+    """``--input-shape NAME=D1,D2,...`` options as input name -> shape."""
+    try:
+        return dict(parse_shape(text) for text in getattr(args, "input_shape", None) or [])
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+
+
 def _prepare(args: argparse.Namespace) -> tuple[onnx.ModelProto, dict[str, np.ndarray], str, list[str]]:
-    """The model, its feeds and where they came from, and its output names; OpenCV's own log is
-    silenced (unless ``--debug``) because it prints an ERROR line of its own for a node it cannot
-    import before raising, and the command line reports every error as one line."""
+    """The model (its symbolic input dims fixed by ``--input-shape``), its feeds and where they came
+    from, and its output names; OpenCV's own log is silenced (unless ``--debug``) because it prints
+    an ERROR line of its own for a node it cannot import before raising, and the command line
+    reports every error as one line."""
 
     model = _load_model(args.model)
-    feeds, source = make_feeds(model, getattr(args, "input", None), args.seed,
-                               dict(getattr(args, "input_shape", None) or []))
+    if shapes := _input_shapes(args):
+        model = fix_input_shapes(model, shapes)
+    feeds, source = make_feeds(model, getattr(args, "input", None), args.seed)
     cv_log = getattr(getattr(compat.cv2_module(), "utils", None), "logging", None)
     if cv_log is not None and not getattr(args, "debug", False):
         cv_log.setLogLevel(cv_log.LOG_LEVEL_SILENT)
@@ -286,10 +280,17 @@ def _header(model_path: str, model: onnx.ModelProto, report) -> None:
           f"({report.folded_batchnorm} BatchNorm folded, {report.fused_activations} activations fused){left}")
 
 
+def _read_net(model: onnx.ModelProto, feeds: dict[str, np.ndarray], args: argparse.Namespace,
+              tune: bool | None = None) -> cv_plugin.Net:
+    """``read_net`` with the symbolic input dims left fixed to the feeds' shapes (one import)."""
+    shapes = {name: tuple(feeds[name].shape) for name in symbolic_inputs(model) if name in feeds}
+    return cv_plugin.read_net(model, mode=getattr(args, "mode", "layer"), input_shapes=shapes, tune=tune)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
 
     model, feeds, source, names = _prepare(args)
-    with cv_plugin.read_net(model, mode=getattr(args, "mode", "layer")) as net:
+    with _read_net(model, feeds, args) as net:
         _header(args.model, model, net.report)
         outs, first, times = _timed(net, feeds, names, args.runs)
         ran = sum(1 for count in net.vulkan_forwards().values() if count)
@@ -323,7 +324,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     model, feeds, _, names = _prepare(args)
     tick = compat.cv2_module().getTickFrequency()
-    with cv_plugin.read_net(model, mode=getattr(args, "mode", "layer")) as net:
+    with _read_net(model, feeds, args) as net:
         _header(args.model, model, net.report)
         _forward(net, feeds, names)  # warm-up: pipelines, plans and OpenCV's buffers are made here
         layers = list(net.getLayerNames())
@@ -368,6 +369,16 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    model = _load_model(args.model)
+    report = cv_plugin.convert(model, args.out, mode=args.mode, input_shapes=_input_shapes(args))
+    left = f"; left to OpenCV: {', '.join(report.left_to_opencv)}" if report.left_to_opencv else ""
+    print(f"wrote {args.out}: {len(report.routed)} vkconv layers ({args.mode} mode, "
+          f"{report.folded_batchnorm} BatchNorm folded, {report.fused_activations} activations fused){left}; "
+          "run it with cv_plugin.register() and cv2.dnn.readNet")
+    return 0
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     cache = cache_for(get_context())
     if args.clear:
@@ -379,7 +390,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         return 0
     budget = budget_ms(args.budget_ms)
     model, feeds, _, names = _prepare(args)
-    with cv_plugin.read_net(model, mode=args.mode, tune=False) as net:
+    with _read_net(model, feeds, args, tune=False) as net:
         _header(args.model, model, net.report)
         _forward(net, feeds, names)  # builds every convolution at its input shape
         convs = [(key, conv, shape) for key, conv in tuning.conv_ops(net.state) for shape in conv.choices()]
@@ -450,17 +461,6 @@ def _runs(text: str) -> int:
     return value
 
 
-def _input_shape(text: str) -> tuple[str, list[int]]:
-    name, sep, dims = text.rpartition("=")
-    try:
-        values = [int(d) for d in dims.split(",")]
-    except ValueError:
-        values = []
-    if not sep or not name or not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected NAME=N,C,H,W with positive sizes, got {text!r}")
-    return name, values
-
-
 def _add_model_options(parser: argparse.ArgumentParser, runs_help: str) -> None:
     parser.add_argument("model", metavar="MODEL.onnx", help="the ONNX model to load with cv_plugin.read_net")
     parser.add_argument("--input", metavar="FILE",
@@ -470,6 +470,13 @@ def _add_model_options(parser: argparse.ArgumentParser, runs_help: str) -> None:
                              f"(a dynamic batch is 1, other dynamic dimensions {DEFAULT_DIM})")
     parser.add_argument("--runs", type=_runs, default=3, metavar="N", help=runs_help)
     parser.add_argument("--seed", type=int, default=0, help="seed of the random input (default 0)")
+    _add_input_shape(parser)
+
+
+def _add_input_shape(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input-shape", action="append", metavar="NAME=D1,D2,...",
+                        help="fix a symbolic input's dims before import (repeat per input), e.g. "
+                             "x=1,3,48,320")
 
 
 def _common() -> argparse.ArgumentParser:
@@ -521,6 +528,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(profile, "profiled forwards after the warm-up (default 3)")
     profile.set_defaults(func=cmd_profile)
 
+    convert = sub.add_parser(
+        "convert", parents=[_common()], help="save a model rewritten for vkconv's layers (for plain readNet)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Rewrite IN.onnx as cv_plugin.read_net does and write it to OUT.onnx self-contained\n"
+                    "(weights inside). Any later process runs it with plain OpenCV:\n"
+                    "  import cv2, cv_plugin; cv_plugin.register(); net = cv2.dnn.readNet('OUT.onnx')",
+        epilog="examples:\n  vkconv convert dcn.onnx dcn.vkconv.onnx\n"
+               "  vkconv convert crnn.onnx crnn.vkconv.onnx --mode subgraph --input-shape x=1,3,48,320")
+    convert.add_argument("model", metavar="IN.onnx", help="the ONNX model to convert")
+    convert.add_argument("out", metavar="OUT.onnx", help="where to write the converted model")
+    convert.add_argument("--mode", choices=["layer", "subgraph"], default="layer",
+                         help="layer (default): one vkconv layer per routed node; subgraph: each connected "
+                              "group of supported ops as one device-resident layer")
+    _add_input_shape(convert)
+    convert.set_defaults(func=cmd_convert)
+
     tune = sub.add_parser(
         "tune", parents=[_common()], help="measure the fastest kernels for a model's convolutions on this device",
         description="Run MODEL.onnx once to find its convolutions' input shapes, then time each one's kernel "
@@ -530,9 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "cache already has are reported from it. Prints a before (heuristic) / after (tuned) "
                     "table per layer.")
     tune.add_argument("model", nargs="?", metavar="MODEL.onnx", help="the ONNX model (optional with --clear)")
-    tune.add_argument("--input-shape", action="append", type=_input_shape, metavar="NAME=N,C,H,W",
-                      help="the shape of input NAME (repeatable); default: the model's, a dynamic batch 1 and "
-                           f"other dynamic dimensions {DEFAULT_DIM}")
+    _add_input_shape(tune)
     tune.add_argument("--mode", choices=["layer", "subgraph"], default="layer",
                       help="load the model as in `vkconv run --mode` (the convolutions and shapes are the same)")
     tune.add_argument("--budget-ms", type=float, default=None, metavar="MS",
@@ -608,5 +629,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         user = _user_error(exc)
         what = "" if user else f"internal error ({type(exc).__name__}): "
         hint = "" if debug or user else " (rerun with --debug for the traceback)"
-        print(f"vkconv: error: {what}{_one_line(exc)}{hint}", file=sys.stderr)
+        print(f"vkconv: error: {what}{compat.one_line(exc)}{hint}", file=sys.stderr)
         return 1

@@ -35,6 +35,13 @@ def cv2_version() -> tuple[int, int, int]:
     return major, minor, patch
 
 
+def one_line(exc: BaseException) -> str:
+    """``exc``'s message on one line, followed by its one-line notes (``in vkconv layer ...``)."""
+    parts = [" ".join(str(exc).split())]
+    parts += [n for n in getattr(exc, "__notes__", []) if "\n" not in n]
+    return "; ".join(p for p in parts if p)
+
+
 def read_onnx(data: bytes):
     """``cv2.dnn.readNetFromONNX`` on serialized model bytes, the way every version accepts.
 

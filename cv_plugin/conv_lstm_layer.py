@@ -22,6 +22,9 @@ OP_TYPE = "ConvLSTM2D"
 class ConvLSTMOp(layers.Op):
     """Keras ConvLSTM2D; weights may be constants or runtime inputs."""
 
+    input_names = ("X", "kernel", "recurrent_kernel", "bias", "h0", "c0")
+    required = 4
+
     def __init__(self, params: dict, constants: list[np.ndarray]):
         super().__init__(params, constants)
         if self.ninputs not in (4, 6):
@@ -51,7 +54,7 @@ class ConvLSTMOp(layers.Op):
         # Constants keep their ONNX dtype and shape; runtime inputs arrive as float32 from OpenCV.
         kernel, recurrent, bias = (np.asarray(a, np.float32) for a in arrays[1:4])
         bias = bias.reshape(-1)
-        state = tuple(arrays[4:6]) or None
+        state = tuple(a for a in arrays[4:6] if a is not None) or None  # h0, c0 omitted: zeros
         if self.lstm is None:
             self.lstm = vkconv.ConvLSTM2D(kernel, recurrent, bias, padding=self.padding,
                                           strides=self.strides, dilation=self.dilations,
@@ -72,6 +75,7 @@ class ConvLSTMOp(layers.Op):
 
 class ConvLSTMLayer(layers.Layer):
     op_class = ConvLSTMOp
+    slot_priority = ((1, 2, 3, 4, 5, 0), (0, 4, 5, 3, 2, 1))
 
 
 layers.LAYER_TYPES[f"vkconv.{OP_TYPE}"] = ConvLSTMLayer

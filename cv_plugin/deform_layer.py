@@ -31,7 +31,10 @@ from vkconv.kernels import shapes
 
 
 class DeformConvOp(layers.ConvFamilyOp):
-    """Inputs X, W, offset[, B[, mask]]; an empty mask (torchvision's "no mask") means DCNv1."""
+    """Inputs X, W, offset[, B[, mask]]; an omitted or empty mask (torchvision's "no mask") means DCNv1."""
+
+    input_names = ("X", "W", "offset", "B", "mask")
+    required = 3
 
     def __init__(self, params: dict, constants: list[np.ndarray]):
         super().__init__(params, constants)
@@ -51,13 +54,14 @@ class DeformConvOp(layers.ConvFamilyOp):
     def forward(self, arrays):
         x, w, offset, *rest = arrays
         b = rest[0] if rest else None
-        mask = rest[1] if self.use_mask and len(rest) > 1 and rest[1].size else None
+        mask = rest[1] if self.use_mask and len(rest) > 1 and rest[1] is not None and rest[1].size else None
         op = self.weights(w, b.reshape(-1) if b is not None else None)
         return [op(x, offset, mask)]
 
 
 class DeformConvLayer(layers.Layer):
     op_class = DeformConvOp
+    slot_priority = ((1, 3, 4, 2, 0), (0, 2, 4, 3, 1))
 
 
 def _onnx(attrs: dict, nd: int) -> dict:

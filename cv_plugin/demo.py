@@ -18,8 +18,8 @@ import numpy as np
 
 import cv_plugin
 import vkconv
-from cv_plugin import compat, zoo
-from cv_plugin.bench import report
+from cv_plugin import compat
+from cv_plugin.bench import report, zoo
 
 
 def _timed(net, blob: np.ndarray, runs: int) -> tuple[np.ndarray, float, list[float]]:

@@ -12,8 +12,8 @@ from cv_plugin import compat
 from cv_plugin.layers import LAYER_TYPES
 
 # Op modules: importing one adds its layer types to LAYER_TYPES and its routes to rewrite.ROUTES.
-OP_MODULES = ("cv_plugin.layers", "cv_plugin.deform_layer", "cv_plugin.conv_lstm_layer",
-              "cv_plugin.sparse_layer", "cv_plugin.subgraph")
+OP_MODULES = ("cv_plugin.layers", "cv_plugin.deform_layer", "cv_plugin.custom_layers", "cv_plugin.conv_lstm_layer",
+              "cv_plugin.sparse_layer", "cv_plugin.subgraph", "cv_plugin.convert")
 
 _registered: dict[str, type] = {}  # keeps every class object alive: OpenCV holds a raw pointer
 _lock = threading.Lock()
@@ -29,7 +29,9 @@ def register_layer(type_name: str, cls: type) -> None:
 
 
 def register() -> None:
-    """Register vkconv's layers with ``cv2.dnn`` (idempotent).
+    """Register vkconv's layers with ``cv2.dnn`` (idempotent): the ``vkconv.*`` types the rewrite
+    writes, and the deformable convolutions OpenCV lacks under the names plain ``cv2.dnn.readNet``
+    looks up (:mod:`cv_plugin.custom_layers`).
 
     Raises VkconvError with one clear sentence when the installed OpenCV cannot host Python layers
     (OpenCV 5.0.0, or older than 4.10).

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from vkconv.onnx.fusion import CONV_TYPES, fuse
+from vkconv.onnx.fusion import ANCHORS, CONV_TYPES, fuse
 from vkconv.onnx.model import (
     ModelView,
     Node,
@@ -42,8 +42,8 @@ class RewriteReport:
     left_to_opencv: list[str] = field(default_factory=list)
     # routed node key -> the labels of the source nodes it replaced (itself first)
     fused: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    # node key -> its constant inputs (in ONNX order), removed from the graph
-    constants: dict[str, list[np.ndarray]] = field(default_factory=dict, repr=False)
+    # node key -> its constant inputs (in ONNX order; None for an omitted one), removed from the graph
+    constants: dict[str, list[np.ndarray | None]] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True)
@@ -134,9 +134,10 @@ def _take_constants(g: ModelView, node: onnx.NodeProto, net_id: int, key: str,
     while inputs and not inputs[-1]:
         inputs.pop()
     # Initializers and Constant-node outputs alike (exporters such as Paddle2ONNX store weights in
-    # Constant nodes, which OpenCV also turns into blobs).
-    const = [i for i, name in enumerate(inputs) if name in g.constants]
-    report.constants[key] = [g.constants[inputs[i]] for i in const]
+    # Constant nodes, which OpenCV also turns into blobs).  An optional input left out with an empty
+    # name is not a runtime input either: its value is None (OpenCV hands it over as a None blob).
+    const = [i for i, name in enumerate(inputs) if not name or name in g.constants]
+    report.constants[key] = [g.constants[inputs[i]] if inputs[i] else None for i in const]
     del node.input[:]
     node.input.extend(name for i, name in enumerate(inputs) if i not in const)
     return dict(vk_net=net_id, vk_key=key, vk_const=sum(1 << i for i in const), vk_ninputs=len(inputs))
@@ -146,7 +147,7 @@ def _fusion_plan(model: onnx.ModelProto, g: ModelView, labels: list[str]) -> dic
     """Label of each routed node that absorbs others -> the fused node :func:`vkconv.onnx.fuse`
     makes of it (its ``members``, folded W/B in ``g.constants``, ``_activation``, ``_post``)."""
     ranks, types = tensor_info(model)
-    anchors = tuple({op for (_, op), route in ROUTES.items() if route.fuse_activation})
+    anchors = tuple({*ANCHORS, *(op for (_, op), route in ROUTES.items() if route.fuse_activation)})
     nodes, outside = [], set()
     for proto, name in zip(model.graph.node, labels):
         routed = _route(proto) is not None

@@ -90,6 +90,9 @@ class SparseEncoderOp(layers.Op):
     ``vk_subm`` (1 = SubM, 0 = SparseConv, per layer), ``vk_strides`` / ``vk_pads`` /
     ``vk_dilations`` (1 or 3 ints per layer), ``vk_acts`` (+ ``vk_act_alphas``, ``vk_act_betas``)."""
 
+    input_names = ("features", "coords")
+    required = 2
+
     def __init__(self, params: dict, constants: list[np.ndarray]):
         super().__init__(params, constants)
         self.spatial_shape = _ints(params, "vk_spatial_shape")
@@ -136,6 +139,9 @@ class SubMConv3dOp(layers.Op):
     """``vkconv.SubMConv3d``: attributes ``vk_spatial_shape``, ``vk_batch_size``, ``vk_dilations``
     (1 or 3 ints), ``vk_act`` (0 = none or an ACT number) + ``vk_act_alpha`` / ``vk_act_beta``."""
 
+    input_names = ("features", "coords", "W", "B")
+    required = 3
+
     def __init__(self, params: dict, constants: list[np.ndarray]):
         super().__init__(params, constants)
         self.spatial_shape = _ints(params, "vk_spatial_shape")
@@ -157,7 +163,7 @@ class SubMConv3dOp(layers.Op):
         feats, coords, w, *rest = arrays
         st = vkconv.SparseTensor(np.ascontiguousarray(feats, np.float32), coords_from_input(coords),
                                  self.spatial_shape, self.batch_size)
-        bias = np.asarray(rest[0], np.float32).reshape(-1) if rest else None
+        bias = np.asarray(rest[0], np.float32).reshape(-1) if rest and rest[0] is not None else None
         out = vkconv.subm_conv3d(st, np.asarray(w, np.float32), bias, dilation=self.dilation,
                                  activation=self.activation)
         return [out.features]
@@ -166,9 +172,15 @@ class SubMConv3dOp(layers.Op):
 class SparseEncoderLayer(layers.Layer):
     op_class = SparseEncoderOp
 
+    @classmethod
+    def slot_priority_for(cls, params):
+        n = 2 + 2 * len(_ints(params, "vk_subm"))  # features, coords, then W and B per layer
+        return (*range(2, n), 1, 0), tuple(range(n))
+
 
 class SubMConv3dLayer(layers.Layer):
     op_class = SubMConv3dOp
+    slot_priority = ((2, 3, 1, 0), (0, 1, 2, 3))
 
 
 layers.LAYER_TYPES["vkconv.SparseEncoder"] = SparseEncoderLayer

@@ -9,7 +9,7 @@ from __future__ import annotations
 import vkconv
 from cv_plugin.layers import ConvOp, NetState
 from cv_plugin.subgraph import SubgraphOp
-from vkconv.graph.executor import ConvNode
+from vkconv.graph.steps import PlanStep
 from vkconv.ops.tune import tune_mode
 
 
@@ -33,5 +33,5 @@ def conv_ops(state: NetState) -> list[tuple[str, vkconv.Conv]]:
             found.append((key, op.device_op))
         elif isinstance(op, SubgraphOp):
             found += [(f"{key}/{node.name or node.outputs[0]}", kernel.op) for node, kernel, _ in op.graph.steps
-                      if isinstance(kernel, ConvNode) and isinstance(kernel.op, vkconv.Conv)]
+                      if isinstance(kernel, PlanStep) and isinstance(kernel.op, vkconv.Conv)]
     return found

@@ -83,7 +83,7 @@ cp "$OUT/tests.log" "$OUT/tests.txt"
 # 4. tuning: VGG-16's 13 convolutions at 224 and a PP-OCR-det-shaped model at 640
 step models 30 "$PY" -c "
 import onnx
-from cv_plugin import zoo
+from cv_plugin.bench import zoo
 onnx.save(zoo.vgg16(size=224, head=False), '$OUT/vgg16-conv.onnx')
 onnx.save(zoo.ppocr_det_like(size=640), '$OUT/ppocr-det-like.onnx')
 "

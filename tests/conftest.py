@@ -30,6 +30,14 @@ def conformance_root() -> Path | None:
     return None
 
 
+def pytest_report_header(config) -> str:
+    """Say which device profile and validation the run has (CI runs the suite under several)."""
+    flags = {name: os.environ.get(name, "") for name in ("VKCONV_VALIDATION", "VKCONV_LIMITS", "VKCONV_MEMORY")}
+    validation = "on (core and synchronization)" if flags.pop("VKCONV_VALIDATION") not in ("", "0") else "OFF"
+    profiles = ", ".join(f"{k}={v}" for k, v in flags.items() if v) or "none"
+    return f"vkconv: validation layer {validation}; device profiles: {profiles}"
+
+
 def _fail_on_validation_messages() -> None:
     messages = vkconv.validation_messages(clear=True)
     if messages:

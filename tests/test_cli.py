@@ -18,8 +18,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import vkconv
 from cv_plugin import bench as benchmarks
-from cv_plugin import cli, soak, zoo
-from cv_plugin.bench import report
+from cv_plugin import cli
+from cv_plugin.bench import report, soak, zoo
 from cv_plugin.bench import sparse as sparse_bench
 from cv_plugin.cli import main
 from vkconv.runtime.context import choose_device
@@ -160,7 +160,7 @@ needs_cv2 = pytest.mark.skipif(cv2 is None, reason="OpenCV is not installed (pip
 
 @pytest.fixture
 def small_model(tmp_path) -> Path:
-    """cv_plugin.soak.small_net: x [1, 8, 19, 23] -> y [1, 4, 10, 12], 3 Conv nodes."""
+    """cv_plugin.bench.soak.small_net: x [1, 8, 19, 23] -> y [1, 4, 10, 12], 3 Conv nodes."""
     path = tmp_path / "small.onnx"
     onnx.save(soak.small_net(), str(path))
     return path

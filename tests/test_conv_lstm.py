@@ -228,6 +228,30 @@ def test_cv2_layer_matches_reference(runtime_weights):
 
 
 @needs_opencv
+@pytest.mark.parametrize("with_state", [True, False], ids=["h0-c0", "no-state"])
+def test_cv2_plain_readnet_of_the_vkconv_node(with_state, tmp_path):
+    """The vkconv domain through plain cv2.dnn.readNet after register(): the layer takes its
+    weights from the blobs OpenCV hands over (bias as (4F, 1))."""
+    from cv_plugin import compat
+
+    x, k, u, b, state = _arrays(5, 2, 3, 2, (9, 8), 5, (3, 3), (3, 3), state_hw=(5, 4))
+    attrs = dict(vk_padding="same", vk_strides=[2, 2], vk_dilations=[1, 1], vk_return_sequences=1,
+                 vk_activation="tanh", vk_recurrent_activation="sigmoid")
+    expected = reference(x, k, u, b, strides=(2, 2), return_sequences=True,
+                         initial_state=state if with_state else None)
+    model = _node_model(x, k, u, b, with_state=with_state, out_shape=expected.shape, **attrs)
+    path = tmp_path / "conv_lstm.onnx"
+    path.write_bytes(model.SerializeToString())
+    cv_plugin.register()
+    net = compat.cv2_module().dnn.readNet(str(path))
+    net.setInput(x, "x")
+    if with_state:
+        net.setInput(state[0], "h0")
+        net.setInput(state[1], "c0")
+    assert_close(np.array(net.forward()), expected, REL)
+
+
+@needs_opencv
 def test_cv2_layer_bad_attribute_fails_at_load():
     x, k, u, b, _ = _arrays(0, 1, 2, 2, (4, 4), 3, (3, 3), (3, 3))
     model = _node_model(x, k, u, b, out_shape=(1, 2, 3, 4, 4), vk_padding="full")

@@ -11,7 +11,7 @@ from conftest import needs_opencv_layers
 
 import cv_plugin
 import vkconv
-from cv_plugin import soak
+from cv_plugin.bench import soak
 from vkconv.runtime.context import vk
 
 X = np.random.default_rng(0).standard_normal((1, 3, 9, 7)).astype(np.float32)

@@ -13,7 +13,8 @@ from onnx import TensorProto, helper, numpy_helper
 from oracles import assert_close
 
 import cv_plugin
-from cv_plugin import compat, zoo
+from cv_plugin import compat
+from cv_plugin.bench import zoo
 from cv_plugin.subgraph import SubgraphOp
 from vkconv.onnx.fusion import CONV_TYPES
 

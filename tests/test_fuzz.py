@@ -1,6 +1,7 @@
-"""Hypothesis fuzzing of the public numpy ops: every generated case must end in a result equal to
-onnxruntime's, or in a ValueError / VkconvError naming the bad argument — never a crash, a hang
-(pytest-timeout plus VKCONV_TIMEOUT) or a silent wrong answer.
+"""Hypothesis fuzzing of the public numpy ops (and of one-node models with omitted optional inputs
+through cv2.dnn): every generated case must end in a result equal to onnxruntime's, or in a
+ValueError / VkconvError naming the bad argument — never a crash, a hang (pytest-timeout plus
+VKCONV_TIMEOUT) or a silent wrong answer.
 
 Inputs cover zero-size and mismatched shapes, wrong ranks, NaN/Inf, wrong dtypes, non-contiguous and
 read-only arrays, negative or oversized attributes, groups that do not divide the channels and
@@ -383,3 +384,81 @@ def test_fuzz_conv_lstm2d(case):
     assert out.shape == ref.shape
     if ref.size:
         assert float(np.abs(out - ref).max()) <= 1e-4 * max(float(np.abs(ref).max()), 1e-6)
+
+
+MODEL_FUZZ = settings(FUZZ, max_examples=80)
+
+
+@st.composite
+def optional_inputs_case(draw):
+    """A one-node Conv / ConvTranspose / DeformConv model whose optional inputs (B; DeformConv's B
+    and mask) are each given, left out with an empty name, or trailing and dropped."""
+    op = draw(st.sampled_from(["Conv", "ConvTranspose", "DeformConv"]))
+    group = draw(st.sampled_from([1, 1, 2]))
+    return {"op": op, "group": group, "cin": group * draw(st.integers(1, 3)),
+            "cout": group * draw(st.integers(1, 3)), "k": (draw(st.integers(1, 3)), draw(st.integers(1, 3))),
+            "hw": (draw(st.integers(3, 8)), draw(st.integers(3, 8))), "n": draw(st.integers(1, 2)),
+            "stride": draw(st.integers(1, 2)), "pad": draw(st.integers(0, 1)),
+            "b": draw(st.sampled_from(["given", "empty", "absent"])),
+            "mask": draw(st.sampled_from(["given", "empty", "absent"])),
+            "w_runtime": draw(st.sampled_from([False] * 4 + [True])),
+            "mode": draw(st.sampled_from(["layer", "layer", "subgraph"])),
+            "seed": draw(st.integers(0, 2**16))}
+
+
+@pytest.mark.timeout(900)
+@MODEL_FUZZ
+@given(optional_inputs_case())
+def test_fuzz_empty_optional_inputs_through_cv2(case):
+    """Models with omitted optional inputs through cv_plugin.read_net + cv2.dnn, against
+    onnxruntime on the same model."""
+    import onnxruntime as ort
+    from conftest import opencv_problem
+    from onnx import TensorProto, helper, numpy_helper
+
+    import cv_plugin
+
+    if opencv_problem() is not None:
+        pytest.skip(opencv_problem())
+    rng = np.random.default_rng(case["seed"])
+    op, g, (kh, kw), (h, w_) = case["op"], case["group"], case["k"], case["hw"]
+    x = rng.standard_normal((case["n"], case["cin"], h, w_)).astype(np.float32)
+    w_shape = (case["cin"], case["cout"] // g, kh, kw) if op == "ConvTranspose" \
+        else (case["cout"], case["cin"] // g, kh, kw)
+    w = (rng.standard_normal(w_shape) * 0.5).astype(np.float32)
+    attrs = dict(strides=[case["stride"]] * 2, pads=[case["pad"]] * 4, group=g, kernel_shape=[kh, kw])
+    feeds, inits = {"x": x}, {}
+    (feeds if case["w_runtime"] else inits)["w"] = w
+    names = ["x", "w"]
+    if op == "DeformConv":
+        oh = (h + 2 * case["pad"] - kh) // case["stride"] + 1
+        ow = (w_ + 2 * case["pad"] - kw) // case["stride"] + 1
+        if oh < 1 or ow < 1:
+            return
+        feeds["offset"] = (rng.standard_normal((case["n"], 2 * kh * kw, oh, ow)) * 1.5).astype(np.float32)
+        names.append("offset")
+    slots = []
+    for name, how in [("b", case["b"])] + ([("mask", case["mask"])] if op == "DeformConv" else []):
+        if how == "given" and name == "b":
+            inits["b"] = rng.standard_normal(case["cout"]).astype(np.float32)
+        elif how == "given":
+            feeds["mask"] = rng.uniform(0, 1, (case["n"], kh * kw, oh, ow)).astype(np.float32)
+        slots.append((name if how == "given" else "", how))
+    while slots and slots[-1][1] == "absent":  # a trailing omitted input may also not be written at all
+        slots.pop()
+    names += [name for name, _ in slots]
+    node = helper.make_node(op, names, ["y"], **attrs)
+    graph = helper.make_graph([node], "fuzz", [helper.make_tensor_value_info(k, TensorProto.FLOAT, v.shape)
+                                               for k, v in feeds.items()],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ref = sess.run(None, feeds)[0]
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", TensorProto.FLOAT, list(ref.shape)))
+    with cv_plugin.read_net(model, mode=case["mode"], min_ops=1) as net:
+        for name, value in feeds.items():
+            net.setInput(value, name)
+        out = np.array(net.forward())
+    assert out.shape == ref.shape
+    assert float(np.abs(out - ref).max()) <= 1e-4 * max(float(np.abs(ref).max()), 1e-6)

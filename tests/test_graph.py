@@ -9,7 +9,8 @@ from onnx import TensorProto, helper, numpy_helper
 from oracles import assert_close
 
 import vkconv
-from vkconv.graph.executor import Graph, unsupported_reason
+from vkconv.graph import Graph
+from vkconv.onnx import unsupported_reason
 
 
 def _ort(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
@@ -151,7 +152,7 @@ def test_affine_after_conv_is_folded_and_elementwise_chain_is_its_epilogue(trans
         g({"x": x})
         dispatches = ctx.stats["dispatches"]
         got = g({"x": x})["y"]
-        assert ctx.stats["dispatches"] - dispatches == g.steps[0][1].plan(x.shape).cmd.dispatches
+        assert ctx.stats["dispatches"] - dispatches == g.steps[0][1].plan([x.shape]).cmd.dispatches
         assert_close(got, _ort(model, {"x": x})[0], 1e-4)
 
 

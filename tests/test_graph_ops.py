@@ -7,7 +7,8 @@ import pytest
 from oracles import assert_close, onnx_reference
 
 import vkconv
-from vkconv.graph.executor import Concat, run_step
+from vkconv.graph.steps import run_step
+from vkconv.ops.copies import Concat, Slice
 from vkconv.ops.elementwise import Binary, Unary
 from vkconv.ops.pool import Pool
 from vkconv.ops.resize import Resize
@@ -143,6 +144,21 @@ def test_concat_matches_onnx(axis):
 def test_concat_refuses_mismatch():
     with pytest.raises(ValueError, match="input 1"):
         Concat(1).output_shapes([(1, 2, 3), (1, 2, 4)])
+
+
+@pytest.mark.parametrize("axis, start, end", [(1, 0, 18), (1, 18, 27), (1, -9, 2**62), (3, 2, -1), (0, 1, 3),
+                                              (-3, -100, 3)])
+def test_slice_matches_onnx(axis, start, end):
+    """One axis, step 1, ONNX clamping (INT64_MAX as "to the end", negative starts and ends)."""
+    x = _rand(np.random.default_rng(5), 3, 27, 6, 7)
+    expected = onnx_reference("Slice", {"x": x, "starts": np.array([start], np.int64),
+                                        "ends": np.array([end], np.int64), "axes": np.array([axis], np.int64)}, {})
+    assert_close(run_step(Slice(axis, start, min(end, 2**31 - 1)), [x])[0], expected, REL)
+
+
+def test_slice_refuses_an_empty_result():
+    with pytest.raises(ValueError, match="no elements"):
+        run_step(Slice(2, 4, 2), [np.ones((1, 2, 6, 3), np.float32)])
 
 
 RESIZES = [

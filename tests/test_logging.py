@@ -120,7 +120,7 @@ def test_pipeline_creation_and_dispatch_sizes_are_logged(caplog):
 def test_read_net_logs_its_routing(caplog):
     pytest.importorskip("cv2")
     import cv_plugin
-    from cv_plugin import soak
+    from cv_plugin.bench import soak
 
     caplog.set_level(logging.DEBUG, logger="vkconv")
     with cv_plugin.read_net(soak.small_net()):

@@ -6,7 +6,8 @@ import pytest
 
 import cv_plugin
 import vkconv
-from cv_plugin import compat, soak
+from cv_plugin import compat
+from cv_plugin.bench import soak
 
 MAJOR = compat.cv2_version()[0]
 

@@ -90,7 +90,7 @@ def test_wheel_is_pure_python_with_the_embedded_spirv(dist):
     assert {"vkconv/__init__.py", "vkconv/runtime/_spirv.py", "cv_plugin/cli.py", "cv_plugin/__init__.py",
             "cv_plugin/demo.py"} <= names
     assert not any(n.startswith(("tests/", "shaders/")) or n.endswith((".so", ".pyd")) for n in names)
-    assert spirv == (ROOT / "vkconv" / "_spirv.py").read_bytes()  # every compiled shader, as checked in
+    assert spirv == (ROOT / "vkconv" / "runtime" / "_spirv.py").read_bytes()  # every compiled shader, as checked in
     assert "vkconv = cv_plugin.cli:main" in entry_points
     requires = [line.split(":", 1)[1].strip() for line in meta.splitlines() if line.startswith("Requires-Dist:")]
     for dep in ("numpy", "vulkan", "onnx"):
@@ -141,7 +141,7 @@ def test_wheel_runs_in_a_fresh_virtualenv(dist, tmp_path):
     res = _run([bindir / "vkconv", "info"], cwd=work, env=env, what="vkconv info", timeout=120)
     assert "<- chosen" in res.stdout
 
-    _run([py, "-c", "import onnx; from cv_plugin import soak; onnx.save(soak.small_net(), 'small.onnx')"],
+    _run([py, "-c", "import onnx; from cv_plugin.bench import soak; onnx.save(soak.small_net(), 'small.onnx')"],
          cwd=work, env=env, what="writing small.onnx", timeout=120)
     res = _run([bindir / "vkconv", "run", "small.onnx", "--compare-cpu", "--runs", "1"], cwd=work, env=env,
                what="vkconv run", timeout=120)

@@ -18,7 +18,8 @@ from oracles import assert_close
 
 import cv_plugin
 import vkconv
-from cv_plugin import compat, zoo
+from cv_plugin import compat
+from cv_plugin.bench import zoo
 
 pytestmark = needs_opencv_layers()
 

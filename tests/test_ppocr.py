@@ -15,7 +15,8 @@ from conftest import needs_opencv_layers
 from oracles import assert_close
 
 import cv_plugin
-from cv_plugin import compat, zoo
+from cv_plugin import compat
+from cv_plugin.bench import zoo
 
 pytestmark = needs_opencv_layers()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from conftest import needs_opencv_layers
 
-from cv_plugin import soak
+from cv_plugin.bench import soak
 
 pytestmark = needs_opencv_layers()
 

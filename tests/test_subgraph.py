@@ -10,7 +10,8 @@ from oracles import assert_close
 
 import cv_plugin
 import vkconv
-from cv_plugin import compat, soak, zoo
+from cv_plugin import compat
+from cv_plugin.bench import soak, zoo
 from cv_plugin.subgraph import SubgraphOp, partition
 
 
@@ -199,3 +200,47 @@ def test_profile_reports_device_time_and_transfers(mode, tmp_path):
     assert (tmp_path / "profile.svg").read_text().startswith("<svg")
     with pytest.raises(ValueError, match="cv_plugin.Net"):
         cv_plugin.profile(object(), x)
+
+
+def _dcn_model(with_bias: bool, with_mask: bool) -> onnx.ModelProto:
+    """A DCNv2 block as exporters write it: a conv predicts offsets (and mask logits), Slice splits
+    them, Sigmoid makes the mask, DeformConv (optional B and mask as empty names), then ReLU."""
+    rng = np.random.default_rng(11)
+    c, taps = 6, 9
+    extra = taps if with_mask else 0
+    inits = {"w_off": (rng.standard_normal((2 * taps + extra, c, 3, 3)) * 0.05).astype(np.float32),
+             "w": (rng.standard_normal((8, c, 3, 3)) * 0.3).astype(np.float32),
+             "b": rng.standard_normal(8).astype(np.float32),
+             "s0": np.array([0], np.int64), "s18": np.array([18], np.int64),
+             "s27": np.array([27], np.int64), "ax": np.array([1], np.int64)}
+    nodes = [helper.make_node("Conv", ["x", "w_off"], ["om"], pads=[1, 1, 1, 1]),
+             helper.make_node("Slice", ["om", "s0", "s18", "ax"], ["offset"])]
+    if with_mask:
+        nodes += [helper.make_node("Slice", ["om", "s18", "s27", "ax"], ["mlogit"]),
+                  helper.make_node("Sigmoid", ["mlogit"], ["mask"])]
+    deform_inputs = ["x", "w", "offset", "b" if with_bias else ""] + (["mask"] if with_mask else [])
+    nodes += [helper.make_node("DeformConv", deform_inputs, ["d"], pads=[1, 1, 1, 1]),
+              helper.make_node("Relu", ["d"], ["y"])]
+    graph = helper.make_graph(nodes, "dcn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, c, 11, 9])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8, 11, 9])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+
+
+@pytest.mark.parametrize("with_bias, with_mask", [(True, True), (False, True), (True, False)],
+                         ids=["bias-mask", "no-bias", "no-mask"])
+def test_dcn_block_is_one_device_resident_layer(with_bias, with_mask):
+    """The offset conv, the Slices, the Sigmoid, the DeformConv and its ReLU form one subgraph: one
+    upload and one readback per forward, against onnxruntime."""
+    import onnxruntime as ort
+
+    model = _dcn_model(with_bias, with_mask)
+    x = np.random.default_rng(12).standard_normal((2, 6, 11, 9)).astype(np.float32)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    expected = sess.run(None, {"x": x})[0]
+    _check(model, x, expected, subgraphs=1, rel=1e-4)
+    with cv_plugin.read_net(model, mode="subgraph") as net:
+        (op,) = _subgraphs(net)
+        assert net.report.routed == [op.name]  # nothing left to layer mode
+        assert [n.op_type for n, _, _ in op.graph.steps].count("DeformConv") == 1
+        assert (op.spec.inputs, op.spec.outputs) == (["x"], ["y"])

@@ -5,7 +5,7 @@ shader compiler is needed at run time.  See ``python -m vkconv info`` for the de
 """
 from __future__ import annotations
 
-from vkconv.graph.executor import Graph
+from vkconv.graph import Graph
 from vkconv.kernels.activation import Activation
 from vkconv.kernels.shapes import resolve_auto_pad
 from vkconv.ops.conv.op import Conv, conv

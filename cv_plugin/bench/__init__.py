@@ -1,4 +1,6 @@
-"""Benchmarks that ship with the package, so that ``vkconv bench`` works from an installed wheel.
+"""Tools that ship with the package but are not plugin code: the benchmarks (so that ``vkconv
+bench`` works from an installed wheel), the model builders they and the demo share (:mod:`.zoo`)
+and the soak run (:mod:`.soak`).
 
 Each benchmark is a module here with ``run(*, quick: bool, out: Path) -> list[Path]`` (prints its
 table, writes ``<name>-<time>.jsonl`` and, with matplotlib, ``<name>-<time>.png`` into ``out``,
@@ -7,7 +9,8 @@ returns the files written; ValueError names a bad argument) and ``main(argv, def
 
 ``conv`` and ``sparse`` are always here; ``deform`` takes part when its module
 ``cv_plugin.bench.deform`` exists.  Modules are imported only when a benchmark is run, so that
-listing them needs neither a device nor the optional peers.
+listing them needs neither a device nor the optional peers.  ``zoo``, ``soak`` and ``report`` are
+helpers, not benchmarks.
 """
 from __future__ import annotations
 

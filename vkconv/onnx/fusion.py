@@ -23,19 +23,21 @@ from vkconv.onnx.model import Node, const, is_float
 from vkconv.onnx.support import ACTIVATIONS, BINARY, activation_spec
 from vkconv.ops.elementwise import MAX_INPUTS
 
-# nodes whose output can absorb an activation; the first two also fold affine maps into W and B
+# nodes that fold following affine maps into their W and B (and take epilogues)
 CONV_TYPES = ("Conv", "ConvTranspose")
+# nodes whose output can absorb an activation
+ANCHORS = (*CONV_TYPES, "DeformConv")
 
 
 def fuse(nodes: list[Node], constants: dict[str, np.ndarray], keep: set[str],
-         anchors: tuple[str, ...] = CONV_TYPES) -> list[Node]:
+         anchors: tuple[str, ...] = ANCHORS) -> list[Node]:
     """All three passes, in order (``constants`` gains the folded weights); ``anchors``: see
     :func:`fuse_convs`."""
     return fuse_epilogues(fuse_elementwise(fuse_convs(nodes, constants, keep, anchors), constants, keep), keep)
 
 
 def fuse_convs(nodes: list[Node], constants: dict[str, np.ndarray], keep: set[str],
-               anchors: tuple[str, ...] = CONV_TYPES) -> list[Node]:
+               anchors: tuple[str, ...] = ANCHORS) -> list[Node]:
     """Pass 1 on the nodes of type ``anchors``.  Folding needs constant float W (and B); an
     anchor without them (runtime weights, DeformConv) still takes an activation."""
     readers: dict[str, list[Node]] = defaultdict(list)

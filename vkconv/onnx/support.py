@@ -14,8 +14,8 @@ from vkconv.ops.resize import COORDINATE_MODES, NEAREST_MODES
 ACTIVATIONS = ("Relu", "Clip", "LeakyRelu", "HardSwish", "HardSigmoid", "Sigmoid", "Tanh")
 BINARY = ("Add", "Sub", "Mul", "Div")
 POOLS = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool")
-OP_TYPES = ("Conv", "ConvTranspose", "BatchNormalization", *ACTIVATIONS, *BINARY, *POOLS, "Concat",
-            "Resize", "Upsample")
+OP_TYPES = ("Conv", "ConvTranspose", "DeformConv", "BatchNormalization", *ACTIVATIONS, *BINARY, *POOLS,
+            "Concat", "Slice", "Resize", "Upsample")
 
 
 
@@ -73,6 +73,26 @@ def resize_params(node: Node, constants: Mapping[str, np.ndarray]) -> dict | str
                 sizes=sizes if scales is None else None)
 
 
+def slice_params(node: Node, constants: Mapping[str, np.ndarray]) -> tuple[int, int, int] | str:
+    """``(axis, start, end)`` of a Slice over one axis with step 1 (constant starts / ends / axes:
+    inputs from opset 10, attributes before), or the reason it cannot run here."""
+    if len(node.inputs) > 1:
+        values = [const(constants, node.input(i)) for i in range(1, 5)]
+        if any(node.input(i) and v is None for i, v in zip(range(1, 5), values)):
+            return "Slice starts, ends, axes and steps must be constants"
+        starts, ends, axes, steps = values
+    else:
+        starts, ends, axes, steps = (node.attrs.get(k) for k in ("starts", "ends", "axes", "steps"))
+    starts, ends = np.asarray(starts).reshape(-1), np.asarray(ends).reshape(-1)
+    axes = np.arange(len(starts)) if axes is None else np.asarray(axes).reshape(-1)
+    if len(starts) != 1 or len(ends) != 1 or len(axes) != 1:
+        return "Slice over more than one axis"
+    if steps is not None and np.any(np.asarray(steps) != 1):
+        return "Slice with steps other than 1"
+    clamp = lambda v: int(np.clip(v, -2**31, 2**31 - 1))  # noqa: E731 - INT64_MAX means "to the end"
+    return int(axes[0]), clamp(starts[0]), clamp(ends[0])
+
+
 def unsupported_reason(node: Node | onnx.NodeProto, constants: Mapping[str, np.ndarray],
                        ranks: Mapping[str, int] | None = None) -> str | None:
     """Why ``node`` cannot run in a :class:`Graph` (None when it can).  ``ranks``: the known ranks
@@ -101,6 +121,18 @@ def unsupported_reason(node: Node | onnx.NodeProto, constants: Mapping[str, np.n
         if len(ins) > 2 and ins[2] and not is_float(const(constants, ins[2])):
             return "B is not a float constant"
         return None
+    if op == "DeformConv":
+        w, b = const(constants, node.input(1)), const(constants, node.input(3))
+        if not is_float(w) or w.ndim != 4:
+            return "W is not a float constant of rank 4"
+        if node.input(3) and not is_float(b):
+            return "B is not a float constant"
+        if any(t in constants for t in (node.input(0), node.input(2), node.input(4))):
+            return "X, offset and mask must be runtime tensors"
+        return None
+    if op == "Slice":
+        bounds = slice_params(node, constants)
+        return bounds if isinstance(bounds, str) else None
     if op == "BatchNormalization":
         if int(node.attrs.get("training_mode", 0)) or len(ins) != 5 \
                 or not all(is_float(const(constants, t)) for t in ins[1:]):

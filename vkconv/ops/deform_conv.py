@@ -174,10 +174,21 @@ class DeformConv(WeightedOp):
             return np.zeros(y_shape, np.float32)
         arrays = [x, offset] if mask is None else [x, offset, mask]
         with self._lock:
-            self._open_gemm()
-            plan = self._plans.get((x.shape, mask is not None),
-                                   lambda: self._build_plan(x.shape, y_shape, mask is not None))
-            return plan.run(arrays)[0]
+            return self._plan(x.shape, mask is not None).run(arrays)[0]
+
+    def plan(self, x_shape: Sequence[int], has_mask: bool) -> Plan:
+        """The recorded plan for inputs x of ``x_shape``, offset and (with ``has_mask``) mask of the
+        shapes :meth:`offset_shape` / :meth:`mask_shape` give; its inputs are in that order, and
+        its ``body`` records the dispatches alone (device graphs replay it)."""
+        x_shape = tuple(int(s) for s in x_shape)
+        self.output_shape(x_shape)
+        with self._lock:
+            return self._plan(x_shape, has_mask)
+
+    def _plan(self, x_shape: tuple[int, ...], has_mask: bool) -> Plan:
+        self._open_gemm()
+        return self._plans.get((x_shape, has_mask),
+                               lambda: self._build_plan(x_shape, self.output_shape(x_shape), has_mask))
 
     def chunks(self, n: int, out_hw: int) -> list[Chunk]:
         """How ``n`` images of ``out_hw`` output pixels are split so that one chunk's columns

@@ -19,6 +19,11 @@ Environment:
     cap the reported limits at a small mobile GPU's (128 invocations per workgroup, 16 KiB of
     shared memory, 128 MiB storage buffer range, no 16-bit storage), so that the suite can check
     every kernel still runs there.
+``VKCONV_MEMORY=discrete``
+    treat the device as a discrete GPU's (``unified_memory`` false): buffers in device-local memory
+    that the host does not map, host-visible staging twins, and the copies and barriers between
+    them recorded into the command buffers, so that the path every discrete GPU takes runs (and is
+    checked by synchronization validation) on any device, lavapipe included.
 """
 from __future__ import annotations
 
@@ -202,6 +207,15 @@ def simulated_limits(info: DeviceInfo, profile: str | None) -> DeviceInfo:
     return dataclasses.replace(info, **capped)
 
 
+def simulated_memory(info: DeviceInfo, profile: str | None) -> DeviceInfo:
+    """``info`` as the ``VKCONV_MEMORY`` profile describes it (``""``: unchanged)."""
+    if not profile:
+        return info
+    if profile != "discrete":
+        raise VkconvError(f"VKCONV_MEMORY={profile!r}: expected 'discrete' or nothing")
+    return dataclasses.replace(info, unified_memory=False)
+
+
 def list_devices() -> list[DeviceInfo]:
     """Every Vulkan physical device, in the loader's order (the index ``VKCONV_DEVICE`` takes)."""
     v = require_vulkan()
@@ -247,6 +261,9 @@ class Context:
         self._children: weakref.WeakSet = weakref.WeakSet()
         # (shader, binding kinds, push size, spec) -> Pipeline; filled by runtime.pipeline.get_pipeline
         self.pipelines: dict = {}
+        # (buffer, free its staging twin afterwards): staged buffers written by
+        # runtime.transfer.upload whose copies ride in front of the next submit's commands
+        self.pending_uploads: list = []
         # _closing refuses new work from the start of close(); _closed (device destroyed) is set
         # only after the children are closed, because their finalizers skip destruction once it is.
         self._closing = False
@@ -263,6 +280,7 @@ class Context:
                                       else os.environ.get("VKCONV_DEVICE"))
             self.physical_device = physical[self.info.index]
             self.info = simulated_limits(self.info, os.environ.get("VKCONV_LIMITS"))
+            self.info = simulated_memory(self.info, os.environ.get("VKCONV_MEMORY"))
             log.debug("device [%d] %s (%s, Vulkan %s) chosen of %d; validation %s", self.info.index,
                       self.info.name, self.info.type, self.info.api_version, len(infos),
                       "on" if validation else "off")

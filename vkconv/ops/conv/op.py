@@ -352,12 +352,7 @@ def conv(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, *, strides=1
     caller: :func:`vkconv.kernels.shapes.resolve_auto_pad` gives the explicit pads.
     Returns ``[N, C_out, *out]`` float32. Raises ValueError naming the bad argument.
     """
-    x = shapes.as_float32("x", x, (3, 4, 5))
-    w = shapes.as_float32("w", w, (3, 4, 5))
-    if w.ndim != x.ndim:
-        # Either could be the wrong one: name both.
-        raise ValueError(f"w: rank {w.ndim} ({w.ndim - 2}-D weights) does not match x: rank {x.ndim} "
-                         f"({x.ndim - 2}-D input)")
+    x, w = shapes.input_and_weights(x, w)
     with Conv(w, b, strides=strides, pads=pads, dilations=dilations, group=group,
               activation=activation) as op:
         return op(x)
