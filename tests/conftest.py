@@ -1,7 +1,10 @@
 """Shared pytest fixtures: a validation-layer guard on every test, and the conformance data."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,12 @@ import pytest
 import vkconv
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Never read or write the user's tuning cache: a tuned choice there would change which kernels the
+# tests run (subprocesses inherit this too).  VKCONV_TUNE stays at its default, "cache".
+os.environ["VKCONV_CACHE_DIR"] = tempfile.mkdtemp(prefix="vkconv-test-cache-")
+atexit.register(shutil.rmtree, os.environ["VKCONV_CACHE_DIR"], True)
+os.environ.pop("VKCONV_TUNE", None)
 
 
 def conformance_root() -> Path | None:

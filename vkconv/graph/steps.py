@@ -163,7 +163,7 @@ def build_step(node: Node, constants: Mapping[str, np.ndarray], ctx: Context) ->
 def step_label(kernel: GraphStep, x_shape: Shape) -> str:
     if isinstance(kernel, PlanStep):
         op = kernel.op
-        return f"conv {op.kernel_for(x_shape)}" if isinstance(op, Conv) else type(op).__name__.lower()
+        return f"conv {op.choice_for(x_shape)}" if isinstance(op, Conv) else type(op).__name__.lower()
     return type(kernel).__name__.lower()
 
 
