@@ -8,10 +8,10 @@ passes layer mode uses, and each becomes a step of :mod:`vkconv.graph.steps`.
 
 Intermediate tensors live in device buffers reused by liveness: a tensor's buffer returns to a
 free list keyed by size after its last reader, so a plan's memory stays near the peak live set.
-Conv, ConvTranspose, DeformConv and ConvLSTM2D run through their own classes' recorded plans (``Plan.body``) on the plan's
-input and output buffers, outside the liveness pool: the tensor a conv writes lives in its plan's
-output buffer, and the tensor it reads in its plan's input buffer unless another conv claimed it
-first or it is a graph input (then one device-side copy brings it in).
+Conv, ConvTranspose, DeformConv and ConvLSTM2D run through their own classes' recorded plans
+(``Plan.body``) on the plan's input and output buffers, outside the liveness pool: the tensor such
+an op writes lives in its plan's output buffer, and the tensors it reads in its plan's input
+buffers unless another op claimed them first or it is a graph input (then one device-side copy brings it in).
 """
 from __future__ import annotations
 
