@@ -7,7 +7,8 @@ GFLOP/s = 2 x MACs of the direct formulation (every input pixel times every tap)
 numpy in and out.  The dense conv has the layer's channels and a 3x3 kernel over a square image
 (side a multiple of 4) of about the same MACs.  ``--rounds`` repeats the whole set; each round's
 ratios come from that round's own medians (the machine is shared: compare within a round), and the
-summary is the median over rounds.
+summary is the median over rounds.  Within a case the three are timed in turns (gather, phases,
+dense, gather, ...), so that load changes hit all three alike.
 
     python bench/conv_transpose.py [--runs 5] [--rounds 3] [--cases k4s2p1-128-64-56,...]
 """
@@ -69,8 +70,16 @@ CASES = [
 ]
 
 
-def _median_ms(fn, runs: int) -> float:
-    return report.median_ms(report.times(fn, warmup=1, repeat=runs))
+def interleaved_ms(fns: dict, runs: int) -> dict:
+    """Median ms of each of ``fns`` (name -> callable), timed in turns (one call of each per turn
+    after a warm-up call), so that a load change on the shared machine hits all of them alike."""
+    samples: dict = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(runs):
+        for name, fn in fns.items():
+            samples[name] += report.times(fn, warmup=0, repeat=1)
+    return {name: report.median_ms(t) for name, t in samples.items()}
 
 
 def bench_round(cases: list[Case], runs: int) -> list[dict]:
@@ -80,20 +89,24 @@ def bench_round(cases: list[Case], runs: int) -> list[dict]:
         x = rng.standard_normal(case.x_shape).astype(np.float32)
         w = (rng.standard_normal((case.cin, case.cout) + (case.k,) * case.nd) / 20).astype(np.float32)
         b = rng.standard_normal(case.cout).astype(np.float32)
-        row = {"case": case.name}
-        outs = {}
-        for method in ("gather", "phases"):
-            with vkconv.ConvTranspose(w, b, strides=case.s, pads=case.p, output_padding=case.output_padding,
-                                      method=method) as op:
-                assert op.method_for(x.shape) == method, (case, method)
-                outs[method] = op(x)
-                row[f"{method}_ms"] = _median_ms(lambda op=op, x=x: op(x), runs)
-        row["diff"] = float(np.abs(outs["phases"] - outs["gather"]).max() / np.abs(outs["gather"]).max())
         side = case.dense_side()
         xd = rng.standard_normal((case.batch, case.cin) + (side,) * case.nd).astype(np.float32)
         wd = (rng.standard_normal((case.cout, case.cin) + (3,) * case.nd) / 20).astype(np.float32)
-        with vkconv.Conv(wd, b, pads=1, kernel="implicit_gemm") as conv:
-            row["dense_ms"] = _median_ms(lambda conv=conv, xd=xd: conv(xd), runs)
+        ops = {method: vkconv.ConvTranspose(w, b, strides=case.s, pads=case.p, output_padding=case.output_padding,
+                                            method=method) for method in ("gather", "phases")}
+        conv = vkconv.Conv(wd, b, pads=1, kernel="implicit_gemm")
+        try:
+            for method, op in ops.items():
+                assert op.method_for(x.shape) == method, (case, method)
+            outs = {method: op(x) for method, op in ops.items()}
+            row = {"case": case.name}
+            fns = {f"{m}_ms": (lambda op=op, x=x: op(x)) for m, op in ops.items()}
+            row |= interleaved_ms(fns | {"dense_ms": lambda conv=conv, xd=xd: conv(xd)}, runs)
+        finally:
+            for op in ops.values():
+                op.close()
+            conv.close()
+        row["diff"] = float(np.abs(outs["phases"] - outs["gather"]).max() / np.abs(outs["gather"]).max())
         dense_macs = case.batch * side ** case.nd * case.cin * case.cout * 3 ** case.nd
         row["dense_gflops"] = 2e-6 * dense_macs / row["dense_ms"]
         for method in ("gather", "phases"):
@@ -104,8 +117,9 @@ def bench_round(cases: list[Case], runs: int) -> list[dict]:
 
 
 def bench_ncnn(case: Case, runs: int) -> dict | None:
-    """ncnn's Vulkan Deconvolution (fp32) on ``case`` (2-D): median ms and max |diff| / max |y| against
-    vkconv's phases, or None (with a note) when ncnn cannot run."""
+    """ncnn's Vulkan Deconvolution (fp32) on ``case`` (2-D) and vkconv's phases, timed in turns: median
+    ms of each and the max |difference| (absolute and over max |y|), or None (with a note) when ncnn
+    cannot run."""
     try:
         import ncnn
     except ImportError as exc:
@@ -142,15 +156,14 @@ def bench_ncnn(case: Case, runs: int) -> dict | None:
             raise RuntimeError(f"ncnn extract failed ({ret})")
         return np.array(out)
 
-    y = forward()[None]
-    ms = _median_ms(forward, runs)
     with vkconv.ConvTranspose(w, b, strides=case.s, pads=case.p, output_padding=case.output_padding,
                               method="phases") as op:
-        ours = op(x)
-        ours_ms = _median_ms(lambda: op(x), runs)
+        y, ours = forward()[None], op(x)
+        ms = interleaved_ms({"ncnn": forward, "phases": lambda: op(x)}, runs)
     net.clear()
-    return {"ncnn_ms": ms, "phases_ms": ours_ms, "diff": float(np.abs(y - ours).max() / np.abs(ours).max()),
-            "device": ncnn.get_gpu_device(0).info().device_name()}
+    diff = float(np.abs(y - ours).max())
+    return {"ncnn_ms": ms["ncnn"], "phases_ms": ms["phases"], "diff": diff,
+            "rel_diff": diff / float(np.abs(ours).max()), "device": ncnn.get_gpu_device(0).info().device_name()}
 
 
 def main() -> int:
@@ -185,7 +198,7 @@ def main() -> int:
         if res is not None:
             print(f"\nncnn Vulkan Deconvolution fp32 on {res['device']}, {main_case.name}: {res['ncnn_ms']:.1f} ms; "
                   f"vkconv phases {res['phases_ms']:.1f} ms ({res['phases_ms'] / res['ncnn_ms']:.2f}x ncnn's time), "
-                  f"max |diff| / max |y| {res['diff']:.1e}")
+                  f"max |diff| {res['diff']:.1e} ({res['rel_diff']:.1e} of max |y|)")
     return 0
 
 

@@ -329,6 +329,7 @@ def test_phases_against_onnxruntime_and_gather(x_shape, w_shape, s, pads, a, gro
         actual = op(x)
         assert_close(actual, np.maximum(expected, 0))
         assert_close(op(x), actual)  # replayed
+        assert op._gather is None  # the gather kernel's weight copy is made only where it runs
         if all(v == 1 for v in per_axis[0]):  # one phase: the kernel a Conv of this shape takes
             (name, *_), = op._phase_kernels
             assert name == ("depthwise" if w_shape[1] == 1 else "winograd")

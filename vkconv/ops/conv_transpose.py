@@ -192,8 +192,9 @@ class ConvTranspose(WeightedOp):
         self.oc_block = 4 * ocv
         self.pipeline = get_pipeline(self.ctx, f"conv_transpose_{self.pix}x{self.oc_block}", 4, _PUSH.size,
                                           (self.local_size, 1, 1, self.activation))
-        self._weights: Buffer | None = None
-        self._bias: Buffer | None = None
+        self._w: np.ndarray | None = None  # the host weights and bias (None once closed)
+        self._b: np.ndarray | None = None
+        self._gather: tuple[Buffer, Buffer] | None = None  # the gather kernel's packed weights, bias
         self._gemm: Kernel | None = None  # the 1x1 GEMM of the kernel == stride path, made on first use
         self._phase_kernels: dict[tuple, Kernel] = {}  # by (kernel name, k0, taps), made on first use
         self.set_weights(w, b)
@@ -205,17 +206,32 @@ class ConvTranspose(WeightedOp):
 
     # -- weights -------------------------------------------------------------------------------
     def set_weights(self, w: np.ndarray, b: np.ndarray | None = None) -> None:
-        """Replace the weights (and bias) by arrays of the same layout; plans are rebuilt."""
+        """Replace the weights (and bias) by arrays of the same layout; plans are rebuilt.  The
+        device copies are made by the first plan that needs them, in the layout of its method."""
         w, b = self.check_weights(w, b)
-        cout = self.output_channels(w.shape)
         with self._lock:
             self._release()
             self.weight_shape = w.shape
-            self._weights = upload_constant(self.ctx, pack_weights(w, self.group, self.oc_block),
-                                            "conv_transpose weights")
-            self._bias = upload_constant(self.ctx, pack_bias_blocks(b, cout, self.group, self.oc_block),
-                                         "conv_transpose bias")
             self._w, self._b = w, b
+
+    def _host_weights(self) -> np.ndarray:
+        if self._w is None:
+            raise VkconvError("this ConvTranspose was closed")
+        return self._w
+
+    def _gather_weights(self) -> tuple[Buffer, Buffer]:
+        if self._gather is None:
+            w = self._host_weights()
+            cout = self.output_channels(w.shape)
+            weights = upload_constant(self.ctx, pack_weights(w, self.group, self.oc_block), "conv_transpose weights")
+            try:
+                bias = upload_constant(self.ctx, pack_bias_blocks(self._b, cout, self.group, self.oc_block),
+                                       "conv_transpose bias")
+            except BaseException:
+                weights.close()
+                raise
+            self._gather = (weights, bias)
+        return self._gather
 
     # -- shapes --------------------------------------------------------------------------------
     def _shapes(self, x_shape) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -306,9 +322,9 @@ class ConvTranspose(WeightedOp):
     def _gemm_kernel(self) -> Kernel:
         if self._gemm is None:
             # w [C_in, C_out/g, *k] -> [g, C_out/g, taps, C_in/g]: output channel (co, tap) of the GEMM
-            cin, cout_g, *kernel = self._w.shape
+            cin, cout_g, *kernel = self.weight_shape
             taps, cin_g = math.prod(kernel), cin // self.group
-            w2 = self._w.reshape(self.group, cin_g, cout_g, taps).transpose(0, 2, 3, 1)
+            w2 = self._host_weights().reshape(self.group, cin_g, cout_g, taps).transpose(0, 2, 3, 1)
             b2 = None if self._b is None else np.repeat(self._b, taps)
             self._gemm = make_kernel("gemm1x1", self.ctx, w2.reshape(-1, cin_g, 1, 1, 1), b2, self.group,
                                      self.activation, tuning(self.ctx, False))
@@ -387,7 +403,7 @@ class ConvTranspose(WeightedOp):
         kernel = self._phase_kernels.get(key)
         if kernel is None:
             cin, cout_g = self.weight_shape[:2]
-            w5 = self._w.reshape(cin, cout_g, *_lift3(self.weight_shape[2:], 1, self.nd))
+            w5 = self._host_weights().reshape(cin, cout_g, *_lift3(self.weight_shape[2:], 1, self.nd))
             s = _lift3(self.strides, 1, self.nd)
             idx = [k0 + si * np.arange(t)[::-1] for k0, si, t in zip(phase.k0, s, phase.taps)]
             sub = w5[:, :, idx[0][:, None, None], idx[1][None, :, None], idx[2][None, None, :]]
@@ -452,16 +468,15 @@ class ConvTranspose(WeightedOp):
         return plan
 
     def _build_plan(self, x_shape, y_shape) -> Plan:
-        if self._weights is None or self._bias is None:
-            raise VkconvError("this ConvTranspose was closed")
         arg = self._method(x_shape, y_shape)[1]
         if isinstance(arg, Geometry):
             return self._build_gemm_plan(arg, x_shape, y_shape)
         if arg is not None:
             return self._build_phase_plan(arg, x_shape, y_shape)
         push, groups = self._dispatch_geometry(x_shape, y_shape)
+        weights, bias = self._gather_weights()
         plan = Plan(self.ctx, [("conv_transpose input x", x_shape)], [("conv_transpose output", y_shape)])
-        dset = DescriptorSet(self.pipeline, [plan.inputs[0], self._weights, self._bias, plan.outputs[0]])
+        dset = DescriptorSet(self.pipeline, [plan.inputs[0], weights, bias, plan.outputs[0]])
         plan.keep.append(dset)
         plan.record(lambda cmd: cmd.dispatch(self.pipeline, dset, push, groups))
         return plan
@@ -469,11 +484,12 @@ class ConvTranspose(WeightedOp):
     # -- lifetime ------------------------------------------------------------------------------
     def _release(self) -> None:
         self._plans.clear()
-        for buf in (self._weights, self._bias, self._gemm, *self._phase_kernels.values()):
+        for buf in (*(self._gather or ()), self._gemm, *self._phase_kernels.values()):
             if buf is not None:
                 buf.close()
         self._phase_kernels.clear()
-        self._weights = self._bias = self._gemm = None
+        self._gather = self._gemm = None
+        self._w = self._b = None
 
 
 def conv_transpose(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, *, strides=1, pads=0,
