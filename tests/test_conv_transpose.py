@@ -305,6 +305,7 @@ PHASE_CASES = [  # x shape, w shape [C_in, C_out/g, *k], strides, pads, output_p
     ((1, 4, 4, 5, 6), (4, 3, 4, 3, 2), 2, (1, 1, 0, 1, 0, 1), (1, 0, 1), 1, 1),  # 3-D
     ((1, 8, 16, 16), (8, 20, 4, 4), 2, (1, 1, 1, 1), 0, 1, 1),      # width % 4 == 0: read in place
     ((1, 4, 9, 9), (4, 3, 3, 3), 2, (3, 4, 2, 3), 0, 1, 1),         # pads beyond the kernel: crops
+    ((1, 4, 8, 12), (4, 5, 4, 4), 2, (5, 1, 2, 6), 1, 1, 1),        # the same, input read in place
     ((1, 8, 6, 7), (8, 1, 4, 4), 2, (1, 1, 1, 1), 1, 8, 1),         # one channel per group
     ((1, 64, 10, 12), (64, 32, 3, 3), 1, (1, 1, 1, 1), 0, 1, 1),    # stride 1: one phase (Winograd)
     ((1, 8, 9, 9), (8, 1, 3, 3), 1, (0, 0, 0, 0), 0, 8, 1),         # stride 1, depthwise

@@ -17,10 +17,12 @@ axis of stride ``s``, the outputs ``o = q * s + r`` of phase ``r`` take only the
 inputs ``q + c - d * t`` for tap ``k0 + s * t``: an ordinary stride-1 convolution (dilation ``d``)
 of the input with that sub-kernel flipped.  Each of the ``prod(strides)`` phases runs on the dense
 convolution's implicit-GEMM kernel (``conv2d_rows``) and stores its pixels straight into every
-``s``-th output (a strided store), so there is no scratch output and no interleave pass.  A layer
-the decomposition does not cover falls back to the gather kernel (``shaders/conv_transpose.comp``):
-a dilation sharing a factor with its stride (phases that get no taps from some residues), a kernel
-shorter than its stride where some phase gets no tap, or no input channels.
+``s``-th output (a strided store), so there is no scratch output and no interleave pass; with all
+strides 1 the one phase takes the kernel a ``Conv`` of its shape would.  A layer the decomposition
+does not cover runs on the gather kernel (``shaders/conv_transpose.comp``): a dilation sharing a
+factor with its stride (some residues then get no taps), a kernel shorter than its stride where a
+phase gets no tap, or no input channels.  docs/PERFORMANCE.md has the measurements behind
+``method="auto"``.
 """
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ unit depth and height, a 2-D one unit depth) and fuses bias and activation:
     Slow, but needs no scratch memory: the fallback when a padded copy would not fit.
 ``implicit_gemm`` (conv2d_pack.comp + conv2d_rows.comp)
     the input is first copied zero-padded with 4-aligned rows; then each invocation computes an
-    MB output channels x PB pixels register tile from aligned vec4 row segments.
+    MB output channels x PB pixels register tile from aligned vec4 row segments.  Its store can be
+    strided (:class:`OutputMap`): the stride phases of a transposed convolution write in place.
 ``gemm1x1`` (conv2d_rows.comp)
     1x1, stride 1, no padding: the same kernel over the whole image seen as one row, a plain GEMM
     (no padded copy when the image size is a multiple of 4).
