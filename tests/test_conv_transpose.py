@@ -12,6 +12,7 @@ Tolerance everywhere: max abs error <= 1e-4 x max |expected|.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import itertools
 
@@ -368,10 +369,14 @@ def test_method_choice(monkeypatch, k, s, d, method):
         assert op.method_for(x_shape) == method
     with vkconv.ConvTranspose(w, strides=s, dilations=d, method="gather") as op:
         assert op.method_for(x_shape) == "gather"
-    cpu = vkconv.get_context().info.type == "cpu"
+    ctx = vkconv.get_context()
     with vkconv.ConvTranspose(w, strides=s, dilations=d) as op:  # auto
         assert op.method == "auto"
-        assert op.method_for(x_shape) == (method if cpu else "gather")
+        assert op.method_for(x_shape) == (method if ctx.info.type == "cpu" or method == "gemm" else "gather")
+        # on a GPU, auto keeps the gather kernel wherever the GEMM does not apply
+        monkeypatch.setattr(ctx, "info", dataclasses.replace(ctx.info, type="discrete"))
+        assert op.method_for(x_shape) == ("gemm" if method == "gemm" else "gather")
+        monkeypatch.undo()
     monkeypatch.setenv("VKCONV_CONVT_METHOD", "gather")
     with vkconv.ConvTranspose(w, strides=s, dilations=d) as op:
         assert op.method == "gather" and op.method_for(x_shape) == "gather"

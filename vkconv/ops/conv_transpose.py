@@ -418,9 +418,10 @@ class ConvTranspose(WeightedOp):
 
     def method_for(self, x_shape) -> str:
         """The path taken for inputs of ``x_shape``: ``"gemm"`` (kernel == stride: a 1x1 GEMM and a
-        shuffle), ``"phases"`` or ``"gather"``.  ``auto`` takes the dense kernels (``gemm``,
-        ``phases``) on CPU devices, where they measured faster on every layer tried
-        (docs/PERFORMANCE.md), and the gather kernel on others, where nothing was measured yet."""
+        shuffle), ``"phases"`` or ``"gather"``.  ``auto`` takes the GEMM wherever it applies and the
+        phases on CPU devices, where they measured faster than the gather kernel on every layer
+        tried (docs/PERFORMANCE.md); on other devices, where the phases were not measured yet, the
+        gather kernel."""
         x_shape = tuple(int(v) for v in x_shape)
         y_shape = self.output_shape(x_shape)
         with self._lock:
@@ -429,11 +430,13 @@ class ConvTranspose(WeightedOp):
     def _method(self, x_shape, y_shape) -> tuple[str, Geometry | list[tuple[Phase, Geometry, Kernel]] | None]:
         """(method, what its plan builder takes): the GEMM's geometry, the phases' (phase, geometry,
         kernel) triples, or None for the gather kernel."""
-        if self.method == "gather" or (self.method == "auto" and self.ctx.info.type != "cpu"):
+        if self.method == "gather":
             return "gather", None
         gemm = self._gemm_geometry(x_shape, y_shape)
         if gemm is not None:
             return "gemm", gemm
+        if self.method == "auto" and self.ctx.info.type != "cpu":
+            return "gather", None
         phases = self._phases(x_shape, y_shape)
         if phases is None:
             return "gather", None
