@@ -12,6 +12,11 @@ Subcommands:
 ``profile MODEL.onnx``
     per-layer wall time: OpenCV's own per-layer profile (``getPerfProfile``) beside the time spent
     inside each vkconv layer's op.
+``tune MODEL.onnx``
+    measure the kernel candidates of every convolution of the model at its input shape (within
+    ``--budget-ms`` per shape), store the fastest in the tuning cache (which later runs use by
+    default), and print a before (heuristic) / after (tuned) table per layer; ``--clear`` empties
+    the cache first.
 ``convert IN.onnx OUT.onnx``
     write the model rewritten for vkconv's layers, self-contained (weights inside), so that plain
     ``cv2.dnn.readNet(OUT)`` runs it after ``cv_plugin.register()`` (:func:`cv_plugin.convert`).
@@ -41,11 +46,14 @@ import numpy as np
 
 import cv_plugin
 from cv_plugin import bench as benchmarks
-from cv_plugin import compat
+from cv_plugin import compat, tuning
 from cv_plugin.input_shapes import fix_input_shapes, parse_shape, runtime_inputs, symbolic_inputs
 from vkconv import __version__
+from vkconv.ops.conv.kernels import Candidate
+from vkconv.ops.tune import budget_ms
 from vkconv.runtime.context import DeviceInfo, choose_device, get_context, list_devices
 from vkconv.runtime.errors import VkconvError
+from vkconv.runtime.tunecache import cache_for
 
 if TYPE_CHECKING:  # onnx and cv2 are imported only by the commands that load a model
     import onnx
@@ -86,6 +94,7 @@ def _device_lines(d: DeviceInfo, chosen: bool) -> list[str]:
     count = "x".join(map(str, d.max_workgroup_count))
     return [
         f"{mark} [{d.index}] {d.name}  ({d.type}, Vulkan {d.api_version}){tail}",
+        f"      driver:    {d.driver}",
         f"      workgroup: max {d.max_workgroup_invocations} invocations, size {size}, count {count}",
         f"      memory:    shared {_size(d.max_shared_memory)}, max storage buffer range "
         f"{_size(d.max_storage_buffer_range)}, push constants {_size(d.max_push_constants_size)}, "
@@ -256,7 +265,7 @@ def _prepare(args: argparse.Namespace) -> tuple[onnx.ModelProto, dict[str, np.nd
     model = _load_model(args.model)
     if shapes := _input_shapes(args):
         model = fix_input_shapes(model, shapes)
-    feeds, source = make_feeds(model, args.input, args.seed)
+    feeds, source = make_feeds(model, getattr(args, "input", None), args.seed)
     cv_log = getattr(getattr(compat.cv2_module(), "utils", None), "logging", None)
     if cv_log is not None and not getattr(args, "debug", False):
         cv_log.setLogLevel(cv_log.LOG_LEVEL_SILENT)
@@ -272,10 +281,11 @@ def _header(model_path: str, model: onnx.ModelProto, report) -> None:
           f"({report.folded_batchnorm} BatchNorm folded, {report.fused_activations} activations fused){left}")
 
 
-def _read_net(model: onnx.ModelProto, feeds: dict[str, np.ndarray], args: argparse.Namespace) -> cv_plugin.Net:
+def _read_net(model: onnx.ModelProto, feeds: dict[str, np.ndarray], args: argparse.Namespace,
+              tune: bool | None = None) -> cv_plugin.Net:
     """``read_net`` with the symbolic input dims left fixed to the feeds' shapes (one import)."""
     shapes = {name: tuple(feeds[name].shape) for name in symbolic_inputs(model) if name in feeds}
-    return cv_plugin.read_net(model, mode=getattr(args, "mode", "layer"), input_shapes=shapes)
+    return cv_plugin.read_net(model, mode=getattr(args, "mode", "layer"), input_shapes=shapes, tune=tune)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -286,6 +296,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         outs, first, times = _timed(net, feeds, names, args.runs)
         ran = sum(1 for count in net.vulkan_forwards().values() if count)
         routed = len(net.report.routed)
+        if getattr(args, "debug", False):  # which candidate each convolution ran, and why
+            for key, conv in tuning.conv_ops(net.state):
+                for shape, choice in conv.choices().items():
+                    print(f"conv {key} x{list(shape)}: {choice}")
     for name, blob in feeds.items():
         print(f"input  {name}: {tuple(blob.shape)} float32, {source}")
     for name, out in zip(names, outs):
@@ -364,6 +378,64 @@ def cmd_convert(args: argparse.Namespace) -> int:
           f"{report.folded_batchnorm} BatchNorm folded, {report.fused_activations} activations fused){left}; "
           "run it with cv_plugin.register() and cv2.dnn.readNet")
     return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    cache = cache_for(get_context())
+    if args.clear:
+        cache.clear()
+        print(f"tuning cache cleared: {cache.path}")
+    if args.model is None:
+        if not args.clear:
+            raise CliError("give MODEL.onnx to tune (or --clear alone to empty the cache)")
+        return 0
+    budget = budget_ms(args.budget_ms)
+    model, feeds, _, names = _prepare(args)
+    with _read_net(model, feeds, args, tune=False) as net:
+        _header(args.model, model, net.report)
+        _forward(net, feeds, names)  # builds every convolution at its input shape
+        convs = [(key, conv, shape) for key, conv in tuning.conv_ops(net.state) for shape in conv.choices()]
+        rows, start, skipped = [], time.perf_counter(), 0
+        for i, (key, conv, shape) in enumerate(convs, 1):
+            print(f"\rtune [{i}/{len(convs)}] {key[:40]:40s} x{list(shape)}", end="", file=sys.stderr, flush=True)
+            signature = conv.signature(shape)
+            entry = cache.get(signature)
+            if entry is not None:
+                rows.append((key, shape, entry, "cache"))
+            elif args.time_limit is not None and any(r[3] == "tuner" for r in rows) \
+                    and time.perf_counter() - start > args.time_limit:  # one shape at least
+                skipped += 1
+            else:
+                conv.autotune(shape, budget)
+                entry = cache.get(signature)
+                assert entry is not None  # autotune stored it
+                rows.append((key, shape, entry, "tuner"))
+        print(file=sys.stderr)
+        spent = time.perf_counter() - start
+    _tune_table(rows, spent, budget, cache.path)
+    if skipped:
+        print(f"{skipped} convolutions not tuned: --time-limit {args.time_limit:g} s reached (run again to go on)")
+    return 0
+
+
+def _tune_table(rows: list[tuple[str, tuple[int, ...], dict, str]], spent: float, budget: float, path: Path) -> None:
+    """Before (heuristic) / after (tuned) per layer, from the cache entries (device ms)."""
+    def label(record: dict) -> str:
+        return Candidate.from_json(record).label()
+
+    width = max([len("layer")] + [len(r[0][:48]) for r in rows])
+    print(f"  {'layer':<{width}}  {'input':<18}  {'heuristic':<30} {'ms':>8}  {'tuned':<30} {'ms':>8}  "
+          f"{'speedup':>7}  from")
+    before = after = 0.0
+    for key, shape, entry, source in rows:
+        h_ms, t_ms = float(entry["heuristic_ms"]), float(entry["ms"])
+        before, after = before + h_ms, after + t_ms
+        print(f"  {key[:48]:<{width}}  {'x'.join(map(str, shape)):<18}  {label(entry['heuristic'])[:30]:<30} "
+              f"{h_ms:8.3f}  {label(entry['candidate'])[:30]:<30} {t_ms:8.3f}  {h_ms / t_ms:7.2f}  {source}")
+    ratio = before / after if after else float("nan")
+    print(f"  {'sum':<{width}}  {'':<18}  {'':<30} {before:8.3f}  {'':<30} {after:8.3f}  {ratio:7.2f}")
+    print(f"{len(rows)} convolutions; tuning took {spent:.1f} s (budget {budget:.0f} ms per shape); "
+          f"device ms from the tuner's timings; cache {path}")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -472,6 +544,27 @@ def build_parser() -> argparse.ArgumentParser:
                               "group of supported ops as one device-resident layer")
     _add_input_shape(convert)
     convert.set_defaults(func=cmd_convert)
+
+    tune = sub.add_parser(
+        "tune", parents=[_common()], help="measure the fastest kernels for a model's convolutions on this device",
+        description="Run MODEL.onnx once to find its convolutions' input shapes, then time each one's kernel "
+                    "candidates on the device (within --budget-ms per shape) and store the fastest in the "
+                    "tuning cache ($VKCONV_CACHE_DIR, else $XDG_CACHE_HOME/vkconv, else ~/.cache/vkconv), "
+                    "which read_net and vkconv.Conv use from then on (VKCONV_TUNE=0 ignores it). Shapes the "
+                    "cache already has are reported from it. Prints a before (heuristic) / after (tuned) "
+                    "table per layer.")
+    tune.add_argument("model", nargs="?", metavar="MODEL.onnx", help="the ONNX model (optional with --clear)")
+    _add_input_shape(tune)
+    tune.add_argument("--mode", choices=["layer", "subgraph"], default="layer",
+                      help="load the model as in `vkconv run --mode` (the convolutions and shapes are the same)")
+    tune.add_argument("--budget-ms", type=float, default=None, metavar="MS",
+                      help="wall-time budget per shape (default $VKCONV_TUNE_BUDGET_MS, else 2000)")
+    tune.add_argument("--time-limit", type=float, default=None, metavar="S",
+                      help="start no new shape after S seconds of tuning, once one is tuned (the table covers "
+                           "what was tuned; a later run goes on from the cache)")
+    tune.add_argument("--clear", action="store_true", help="empty this device's tuning cache first")
+    tune.add_argument("--seed", type=int, default=0, help="seed of the random input (default 0)")
+    tune.set_defaults(func=cmd_tune)
 
     bench = sub.add_parser(
         "bench", parents=[_common()], help="benchmark vkconv against its peers (progress bar, JSON, PNG)",

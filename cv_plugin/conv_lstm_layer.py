@@ -13,7 +13,8 @@ import numpy as np
 
 import vkconv
 from cv_plugin import layers
-from cv_plugin.layers import _ints, _same
+from cv_plugin.layers import _same
+from vkconv.onnx.support import conv_lstm_params
 from vkconv.ops import conv_lstm
 
 OP_TYPE = "ConvLSTM2D"
@@ -30,24 +31,15 @@ class ConvLSTMOp(layers.Op):
         if self.ninputs not in (4, 6):
             raise ValueError(f"{OP_TYPE}: expected inputs (X, kernel, recurrent_kernel, bias[, h0, c0]), "
                              f"got {self.ninputs}")
-        self.padding = str(params.get("vk_padding", "same"))
-        self.strides = _ints(params, "vk_strides", 2, 1)
-        self.dilations = _ints(params, "vk_dilations", 2, 1)
-        self.return_sequences = bool(int(params.get("vk_return_sequences", 1)))
-        self.activation = str(params.get("vk_activation", "tanh"))
-        self.recurrent_activation = str(params.get("vk_recurrent_activation", "sigmoid"))
-        # Checks the attributes now, so that a bad node fails at readNet rather than at forward.
-        if self.padding not in ("same", "valid"):
-            raise ValueError(f"vk_padding: expected 'same' or 'valid', got {self.padding!r}")
-        conv_lstm.keras_activation("vk_activation", self.activation)
-        conv_lstm.keras_activation("vk_recurrent_activation", self.recurrent_activation)
+        # decoded (and checked) now, so that a bad node fails at readNet rather than at forward
+        self.options = conv_lstm_params(params)
         self.lstm: vkconv.ConvLSTM2D | None = None
         self._src: tuple | None = None  # the runtime weights the device copy was made from
 
     def output_shapes(self, in_shapes):
-        return [conv_lstm.output_shape(in_shapes[0], in_shapes[1], padding=self.padding,
-                                       strides=self.strides, dilation=self.dilations,
-                                       return_sequences=self.return_sequences)]
+        o = self.options
+        return [conv_lstm.output_shape(in_shapes[0], in_shapes[1], padding=o["padding"], strides=o["strides"],
+                                       dilation=o["dilation"], return_sequences=o["return_sequences"])]
 
     def forward(self, arrays):
         x = arrays[0]
@@ -56,11 +48,7 @@ class ConvLSTMOp(layers.Op):
         bias = bias.reshape(-1)
         state = tuple(a for a in arrays[4:6] if a is not None) or None  # h0, c0 omitted: zeros
         if self.lstm is None:
-            self.lstm = vkconv.ConvLSTM2D(kernel, recurrent, bias, padding=self.padding,
-                                          strides=self.strides, dilation=self.dilations,
-                                          return_sequences=self.return_sequences,
-                                          activation=self.activation,
-                                          recurrent_activation=self.recurrent_activation)
+            self.lstm = vkconv.ConvLSTM2D(kernel, recurrent, bias, **self.options)
         elif self.runtime_weights and not all(_same(a, b) for a, b in zip((kernel, recurrent, bias),
                                                                             self._src)):
             self.lstm.set_weights(kernel, recurrent, bias)

@@ -29,8 +29,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from cv_plugin import layers, subgraph
-from cv_plugin.input_shapes import fix_input_shapes
-from cv_plugin.net import load_model
+from cv_plugin.net import prepare_model
 from cv_plugin.rewrite import DOMAIN, RewriteReport, rewrite
 from cv_plugin.subgraph import SubgraphSpec
 from vkconv.onnx.model import Node
@@ -81,13 +80,7 @@ def convert(model, path: str | os.PathLike, *, mode: str = "layer", fuse: bool =
     ``path``, self-contained (weights inside), for plain ``cv2.dnn.readNet`` after
     :func:`cv_plugin.register`; returns what the rewrite routed.  ``mode``, ``fuse``,
     ``min_ops`` and ``input_shapes`` are :func:`cv_plugin.read_net`'s."""
-    if mode not in subgraph.MODES:
-        raise ValueError(f"mode: expected one of {', '.join(subgraph.MODES)}, got {mode!r}")
-    proto = load_model(model)
-    if not proto.graph.node:
-        raise ValueError("model: the ONNX model has no nodes (empty or not an ONNX file)")
-    if input_shapes:
-        proto = fix_input_shapes(proto, input_shapes)
+    proto = prepare_model(model, mode, input_shapes)
     specs: dict[str, SubgraphSpec] = {}
     if mode == "subgraph":
         proto, specs = subgraph.partition(proto, min_ops=min_ops)

@@ -56,9 +56,10 @@ class _Tensor:
 
 
 class _Builder:
-    def __init__(self):
+    def __init__(self) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
+        self.value_info: list[onnx.ValueInfoProto] = []
         self._names: set[str] = set()
         self._layouts: dict[tuple[str, tuple[int, ...]], str] = {}
 
@@ -249,7 +250,9 @@ def _convert_layer(b: _Builder, layer, x: _Tensor, out_shape: tuple) -> _Tensor:
         raise ValueError(f"model: layer {layer.name!r} of type {kind} is not supported by "
                          "cv_plugin.keras (ConvLSTM2D, BatchNormalization, Conv1D/2D/3D, activations)")
     out = _Tensor(name, perm, out_shape)
-    if kind != "ConvLSTM2D" and "activation" in layer.get_config():
+    if kind == "ConvLSTM2D":  # ONNX shape inference cannot type a custom op's output: say its shape
+        b.value_info.append(_value_info(name, tuple(out_shape[a] for a in perm), f"{name}_dim"))
+    elif "activation" in layer.get_config():
         out = _emit_activation(b, out, _activation_name(layer, layer.get_config()["activation"]), layer.name)
     return out
 
@@ -297,7 +300,8 @@ def to_onnx(model, *, name: str | None = None) -> onnx.ModelProto:
         if out in {o.name for o in graph_outputs} or out in {gi.name for gi in graph_inputs}:
             out = b.node("Identity", [out], f"output_{i}")
         graph_outputs.append(_value_info(out, t.shape, f"output_{i}_dim"))
-    graph = helper.make_graph(b.nodes, name or model.name, graph_inputs, graph_outputs, b.initializers)
+    graph = helper.make_graph(b.nodes, name or model.name, graph_inputs, graph_outputs, b.initializers,
+                              value_info=b.value_info)
     return helper.make_model(graph, producer_name="cv_plugin.keras",
                              opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)])
 

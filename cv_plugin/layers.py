@@ -241,7 +241,7 @@ class ConvFamilyOp(Op):
         op, x_shape = self.device_op, tuple(arrays[0].shape)
         # the plan's buffers still hold this call's data: replay its dispatches between timestamps
         ms = min(device_times(op.ctx, op.plan(x_shape).body, warmup=1, repeat=3))
-        kernel = f"conv {op.kernel_for(x_shape)}" if isinstance(op, vkconv.Conv) else type(op).__name__.lower()
+        kernel = f"conv {op.choice_for(x_shape)}" if isinstance(op, vkconv.Conv) else type(op).__name__.lower()
         return outs, [StepTime(self.name, type(self).__name__.removesuffix("Op"), kernel, x_shape,
                                tuple(outs[0].shape), ms)]
 
@@ -254,6 +254,8 @@ class ConvFamilyOp(Op):
 class ConvOp(ConvFamilyOp):
     """ONNX Conv (1-D/2-D/3-D) with fused BatchNorm/activation."""
 
+    tune: bool | str | None = None  # read_net(tune=...), handed to vkconv.Conv
+
     def output_shapes(self, in_shapes):
         out, _ = shapes.conv_output_shape(in_shapes[0], in_shapes[1], self.strides, self.pads,
                                           self.dilations, self.group, self.auto_pad)
@@ -261,7 +263,7 @@ class ConvOp(ConvFamilyOp):
 
     def build(self, w, b):
         return vkconv.Conv(w, b, strides=self.strides, pads=self.pads, dilations=self.dilations,
-                           group=self.group, activation=self.activation, auto_pad=self.auto_pad)
+                           group=self.group, activation=self.activation, auto_pad=self.auto_pad, tune=self.tune)
 
 
 class ConvTransposeOp(ConvFamilyOp):

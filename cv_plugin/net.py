@@ -15,10 +15,11 @@ import numpy as np
 import onnx
 
 import vkconv
-from cv_plugin import compat, registry, subgraph
+from cv_plugin import compat, registry, subgraph, tuning
 from cv_plugin.input_shapes import fix_input_shapes, reads_shapes, runtime_inputs, symbolic_inputs
 from cv_plugin.layers import NETS, NetState
 from cv_plugin.rewrite import RewriteReport, rewrite
+from vkconv.ops.tune import tune_mode
 
 _ids = itertools.count(1)
 _ids_lock = threading.Lock()
@@ -180,9 +181,20 @@ def load_model(model) -> onnx.ModelProto:
     raise ValueError(f"model: expected a path, bytes or onnx.ModelProto, got {type(model).__name__}")
 
 
+def prepare_model(model, mode: str, input_shapes: Mapping[str, Sequence[int]] | None) -> onnx.ModelProto:
+    """What :func:`read_net` and :func:`cv_plugin.convert` start from: ``model`` loaded (see
+    :func:`load_model`) and checked, with ``input_shapes`` fixed; ValueError naming the problem."""
+    if mode not in subgraph.MODES:
+        raise ValueError(f"mode: expected one of {', '.join(subgraph.MODES)}, got {mode!r}")
+    proto = load_model(model)
+    if not proto.graph.node:
+        raise ValueError("model: the ONNX model has no nodes (empty or not an ONNX file)")
+    return fix_input_shapes(proto, input_shapes) if input_shapes else proto
+
+
 def read_net(model, *, fuse: bool = True, fallback: bool = False, mode: str = "layer",
              min_ops: int = 2, input_shapes: Mapping[str, Sequence[int]] | None = None,
-             max_shapes: int = 4) -> Net:
+             max_shapes: int = 4, tune: bool | str | None = None) -> Net:
     """Load ``model`` (a path, serialized bytes or ``onnx.ModelProto``) with Conv on Vulkan.
 
     ``fuse``: fold a following BatchNormalization and fuse a following activation into the conv.
@@ -194,17 +206,15 @@ def read_net(model, *, fuse: bool = True, fallback: bool = False, mode: str = "l
     ``input_shapes``: input name -> shape, fixing symbolic input dims before import (with ONNX
     shape inference).  A model left with symbolic input dims that computes with shapes is
     imported per input shape at ``forward`` (see :class:`Net`), keeping the last ``max_shapes``.
+    ``tune``: handed to every convolution (see :class:`vkconv.Conv`): True measures the kernel
+    candidates of each new shape the tuning cache lacks (at the first forward) and stores the
+    fastest; False ignores the cache; None follows ``VKCONV_TUNE`` (default: cached choices only).
     Registers vkconv's layers first if :func:`cv_plugin.register` was not called.
     """
-    if mode not in subgraph.MODES:
-        raise ValueError(f"mode: expected one of {', '.join(subgraph.MODES)}, got {mode!r}")
     if not isinstance(max_shapes, int) or max_shapes < 1:
         raise ValueError(f"max_shapes: expected a positive int, got {max_shapes!r}")
-    proto = load_model(model)
-    if not proto.graph.node:
-        raise ValueError("model: the ONNX model has no nodes (empty or not an ONNX file)")
-    if input_shapes:
-        proto = fix_input_shapes(proto, input_shapes)
+    tune_mode(tune)  # a bad value fails before the model loads
+    proto = prepare_model(model, mode, input_shapes)
     try:
         vkconv.get_context()
     except vkconv.NoDeviceError as exc:
@@ -217,15 +227,16 @@ def read_net(model, *, fuse: bool = True, fallback: bool = False, mode: str = "l
     registry.register()
 
     def load(shapes: dict[str, tuple[int, ...]]) -> _Loaded:
-        return _import(fix_input_shapes(proto, shapes) if shapes else proto, fuse, mode, min_ops)
+        return _import(fix_input_shapes(proto, shapes) if shapes else proto, fuse, mode, min_ops, tune)
 
     # OpenCV follows other models' input shapes itself (the layers' getMemoryShapes runs again)
     dynamic = symbolic_inputs(proto) if reads_shapes(proto) else []
     return Net(load, dynamic=dynamic, inputs=[vi.name for vi in runtime_inputs(proto)], max_shapes=max_shapes)
 
 
-def _import(proto: onnx.ModelProto, fuse: bool, mode: str, min_ops: int) -> _Loaded:
-    """Rewrite ``proto`` and import it into ``cv2.dnn`` under a new net id."""
+def _import(proto: onnx.ModelProto, fuse: bool, mode: str, min_ops: int, tune: bool | str | None) -> _Loaded:
+    """Rewrite ``proto`` and import it into ``cv2.dnn`` under a new net id; its convolutions get
+    ``tune``."""
     with _ids_lock:
         net_id = next(_ids)
     specs: dict = {}
@@ -244,6 +255,7 @@ def _import(proto: onnx.ModelProto, fuse: bool, mode: str, min_ops: int) -> _Loa
             raise errors[0] from exc
         raise
     loaded = _Loaded(cv_net, net_id, state, report)
+    tuning.apply(state, tune)
     errors = state.take_errors()
     if errors:  # a layer that could not be built: report it now, not at forward
         loaded.close()

@@ -53,16 +53,17 @@ class Profile:
     def table(self, steps: bool = True) -> str:
         """Per layer (and, with ``steps``, per step) device ms, shapes and transfers; totals per
         kernel and for the forward."""
-        lines = [f"{'layer / step':44s} {'kernel':22s} {'output':22s} {'device ms':>10s} {'transfer KiB':>12s}"]
+        # kernel: for a conv, the candidate that ran and where the choice came from
+        lines = [f"{'layer / step':44s} {'kernel':50s} {'output':22s} {'device ms':>10s} {'transfer KiB':>12s}"]
         for layer in self.layers:
             kib = (layer.upload_bytes + layer.download_bytes) / 1024
-            lines.append(f"{layer.key[:44]:44s} {layer.kind:22s} {'':22s} {layer.device_ms:10.3f} {kib:12.1f}")
+            lines.append(f"{layer.key[:44]:44s} {layer.kind:50s} {'':22s} {layer.device_ms:10.3f} {kib:12.1f}")
             for s in layer.steps if steps else []:
-                lines.append(f"  {s.name[:42]:42s} {s.kernel[:22]:22s} {str(s.output_shape)[:22]:22s} {s.ms:10.3f}")
+                lines.append(f"  {s.name[:42]:42s} {s.kernel[:50]:50s} {str(s.output_shape)[:22]:22s} {s.ms:10.3f}")
         lines.append("")
-        lines.append(f"{'kernel':30s} {'steps':>6s} {'device ms':>10s}")
+        lines.append(f"{'kernel':50s} {'steps':>6s} {'device ms':>10s}")
         for kernel, (n, ms) in self.by_kernel().items():
-            lines.append(f"{kernel:30s} {n:6d} {ms:10.3f}")
+            lines.append(f"{kernel:50s} {n:6d} {ms:10.3f}")
         lines.append(f"forward {self.forward_ms:.1f} ms wall; {self.device_ms:.1f} ms on the device in "
                      f"{len(self.layers)} vkconv layers; {self.transfer_bytes / 2**20:.2f} MiB host<->device")
         return "\n".join(lines)

@@ -19,6 +19,7 @@ from onnx import helper
 
 from vkconv.onnx.fusion import ANCHORS, CONV_TYPES, fuse
 from vkconv.onnx.model import (
+    VKCONV_DOMAIN,
     ModelView,
     Node,
     attributes,
@@ -29,7 +30,7 @@ from vkconv.onnx.model import (
 )
 from vkconv.onnx.support import runs_on_device
 
-DOMAIN = "vkconv"
+DOMAIN = VKCONV_DOMAIN
 
 
 @dataclass

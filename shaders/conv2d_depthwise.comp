@@ -12,6 +12,7 @@
 //
 // variant: conv2d_depthwise -DTEXEL=1
 // variant: conv2d_depthwise_ssbo
+#extension GL_EXT_samplerless_texture_functions : require  // textureBuffer: SPIR-V 1.6 forbids sampled Buffer images
 #extension GL_GOOGLE_include_directive : require
 #extension GL_EXT_control_flow_attributes : require
 #include "activation.glsl"
@@ -26,8 +27,8 @@ layout(constant_id = 9) const bool VEC_OUT = false;  // out_w % 4 == 0: store ve
 const int KWV = (KW + 3) / 4;
 
 #ifdef TEXEL
-layout(binding = 0) uniform samplerBuffer xp;
-layout(binding = 1) uniform samplerBuffer wp;
+layout(binding = 0) uniform textureBuffer xp;
+layout(binding = 1) uniform textureBuffer wp;
 #define LOAD_X(i) texelFetch(xp, i)
 #define LOAD_W(i) texelFetch(wp, i)
 #else

@@ -6,6 +6,7 @@
 //
 // variant: conv2d_pack -DTEXEL=1
 // variant: conv2d_pack_ssbo
+#extension GL_EXT_samplerless_texture_functions : require  // textureBuffer: SPIR-V 1.6 forbids sampled Buffer images
 #extension GL_GOOGLE_include_directive : require
 
 layout(local_size_x_id = 0, local_size_y = 1, local_size_z = 1) in;
@@ -13,7 +14,7 @@ layout(local_size_x_id = 0, local_size_y = 1, local_size_z = 1) in;
 
 #ifdef TEXEL
 // R32F view: one float per texel (a gather on lavapipe, 3x faster than scalar SSBO loads there).
-layout(binding = 0) uniform samplerBuffer x;
+layout(binding = 0) uniform textureBuffer x;
 #define LOAD_X(i) texelFetch(x, i).x
 #else
 layout(std430, binding = 0) readonly buffer Input { float x[]; };

@@ -17,6 +17,7 @@
 //
 // variant: conv2d_rows -DTEXEL=1
 // variant: conv2d_rows_ssbo
+#extension GL_EXT_samplerless_texture_functions : require  // textureBuffer: SPIR-V 1.6 forbids sampled Buffer images
 #extension GL_GOOGLE_include_directive : require
 #extension GL_EXT_control_flow_attributes : require
 #include "activation.glsl"
@@ -35,8 +36,8 @@ layout(constant_id = 12) const int OUT_SX = 1;
 const int MV = MB / 4;
 
 #ifdef TEXEL
-layout(binding = 0) uniform samplerBuffer xp;
-layout(binding = 1) uniform samplerBuffer wp;
+layout(binding = 0) uniform textureBuffer xp;
+layout(binding = 1) uniform textureBuffer wp;
 #define LOAD_X(i) texelFetch(xp, i)
 #define LOAD_W(i) texelFetch(wp, i)
 #else

@@ -16,6 +16,7 @@
 // variant: conv2d_winograd_in_ssbo -DWINOGRAD_IN=1
 // variant: conv2d_winograd_out -DWINOGRAD_OUT=1 -DTEXEL=1
 // variant: conv2d_winograd_out_ssbo -DWINOGRAD_OUT=1
+#extension GL_EXT_samplerless_texture_functions : require  // textureBuffer: SPIR-V 1.6 forbids sampled Buffer images
 #extension GL_GOOGLE_include_directive : require
 #extension GL_EXT_control_flow_attributes : require
 #include "activation.glsl"
@@ -24,7 +25,7 @@ layout(local_size_x_id = 0, local_size_y = 1, local_size_z = 1) in;
 #include "grid.glsl"  // after the local size: it reads gl_WorkGroupSize
 
 #ifdef TEXEL
-layout(binding = 0) uniform samplerBuffer src;
+layout(binding = 0) uniform textureBuffer src;
 #define LOAD(i) texelFetch(src, i)
 #else
 layout(std430, binding = 0) readonly buffer Source { vec4 src[]; };

@@ -10,10 +10,11 @@
 //
 // variant: deform_conv_pack -DTEXEL=1
 // variant: deform_conv_pack_ssbo
+#extension GL_EXT_samplerless_texture_functions : require  // textureBuffer: SPIR-V 1.6 forbids sampled Buffer images
 layout(local_size_x_id = 0, local_size_y = 1, local_size_z = 1) in;
 
 #ifdef TEXEL
-layout(binding = 0) uniform samplerBuffer x;  // R32F view
+layout(binding = 0) uniform textureBuffer x;  // R32F view
 #define LOAD_X(i) texelFetch(x, i).x
 #else
 layout(std430, binding = 0) readonly buffer Input { float x[]; };

@@ -23,6 +23,7 @@
 //
 // variant: deform_conv_sample -DTEXEL=1
 // variant: deform_conv_sample_ssbo
+#extension GL_EXT_samplerless_texture_functions : require  // textureBuffer: SPIR-V 1.6 forbids sampled Buffer images
 #extension GL_GOOGLE_include_directive : require
 #extension GL_EXT_control_flow_attributes : require
 #include "bilinear.glsl"
@@ -39,9 +40,9 @@ layout(constant_id = 5) const int CIN_OG = 0;
 layout(constant_id = 6) const bool QUAD_OFFSETS = false;
 
 #ifdef TEXEL
-layout(binding = 0) uniform samplerBuffer x4;      // RGBA32F view of [n][og][(h+2)*(w+2)][og_blocks]
-layout(binding = 1) uniform samplerBuffer offset;  // R32F views, RGBA32F with QUAD_OFFSETS
-layout(binding = 2) uniform samplerBuffer mask;
+layout(binding = 0) uniform textureBuffer x4;      // RGBA32F view of [n][og][(h+2)*(w+2)][og_blocks]
+layout(binding = 1) uniform textureBuffer offset;  // R32F views, RGBA32F with QUAD_OFFSETS
+layout(binding = 2) uniform textureBuffer mask;
 #define LOAD_X(i) texelFetch(x4, i)
 #define LOAD_OFFSET(i) texelFetch(offset, i).x
 #define LOAD_MASK(i) texelFetch(mask, i).x

@@ -27,6 +27,7 @@
 //
 // variant: sparse_gemm -DTEXEL=0
 // variant: sparse_gemm_texel -DTEXEL=1
+#extension GL_EXT_samplerless_texture_functions : require  // textureBuffer: SPIR-V 1.6 forbids sampled Buffer images
 #extension GL_GOOGLE_include_directive : require
 #include "activation.glsl"
 
@@ -38,10 +39,10 @@ layout(constant_id = 6) const int SHARE = 0;
 layout(constant_id = 7) const int SCHEDULE = 0;
 
 #if TEXEL
-layout(binding = 0) uniform samplerBuffer x_tex;
-layout(binding = 1) uniform samplerBuffer w_tex;
-layout(binding = 2) uniform samplerBuffer t_tex;
-layout(binding = 5) uniform samplerBuffer s_tex;
+layout(binding = 0) uniform textureBuffer x_tex;
+layout(binding = 1) uniform textureBuffer w_tex;
+layout(binding = 2) uniform textureBuffer t_tex;
+layout(binding = 5) uniform textureBuffer s_tex;
 #define X(i) texelFetch(x_tex, i)
 #define W(i) texelFetch(w_tex, i)
 #define T(i) texelFetch(t_tex, i).x

@@ -1,7 +1,10 @@
 """Shared pytest fixtures: a validation-layer guard on every test, and the conformance data."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,12 @@ import pytest
 import vkconv
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Never read or write the user's tuning cache: a tuned choice there would change which kernels the
+# tests run (subprocesses inherit this too).  VKCONV_TUNE stays at its default, "cache".
+os.environ["VKCONV_CACHE_DIR"] = tempfile.mkdtemp(prefix="vkconv-test-cache-")
+atexit.register(shutil.rmtree, os.environ["VKCONV_CACHE_DIR"], True)
+os.environ.pop("VKCONV_TUNE", None)
 
 
 def conformance_root() -> Path | None:
@@ -19,6 +28,14 @@ def conformance_root() -> Path | None:
         if c and Path(c).is_dir():
             return Path(c)
     return None
+
+
+def pytest_report_header(config) -> str:
+    """Say which device profile and validation the run has (CI runs the suite under several)."""
+    flags = {name: os.environ.get(name, "") for name in ("VKCONV_VALIDATION", "VKCONV_LIMITS", "VKCONV_MEMORY")}
+    validation = "on (core and synchronization)" if flags.pop("VKCONV_VALIDATION") not in ("", "0") else "OFF"
+    profiles = ", ".join(f"{k}={v}" for k, v in flags.items() if v) or "none"
+    return f"vkconv: validation layer {validation}; device profiles: {profiles}"
 
 
 def _fail_on_validation_messages() -> None:

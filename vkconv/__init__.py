@@ -23,8 +23,7 @@ from vkconv.ops.sparse.tensor import (
 from vkconv.runtime.context import Context, DeviceInfo, close_context, get_context, list_devices, validation_messages
 from vkconv.runtime.errors import NoDeviceError, ValidationError, VkconvError
 from vkconv.runtime.log import configure_logging
-
-__version__ = "0.1.0"
+from vkconv.runtime.version import __version__
 
 __all__ = [
     "Activation", "Context", "Conv", "ConvLSTM2D", "ConvTranspose", "DeformConv", "DeviceInfo", "Graph",

@@ -1,15 +1,18 @@
-"""Dense convolution benchmark: vkconv vs ncnn's Vulkan convolution (fp32) vs OpenCV's CPU dnn.
+"""Dense convolution benchmark: vkconv vs ncnn's Vulkan convolution (fp32) vs OpenCV's dnn on the CPU
+and on its OpenCL target.
 
 Cases: the 13 VGG-16 convolutions at 224x224 (batch 1, 3x3, pad 1), a 3x3 depthwise conv with 96
 channels at 56x56, a 1x1 96->384 conv at 56x56 and a 3x3 stride-2 128->256 conv at 56x56 (and
 ``tiny``, a 8->8 3x3 conv at 16x16 that only ``cases=["tiny"]`` selects: a smoke test).
 Every peer runs in its own process (``--peer``), on the same inputs and weights, so that no peer
 shares a Vulkan instance or a thread pool with another; a peer whose package is not installed
-(ncnn, OpenCV) is skipped with a note.  Per case and peer: the median of ``repeat`` (>= 5) timed
-runs after ``warmup`` runs, "numpy in -> numpy out" (what a cv2 layer pays); for vkconv also
-"on-device": the recorded dispatches alone between two GPU timestamps.  GFLOP/s counts 2 x MACs of
-the direct convolution (Winograd's "effective" rate).  The FMA peak comes from shaders/fma_probe.comp
-(independent vec4 fma chains, best of 8/16/32 chains).  Outputs of ncnn and OpenCV are compared
+(ncnn, OpenCV) is skipped with a note, and so is OpenCV's OpenCL target (``opencl``) where OpenCV
+finds no OpenCL device (``cv2.ocl.haveOpenCL()``; a dnn net would silently run on the CPU).
+Per case and peer: the median of ``repeat`` (>= 5) timed runs after ``warmup`` runs, "numpy in ->
+numpy out" (what a cv2 layer pays); for vkconv also "on-device": the recorded dispatches alone
+between two GPU timestamps. GFLOP/s counts 2 x MACs of the direct convolution (Winograd's
+"effective" rate). The FMA peak comes from shaders/fma_probe.comp (independent vec4 fma chains, best
+of 8/16/32 chains). Outputs of ncnn and OpenCV are compared
 with vkconv's (max abs diff / max |y|).
 
 Writes ``conv-<time>.jsonl`` (one JSON object per peer and case, plus the probe, one row per case
@@ -36,11 +39,11 @@ import numpy as np
 
 from cv_plugin.bench import report
 
-PEERS = ("vkconv", "ncnn", "opencv")
+PEERS = ("vkconv", "ncnn", "opencv", "opencl")
 # The module each peer needs; a peer whose module is missing is skipped before its process starts.
-PEER_MODULES = {"vkconv": "vulkan", "ncnn": "ncnn", "opencv": "cv2"}
+PEER_MODULES = {"vkconv": "vulkan", "ncnn": "ncnn", "opencv": "cv2", "opencl": "cv2"}
 PEER_INSTALL = {"vkconv": "pip install vulkan", "ncnn": "pip install ncnn",
-                "opencv": "pip install opencv-python-headless"}
+                "opencv": "pip install opencv-python-headless", "opencl": "pip install opencv-python-headless"}
 
 
 @dataclass(frozen=True)
@@ -175,9 +178,10 @@ def run_vkconv(cases: Sequence[Case], warmup: int, repeat: int, outdir: Path, qu
             body = op.plan(x.shape).body
             assert body is not None  # a built plan has recorded its body
             device = timer.times(body, warmup, repeat)
-            kernel = op.kernel_for(x.shape)
+            choice = op.choice_for(x.shape)
         np.save(outdir / f"vkconv-{case.name}.npy", y)
-        _emit({"peer": "vkconv", "case": case.name, "kernel": kernel, "ms": report.median_ms(host),
+        _emit({"peer": "vkconv", "case": case.name, "kernel": choice.candidate.kernel,
+               "candidate": choice.candidate.label(), "choice": choice.source, "ms": report.median_ms(host),
                "ms_device": report.median_ms(device), "runs": len(host)})
     if not quick:  # probed before and after the cases: the better of the two is the peak
         probe = max(probe, fma_peak(ctx, timer), key=lambda r: r["gflops"])
@@ -226,9 +230,16 @@ def run_ncnn(cases: Sequence[Case], warmup: int, repeat: int, outdir: Path) -> N
         net.clear()
 
 
-def run_opencv(cases: Sequence[Case], warmup: int, repeat: int, outdir: Path) -> None:
+def run_opencv(cases: Sequence[Case], warmup: int, repeat: int, outdir: Path, opencl: bool = False) -> None:
+    """OpenCV's dnn on the CPU, or (``opencl``) on its OpenCL target, fp32."""
     import cv2
     from onnx import TensorProto, helper, numpy_helper
+
+    peer = "opencl" if opencl else "opencv"
+    if opencl:
+        if not cv2.ocl.haveOpenCL():
+            raise RuntimeError("OpenCV finds no OpenCL device (cv2.ocl.haveOpenCL() is False)")
+        cv2.ocl.setUseOpenCL(True)
 
     for case in cases:
         x, w, b = case.arrays()
@@ -244,7 +255,7 @@ def run_opencv(cases: Sequence[Case], warmup: int, repeat: int, outdir: Path) ->
             path.write_bytes(model.SerializeToString())
             net = cv2.dnn.readNetFromONNX(str(path))
         net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
-        net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
+        net.setPreferableTarget(cv2.dnn.DNN_TARGET_OPENCL if opencl else cv2.dnn.DNN_TARGET_CPU)
 
         def forward(net: Any = net, x: np.ndarray = x) -> np.ndarray:
             net.setInput(x)
@@ -252,12 +263,13 @@ def run_opencv(cases: Sequence[Case], warmup: int, repeat: int, outdir: Path) ->
 
         y = forward()
         host = report.times(forward, warmup, repeat)
-        np.save(outdir / f"opencv-{case.name}.npy", y)
-        _emit({"peer": "opencv", "case": case.name, "ms": report.median_ms(host), "runs": len(host),
-               "threads": cv2.getNumThreads()})
+        np.save(outdir / f"{peer}-{case.name}.npy", y)
+        extra = {"device": cv2.ocl.Device.getDefault().name()} if opencl else {"threads": cv2.getNumThreads()}
+        _emit({"peer": peer, "case": case.name, "ms": report.median_ms(host), "runs": len(host), **extra})
 
 
-_RUNNERS = {"ncnn": run_ncnn, "opencv": run_opencv}
+_RUNNERS: dict[str, Callable[[Sequence[Case], int, int, Path], None]] = {
+    "ncnn": run_ncnn, "opencv": run_opencv, "opencl": functools.partial(run_opencv, opencl=True)}
 
 
 # -- driver ------------------------------------------------------------------------------------
@@ -322,12 +334,13 @@ def summarize(cases: Sequence[Case], records: Sequence[dict], outdir: Path) -> t
     probe = probe_record.get("gflops")
     rows: list[dict] = []
     head = (f"{'case':20s} {'GFLOP':>6s} {'kernel':>13s} {'vk ms':>8s} {'vk dev':>8s} {'GFLOP/s':>7s} "
-            f"{'%peak':>5s} {'ncnn ms':>8s} {'vk/ncnn':>7s} {'cv ms':>8s} {'vk/cv':>6s} {'diff ncnn':>9s}")
+            f"{'%peak':>5s} {'ncnn ms':>8s} {'vk/ncnn':>7s} {'cv ms':>8s} {'vk/cv':>6s} {'ocl ms':>8s} "
+            f"{'diff ncnn':>9s}")
     lines = [head, "-" * len(head)]
-    sums = {"vkconv": 0.0, "vkconv_device": 0.0, "ncnn": 0.0, "opencv": 0.0}
-    vgg_complete = {"ncnn": True, "opencv": True}
+    sums = {"vkconv": 0.0, "vkconv_device": 0.0, "ncnn": 0.0, "opencv": 0.0, "opencl": 0.0}
+    vgg_complete = {"ncnn": True, "opencv": True, "opencl": True}
     for case in cases:
-        vk, nc, cv = (by.get((p, case.name)) for p in PEERS)
+        vk, nc, cv, ocl = (by.get((p, case.name)) for p in PEERS)
         row = {"case": case.name, "gflop": case.flops / 1e9,
                **{k: v for k, v in asdict(case).items() if k != "name"}}
         if vk:
@@ -335,7 +348,7 @@ def summarize(cases: Sequence[Case], records: Sequence[dict], outdir: Path) -> t
                     "gflops": case.flops / vk["ms"] / 1e6, "gflops_device": case.flops / vk["ms_device"] / 1e6}
             if probe:
                 row["pct_peak_device"] = 100 * row["gflops_device"] / probe
-        for peer, rec in (("ncnn", nc), ("opencv", cv)):
+        for peer, rec in (("ncnn", nc), ("opencv", cv), ("opencl", ocl)):
             if rec:
                 row[f"{peer}_ms"] = rec["ms"]
                 row[f"{peer}_diff"] = _max_rel_diff(outdir / f"{peer}-{case.name}.npy",
@@ -345,7 +358,7 @@ def summarize(cases: Sequence[Case], records: Sequence[dict], outdir: Path) -> t
         if case.vgg:
             sums["vkconv"] += row.get("vkconv_ms", 0.0)
             sums["vkconv_device"] += row.get("vkconv_device_ms", 0.0)
-            for peer in ("ncnn", "opencv"):
+            for peer in ("ncnn", "opencv", "opencl"):
                 sums[peer] += row.get(f"{peer}_ms", 0.0)
                 vgg_complete[peer] &= f"{peer}_ms" in row
         rows.append(row)
@@ -354,7 +367,7 @@ def summarize(cases: Sequence[Case], records: Sequence[dict], outdir: Path) -> t
                      f"{_cell(row, 'gflops', '7.1f')} {_cell(row, 'pct_peak_device', '5.0f')} "
                      f"{_cell(row, 'ncnn_ms', '8.1f')} {_cell(row, 'ratio_vkconv_ncnn', '7.2f')} "
                      f"{_cell(row, 'opencv_ms', '8.1f')} {_cell(row, 'ratio_vkconv_opencv', '6.2f')} "
-                     f"{_cell(row, 'ncnn_diff', '9.1e')}")
+                     f"{_cell(row, 'opencl_ms', '8.1f')} {_cell(row, 'ncnn_diff', '9.1e')}")
     summary: dict[str, Any] = {"peer": "summary", "vgg_ms": sums, "fma_peak_gflops": probe}
     if any(c.vgg for c in cases):
         nan = float("nan")
@@ -376,7 +389,7 @@ def chart(rows: Sequence[dict], path: Path) -> str:
     """Bars of each peer's median ms per case (log scale); returns the line to print."""
     cases = [r for r in rows if "case" in r]
     peers = [("vkconv_ms", "vkconv (numpy in/out)"), ("vkconv_device_ms", "vkconv (on device)"),
-             ("ncnn_ms", "ncnn Vulkan fp32"), ("opencv_ms", "OpenCV CPU")]
+             ("ncnn_ms", "ncnn Vulkan fp32"), ("opencv_ms", "OpenCV CPU"), ("opencl_ms", "OpenCV OpenCL")]
     series = {label: [r.get(key) for r in cases] for key, label in peers if any(key in r for r in cases)}
     return report.bar_chart(path, [r["case"] for r in cases], series, ylabel="ms (median, log scale)",
                             title="Convolution time per layer, batch 1, fp32")

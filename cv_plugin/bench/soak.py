@@ -1,6 +1,6 @@
 """Repeated forwards, net creations and threads on a small conv net: the resource-leak checks.
 
-Shared by ``tests/test_reliability.py`` (small counts) and ``bench/soak.py`` (the full counts).
+Shared by ``tests/plugin/test_reliability.py`` (small counts) and ``bench/soak.py`` (the full counts).
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ whole network, which keeps comparisons against OpenCV's CPU layers meaningful.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -17,11 +17,13 @@ VGG16_CONFIG: tuple[int | Literal["M"], ...] = (64, 64, "M", 128, 128, "M", 256,
                                                 512, 512, 512, "M", 512, 512, 512, "M")
 
 
-def vgg16(seed: int = 0, size: int = 224, classes: int = 1000) -> onnx.ModelProto:
+def vgg16(seed: int = 0, size: int = 224, classes: int = 1000, head: bool = True) -> onnx.ModelProto:
     """VGG-16 for a ``[1, 3, size, size]`` NCHW input ``input``, output ``logits [1, classes]``.
 
     13 Conv(3x3, pad 1)+Relu, 5 MaxPool(2x2), Flatten and 3 Gemm layers (the first two with Relu),
     as torchvision's ``vgg16`` exports to ONNX (its adaptive pool is the identity at 224x224).
+    ``head=False`` stops after the last pool (output ``features [1, 512, size/32, size/32]``): the
+    convolutions without the 480 MB of fully connected weights.
     """
     rng = np.random.default_rng(seed)
     nodes, inits = [], []
@@ -44,6 +46,12 @@ def vgg16(seed: int = 0, size: int = 224, classes: int = 1000) -> onnx.ModelProt
                                       pads=[1, 1, 1, 1]))
         nodes.append(helper.make_node("Relu", [f"conv{i}"], [f"relu{i}"]))
         x, channels = f"relu{i}", item
+    if not head:
+        nodes[-1].output[0] = "features"  # the last pool
+        graph = helper.make_graph(
+            nodes, "vgg16_features", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, size, size])],
+            [helper.make_tensor_value_info("features", TensorProto.FLOAT, [1, channels, spatial, spatial])], inits)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     nodes.append(helper.make_node("Flatten", [x], ["flat"], axis=1))
     x, features = "flat", channels * spatial * spatial
     for j, width in enumerate((4096, 4096, classes)):
@@ -72,6 +80,74 @@ def vgg16_conv_flops(size: int = 224) -> float:
             total += 2.0 * item * channels * 9 * spatial * spatial
             channels = item
     return total
+
+
+# PP-LCNet-style backbone of a PP-OCR mobile text detector: (depthwise kernel, output channels,
+# stride) per depthwise-separable block; the last block of each stride feeds the FPN.
+_PPOCR_BLOCKS = ((3, 32, 1), (3, 64, 2), (3, 64, 1), (3, 128, 2), (3, 128, 1), (3, 256, 2), (5, 256, 1),
+                 (5, 256, 1), (5, 512, 2), (5, 512, 1))
+
+
+def ppocr_det_like(seed: int = 0, size: int = 640) -> onnx.ModelProto:
+    """A text detector shaped like PP-OCR's mobile DBNet (seeded random weights), input ``x``
+    ``[1, 3, size, size]`` (size a multiple of 32), output ``prob [1, 1, size, size]``.
+
+    Backbone: a 3x3 stride-2 stem and depthwise-separable blocks (3x3 and 5x5 depthwise, 1x1
+    pointwise, HardSwish) down to stride 32; neck: 1x1 lateral convs to 96 channels, nearest 2x
+    upsampling and adds top-down, 3x3 convs to 24 channels, upsampled to stride 4 and concatenated;
+    DB head: 3x3 conv + Relu, two 2x2 stride-2 ConvTransposes, Sigmoid.
+    """
+    rng = np.random.default_rng(seed)
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+    count = iter(range(10_000))
+
+    def conv(x: str, cin: int, cout: int, k: int, stride: int = 1, group: int = 1, act: str | None = "HardSwish",
+             transpose: bool = False) -> str:
+        i = next(count)
+        shape = (cin, cout // group, k, k) if transpose else (cout, cin // group, k, k)
+        w = rng.standard_normal(shape, dtype=np.float32) * np.float32(np.sqrt(2.0 / (cin // group * k * k)))
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        inits.append(numpy_helper.from_array(rng.standard_normal(cout, dtype=np.float32) * 0.01, f"b{i}"))
+        attrs: dict[str, Any] = {"kernel_shape": [k, k], "strides": [stride] * 2, "group": group}
+        if not transpose:
+            attrs["pads"] = [k // 2] * 4
+        nodes.append(helper.make_node("ConvTranspose" if transpose else "Conv", [x, f"w{i}", f"b{i}"], [f"c{i}"],
+                                      name=f"{'deconv' if transpose else 'conv'}{i}", **attrs))
+        if act is None:
+            return f"c{i}"
+        nodes.append(helper.make_node(act, [f"c{i}"], [f"a{i}"]))
+        return f"a{i}"
+
+    def upsample(x: str, factor: int) -> str:
+        i = next(count)
+        inits.append(numpy_helper.from_array(np.array([1, 1, factor, factor], np.float32), f"scale{i}"))
+        nodes.append(helper.make_node("Resize", [x, "", f"scale{i}"], [f"up{i}"], mode="nearest"))
+        return f"up{i}"
+
+    x, channels, stride, taps = conv("x", 3, 16, 3, 2), 16, 2, {}
+    for k, cout, s in _PPOCR_BLOCKS:
+        x = conv(conv(x, channels, channels, k, s, group=channels), channels, cout, 1)
+        channels, stride = cout, stride * s
+        taps[stride] = (x, channels)
+    laterals = {s: conv(t, c, 96, 1, act=None) for s, (t, c) in taps.items() if s >= 4}
+    top = laterals[32]
+    merged = {32: top}
+    for s in (16, 8, 4):
+        i = next(count)
+        nodes.append(helper.make_node("Add", [laterals[s], upsample(top, 2)], [f"sum{i}"]))
+        top = merged[s] = f"sum{i}"
+    parts = [upsample(conv(merged[s], 96, 24, 3, act=None), s // 4) if s > 4 else conv(merged[s], 96, 24, 3, act=None)
+             for s in (32, 16, 8, 4)]
+    nodes.append(helper.make_node("Concat", parts, ["fused"], axis=1))
+    y = conv("fused", 96, 24, 3, act="Relu")
+    y = conv(y, 24, 24, 2, 2, act="Relu", transpose=True)
+    y = conv(y, 24, 1, 2, 2, act="Sigmoid", transpose=True)
+    nodes.append(helper.make_node("Identity", [y], ["prob"]))
+    graph = helper.make_graph(nodes, "ppocr_det_like",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, size, size])],
+                              [helper.make_tensor_value_info("prob", TensorProto.FLOAT, [1, 1, size, size])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])  # HardSwish
 
 
 RAPIDOCR_WHEEL = "rapidocr-onnxruntime==1.4.4"

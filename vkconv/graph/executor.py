@@ -8,10 +8,10 @@ passes layer mode uses, and each becomes a step of :mod:`vkconv.graph.steps`.
 
 Intermediate tensors live in device buffers reused by liveness: a tensor's buffer returns to a
 free list keyed by size after its last reader, so a plan's memory stays near the peak live set.
-Conv and ConvTranspose run through their own classes' recorded plans (``Plan.body``) on the plan's
-input and output buffers, outside the liveness pool: the tensor a conv writes lives in its plan's
-output buffer, and the tensor it reads in its plan's input buffer unless another conv claimed it
-first or it is a graph input (then one device-side copy brings it in).
+Conv, ConvTranspose, DeformConv and ConvLSTM2D run through their own classes' recorded plans
+(``Plan.body``) on the plan's input and output buffers, outside the liveness pool: the tensor such
+an op writes lives in its plan's output buffer, and the tensors it reads in its plan's input
+buffers unless another op claimed them first or it is a graph input (then one device-side copy brings it in).
 """
 from __future__ import annotations
 
@@ -201,11 +201,14 @@ class Graph:
         plan.record(body)
         return plan
 
-    def run(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Outputs (in :attr:`outputs` order) for float32 ``arrays`` in :attr:`inputs` order."""
+    def _checked(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
         if len(arrays) != len(self.inputs):
             raise ValueError(f"inputs: expected {len(self.inputs)} arrays ({self.inputs}), got {len(arrays)}")
-        arrays = [shapes.as_float32(n, a) for n, a in zip(self.inputs, arrays)]
+        return [shapes.as_float32(n, a) for n, a in zip(self.inputs, arrays)]
+
+    def run(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Outputs (in :attr:`outputs` order) for float32 ``arrays`` in :attr:`inputs` order."""
+        arrays = self._checked(arrays)
         key = tuple(a.shape for a in arrays)
         with self._lock:
             plan = self._plans.get(key, lambda: self._build_plan(key))
@@ -219,9 +222,7 @@ class Graph:
         """Outputs as :meth:`run` gives them, and each step's device time (the minimum over
         ``repeat`` submits, after one warm-up) from timestamp queries.  Builds a separate plan with
         the timestamps recorded in, used for this call only; transfers are not counted."""
-        if len(arrays) != len(self.inputs):
-            raise ValueError(f"inputs: expected {len(self.inputs)} arrays ({self.inputs}), got {len(arrays)}")
-        arrays = [shapes.as_float32(n, a) for n, a in zip(self.inputs, arrays)]
+        arrays = self._checked(arrays)
         key = tuple(a.shape for a in arrays)
         known = self.tensor_shapes(key)
         stamps = Timestamps(self.ctx, len(self.steps) + 1)

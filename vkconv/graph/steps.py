@@ -1,6 +1,6 @@
-"""What a :class:`~vkconv.graph.Graph` runs per node: the step protocol, the adapter that runs a
-Conv / ConvTranspose through its own recorded plan, and the mapping from a (fused) ONNX node to its
-step."""
+"""What a :class:`~vkconv.graph.Graph` runs per node: the step protocol, the adapter that runs an
+op with resident weights (Conv, ConvTranspose, DeformConv, ConvLSTM2D) through its own recorded
+plan, and the mapping from a (fused) ONNX node to its step."""
 from __future__ import annotations
 
 import math
@@ -12,14 +12,16 @@ import numpy as np
 from vkconv.kernels import shapes
 from vkconv.kernels.activation import Activation
 from vkconv.onnx.model import Node
-from vkconv.onnx.support import POOLS, resize_params, slice_params
+from vkconv.onnx.support import POOLS, conv_lstm_params, resize_params, slice_params
 from vkconv.ops.conv.op import Conv
+from vkconv.ops.conv_lstm import ConvLSTM2D
 from vkconv.ops.conv_transpose import ConvTranspose
 from vkconv.ops.copies import Concat, Slice
 from vkconv.ops.deform_conv import DeformConv
 from vkconv.ops.elementwise import Elementwise, Shape, element_count
 from vkconv.ops.pool import Pool
 from vkconv.ops.resize import Resize
+from vkconv.ops.transpose import Transpose
 from vkconv.runtime.buffer import Buffer
 from vkconv.runtime.command import CommandBuffer
 from vkconv.runtime.context import Context, get_context
@@ -55,16 +57,20 @@ def run_step(kernel: GraphStep, arrays: Sequence[np.ndarray], ctx: Context | Non
 
 
 class PlanStep:
-    """A Conv, ConvTranspose or DeformConv node run through its vkconv op's recorded plan, on the
-    plan's own input / output buffers when the graph gave it those, else with copies in / out.
-    Inputs: X (and, for DeformConv, offset and optional mask)."""
+    """A Conv, ConvTranspose, DeformConv or ConvLSTM2D node run through its vkconv op's recorded
+    plan, on the plan's own input / output buffers when the graph gave it those, else with copies
+    in / out.  Inputs: X (and, for DeformConv, offset and optional mask; for ConvLSTM2D, optional
+    h0 and c0)."""
 
-    def __init__(self, op: Conv | ConvTranspose | DeformConv):
+    def __init__(self, op: Conv | ConvTranspose | DeformConv | ConvLSTM2D):
         self.op = op
 
     def output_shapes(self, in_shapes: Sequence[Shape]) -> list[Shape]:
         x = tuple(int(d) for d in in_shapes[0])
         op = self.op
+        if isinstance(op, ConvLSTM2D):
+            op.check_state(x, in_shapes[1:], unknown_ok=True)
+            return [op.output_shape(x)]
         if isinstance(op, Conv):
             return [shapes.conv_output_shape(x, op.weight_shape, op.strides, op.pads, op.dilations,
                                              op.group, op.auto_pad)[0]]
@@ -79,6 +85,8 @@ class PlanStep:
         x = tuple(int(d) for d in in_shapes[0])
         if isinstance(self.op, DeformConv):
             return self.op.plan(x, len(in_shapes) > 2)
+        if isinstance(self.op, ConvLSTM2D):
+            return self.op.plan(x, len(in_shapes) > 1)
         return self.op.plan(x)
 
     def record(self, cmd, inputs, outputs, in_shapes):
@@ -129,6 +137,12 @@ def build_step(node: Node, constants: Mapping[str, np.ndarray], ctx: Context) ->
         bounds = slice_params(node, constants)
         assert not isinstance(bounds, str)  # unsupported_reason turned the node down otherwise
         return Slice(*bounds, ctx=ctx), ins[:1]
+    if op == "Transpose":
+        return Transpose(a.get("perm"), ctx), ins[:1]
+    if op == "ConvLSTM2D":
+        kernel, recurrent, bias = (np.asarray(constants[t], np.float32) for t in ins[1:4])
+        lstm = ConvLSTM2D(kernel, recurrent, bias.reshape(-1), ctx=ctx, **conv_lstm_params(a))
+        return PlanStep(lstm), [ins[0], *ins[4:6]]
     if op == "Elementwise":
         return Elementwise(a["_program"], len(ins), ctx, a["_channel_inputs"]), list(ins)
     if op in POOLS:
@@ -149,7 +163,7 @@ def build_step(node: Node, constants: Mapping[str, np.ndarray], ctx: Context) ->
 def step_label(kernel: GraphStep, x_shape: Shape) -> str:
     if isinstance(kernel, PlanStep):
         op = kernel.op
-        return f"conv {op.kernel_for(x_shape)}" if isinstance(op, Conv) else type(op).__name__.lower()
+        return f"conv {op.choice_for(x_shape)}" if isinstance(op, Conv) else type(op).__name__.lower()
     return type(kernel).__name__.lower()
 
 

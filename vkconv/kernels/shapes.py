@@ -24,6 +24,16 @@ def as_float32(name: str, value, ndim: int | tuple[int, ...] | None = None) -> n
     return np.ascontiguousarray(value)
 
 
+def input_and_weights(x, w) -> tuple[np.ndarray, np.ndarray]:
+    """``x`` and ``w`` of a 1-D to 3-D convolution as float32, ValueError naming both when their
+    ranks disagree (either could be the wrong one)."""
+    x, w = as_float32("x", x, (3, 4, 5)), as_float32("w", w, (3, 4, 5))
+    if w.ndim != x.ndim:
+        raise ValueError(f"w: rank {w.ndim} ({w.ndim - 2}-D weights) does not match x: rank {x.ndim} "
+                         f"({x.ndim - 2}-D input)")
+    return x, w
+
+
 def positive_int(name: str, value) -> int:
     """``value`` as an int >= 1; bools and non-integers are refused (``group=True`` is a mistake)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:

@@ -13,6 +13,7 @@ from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 STANDARD_DOMAINS = ("", "ai.onnx")
+VKCONV_DOMAIN = "vkconv"  # vkconv's own ops (the layer types of cv_plugin, ConvLSTM2D from cv_plugin.keras)
 
 
 def attributes(node: onnx.NodeProto) -> dict:

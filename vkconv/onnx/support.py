@@ -7,15 +7,18 @@ from collections.abc import Mapping
 import numpy as np
 import onnx
 
-from vkconv.onnx.model import STANDARD_DOMAINS, Node, const, is_float
+from vkconv.onnx.model import STANDARD_DOMAINS, VKCONV_DOMAIN, Node, const, is_float
+from vkconv.ops.conv_lstm import keras_activation
 from vkconv.ops.elementwise import MAX_RANK
 from vkconv.ops.resize import COORDINATE_MODES, NEAREST_MODES
 
 ACTIVATIONS = ("Relu", "Clip", "LeakyRelu", "HardSwish", "HardSigmoid", "Sigmoid", "Tanh")
 BINARY = ("Add", "Sub", "Mul", "Div")
 POOLS = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool")
+# ops of vkconv's own ONNX domain (cv_plugin.keras writes ConvLSTM2D); the rest are standard ONNX
+VKCONV_OP_TYPES = ("ConvLSTM2D",)
 OP_TYPES = ("Conv", "ConvTranspose", "DeformConv", "BatchNormalization", *ACTIVATIONS, *BINARY, *POOLS,
-            "Concat", "Slice", "Resize", "Upsample")
+            "Concat", "Slice", "Transpose", "Resize", "Upsample", *VKCONV_OP_TYPES)
 
 
 
@@ -93,13 +96,35 @@ def slice_params(node: Node, constants: Mapping[str, np.ndarray]) -> tuple[int, 
     return int(axes[0]), clamp(starts[0]), clamp(ends[0])
 
 
+def conv_lstm_params(attrs: Mapping) -> dict:
+    """Keyword arguments of :class:`~vkconv.ops.conv_lstm.ConvLSTM2D` for the ``vk_*`` attributes
+    of a ``vkconv.ConvLSTM2D`` node (see ``cv_plugin/conv_lstm_layer.py``), decoded ONNX attributes
+    or the params OpenCV hands a layer (a 1-element list arrives as a scalar there).  ValueError
+    names a bad attribute."""
+    def pair(key: str) -> tuple[int, ...]:
+        value = attrs.get(key, 1)
+        return tuple(int(v) for v in ((value,) * 2 if isinstance(value, (int, float)) else value))
+
+    padding = str(attrs.get("vk_padding", "same"))
+    if padding not in ("same", "valid"):
+        raise ValueError(f"vk_padding: expected 'same' or 'valid', got {padding!r}")
+    activation = str(attrs.get("vk_activation", "tanh"))
+    recurrent = str(attrs.get("vk_recurrent_activation", "sigmoid"))
+    keras_activation("vk_activation", activation)
+    keras_activation("vk_recurrent_activation", recurrent)
+    return dict(padding=padding, strides=pair("vk_strides"), dilation=pair("vk_dilations"),
+                return_sequences=bool(int(attrs.get("vk_return_sequences", 1))), activation=activation,
+                recurrent_activation=recurrent)
+
+
 def unsupported_reason(node: Node | onnx.NodeProto, constants: Mapping[str, np.ndarray],
                        ranks: Mapping[str, int] | None = None) -> str | None:
     """Why ``node`` cannot run in a :class:`Graph` (None when it can).  ``ranks``: the known ranks
     of tensors (shape inference); the ops that need a rank refuse tensors not in it.  Without
     ``ranks`` ranks are not checked here (a :class:`Graph` checks shapes when it meets them)."""
     if isinstance(node, onnx.NodeProto):
-        if node.domain not in STANDARD_DOMAINS:
+        wanted = (VKCONV_DOMAIN,) if node.op_type in VKCONV_OP_TYPES else STANDARD_DOMAINS
+        if node.domain not in wanted:
             return f"domain {node.domain!r}"
         node = Node.from_proto(node)
     op, ins = node.op_type, list(node.inputs)
@@ -133,6 +158,28 @@ def unsupported_reason(node: Node | onnx.NodeProto, constants: Mapping[str, np.n
     if op == "Slice":
         bounds = slice_params(node, constants)
         return bounds if isinstance(bounds, str) else None
+    if op == "Transpose":
+        perm = node.attrs.get("perm")
+        r = rank(ins[0], MAX_RANK) if perm is None else len(perm)
+        if r is None or r > MAX_RANK:
+            return f"Transpose of rank unknown or above {MAX_RANK}"
+        if perm is not None and sorted(perm) != list(range(r)):
+            return f"perm {list(perm)} is not a permutation"
+        return None
+    if op == "ConvLSTM2D":  # X, kernel, recurrent_kernel, bias[, h0, c0]
+        kernel, recurrent, bias = (const(constants, node.input(i)) for i in (1, 2, 3))
+        if not (is_float(kernel) and kernel.ndim == 4 and is_float(recurrent) and recurrent.ndim == 4
+                and is_float(bias)):
+            return "kernel and recurrent_kernel (rank 4) and bias must be float constants"
+        if len(ins) not in (4, 6) or any(not t or t in constants for t in [ins[0], *ins[4:]]):
+            return "X and, where given, both h0 and c0 must be runtime tensors"
+        if rank(ins[0], 5) != 5:
+            return "X rank unknown or not 5 (N, T, C, H, W)"
+        try:
+            conv_lstm_params(node.attrs)
+        except ValueError as exc:
+            return str(exc)
+        return None
     if op == "BatchNormalization":
         if int(node.attrs.get("training_mode", 0)) or len(ins) != 5 \
                 or not all(is_float(const(constants, t)) for t in ins[1:]):

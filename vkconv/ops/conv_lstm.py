@@ -229,8 +229,24 @@ class ConvLSTM2D(DeviceOp):
         return _Geometry(x_shape, self.kernel_shape, self.padding, self.strides, self.dilation)
 
     def output_shape(self, x_shape) -> tuple[int, ...]:
-        """Output shape for an input of ``x_shape``; ValueError if the input does not fit."""
-        return self._geometry(x_shape).output(self.return_sequences)
+        """Output shape for an input of ``x_shape``; ValueError if the input does not fit.
+        Unknown dimensions (<= 0) stay unknown."""
+        assert self.kernel_shape is not None  # set in __init__
+        return output_shape(x_shape, self.kernel_shape, padding=self.padding, strides=self.strides,
+                            dilation=self.dilation, return_sequences=self.return_sequences)
+
+    def check_state(self, x_shape, state_shapes: Sequence[Sequence[int]], *, unknown_ok: bool = False) -> None:
+        """ValueError unless ``state_shapes`` is empty (zero initial state) or the shapes of
+        ``(h0, c0)``, each ``[N, F, H', W']`` for an input of ``x_shape``.  With ``unknown_ok``,
+        unknown dimensions (<= 0) are not checked."""
+        if len(state_shapes) not in (0, 2):
+            raise ValueError("initial_state: expected (h0, c0) or None")
+        out = self.output_shape(x_shape)
+        state = (out[0], self.filters, *out[-2:])
+        for name, s in zip(("initial_state[0] (h0)", "initial_state[1] (c0)"), state_shapes):
+            s = tuple(int(d) for d in s)
+            if len(s) != 4 or any(a != b and not (unknown_ok and min(a, b) <= 0) for a, b in zip(s, state)):
+                raise ValueError(f"{name}: expected shape {state}, got {s}")
 
     # -- execution -----------------------------------------------------------------------------
     def __call__(self, x: np.ndarray, initial_state=None) -> np.ndarray:
@@ -238,22 +254,29 @@ class ConvLSTM2D(DeviceOp):
         ``[N, F, H', W']``, or None for zeros."""
         x = shapes.as_float32("x", x, 5)
         geo = self._geometry(x.shape)
-        y_shape = geo.output(self.return_sequences)
-        state_shape = (geo.n, self.filters, *geo.out_hw)
         states = []
         if initial_state is not None:
             if not isinstance(initial_state, (tuple, list)) or len(initial_state) != 2:
                 raise ValueError("initial_state: expected (h0, c0) or None")
-            for name, s in zip(("initial_state[0] (h0)", "initial_state[1] (c0)"), initial_state):
-                s = shapes.as_float32(name, s, 4)
-                if s.shape != state_shape:
-                    raise ValueError(f"{name}: expected shape {state_shape}, got {s.shape}")
-                states.append(s)
+            states = [shapes.as_float32(name, s, 4)
+                      for name, s in zip(("initial_state[0] (h0)", "initial_state[1] (c0)"), initial_state)]
+            self.check_state(x.shape, [s.shape for s in states])
         if geo.n == 0:
-            return np.zeros(y_shape, np.float32)
+            return np.zeros(geo.output(self.return_sequences), np.float32)
         with self._lock:
-            plan = self._plans.get((x.shape, bool(states)), lambda: self._build_plan(geo, bool(states)))
-            return plan.run([x, *states])[0]
+            return self._plan(x.shape, geo, bool(states)).run([x, *states])[0]
+
+    def plan(self, x_shape: Sequence[int], with_state: bool) -> Plan:
+        """The recorded plan for ``x`` of ``x_shape`` ``[N, T, C, H, W]`` (N >= 1) and, with
+        ``with_state``, ``h0`` and ``c0`` ``[N, F, H', W']``; its inputs are in that order and its
+        ``body`` records the dispatches alone, leaving the inputs unchanged (device graphs replay it)."""
+        x_shape = tuple(int(s) for s in x_shape)
+        geo = self._geometry(x_shape)
+        with self._lock:
+            return self._plan(x_shape, geo, with_state)
+
+    def _plan(self, x_shape: tuple[int, ...], geo: _Geometry, with_state: bool) -> Plan:
+        return self._plans.get((x_shape, with_state), lambda: self._build_plan(geo, with_state))
 
     def _push(self, geo: _Geometry, *, cin, in_hw, out_hw, kernel, strides, pads, dilation, t=0,
               src=(0, 0), dst=(0, 0), has_state=0) -> bytes:
@@ -278,12 +301,9 @@ class ConvLSTM2D(DeviceOp):
         hw = geo.out_hw[0] * geo.out_hw[1]
         y = plan.outputs[0]
         gx = Buffer(ctx, 16 * n * steps * self.f_blocks * self.fb * hw, name="conv_lstm input gates")
-        plan.keep.append(gx)
-        if with_state:
-            h0, cell = plan.inputs[1], plan.inputs[2]  # c0 is re-uploaded by every run: update in place
-        else:
-            h0, cell = None, Buffer(ctx, 4 * n * f * hw, name="conv_lstm cell state")
-            plan.keep.append(cell)
+        cell = Buffer(ctx, 4 * n * f * hw, name="conv_lstm cell state")
+        plan.keep += [gx, cell]
+        h0 = plan.inputs[1] if with_state else None
         # Where h_t lives: with return_sequences, in y itself (frame t of every batch item);
         # otherwise in two buffers taking turns, arranged so that the last step writes y.
         if self.return_sequences:
@@ -327,6 +347,9 @@ class ConvLSTM2D(DeviceOp):
                              (pixel_groups, self.f_blocks, n)))
 
         def body(cmd):
+            if with_state:  # the cell state starts as a copy of c0: a device graph may read c0 again
+                cmd.copy(plan.inputs[2].buffer, cell.buffer, cell.nbytes)
+                cmd.barrier()
             for i, (pipe, dset, push, groups) in enumerate(commands):
                 if i:
                     cmd.barrier()

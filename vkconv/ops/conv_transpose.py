@@ -509,10 +509,7 @@ def conv_transpose(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, *,
     VALID. ``activation``: see :meth:`vkconv.kernels.activation.Activation.parse`. ``method``:
     see :class:`ConvTranspose`.  Returns ``[N, C_out, *out]`` float32. Raises ValueError naming the bad argument.
     """
-    x = shapes.as_float32("x", x, (3, 4, 5))
-    w = shapes.as_float32("w", w, (3, 4, 5))
-    if w.ndim != x.ndim:
-        raise ValueError(f"w: rank {w.ndim} does not match x's rank {x.ndim}")
+    x, w = shapes.input_and_weights(x, w)
     with ConvTranspose(w, b, strides=strides, pads=pads, dilations=dilations, group=group,
                        output_padding=output_padding, output_shape=output_shape, auto_pad=auto_pad,
                        activation=activation, method=method) as op:

@@ -22,6 +22,7 @@ from vkconv.runtime.command import CommandBuffer
 from vkconv.runtime.context import Context, get_context
 from vkconv.runtime.dispatch import LOOP_LOCAL, looped_grid
 from vkconv.runtime.pipeline import DescriptorSet, get_pipeline
+from vkconv.runtime.transfer import upload_constant
 
 _PUSH = struct.Struct("<4I5i")
 COORDINATE_MODES = ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric")
@@ -64,13 +65,6 @@ def axis_table(linear: bool, coord_mode: str, nearest_mode: str, scale: float, i
         else:
             idx[o] = min(max(nearest_index(nearest_mode, x), 0), in_size - 1)
     return idx, wts
-
-
-def _table(ctx: Context, cmd: CommandBuffer, array: np.ndarray, name: str) -> Buffer:
-    buf = Buffer(ctx, array.nbytes, staged=True, name=name)
-    buf.write(array)
-    buf.record_upload(cmd)
-    return buf
 
 
 class Resize:
@@ -146,10 +140,9 @@ class Resize:
         fh, fw = factors if all(factors) else (0, 0)
         vec4 = fw > 0 and out[3] % 4 == 0
         lanes = 4 if vec4 else 1
-        # The tables travel in this command buffer (no submit of their own while it is recording).
-        index = _table(self.ctx, cmd, np.concatenate([t[0].reshape(-1) for t in tables]), "resize indices")
-        weight = _table(self.ctx, cmd, np.concatenate([t[1] for t in tables]), "resize weights")
-        cmd.barrier()
+        # uploaded once, in front of the next submit (this command buffer's first)
+        index = upload_constant(self.ctx, np.concatenate([t[0].reshape(-1) for t in tables]), "resize indices")
+        weight = upload_constant(self.ctx, np.concatenate([t[1] for t in tables]), "resize weights")
         local = self.ctx.local_size(LOOP_LOCAL)
         pipe = get_pipeline(self.ctx, "resize", 4, _PUSH.size, (local, 1, 1, 0, int(linear), fh, fw, int(vec4)))
         dset = DescriptorSet(pipe, [inputs[0], index, weight, outputs[0]])

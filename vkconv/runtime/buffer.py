@@ -136,8 +136,11 @@ class Buffer:
         self._map = None
 
     def close(self) -> None:
-        self._map = None
-        self._finalizer()
+        # Under the lock that submits take: an upload of this buffer still waiting for a submit
+        # (runtime.transfer) then records nothing, as it has no staging twin any more.
+        with self.ctx.lock:
+            self._map = self.staging = None
+            self._finalizer()
 
     def __enter__(self) -> Buffer:
         return self

@@ -107,13 +107,26 @@ class CommandBuffer:
         vk.vkCmdCopyBuffer(self.handle, src, dst, 1, [region])
 
     def submit(self) -> None:
-        """Submit and wait; raises instead of hanging when the device does not finish in time."""
+        """Submit and wait; raises instead of hanging when the device does not finish in time.
+
+        Uploads waiting in ``ctx.pending_uploads`` (vkconv.runtime.transfer) go first, in a
+        command buffer of their own within the same ``vkQueueSubmit``."""
         v, ctx = vk, self.ctx
-        info = v.VkSubmitInfo(commandBufferCount=1, pCommandBuffers=[self.handle])
+        uploads, pending = None, []
         try:
             with ctx.lock:
                 ctx.check()
-                v.vkQueueSubmit(ctx.queue, 1, [info], self.fence)
+                if ctx.pending_uploads:
+                    pending, ctx.pending_uploads = ctx.pending_uploads, []
+                    uploads = _record_uploads(ctx, pending)
+                handles = [self.handle] if uploads is None else [uploads.handle, self.handle]
+                info = v.VkSubmitInfo(commandBufferCount=len(handles), pCommandBuffers=handles)
+                try:
+                    v.vkQueueSubmit(ctx.queue, 1, [info], self.fence)
+                except v.VkError:
+                    ctx.pending_uploads[:0] = pending  # not submitted: they wait for the next one
+                    pending = []
+                    raise
                 ctx.stats["submits"] += 1
                 ctx.stats["dispatches"] += self.dispatches
             v.vkWaitForFences(ctx.device, 1, [self.fence], v.VK_TRUE, ctx.timeout_ns)
@@ -129,7 +142,13 @@ class CommandBuffer:
                 ctx.mark_lost()
             raise VkconvError(f"Vulkan {'device lost' if lost else 'ran out of memory'} while running a "
                               f"submission ({type(exc).__name__})") from exc
+        finally:
+            if uploads is not None:
+                uploads.close()
         v.vkResetFences(ctx.device, 1, [self.fence])
+        for buf, drop in pending:
+            if drop:
+                buf.drop_staging()
 
     def close(self) -> None:
         self._finalizer()
@@ -139,3 +158,14 @@ class CommandBuffer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _record_uploads(ctx: Context, pending: list) -> CommandBuffer:
+    """A command buffer with the staging copies of ``pending`` ((buffer, drop) pairs) and a barrier
+    that makes them visible to the shaders and transfers submitted after it."""
+    cmd = CommandBuffer(ctx)
+    with cmd.recording():
+        for buf in {id(b): b for b, _ in pending}.values():
+            buf.record_upload(cmd)
+        cmd.barrier()
+    return cmd

@@ -19,6 +19,11 @@ Environment:
     cap the reported limits at a small mobile GPU's (128 invocations per workgroup, 16 KiB of
     shared memory, 128 MiB storage buffer range, no 16-bit storage), so that the suite can check
     every kernel still runs there.
+``VKCONV_MEMORY=discrete``
+    treat the device as a discrete GPU's (``unified_memory`` false): buffers in device-local memory
+    that the host does not map, host-visible staging twins, and the copies and barriers between
+    them recorded into the command buffers, so that the path every discrete GPU takes runs (and is
+    checked by synchronization validation) on any device, lavapipe included.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import collections
 import dataclasses
 import logging
 import os
+import sys
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -105,10 +111,38 @@ class DeviceInfo:
     rank: int = field(repr=False)
     max_texel_buffer_elements: int = 0  # 0 when RGBA32F / R32F uniform texel buffers are unsupported
     fp16_texel: bool = False  # RGBA16F uniform texel buffers (vkconv's fp16 weight storage)
+    # the driver's name and version, e.g. "llvmpipe, Mesa 25.0.7 (LLVM 15.0.6)": speed and shader
+    # validity differ between drivers of the same device (shown by vkconv info)
+    driver: str = ""
 
 
 def _version_str(v: int) -> str:
     return f"{v >> 22}.{(v >> 12) & 0x3FF}.{v & 0xFFF}"
+
+
+def _driver_version_str(vendor_id: int, version: int) -> str:
+    """``VkPhysicalDeviceProperties.driverVersion`` decoded: its encoding is the vendor's own."""
+    if vendor_id == 0x10DE:  # NVIDIA: 10.8.8.6 bits
+        return f"{version >> 22}.{(version >> 14) & 0xFF}.{(version >> 6) & 0xFF}.{version & 0x3F}"
+    if vendor_id == 0x8086 and sys.platform == "win32":  # Intel's Windows driver: 18.14 bits (Mesa's is below)
+        return f"{version >> 14}.{version & 0x3FFF}"
+    return _version_str(version)  # VK_MAKE_VERSION: Mesa, AMD, Arm, Qualcomm, ...
+
+
+def _driver(pd, vendor_id: int, version: int) -> str:
+    """Driver name and version from VkPhysicalDeviceDriverProperties where the device has
+    VK_KHR_driver_properties (core in 1.2, but the instance asks for 1.1), else the decoded
+    driverVersion (lavapipe's is a constant 1, so the name matters)."""
+    v = vk
+    decoded = f"version {_driver_version_str(vendor_id, version)}"
+    if "VK_KHR_driver_properties" not in {e.extensionName for e in v.vkEnumerateDeviceExtensionProperties(pd, None)}:
+        return decoded
+    drv = v.VkPhysicalDeviceDriverProperties()
+    props2 = v.VkPhysicalDeviceProperties2(pNext=drv)  # drv stays referenced until the call returns
+    v.vkGetPhysicalDeviceProperties2(pd, props2)
+    name = v.ffi.string(drv.driverName).decode(errors="replace").strip()
+    info = v.ffi.string(drv.driverInfo).decode(errors="replace").strip()
+    return ", ".join(s for s in (name, info or decoded) if s)
 
 
 def _create_instance(validation: bool):
@@ -180,6 +214,7 @@ def _describe(index: int, pd) -> DeviceInfo:
         unified_memory=unified,
         has_compute_queue=any(q.queueFlags & v.VK_QUEUE_COMPUTE_BIT for q in queues),
         rank=_TYPE_RANK.get(props.deviceType, 4),
+        driver=_driver(pd, props.vendorID, props.driverVersion),
     )
 
 
@@ -200,6 +235,15 @@ def simulated_limits(info: DeviceInfo, profile: str | None) -> DeviceInfo:
         have = getattr(info, name)
         capped[name] = tuple(map(min, have, cap)) if isinstance(cap, tuple) else min(have, cap)
     return dataclasses.replace(info, **capped)
+
+
+def simulated_memory(info: DeviceInfo, profile: str | None) -> DeviceInfo:
+    """``info`` as the ``VKCONV_MEMORY`` profile describes it (``""``: unchanged)."""
+    if not profile:
+        return info
+    if profile != "discrete":
+        raise VkconvError(f"VKCONV_MEMORY={profile!r}: expected 'discrete' or nothing")
+    return dataclasses.replace(info, unified_memory=False)
 
 
 def list_devices() -> list[DeviceInfo]:
@@ -247,6 +291,9 @@ class Context:
         self._children: weakref.WeakSet = weakref.WeakSet()
         # (shader, binding kinds, push size, spec) -> Pipeline; filled by runtime.pipeline.get_pipeline
         self.pipelines: dict = {}
+        # (buffer, free its staging twin afterwards): staged buffers written by
+        # runtime.transfer.upload whose copies ride in front of the next submit's commands
+        self.pending_uploads: list = []
         # _closing refuses new work from the start of close(); _closed (device destroyed) is set
         # only after the children are closed, because their finalizers skip destruction once it is.
         self._closing = False
@@ -263,6 +310,7 @@ class Context:
                                       else os.environ.get("VKCONV_DEVICE"))
             self.physical_device = physical[self.info.index]
             self.info = simulated_limits(self.info, os.environ.get("VKCONV_LIMITS"))
+            self.info = simulated_memory(self.info, os.environ.get("VKCONV_MEMORY"))
             log.debug("device [%d] %s (%s, Vulkan %s) chosen of %d; validation %s", self.info.index,
                       self.info.name, self.info.type, self.info.api_version, len(infos),
                       "on" if validation else "off")

@@ -5,7 +5,7 @@ specialization constants 0, 1, 2 are the local size x, y, z, and constants from 
 shader's own (``ACT`` is 3 wherever an activation epilogue is included).
 
 A binding is a storage buffer (``STORAGE``) or a uniform texel buffer viewed as RGBA32F
-(``TEXEL4``: ``texelFetch(samplerBuffer, i)`` is vec4 number i), RGBA16F (``TEXEL4H``: the same
+(``TEXEL4``: ``texelFetch(textureBuffer, i)`` is vec4 number i), RGBA16F (``TEXEL4H``: the same
 vec4, stored as half floats: half the memory and bandwidth, arithmetic still fp32) or R32F
 (``TEXEL1``).  Why texel
 buffers: on Mesa lavapipe every storage-buffer load compiles into a per-lane loop with a branch per

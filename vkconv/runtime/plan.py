@@ -88,6 +88,12 @@ class PlanCache:
             self._plans.popitem(last=False)[1].close()
         return plan
 
+    def drop(self, key: Hashable) -> None:
+        """Close and forget the plan for ``key`` (if any): the next ``get`` builds it anew."""
+        plan = self._plans.pop(key, None)
+        if plan is not None:
+            plan.close()
+
     def clear(self) -> None:
         for plan in self._plans.values():
             plan.close()

@@ -52,24 +52,39 @@ class Timestamps:
         self.pool = None
 
 
+class Stopwatch:
+    """Whatever ``record(cmd)`` puts in one command buffer (commands that are safe to replay: a
+    plan's ``body`` is), recorded once between two timestamps; :meth:`time` submits it once and
+    returns its device time in ms."""
+
+    def __init__(self, ctx: Context, record):
+        self.stamps = Timestamps(ctx, 2)
+        self.cmd = CommandBuffer(ctx)
+        try:
+            with self.cmd.recording():
+                self.stamps.reset(self.cmd)
+                self.stamps.mark(self.cmd)
+                record(self.cmd)
+                self.stamps.mark(self.cmd)
+        except BaseException:
+            self.close()
+            raise
+
+    def time(self) -> float:
+        self.cmd.submit()
+        return self.stamps.intervals()[0][1]
+
+    def close(self) -> None:
+        self.cmd.close()
+        self.stamps.close()
+
+
 def device_times(ctx: Context, record, warmup: int = 1, repeat: int = 3) -> list[float]:
     """Device time, in ms, of each of ``repeat`` submits (after ``warmup`` more) of whatever
-    ``record(cmd)`` puts in one command buffer (commands that are safe to replay: a plan's
-    ``body`` is)."""
-    stamps = Timestamps(ctx, 2)
-    cmd = CommandBuffer(ctx)
+    ``record(cmd)`` puts in one command buffer (see :class:`Stopwatch`)."""
+    watch = Stopwatch(ctx, record)
     try:
-        with cmd.recording():
-            stamps.reset(cmd)
-            stamps.mark(cmd)
-            record(cmd)
-            stamps.mark(cmd)
-        times = []
-        for i in range(warmup + max(1, repeat)):
-            cmd.submit()
-            if i >= warmup:
-                times.append(stamps.intervals()[0][1])
-        return times
+        times = [watch.time() for _ in range(warmup + max(1, repeat))]
+        return times[warmup:]
     finally:
-        cmd.close()
-        stamps.close()
+        watch.close()

@@ -2,31 +2,76 @@
 
 Layouts: input ``x`` is NCW, NCHW or NCDHW, weights ``w`` are ``[C_out, C_in / group, *kernel]``
 with one kernel extent per spatial dim, bias ``b`` is ``[C_out]``, the output is NC[D][H]W; all
-float32.  The kernel that runs is chosen by shape and device type (see :mod:`vkconv.ops.conv.kernels`):
-``depthwise``, ``gemm1x1``, ``winograd``, ``implicit_gemm`` (CPU devices) or ``tiled`` (GPUs), with
-``direct`` as the fallback when a kernel's scratch buffers would not fit the device.  ``kernel=`` or
-``VKCONV_CONV_KERNEL`` forces one.
+float32.  The kernel that runs is, per input shape (see :mod:`vkconv.ops.conv.kernels`):
+
+- forced: ``kernel=`` or ``VKCONV_CONV_KERNEL``;
+- from the tuning cache (``VKCONV_TUNE=cache``, the default, or ``1``): the candidate measured
+  fastest on this device, driver and vkconv version (:mod:`vkconv.runtime.tunecache`);
+- from the tuner (``tune=True`` or ``VKCONV_TUNE=1``, for a shape the cache lacks): measured now
+  (:mod:`vkconv.ops.tune`) and stored in the cache;
+- else by the heuristics: ``depthwise``, ``gemm1x1``, ``winograd``, ``implicit_gemm`` (CPU devices)
+  or ``tiled`` (GPUs), with ``direct`` as the fallback when a kernel's scratch buffers would not fit.
+
+:meth:`Conv.choice_for` says which candidate runs a shape and where the choice came from.
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
+import time
 
 import numpy as np
 
 from vkconv.kernels import shapes
 from vkconv.ops.base import WeightedOp
-from vkconv.ops.conv.kernels import KERNELS, Geometry, Kernel, eligible, make_kernel, select, tuning
+from vkconv.ops.conv.kernels import (
+    KERNELS,
+    Candidate,
+    Geometry,
+    Kernel,
+    eligible,
+    local_sizes,
+    make_kernel,
+    resolve,
+    search_plan,
+    select,
+    tile_shapes,
+    tuning,
+)
+from vkconv.ops.tune import TuneResult, budget_ms, search, tune_mode
 from vkconv.runtime.context import Context
 from vkconv.runtime.plan import Plan
+from vkconv.runtime.timestamps import Stopwatch
+from vkconv.runtime.tunecache import cache_for
+
+log = logging.getLogger(__name__)
 
 _NAMES = {1: "N, C, W", 2: "N, C, H, W", 3: "N, C, D, H, W"}
 
 
-def _kernel_request(kernel: str | None) -> str:
+@dataclasses.dataclass(frozen=True)
+class KernelChoice:
+    """The candidate that runs a shape (every choice resolved) and where the choice came from:
+    ``forced``, ``cache``, ``tuner`` or ``heuristic``."""
+
+    candidate: Candidate
+    source: str
+
+    def __str__(self) -> str:
+        return f"{self.candidate.label()} ({self.source})"
+
+
+def _kernel_request(kernel: str | Candidate | None) -> Candidate | None:
+    """The forced candidate (None: chosen per shape)."""
+    if isinstance(kernel, Candidate):
+        if kernel.kernel not in KERNELS:
+            raise ValueError(f"kernel: unknown {kernel.kernel!r}; expected one of {', '.join(KERNELS)}")
+        return kernel
     name = kernel if kernel is not None else os.environ.get("VKCONV_CONV_KERNEL", "") or "auto"
     if name != "auto" and name not in KERNELS:
         raise ValueError(f"kernel: unknown {name!r}; expected 'auto' or one of {', '.join(KERNELS)}")
-    return name
+    return None if name == "auto" else Candidate(name)
 
 
 class Conv(WeightedOp):
@@ -36,25 +81,32 @@ class Conv(WeightedOp):
     shape, as in ONNX.  The first call at a new input shape records a command buffer; later calls
     at that shape reuse it (one submit each, no Vulkan object created).  ``kernel`` forces a kernel
     (``"direct"``, ``"implicit_gemm"``, ``"gemm1x1"``, ``"depthwise"``, ``"winograd"``, ``"tiled"``; default
-    ``VKCONV_CONV_KERNEL`` or ``"auto"``); a forced kernel that cannot run a shape raises ValueError.
+    ``VKCONV_CONV_KERNEL`` or ``"auto"``), or a whole :class:`~vkconv.ops.conv.kernels.Candidate`
+    (register tile, local size, reads); a forced kernel that cannot run a shape raises ValueError.
     ``fp16=True`` (default: ``VKCONV_FP16=1``) keeps the weights of the texel-buffer kernels
     (implicit_gemm, gemm1x1, depthwise; not winograd, whose transform would magnify the rounding) as
     float16 — half the weight memory and bandwidth;
     inputs, outputs and arithmetic stay float32, so results differ from fp32 weights by the weights'
     rounding (about 5e-4 relative each).
+    ``tune``: True measures the candidates of each new input shape the tuning cache lacks (within
+    ``VKCONV_TUNE_BUDGET_MS``) and stores the fastest; False uses the heuristics only; None (the
+    default) follows ``VKCONV_TUNE`` (``cache``: a cached choice where there is one, never timing).
     """
 
     def __init__(self, w: np.ndarray, b: np.ndarray | None = None, *, strides=1, pads=0,
                  dilations=1, group: int = 1, activation=None, auto_pad: str = "NOTSET",
-                 ctx: Context | None = None, kernel: str | None = None, fp16: bool | None = None):
+                 ctx: Context | None = None, kernel: str | Candidate | None = None, fp16: bool | None = None,
+                 tune: bool | str | None = None):
         super().__init__(w, ranks=(3, 4, 5), strides=strides, pads=pads, dilations=dilations, group=group,
                          activation=activation, ctx=ctx)
         shapes.resolve_auto_pad(auto_pad, (1,) * self.nd, (1,) * self.nd, (1,) * self.nd,
                                 (1,) * self.nd)  # validates the name
         self.auto_pad = auto_pad
-        self.kernel = _kernel_request(kernel)
+        self.forced = _kernel_request(kernel)
+        self.tune_mode = tune_mode(tune)
         self.tuning = tuning(self.ctx, fp16)
-        self._kernels: dict[str, Kernel] = {}
+        self._kernels: dict[Candidate, Kernel] = {}
+        self._choices: dict[tuple[int, ...], KernelChoice] = {}  # by input shape
         self._w: np.ndarray | None = None
         self._b: np.ndarray | None = None
         self.set_weights(w, b)
@@ -101,20 +153,138 @@ class Conv(WeightedOp):
                              self.resolved_pads(x_shape), self.output_shape(x_shape))
 
     def kernel_for(self, x_shape) -> str:
-        """The kernel a call with input shape ``x_shape`` runs (ValueError if a forced kernel
-        cannot run it)."""
+        """The kernel family a call with input shape ``x_shape`` runs (ValueError if a forced kernel
+        cannot run it); :meth:`choice_for` gives the whole candidate and its source."""
+        return self.choice_for(x_shape).candidate.kernel
+
+    def choice_for(self, x_shape) -> KernelChoice:
+        """The candidate a call with input shape ``x_shape`` runs and where it came from (with
+        ``tune`` on, a shape the cache lacks is tuned here)."""
         geo = self._geometry(x_shape)
         with self._lock:
-            return self._select(geo)
+            return self._choice(geo)
 
-    def _select(self, geo: Geometry) -> str:
-        if self.kernel != "auto":
-            reason = eligible(self.kernel, geo)
+    def choices(self) -> dict[tuple[int, ...], KernelChoice]:
+        """Input shape -> choice, for every shape this Conv has chosen a kernel for."""
+        with self._lock:
+            return dict(self._choices)
+
+    def signature(self, x_shape) -> str:
+        """The tuning cache's key for input shape ``x_shape``: everything a kernel's speed depends on."""
+        return self._signature(self._geometry(x_shape))
+
+    def _signature(self, geo: Geometry) -> str:
+        def t(v) -> str:
+            return ",".join(map(str, v))
+        return (f"Conv n={geo.n} g={geo.group} ci={geo.cin_g} co={geo.cout_g} size={t(geo.size)} "
+                f"k={t(geo.kernel)} s={t(geo.strides)} d={t(geo.dilations)} pad={t(geo.pad_begin)}/"
+                f"{t(geo.pad_end)} texel={int(self.tuning.texel)} fp16={int(self.tuning.fp16)}")
+
+    def _choice(self, geo: Geometry) -> KernelChoice:
+        choice = self._choices.get(geo.x_shape)
+        if choice is None:
+            choice = self._choices[geo.x_shape] = self._choose(geo)
+            log.debug("conv %s x%s: %s", self.weight_shape, geo.x_shape, choice)
+        return choice
+
+    def _choose(self, geo: Geometry) -> KernelChoice:
+        if self.forced is not None:
+            reason = self._unusable(self.forced, geo)
             if reason is not None:
-                raise ValueError(f"kernel: {self.kernel!r} cannot run x of shape {geo.x_shape}: {reason}")
-            return self.kernel
-        name = select(geo, self.ctx.info.type)
-        return name if self._kernel(name).fits(geo) else "direct"
+                raise ValueError(f"kernel: {self.forced.label()!r} cannot run x of shape {geo.x_shape}: {reason}")
+            return KernelChoice(self._resolve(self.forced, geo), "forced")
+        if self.tune_mode != "0":
+            cached = self._cached(geo)
+            if cached is not None:
+                return KernelChoice(cached, "cache")
+            if self.tune_mode == "1":
+                return KernelChoice(self._autotune(geo, budget_ms()).best, "tuner")
+        return KernelChoice(self._heuristic(geo), "heuristic")
+
+    def _resolve(self, cand: Candidate, geo: Geometry) -> Candidate:
+        return resolve(self.ctx, cand, geo, self.tuning)
+
+    def _heuristic(self, geo: Geometry) -> Candidate:
+        cand = self._resolve(Candidate(select(geo, self.ctx.info.type)), geo)
+        return cand if self._kernel(cand).fits(geo) else self._resolve(Candidate("direct"), geo)
+
+    def _cached(self, geo: Geometry) -> Candidate | None:
+        """The cache's candidate for ``geo``, if it can run here (a cache written under other limits
+        or by another vkconv may hold one that cannot: it is ignored)."""
+        entry = cache_for(self.ctx).get(self._signature(geo))
+        if entry is None:
+            return None
+        try:
+            cand = Candidate.from_json(entry.get("candidate"))
+        except (ValueError, TypeError) as exc:
+            log.warning("tuning cache entry for %s ignored: %s", self._signature(geo), exc)
+            return None
+        reason = self._unusable(cand, geo)
+        if reason is not None:
+            log.warning("tuning cache entry for %s ignored: %s %s", self._signature(geo), cand.label(), reason)
+            return None
+        return cand
+
+    def _unusable(self, cand: Candidate, geo: Geometry) -> str | None:
+        """Why ``cand`` cannot run ``geo`` on this device (None if it can)."""
+        reason = eligible(cand.kernel, geo)
+        if reason is not None:
+            return reason
+        if cand.local_size and cand.local_size not in local_sizes(self.ctx, cand.kernel):
+            return f"local size {cand.local_size} is not one of {local_sizes(self.ctx, cand.kernel)} here"
+        if cand.tile is not None and cand.tile not in tile_shapes(self.ctx):
+            return f"tile {cand.tile} exceeds this device's workgroup limits"
+        if not self._kernel(cand).fits(geo):
+            return "its scratch buffers exceed the device's storage buffer range"
+        return None
+
+    def autotune(self, x_shape, budget: float | None = None) -> TuneResult[Candidate]:
+        """Measure the candidates for inputs of ``x_shape`` now (whatever the cache holds and
+        ``tune`` says), store the fastest in the tuning cache and use it from the next call on.
+        ``budget``: ms of wall time (default ``VKCONV_TUNE_BUDGET_MS``, else 2000)."""
+        geo = self._geometry(x_shape)
+        limit = budget_ms(budget)
+        with self._lock:
+            result = self._autotune(geo, limit)
+            self._choices[geo.x_shape] = KernelChoice(result.best, "tuner")
+            self._plans.drop(geo.x_shape)
+        return result
+
+    def _autotune(self, geo: Geometry, limit: float) -> TuneResult[Candidate]:
+        """:func:`vkconv.ops.tune.search` over this shape's candidates on seeded random data; each
+        candidate's output must match the heuristic choice's (a wrong one is never chosen)."""
+        x = np.random.default_rng(0).standard_normal(geo.x_shape, dtype=np.float32)
+        reference: list[np.ndarray] = []
+        before = set(self._kernels)
+        tol = 1e-2 if self.tuning.fp16 else 1e-3
+
+        def measure(cand: Candidate) -> _TimedPlan | None:
+            kernel = self._kernel(cand)
+            if not kernel.fits(geo):
+                return None
+            plan = kernel.plan(geo)
+            try:
+                y = plan.run([x])[0]
+                if not reference:
+                    reference.append(y)
+                elif not np.allclose(y, reference[0], rtol=0, atol=tol * max(float(np.abs(reference[0]).max()), 1e-6)):
+                    raise ValueError(f"{cand.label()} gave a different result from {baseline.label()}")
+                return _TimedPlan(self.ctx, plan)
+            except BaseException:
+                plan.close()
+                raise
+
+        baseline = self._heuristic(geo)
+        stages, prior = search_plan(self.ctx, geo, self.tuning)
+        result = search(baseline, stages, measure, limit, prior)
+        for cand in set(self._kernels) - before - {result.best}:  # the losers' weights
+            self._kernels.pop(cand).close()
+        cache_for(self.ctx).put(self._signature(geo), {
+            "candidate": result.best.to_json(), "ms": round(result.best_ms, 4),
+            "heuristic": result.baseline.to_json(), "heuristic_ms": round(result.baseline_ms, 4),
+            "trials": len(result.trials), "seconds": round(result.seconds, 3),
+            "budget_ms": limit, "when": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        return result
 
     # -- execution -----------------------------------------------------------------------------
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -137,16 +307,16 @@ class Conv(WeightedOp):
     def _plan(self, x_shape) -> Plan:
         def build() -> Plan:
             geo = self._geometry(x_shape)
-            return self._kernel(self._select(geo)).plan(geo)
+            return self._kernel(self._choice(geo).candidate).plan(geo)
         return self._plans.get(tuple(x_shape), build)
 
-    def _kernel(self, name: str) -> Kernel:
-        kernel = self._kernels.get(name)
+    def _kernel(self, cand: Candidate) -> Kernel:
+        kernel = self._kernels.get(cand)
         if kernel is None:
             assert self._w is not None  # set_weights ran in __init__ and _release keeps it
             self.ctx.check()
-            kernel = self._kernels[name] = make_kernel(name, self.ctx, self._w, self._b, self.group,
-                                                       self.activation, self.tuning)
+            kernel = self._kernels[cand] = make_kernel(cand.kernel, self.ctx, self._w, self._b, self.group,
+                                                       self.activation, cand.tuning(self.tuning))
         return kernel
 
     # -- lifetime ------------------------------------------------------------------------------
@@ -155,6 +325,21 @@ class Conv(WeightedOp):
         for kernel in self._kernels.values():
             kernel.close()
         self._kernels.clear()
+
+
+class _TimedPlan:
+    """A built, warmed plan whose dispatches :meth:`once` times on the device (for the tuner)."""
+
+    def __init__(self, ctx: Context, plan: Plan):
+        assert plan.body is not None  # a built plan has recorded its body
+        self.plan, self.watch = plan, Stopwatch(ctx, plan.body)
+
+    def once(self) -> float:
+        return self.watch.time()
+
+    def close(self) -> None:
+        self.watch.close()
+        self.plan.close()
 
 
 def conv(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, *, strides=1, pads=0,
@@ -167,12 +352,7 @@ def conv(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, *, strides=1
     caller: :func:`vkconv.kernels.shapes.resolve_auto_pad` gives the explicit pads.
     Returns ``[N, C_out, *out]`` float32. Raises ValueError naming the bad argument.
     """
-    x = shapes.as_float32("x", x, (3, 4, 5))
-    w = shapes.as_float32("w", w, (3, 4, 5))
-    if w.ndim != x.ndim:
-        # Either could be the wrong one: name both.
-        raise ValueError(f"w: rank {w.ndim} ({w.ndim - 2}-D weights) does not match x: rank {x.ndim} "
-                         f"({x.ndim - 2}-D input)")
+    x, w = shapes.input_and_weights(x, w)
     with Conv(w, b, strides=strides, pads=pads, dilations=dilations, group=group,
               activation=activation) as op:
         return op(x)

@@ -100,7 +100,7 @@ def release(buf: Buffer) -> None:
 
 
 def texel_capable(ctx: Context) -> bool:
-    """Whether this device reads RGBA32F uniform texel buffers (vkconv/pipeline.py says why the
+    """Whether this device reads RGBA32F uniform texel buffers (vkconv/runtime/pipeline.py says why the
     sparse GEMM prefers them for its float operands)."""
     return ctx.info.max_texel_buffer_elements > 0
 
@@ -120,6 +120,7 @@ class Recording:
         self._buffers: list[Buffer] = []
         self._sets: dict = {}
         self._downloads: list[Buffer] = []
+        self._uploaded = False  # staging copies recorded since the last barrier
         self.cmd.begin()
 
     # -- buffers -------------------------------------------------------------------------------
@@ -136,7 +137,9 @@ class Recording:
         if keep:
             self._buffers.append(buf)
         buf.write(array)
-        buf.record_upload(self.cmd)
+        if buf.staging is not None:
+            buf.record_upload(self.cmd)
+            self._uploaded = True  # the next dispatch waits for the copy (dispatch() says where)
         return buf
 
     def download(self, buf: Buffer) -> None:
@@ -160,6 +163,9 @@ class Recording:
         size (constant_id 3 on); ``kinds``: binding kinds (default: all storage buffers)."""
         if invocations <= 0 or z <= 0:
             return
+        if self._uploaded:
+            # one barrier after the uploads recorded so far, before the first dispatch that may read them
+            self.barrier()
         local = self.ctx.local_size(local)
         kinds = binding_kinds(len(buffers) if kinds is None else kinds)
         pipe = get_pipeline(self.ctx, shader, kinds, len(push), (local, 1, 1, *spec))
@@ -174,6 +180,7 @@ class Recording:
 
     def barrier(self) -> None:
         self.cmd.barrier()
+        self._uploaded = False
 
     def submit(self) -> None:
         """Submit, wait, and leave the command buffer ready to record more."""

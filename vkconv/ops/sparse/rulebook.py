@@ -156,7 +156,9 @@ class Rulebook:
     ``masks`` ``[n_out][words]`` uint32 (``words = ceil(kv / 32)``): bit ``t % 32`` of word
     ``t // 32`` is set when tap ``t`` pairs the output row with an input row; ``table``
     ``[n_out][kv]`` float32: that input row (whole numbers below 2^24; only where the mask has the
-    tap).  A SubM rulebook lists the centre tap (every row with itself) like the others.  The same
+    tap).  The masks are host-readable too (on a discrete GPU their staging twin is filled by the
+    submission that builds them, so :meth:`schedule` costs no submit of its own there either).
+    A SubM rulebook lists the centre tap (every row with itself) like the others.  The same
     pairs keyed by input row, for the inverse convolution, are built on first use
     (:meth:`tables`).  ``in_indices`` / ``out_indices`` are the host arrays of the sites (SubM: the
     same array); ``in_idx`` / ``out_idx`` their device copies.  Device buffers go back to the pool
@@ -196,8 +198,8 @@ class Rulebook:
 
     def schedule(self, *, inverse: bool = False) -> Buffer:
         """The rows of :meth:`tables` sorted by tap mask, as float32 row numbers (``[n]``), so that
-        the rows of a compute tile share their taps; sorted on the host the first time (a mask
-        readback and a numpy radix sort: about 10 ns per row)."""
+        the rows of a compute tile share their taps; sorted on the host the first time (a numpy
+        radix sort of the host-readable masks: about 10 ns per row)."""
         if inverse not in self._schedules:
             self._schedules[inverse] = _schedule(self, inverse)
         return self._schedules[inverse]
@@ -322,7 +324,7 @@ def build_rulebook(ctx: Context, indices: np.ndarray, geom: SparseGeometry,
             buckets = _buckets(n_in, 8)
             htab = rec.scratch(16 * buckets, "hash table")
             table = lease(ctx, 4 * kv * n_in, "rulebook table", texel=texel)
-            masks = lease(ctx, 4 * words * n_in, "rulebook masks")
+            masks = lease(ctx, 4 * words * n_in, "rulebook masks", staged=True)
             rb.out_idx, rb._tables[False] = rb.in_idx, (table, masks)
             rec.fill(htab, -1)
             rec.fill(masks, 0, 4 * words * n_in)
@@ -332,6 +334,7 @@ def build_rulebook(ctx: Context, indices: np.ndarray, geom: SparseGeometry,
             rec.dispatch("sparse_subm_insert", buffers, push, n_in, spec=spec)
             rec.barrier()
             rec.dispatch("sparse_subm_pairs", buffers, push, n_in, spec=spec)
+            rec.download(masks)
             rec.submit()
             return rb
         reach = _reach(geom)
@@ -360,7 +363,7 @@ def build_rulebook(ctx: Context, indices: np.ndarray, geom: SparseGeometry,
         _check_rows("output sites", n_out)
         rb.out_idx = lease(ctx, 16 * n_out, "sparse output indices", staged=True)
         table = lease(ctx, 4 * kv * n_out, "rulebook table", texel=texel)
-        masks = lease(ctx, 4 * words * n_out, "rulebook masks")
+        masks = lease(ctx, 4 * words * n_out, "rulebook masks", staged=True)
         rb._tables[False] = (table, masks)
         rec.fill(masks, 0, 4 * words * n_out)
         rec.barrier()
@@ -368,6 +371,7 @@ def build_rulebook(ctx: Context, indices: np.ndarray, geom: SparseGeometry,
         push = _push(geom, n_in, n_out, buckets - 1)
         rec.dispatch("sparse_conv_pairs", buffers, push, n_in, spec=spec)
         rec.download(rb.out_idx)
+        rec.download(masks)
         rec.submit()
         rb.out_indices = rb.out_idx.read(np.int32, (n_out, 4))
     return rb
@@ -379,7 +383,7 @@ def _invert(rb: Rulebook) -> tuple[Buffer, Buffer]:
     assert rb.in_idx is not None  # a rulebook with input rows keeps them on the device
     ctx, kv, words = rb.in_idx.ctx, rb.geom.kv, rb.words
     inv_table = lease(ctx, 4 * kv * rb.n_in, "inverse rulebook table", texel=texel_capable(ctx))
-    inv_masks = lease(ctx, 4 * words * rb.n_in, "inverse rulebook masks")
+    inv_masks = lease(ctx, 4 * words * rb.n_in, "inverse rulebook masks", staged=True)
     try:
         with Recording(ctx) as rec:
             rec.fill(inv_masks, 0, 4 * words * rb.n_in)
@@ -389,6 +393,7 @@ def _invert(rb: Rulebook) -> tuple[Buffer, Buffer]:
                 rec.dispatch("sparse_conv_invert",
                              [unused, unused, unused, unused, unused, *rb._tables[False], inv_table,
                               inv_masks], _push(rb.geom, rb.n_in, rb.n_out), rb.n_out, spec=_spec(rb.geom))
+            rec.download(inv_masks)
             rec.submit()
     except BaseException:
         release(inv_table)
@@ -399,18 +404,10 @@ def _invert(rb: Rulebook) -> tuple[Buffer, Buffer]:
 
 def _schedule(rb: Rulebook, inverse: bool) -> Buffer:
     """The rows of ``rb.tables(inverse)`` in the order of their tap masks (first mask word; rows
-    with equal masks keep their order), uploaded as float32 row numbers."""
+    with equal masks keep their order), uploaded as float32 row numbers (with the next submit)."""
     masks = rb.tables(inverse=inverse)[1]
     ctx, n = masks.ctx, rb.n_in if inverse else rb.n_out
-    if masks.host_visible:
-        words = masks.read(np.uint32, (n, rb.words))
-    else:
-        with Recording(ctx) as rec:
-            copy = rec.scratch(4 * n * rb.words, "rulebook masks readback", staged=True)
-            rec.copy(masks, 0, copy, 0, 4 * n * rb.words)
-            rec.download(copy)
-            rec.submit()
-            words = copy.read(np.uint32, (n, rb.words))
+    words = masks.read(np.uint32, (n, rb.words))
     # numpy's stable sort of 16-bit keys is a radix sort: two passes sort the 32-bit masks
     # 3-4x faster than one comparison sort
     key = words[:, 0]

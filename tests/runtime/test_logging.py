@@ -14,7 +14,7 @@ import pytest
 import vkconv
 from vkconv.runtime import log as vklog
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # A conv through the default context: device choice, a plan and its dispatches.
 CONV_SCRIPT = """

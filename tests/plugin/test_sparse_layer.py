@@ -1,7 +1,7 @@
 """Sparse convolution through cv2.dnn: the ``vkconv.SparseEncoder`` and ``vkconv.SubMConv3d``
 custom-domain ops loaded with cv_plugin.read_net.
 
-Oracle: the same layer stack computed densely in float64 numpy (tests/test_sparse.py's
+Oracle: the same layer stack computed densely in float64 numpy (tests/ops/test_sparse.py's
 ``dense_conv3d``, checked there against onnx.reference), with the sparse semantics applied as masks:
 SubM keeps the input sites, a strided layer's sites are those its kernel reaches from an active
 site.  Tolerance: max abs diff <= 1e-4 x max|expected|.

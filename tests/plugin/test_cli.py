@@ -29,7 +29,7 @@ try:
 except ImportError:  # the info tests still run
     cv2 = None
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -49,6 +49,8 @@ def test_info_lists_every_device_and_marks_the_chosen_one(devices, capsys):
     for label in ("invocations", "shared", "max storage buffer range", "push constants", "subgroup size",
                   "fp16 storage", "fp16 arithmetic", "unified"):
         assert label in out
+    for d in devices:  # lavapipe: "llvmpipe, Mesa 22.3.6 (LLVM 15.0.6)"
+        assert d.driver and f"driver:    {d.driver}" in out
 
 
 def test_info_json_matches_list_devices(devices, capsys):
@@ -64,6 +66,7 @@ def test_info_json_matches_list_devices(devices, capsys):
     assert first["max_workgroup_size"] == list(info.max_workgroup_size)
     assert first["max_storage_buffer_range"] == info.max_storage_buffer_range
     assert first["fp16_storage"] == info.fp16_storage
+    assert first["driver"] == info.driver
     assert "rank" not in first
 
 
@@ -400,20 +403,21 @@ def test_bench_conv_tiny_case_writes_jsonl_and_png(tmp_path):
     assert res.returncode == 0, res.stderr
     [jsonl] = out.glob("conv-*.jsonl")
     assert f"results: {jsonl}" in res.stdout
-    assert "3/3" in res.stderr  # progress over 3 peers x 1 case, tqdm bar or plain lines
+    assert "4/4" in res.stderr  # progress over 4 peers x 1 case, tqdm bar or plain lines
     records = _jsonl(jsonl)
     meta = next(r for r in records if r.get("peer") == "meta")
     assert meta["repeat"] == 5 and meta["warmup"] == 1
     vk = next(r for r in records if r.get("peer") == "vkconv")
     assert vk["case"] == "tiny" and vk["runs"] == 5 and vk["ms"] > 0 and vk["ms_device"] > 0
     assert vk["kernel"] in ("implicit_gemm", "winograd", "gemm1x1", "depthwise", "direct")
+    assert vk["choice"] == "heuristic" and vk["candidate"].startswith(vk["kernel"])  # the tests' cache is empty
     probe = next(r for r in records if r.get("peer") == "probe")
     assert probe["gflops"] > 0 and probe["chains"] in (8, 16, 32)
     [row] = [r for r in records if r.get("case") == "tiny" and "peer" not in r]
     assert row["gflop"] == pytest.approx(2 * 8 * 8 * 9 * 16 * 16 / 1e9)
     assert (row["cin"], row["cout"], row["k"], row["stride"], row["size"]) == (8, 8, 3, 1, 16)
     assert row["vkconv_ms"] == vk["ms"] and row["gflops"] == pytest.approx(row["gflop"] / vk["ms"] * 1e3)
-    for peer, module in (("opencv", "cv2"), ("ncnn", "ncnn")):
+    for peer, module in (("opencv", "cv2"), ("opencl", "cv2"), ("ncnn", "ncnn")):
         if _has(module) and not any(r.get("peer") == peer and "skipped" in r for r in records):
             assert row[f"{peer}_diff"] <= 1e-4, row  # the same convolution computed by the peer
             assert row[f"ratio_vkconv_{peer}"] == pytest.approx(vk["ms"] / row[f"{peer}_ms"])

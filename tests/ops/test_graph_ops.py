@@ -1,5 +1,6 @@
 """The non-conv kernels of device-resident graphs (vkconv.ops.elementwise, vkconv.ops.pool, vkconv.ops.resize,
-vkconv.graph.Concat) against onnx.reference one-node models, max abs diff <= 1e-5 x max|expected|."""
+vkconv.ops.copies, vkconv.ops.transpose) against onnx.reference one-node models, max abs diff <= 1e-5 x
+max|expected|."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,6 +13,7 @@ from vkconv.ops.copies import Concat, Slice
 from vkconv.ops.elementwise import Binary, Unary
 from vkconv.ops.pool import Pool
 from vkconv.ops.resize import Resize
+from vkconv.ops.transpose import Transpose
 
 REL = 1e-5
 
@@ -159,6 +161,53 @@ def test_slice_matches_onnx(axis, start, end):
 def test_slice_refuses_an_empty_result():
     with pytest.raises(ValueError, match="no elements"):
         run_step(Slice(2, 4, 2), [np.ones((1, 2, 6, 3), np.float32)])
+
+
+TRANSPOSES = [
+    ((5, 7), (1, 0)),
+    ((3, 5, 7), (2, 0, 1)),
+    ((3, 5, 7), (0, 2, 1)),
+    ((2, 5, 3, 7), (0, 2, 3, 1)),           # NCHW -> NHWC
+    ((2, 9, 11, 3), (0, 3, 1, 2)),          # NHWC -> NCHW
+    ((3, 5, 7, 2), None),                   # the default: axes reversed
+    ((2, 3, 5, 7, 9), (0, 1, 4, 2, 3)),     # the Keras converter's [N, T, H, W, C] -> [N, T, C, H, W]
+    ((2, 3, 5, 7, 9), (0, 2, 1, 3, 4)),     # [N, T, C, H, W] <-> [N, C, T, H, W]
+    ((3, 5, 2, 7, 3), (4, 2, 0, 3, 1)),     # nothing merges: five axes in the shader
+    ((2, 1, 5, 1, 7), (3, 0, 4, 1, 2)),     # size-1 axes dropped before the shader
+]
+
+
+@pytest.mark.parametrize("shape, perm", TRANSPOSES, ids=lambda v: "x".join(map(str, v)) if v else "default")
+def test_transpose_matches_onnx(shape, perm):
+    x = _rand(np.random.default_rng(len(shape) * 10 + sum(shape)), *shape)
+    expected = onnx_reference("Transpose", {"x": x}, {} if perm is None else {"perm": list(perm)})
+    got = run_step(Transpose(perm), [x])[0]
+    assert got.shape == expected.shape
+    assert np.array_equal(got, expected)  # a gather: exact
+
+
+@pytest.mark.parametrize("shape, perm, axes", [
+    ((2, 1, 5, 1, 7), (1, 0, 3, 2, 4), 1),  # only size-1 axes move: the memory order is kept
+    ((2, 3, 5), (0, 1, 2), 1),              # the identity
+    ((1, 3, 5, 7), (1, 0, 2, 3), 1),
+    ((2, 3, 5, 7), (0, 2, 3, 1), 3),        # (H, W) stay together: one axis
+    ((2, 3, 5, 7), (3, 2, 1, 0), 4),
+])
+def test_transpose_collapses_to_a_copy_where_memory_order_is_kept(shape, perm, axes):
+    """Axes the shader walks (one or none: a plain buffer copy), and the result still right."""
+    t = Transpose(perm)
+    assert len(t.collapse(shape)) == axes
+    x = _rand(np.random.default_rng(6), *shape)
+    assert np.array_equal(run_step(t, [x])[0], onnx_reference("Transpose", {"x": x}, {"perm": list(perm)}))
+
+
+def test_transpose_refuses_bad_perm_and_rank():
+    with pytest.raises(ValueError, match="perm"):
+        Transpose((0, 2, 2)).output_shapes([(2, 3, 4)])
+    with pytest.raises(ValueError, match="perm"):
+        Transpose((1, 0)).output_shapes([(2, 3, 4)])
+    with pytest.raises(ValueError, match="rank 6"):
+        Transpose().output_shapes([(1, 2, 1, 2, 1, 2)])
 
 
 RESIZES = [

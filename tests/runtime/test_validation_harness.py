@@ -64,7 +64,7 @@ def test_clean():
 
 def test_harness_fails_the_test_that_triggered_a_message(pytester):
     _validated_context().close()
-    pytester.makeconftest((Path(__file__).parent / "conftest.py").read_text())
+    pytester.makeconftest((Path(__file__).parents[1] / "conftest.py").read_text())
     pytester.makepyfile(test_planted=PLANTED)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1, failed=1, errors=0)

@@ -20,6 +20,8 @@ import cv_plugin
 import vkconv
 import vkconv.ops.conv_lstm as conv_lstm_module
 from cv_plugin.keras import next_frame_model, randomize_weights, to_onnx
+from vkconv.graph import Graph
+from vkconv.onnx import unsupported_reason
 
 REL = 1e-4
 # Keras 3.15 on numpy 2 warns inside its own variable conversions; nothing here can act on it.
@@ -257,6 +259,42 @@ def test_cv2_layer_bad_attribute_fails_at_load():
     model = _node_model(x, k, u, b, out_shape=(1, 2, 3, 4, 4), vk_padding="full")
     with pytest.raises(ValueError, match="vk_padding"):
         cv_plugin.read_net(model)
+
+
+def test_device_graph_step_with_state_made_and_read_again_in_the_graph():
+    """vkconv.ConvLSTM2D as a step of a vkconv.graph.Graph: c0 is made in the graph (Tanh) and read
+    again after the LSTM, so the LSTM's plan must leave its state inputs as they were."""
+    x, k, u, b, (h0, c_in) = _arrays(6, 2, 3, 2, (7, 6), 5, (3, 3), (3, 3), state_hw=(4, 3))
+    attrs = dict(vk_padding="same", vk_strides=[2, 2], vk_return_sequences=0, vk_recurrent_activation="hard_sigmoid")
+    nodes = [helper.make_node("Tanh", ["c_in"], ["c0"]),
+             helper.make_node("ConvLSTM2D", ["x", "k", "u", "b", "h0", "c0"], ["y"], domain="vkconv", **attrs),
+             helper.make_node("Add", ["y", "c0"], ["z"])]
+    c0 = np.tanh(c_in.astype(np.float64))
+    expected = reference(x, k, u, b, strides=(2, 2), return_sequences=False, recurrent_activation="hard_sigmoid",
+                         initial_state=(h0, c0))
+    with Graph(nodes, {"k": k, "u": u, "b": b}, outputs=["y", "z"]) as g:
+        assert [n.op_type for n, _, _ in g.steps] == ["Elementwise", "ConvLSTM2D", "Elementwise"]
+        for _ in range(2):  # the second run replays the recorded plan
+            out = g({"x": x, "h0": h0, "c_in": c_in})
+            assert_close(out["y"], expected, REL)
+            assert_close(out["z"], expected + c0, REL)
+        with pytest.raises(ValueError, match=r"initial_state\[0\] \(h0\): expected shape \(2, 5, 4, 3\)"):
+            g({"x": x, "h0": h0[:, :, :3], "c_in": c_in})
+
+
+def test_support_matrix_takes_the_vkconv_node():
+    """The vkconv-domain node with constant weights runs in device graphs; a ConvLSTM2D of another
+    domain, runtime weights or half an initial state do not."""
+    _, k, u, b, _ = _arrays(0, 1, 2, 2, (4, 4), 3, (3, 3), (3, 3))
+    consts = {"k": k, "u": u, "b": b}
+    node = lambda *ins, domain="vkconv", **a: helper.make_node("ConvLSTM2D", list(ins), ["y"], domain=domain, **a)  # noqa: E731
+    assert unsupported_reason(node("x", "k", "u", "b"), consts, {"x": 5}) is None
+    assert unsupported_reason(node("x", "k", "u", "b", "h0", "c0"), consts, {"x": 5}) is None
+    assert "domain ''" in unsupported_reason(node("x", "k", "u", "b", domain=""), consts, {"x": 5})
+    assert "constants" in unsupported_reason(node("x", "kx", "u", "b"), consts, {"x": 5})
+    assert "h0 and c0" in unsupported_reason(node("x", "k", "u", "b", "h0"), consts, {"x": 5})
+    assert "rank" in unsupported_reason(node("x", "k", "u", "b"), consts, {"x": 4})
+    assert "vk_padding" in unsupported_reason(node("x", "k", "u", "b", vk_padding="full"), consts, {"x": 5})
 
 
 # -- Keras ------------------------------------------------------------------------------------------

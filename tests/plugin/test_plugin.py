@@ -289,7 +289,8 @@ def test_no_vulkan_device_raises_or_falls_back(tmp_path):
 
     env = dict(os.environ, VK_DRIVER_FILES=str(tmp_path / "none.json"),
                VK_ICD_FILENAMES=str(tmp_path / "none.json"), VKCONV_VALIDATION="0",
-               PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parents[1]),
+                                           os.environ.get("PYTHONPATH", "")]))
     res = subprocess.run([sys.executable, "-c", NO_DEVICE_SCRIPT], env=env, capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0, res.stderr

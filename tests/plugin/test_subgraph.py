@@ -2,6 +2,8 @@
 against OpenCV's own CPU layers and onnxruntime (max abs diff <= 1e-3 x max|expected|)."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 import pytest
@@ -244,3 +246,31 @@ def test_dcn_block_is_one_device_resident_layer(with_bias, with_mask):
         assert net.report.routed == [op.name]  # nothing left to layer mode
         assert [n.op_type for n, _, _ in op.graph.steps].count("DeformConv") == 1
         assert (op.spec.inputs, op.spec.outputs) == (["x"], ["y"])
+
+
+# Keras 3.15 on numpy 2 warns inside its own variable conversions; nothing here can act on it.
+@pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
+def test_keras_next_frame_model_is_one_device_resident_layer():
+    """Keras' next-frame model converted by cv_plugin.keras: the Transposes between layouts, the
+    three ConvLSTM2D, the BatchNormalizations, the Conv3D and its Sigmoid form one subgraph, so one
+    upload and one readback per forward (layer mode: 8), equal to layer mode and to Keras' own
+    prediction within tests/ops/test_conv_lstm.py's tolerance (1e-4 x max|expected|)."""
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    keras = pytest.importorskip("keras", reason="the model is built with Keras (extra [keras])")
+    from cv_plugin.keras import next_frame_model, to_onnx
+
+    model = next_frame_model(size=12, filters=4, seed=0)
+    x = np.random.default_rng(13).uniform(size=(1, 3, 12, 12, 1)).astype(np.float32)
+    expected = np.asarray(keras.ops.convert_to_numpy(model(x, training=False)))
+    proto = to_onnx(model)
+    _check(proto, x, expected, subgraphs=1, rel=1e-4)
+    with cv_plugin.read_net(proto, mode="subgraph") as net:
+        (op,) = _subgraphs(net)
+        assert net.report.routed == [op.name]  # nothing left to layer mode or to OpenCV
+        assert [n.op_type for n in op.spec.nodes].count("ConvLSTM2D") == 3
+        assert (op.spec.inputs, op.spec.outputs) == ([proto.graph.input[0].name], [proto.graph.output[0].name])
+        net.setInput(x)
+        got = net.forward()
+    with cv_plugin.read_net(proto) as layer_net:
+        layer_net.setInput(x)
+        assert_close(got, layer_net.forward(), 1e-4, "subgraph vs layer mode")

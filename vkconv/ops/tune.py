@@ -1,0 +1,180 @@
+"""Measured kernel choice: time an op's candidates on the device, keep the fastest.
+
+An op that can run a shape more than one way (:class:`vkconv.Conv`: kernel family x register tile x
+local size x texel or storage reads x tile shape) hands :func:`search` its heuristic choice (the
+baseline), a list of *stages* and a way to time one candidate.  Each stage proposes variations of
+the best candidate so far (families first, then register tiles, local sizes, texel reads: a greedy
+walk, not the whole product, so a shape costs a few dozen timings at most).  Each candidate runs
+once with real-shaped data (its output checked against the baseline's by the op), then once more
+between GPU timestamps; one clearly slower than the best so far (``PRUNE``) stops there, the others
+get two more timed runs and count by their fastest.  A candidate replaces the best only when it is
+``MARGIN`` faster, and a final winner other than the heuristic choice must stay ``MARGIN`` faster in
+a side-by-side rematch (both timed alternately), so that noise alone rarely moves the choice away
+from the heuristic.
+
+Budget (``VKCONV_TUNE_BUDGET_MS``, default 2000 ms of wall time per shape, pipeline builds
+included): a candidate starts only while the time spent plus its expected cost (its ``prior``
+times the best time so far, for two runs) stays within it; the baseline always runs.
+
+``VKCONV_TUNE``: ``cache`` (default) uses a tuned choice when the cache has the shape and the
+heuristics otherwise, never timing anything; ``1`` tunes shapes the cache lacks (and stores them);
+``0`` ignores the cache.  An op's ``tune=True`` / ``False`` stands for ``1`` / ``0``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
+
+from vkconv.runtime.errors import VkconvError
+
+log = logging.getLogger(__name__)
+
+MODES = ("1", "0", "cache")
+DEFAULT_BUDGET_MS = 2000.0
+PRUNE = 1.3    # a first timing this far above the best so far stops the candidate
+MARGIN = 0.03  # a candidate must be this much faster than the best so far to replace it
+
+C = TypeVar("C", bound=Hashable)
+
+
+def tune_mode(request: bool | str | None = None) -> str:
+    """``"1"``, ``"0"`` or ``"cache"``: ``request`` (True/False/one of those), or ``VKCONV_TUNE``
+    when it is None; ValueError names a bad value."""
+    if request is None:
+        value = os.environ.get("VKCONV_TUNE", "") or "cache"
+        if value not in MODES:
+            raise ValueError(f"VKCONV_TUNE={value!r}: expected 1, 0 or cache")
+        return value
+    if isinstance(request, bool):
+        return "1" if request else "0"
+    if request not in MODES:
+        raise ValueError(f"tune: expected True, False, None or one of {', '.join(MODES)}, got {request!r}")
+    return request
+
+
+def budget_ms(value: float | None = None) -> float:
+    """The per-shape tuning budget in ms: ``value``, else ``VKCONV_TUNE_BUDGET_MS``, else 2000."""
+    if value is None:
+        text = os.environ.get("VKCONV_TUNE_BUDGET_MS", "")
+        try:
+            value = float(text) if text else DEFAULT_BUDGET_MS
+        except ValueError:
+            raise ValueError(f"VKCONV_TUNE_BUDGET_MS={text!r}: expected a number of milliseconds") from None
+    if not value >= 0:
+        raise ValueError(f"tuning budget: expected >= 0 ms, got {value!r}")
+    return float(value)
+
+
+class Timed(Protocol):
+    """One candidate, built and run once (warm): :meth:`once` times one more run on the device."""
+
+    def once(self) -> float: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class Trial(Generic[C]):
+    """One candidate's outcome: its best device time in ms (a pruned one's single timing; None when
+    it never ran) and a note (``baseline``, ``pruned``, ``over budget``, ``does not fit``,
+    ``failed: ...``)."""
+
+    candidate: C
+    ms: float | None
+    note: str = ""
+
+
+@dataclass
+class TuneResult(Generic[C]):
+    """The search's outcome: the best candidate and the baseline (heuristic) with their device
+    times, every trial in order, and the wall seconds it took."""
+
+    best: C
+    best_ms: float
+    baseline: C
+    baseline_ms: float
+    trials: list[Trial[C]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def search(baseline: C, stages: Sequence[Callable[[C], Sequence[C]]], measure: Callable[[C], Timed | None],
+           budget: float, prior: Callable[[C], float] = lambda c: 1.0) -> TuneResult[C]:
+    """Time ``baseline``, then each stage's proposals (given the best so far), within ``budget``
+    ms; see the module docstring.  ``measure(c)`` builds and warms candidate ``c`` (None: it cannot
+    run this shape; VkconvError/ValueError: it failed, e.g. its output was wrong); ``prior(c)`` is
+    its expected time relative to the best (for the budget)."""
+    start = time.perf_counter()
+    timed = measure(baseline)
+    if timed is None:
+        raise VkconvError("tuning: the heuristic choice cannot run this shape")
+    try:
+        base_ms = min(timed.once() for _ in range(3))
+    finally:
+        timed.close()
+    result = TuneResult(baseline, base_ms, baseline, base_ms, [Trial(baseline, base_ms, "baseline")])
+    seen = {baseline}
+    for stage in stages:
+        for cand in stage(result.best):
+            if cand in seen:
+                continue
+            seen.add(cand)
+            spent = 1e3 * (time.perf_counter() - start)
+            if spent + 2 * prior(cand) * result.best_ms > budget:
+                result.trials.append(Trial(cand, None, "over budget"))
+                continue
+            result.trials.append(_trial(cand, measure, result.best_ms))
+            ms = result.trials[-1].ms
+            if ms is not None and ms < result.best_ms * (1 - MARGIN):
+                result.best, result.best_ms = cand, ms
+    if result.best != baseline:
+        _confirm(result, measure)
+    result.seconds = time.perf_counter() - start
+    log.debug("tuned in %.2f s: %s %.3f ms (baseline %s %.3f ms), %d trials", result.seconds, result.best,
+              result.best_ms, baseline, base_ms, len(result.trials))
+    return result
+
+
+def _confirm(result: TuneResult[C], measure: Callable[[C], Timed | None]) -> None:
+    """Time the baseline and the winner again, alternately (three runs each), and go back to the
+    baseline unless the winner is still ``MARGIN`` faster: a winner picked in a burst of load
+    from other processes does not survive a side-by-side rematch."""
+    pair = [measure(result.baseline), measure(result.best)]
+    try:
+        base, best = pair
+        if base is None or best is None:
+            return
+        base_times, best_times = [], []
+        for _ in range(3):
+            base_times.append(base.once())
+            best_times.append(best.once())
+        base_ms, best_ms = min(base_times), min(best_times)
+        result.trials.append(Trial(result.best, best_ms, f"rematch: baseline {base_ms:.3f} ms"))
+        if best_ms < base_ms * (1 - MARGIN):
+            result.best_ms, result.baseline_ms = best_ms, base_ms
+        else:
+            result.best, result.best_ms, result.baseline_ms = result.baseline, base_ms, base_ms
+    finally:
+        for timed in pair:
+            if timed is not None:
+                timed.close()
+
+
+def _trial(cand: C, measure: Callable[[C], Timed | None], best_ms: float) -> Trial[C]:
+    try:
+        timed = measure(cand)
+    except (VkconvError, ValueError) as exc:
+        log.info("tuning: candidate %s failed: %s", cand, exc)
+        return Trial(cand, None, f"failed: {exc}")
+    if timed is None:
+        return Trial(cand, None, "does not fit")
+    try:
+        first = timed.once()
+        if first > PRUNE * best_ms:
+            return Trial(cand, first, "pruned")
+        return Trial(cand, min(first, timed.once(), timed.once()))
+    finally:
+        timed.close()
