@@ -30,6 +30,9 @@ layout(constant_id = 6) const int KW = 3;        // kernel width
 layout(constant_id = 7) const int SW = 1;        // stride along W
 layout(constant_id = 8) const int DW = 1;        // dilation along W
 layout(constant_id = 9) const bool VEC_OUT = false;  // out_w % 4 == 0: store vec4s of pixels
+// Floats between neighbouring output pixels of a row: 1, or the stride of a strided store (one stride
+// phase of a transposed convolution written straight into place, see vkconv/ops/conv_transpose.py)
+layout(constant_id = 12) const int OUT_SX = 1;
 const int MV = MB / 4;
 
 #ifdef TEXEL
@@ -56,6 +59,9 @@ layout(push_constant) uniform Params {
     int k_d, k_h, s_d, s_h, d_d, d_h;
     int out_d, out_h, out_w, tiles_w;  // tiles_w = ceil(out_w / PB)
     float act_a, act_b;
+    // where the output goes: channel c's pixel (z, y, x) at c * y_plane + y_off + z * y_sz + y * y_sy
+    // + x * OUT_SX (a dense output: out_d * out_h * out_w, 0, out_h * out_w, out_w)
+    int y_plane, y_off, y_sz, y_sy;
 } p;
 
 void main()
@@ -123,15 +129,14 @@ void main()
         iz = wrap_z ? iz0 : iz;
     }
 
-    const int out_hw = p.out_h * p.out_w * p.out_d;
     const int oc0 = ocb * MB;
-    const int y0 = (ng * p.cout_g + oc0) * out_hw + (oz * p.out_h + oy) * p.out_w + ox0;
+    const int y0 = (ng * p.cout_g + oc0) * p.y_plane + p.y_off + oz * p.y_sz + oy * p.y_sy + ox0 * OUT_SX;
     const int bias0 = (g * p.oc_blocks + ocb) * MV;
     [[unroll]] for (int m = 0; m < MV; ++m) {
         const vec4 b = bias[bias0 + m];
         [[unroll]] for (int c = 0; c < 4; ++c) {
             if (oc0 + m * 4 + c >= p.cout_g) break;
-            const int yc = y0 + (m * 4 + c) * out_hw;
+            const int yc = y0 + (m * 4 + c) * p.y_plane;
             if (VEC_OUT) {
                 // Rows start at multiples of 4 (out_w % 4 == 0), so pixels go out as whole vec4s.
                 [[unroll]] for (int j = 0; j < PB; j += 4) {
@@ -142,7 +147,8 @@ void main()
             } else {
                 [[unroll]] for (int j = 0; j < PB; ++j) {
                     if (ox0 + j >= p.out_w) break;
-                    y[(yc + j) >> 2][(yc + j) & 3] = activate(acc[j][m][c] + b[c], p.act_a, p.act_b);
+                    const int at = yc + j * OUT_SX;
+                    y[at >> 2][at & 3] = activate(acc[j][m][c] + b[c], p.act_a, p.act_b);
                 }
             }
         }

@@ -12,6 +12,7 @@ Tolerance everywhere: max abs error <= 1e-4 x max |expected|.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import itertools
 
@@ -159,15 +160,19 @@ def sweep_case(seed: int) -> dict:
     return case
 
 
+@pytest.mark.parametrize("method", ["gather", "phases"])
 @pytest.mark.parametrize("seed", range(42))
-def test_random_sweep(seed):
+def test_random_sweep(monkeypatch, method, seed):
+    monkeypatch.setenv("VKCONV_CONVT_METHOD", method)
     check_sweep_case(seed)
 
 
 @pytest.mark.parametrize("tile", CT.TILES)
 def test_every_compiled_tile(monkeypatch, tile):
-    """The device picks one tile; force each so that all embedded variants are exercised here."""
+    """The device picks one tile; force each so that all embedded variants of the gather kernel are
+    exercised here."""
     monkeypatch.setattr(CT, "choose_tile", lambda ctx, cout_g: tile)
+    monkeypatch.setenv("VKCONV_CONVT_METHOD", "gather")
     for seed in (1, 2, 6, 9, 16):
         check_sweep_case(seed)
     rng = np.random.default_rng(11)
@@ -289,20 +294,136 @@ def test_infinities_stay_where_they_belong():
         assert_close(actual[finite], expected[finite])
 
 
+# -- the stride-phase decomposition ------------------------------------------------------------
+PHASE_CASES = [  # x shape, w shape [C_in, C_out/g, *k], strides, pads, output_padding, group, dilations
+    ((2, 8, 13, 11), (8, 5, 4, 4), 2, (1, 1, 1, 1), 0, 1, 1),       # k4 s2 p1, batch 2, odd sizes
+    ((1, 6, 7, 9), (6, 4, 3, 3), 2, (1, 1, 1, 1), 1, 1, 1),         # k3 s2: 2x2, 2x1, 1x2, 1x1 phases
+    ((2, 6, 9, 10), (6, 3, 4, 4), 2, (1, 2, 0, 1), 1, 2, 1),        # groups, asymmetric pads
+    ((1, 4, 8, 8), (4, 6, 5, 5), 3, (1, 1, 1, 1), 2, 1, 1),         # stride 3, output_padding 2
+    ((1, 6, 5, 7), (6, 4, 3, 3), (3, 2), (0, 1, 2, 0), (1, 1), 3, 1),  # unequal strides, 3 groups
+    ((1, 4, 7, 12), (4, 5, 3, 3), 2, (1, 1, 1, 1), 0, 1, 3),        # dilation 3, coprime with 2
+    ((2, 3, 10), (3, 4, 5), 3, (2, 1), 1, 1, 2),                    # 1-D, dilation 2 with stride 3
+    ((1, 4, 4, 5, 6), (4, 3, 4, 3, 2), 2, (1, 1, 0, 1, 0, 1), (1, 0, 1), 1, 1),  # 3-D
+    ((1, 8, 16, 16), (8, 20, 4, 4), 2, (1, 1, 1, 1), 0, 1, 1),      # width % 4 == 0: read in place
+    ((1, 4, 9, 9), (4, 3, 3, 3), 2, (3, 4, 2, 3), 0, 1, 1),         # pads beyond the kernel: crops
+    ((1, 4, 8, 12), (4, 5, 4, 4), 2, (5, 1, 2, 6), 1, 1, 1),        # the same, input read in place
+    ((1, 8, 6, 7), (8, 1, 4, 4), 2, (1, 1, 1, 1), 1, 8, 1),         # one channel per group
+    ((1, 64, 10, 12), (64, 32, 3, 3), 1, (1, 1, 1, 1), 0, 1, 1),    # stride 1: one phase (Winograd)
+    ((1, 8, 9, 9), (8, 1, 3, 3), 1, (0, 0, 0, 0), 0, 8, 1),         # stride 1, depthwise
+]
+
+
+@pytest.mark.parametrize("x_shape, w_shape, s, pads, a, group, d", PHASE_CASES)
+def test_phases_against_onnxruntime_and_gather(x_shape, w_shape, s, pads, a, group, d):
+    """The stride-phase path against onnxruntime (explicit pads) and against the gather kernel."""
+    rng = np.random.default_rng(sum(x_shape) + sum(w_shape))
+    nd = len(x_shape) - 2
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = (rng.standard_normal(w_shape) / 4).astype(np.float32)
+    b = rng.standard_normal(w_shape[1] * group).astype(np.float32)
+    per_axis = [[v] * nd if isinstance(v, int) else list(v) for v in (s, a, d)]
+    attrs = dict(strides=per_axis[0], pads=list(pads), output_padding=per_axis[1], dilations=per_axis[2],
+                 group=group)
+    expected = onnxruntime_reference("ConvTranspose", {"x": x, "w": w, "b": b}, attrs)
+    kwargs = dict(strides=s, pads=pads, output_padding=a, group=group, dilations=d, activation="Relu")
+    with vkconv.ConvTranspose(w, b, method="phases", **kwargs) as op:
+        assert op.method_for(x.shape) == "phases"
+        actual = op(x)
+        assert_close(actual, np.maximum(expected, 0))
+        assert_close(op(x), actual)  # replayed
+        assert op._gather is None  # the gather kernel's weight copy is made only where it runs
+        if all(v == 1 for v in per_axis[0]):  # one phase: the kernel a Conv of this shape takes
+            (name, *_), = op._phase_kernels
+            assert name == ("depthwise" if w_shape[1] == 1 else "winograd")
+    with vkconv.ConvTranspose(w, b, method="gather", **kwargs) as op:
+        assert op.method_for(x.shape) == "gather"
+        assert_close(actual, op(x), what="phases vs gather")
+
+
+def test_phases_with_output_shape_and_auto_pad():
+    """output_shape above the natural size (negative ONNX pads: extra outputs of bias only) and
+    SAME_LOWER, against the specification's scatter."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((1, 5, 6, 7)).astype(np.float32)
+    w = rng.standard_normal((5, 4, 4, 3)).astype(np.float32)
+    b = rng.standard_normal(4).astype(np.float32)
+    for kwargs in (dict(output_shape=(15, 17)), dict(output_shape=(11, 12), auto_pad="SAME_UPPER"),
+                   dict(auto_pad="SAME_LOWER"), dict(auto_pad="VALID", output_padding=1)):
+        with vkconv.ConvTranspose(w, b, strides=2, method="phases", **kwargs) as op:
+            assert op.method_for(x.shape) == "phases"
+            pads = op.resolved_pads(x.shape)
+            a = kwargs.get("output_padding", 0)
+            assert_close(op(x), scatter_reference(x, w, b, [2, 2], [1, 1], [a, a], pads, 1), what=str(kwargs))
+
+
+@pytest.mark.parametrize("k, s, d, method", [
+    (4, 2, 1, "phases"), (3, 2, 1, "phases"), (5, 3, 2, "phases"), (3, 1, 2, "phases"),
+    (2, 2, 1, "gemm"),      # kernel == stride: the 1x1 GEMM and the tap shuffle
+    (3, 2, 2, "gather"),    # dilation and stride share a factor: odd phases get no tap
+    (2, 3, 1, "gather"),    # kernel shorter than the stride: a phase with no tap
+])
+def test_method_choice(monkeypatch, k, s, d, method):
+    x_shape = (1, 4, 6, 6)
+    w = np.ones((4, 2, k, k), np.float32)
+    with vkconv.ConvTranspose(w, strides=s, dilations=d, method="phases") as op:
+        assert op.method_for(x_shape) == method
+    with vkconv.ConvTranspose(w, strides=s, dilations=d, method="gather") as op:
+        assert op.method_for(x_shape) == "gather"
+    ctx = vkconv.get_context()
+    with vkconv.ConvTranspose(w, strides=s, dilations=d) as op:  # auto
+        assert op.method == "auto"
+        assert op.method_for(x_shape) == (method if ctx.info.type == "cpu" or method == "gemm" else "gather")
+        # on a GPU, auto keeps the gather kernel wherever the GEMM does not apply
+        monkeypatch.setattr(ctx, "info", dataclasses.replace(ctx.info, type="discrete"))
+        assert op.method_for(x_shape) == ("gemm" if method == "gemm" else "gather")
+        monkeypatch.undo()
+    monkeypatch.setenv("VKCONV_CONVT_METHOD", "gather")
+    with vkconv.ConvTranspose(w, strides=s, dilations=d) as op:
+        assert op.method == "gather" and op.method_for(x_shape) == "gather"
+    monkeypatch.setenv("VKCONV_CONVT_METHOD", "quick")
+    with pytest.raises(ValueError, match="^method: .*'quick'"):
+        vkconv.ConvTranspose(w, strides=s, dilations=d)
+
+
+def test_phases_cover_the_sweep():
+    """Most of the random sweep takes the phases; the rest (shared dilation/stride factors, kernels
+    shorter than the stride) is the gather kernel's, so the sweep tests both."""
+    methods = []
+    for seed in range(42):
+        c = sweep_case(seed)
+        w = np.zeros((c["cin_g"] * c["group"], c["cout_g"], *c["kernel"]), np.float32)
+        x_shape = (c["batch"], c["cin_g"] * c["group"], *c["in_spatial"])
+        with vkconv.ConvTranspose(w, strides=c["strides"], pads=c["pads"], dilations=c["dilations"],
+                                  group=c["group"], output_padding=c["output_padding"],
+                                  output_shape=c["output_shape"], auto_pad=c["auto_pad"], method="phases") as op:
+            try:
+                methods.append(op.method_for(x_shape))
+            except ValueError:  # pads cropping the whole output: check_sweep_case expects that
+                continue
+    assert methods.count("phases") >= 15 and methods.count("gather") >= 3, methods
+
+
 # -- the resident-weights class -----------------------------------------------------------------
-def test_class_reuses_plans_and_weights():
+@pytest.mark.parametrize("method", ["gather", "phases"])
+def test_class_reuses_plans_and_weights(method):
+    """One submit per call; the gather kernel's pipeline is made with the op, the phases' dense
+    kernels' pipelines with the first plan of a shape; a plan is recorded once per shape."""
     rng = np.random.default_rng(3)
     w = rng.standard_normal((6, 5, 3, 3)).astype(np.float32)
     b = rng.standard_normal(10).astype(np.float32)
     ctx = vkconv.get_context()
     live = ctx.live.copy()
-    with vkconv.ConvTranspose(w, b, strides=2, pads=(1, 0, 0, 1), group=2, output_padding=1) as op:
+    with vkconv.ConvTranspose(w, b, strides=2, pads=(1, 0, 0, 1), group=2, output_padding=1, method=method) as op:
+        seen = set()
         for shape in [(1, 6, 5, 7), (3, 6, 4, 4), (1, 6, 5, 7)]:
             x = rng.standard_normal(shape).astype(np.float32)
+            assert op.method_for(shape) == method
             before = ctx.stats.copy()
             y = op(x)
             assert ctx.stats["submits"] - before["submits"] == 1
-            assert ctx.stats["pipelines_created"] == before["pipelines_created"]
+            if method == "gather" or shape in seen:
+                assert ctx.stats["pipelines_created"] == before["pipelines_created"]
+            seen.add(shape)
             assert y.shape == op.output_shape(shape)
             pads = op.resolved_pads(shape)
             assert pads == (1, 0, 0, 1)
@@ -312,7 +433,9 @@ def test_class_reuses_plans_and_weights():
         assert_close(op(x), scatter_reference(x, w2, None, [2, 2], [1, 1], [1, 1], pads, 2))
         with pytest.raises(ValueError, match="^w:"):
             op.set_weights(w2[:, :4])
-    assert ctx.live == live
+    # everything but the pipelines (cached by the context for later ops) is freed with the op
+    live.pop("pipeline")
+    assert {k: n for k, n in ctx.live.items() if k != "pipeline"} == live
 
 
 def test_output_shape_attribute_and_resolved_pads():
@@ -365,6 +488,7 @@ W2 = np.zeros((4, 3, 3, 3), np.float32)
     ((X2, W2), {"output_shape": (10,)}, "output_shape"),
     ((X2, W2), {"output_shape": (0, 4)}, "output_shape"),
     ((X2, W2), {"activation": "Softmax"}, "activation"),
+    ((X2, W2), {"method": "fast"}, "method"),
     ((np.zeros((1, 4, 0, 5), np.float32), W2), {}, "x"),
 ])
 def test_bad_input(args, kwargs, name):

@@ -8,7 +8,8 @@ unit depth and height, a 2-D one unit depth) and fuses bias and activation:
     Slow, but needs no scratch memory: the fallback when a padded copy would not fit.
 ``implicit_gemm`` (conv2d_pack.comp + conv2d_rows.comp)
     the input is first copied zero-padded with 4-aligned rows; then each invocation computes an
-    MB output channels x PB pixels register tile from aligned vec4 row segments.
+    MB output channels x PB pixels register tile from aligned vec4 row segments.  Its store can be
+    strided (:class:`OutputMap`): the stride phases of a transposed convolution write in place.
 ``gemm1x1`` (conv2d_rows.comp)
     1x1, stride 1, no padding: the same kernel over the whole image seen as one row, a plain GEMM
     (no padded copy when the image size is a multiple of 4).
@@ -54,7 +55,7 @@ log = logging.getLogger(__name__)
 KERNELS = ("direct", "implicit_gemm", "gemm1x1", "depthwise", "winograd", "tiled")
 
 _PUSH_DIRECT = struct.Struct("<22i2f")
-_PUSH_ROWS = struct.Struct("<20i2f")
+_PUSH_ROWS = struct.Struct("<20i2f4i")
 _PUSH_DEPTHWISE = struct.Struct("<18i2f")
 _PUSH_PACK = struct.Struct("<10i")
 _PUSH_TILED = struct.Struct("<18i2f")
@@ -104,6 +105,24 @@ class Geometry:
         """3x3 2-D (or 1x3x3 3-D with unit depth), stride 1, no dilation."""
         return (self.kernel == (1, 3, 3) and self.strides == (1, 1, 1)
                 and self.dilations == (1, 1, 1) and self.size[0] == 1)
+
+
+@dataclass(frozen=True)
+class OutputMap:
+    """Where a ``conv2d_rows`` dispatch stores its output in a larger array (floats): pixel (z, y, x)
+    of output channel ``c`` at ``c * plane + offset + z * step_z + y * step_y + x * step_x``.  One
+    stride phase of a transposed convolution is written this way straight into its output."""
+
+    plane: int
+    offset: int
+    step_z: int
+    step_y: int
+    step_x: int
+
+    @classmethod
+    def dense(cls, out: tuple[int, int, int]) -> OutputMap:
+        """The plain ``[C][D][H][W]`` output of ``out`` = (D, H, W)."""
+        return cls(math.prod(out), 0, out[1] * out[2], out[2], 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,15 +367,16 @@ class _PaddedInputKernel(Kernel):
         return (all(texel_fits(self.ctx, n) for n in plan_bytes)
                 and all(texel_fits(self.ctx, b.size) for b in texel_buffers))
 
-    def _pack(self, plan: ConvPlan, geo: Geometry, lay: _Padded, texel: bool):
-        """A padded texel buffer kept by the plan, and the recorder of the pass that fills it."""
+    def _pack(self, plan: Plan, geo: Geometry, lay: _Padded, texel: bool, x: Buffer):
+        """A padded texel buffer kept by the plan, and the recorder of the pass that fills it from
+        ``x``."""
         ctx, ls = self.ctx, self.tune.local_size
         padded = Buffer(ctx, lay.nbytes, texel=True, name="conv padded input")
         plan.keep.append(padded)
-        texel_x = texel and texel_fits(ctx, plan.inputs[0].size, TEXEL1)
+        texel_x = texel and texel_fits(ctx, x.size, TEXEL1)
         pipe = get_pipeline(ctx, "conv2d_pack" if texel_x else "conv2d_pack_ssbo",
                                 (TEXEL1 if texel_x else STORAGE, STORAGE), _PUSH_PACK.size, (ls, 1, 1))
-        dset = DescriptorSet(pipe, [plan.inputs[0], padded])
+        dset = DescriptorSet(pipe, [x, padded])
         plan.keep.append(dset)
         groups = grid(ctx, lay.planes * lay.pd * lay.ph, ls, 1, "x (padded input size)")
         push = _PUSH_PACK.pack(lay.planes, *geo.size, lay.pd, lay.ph, lay.pw4, *geo.pad_begin)
@@ -406,23 +426,31 @@ class RowsKernel(_PaddedInputKernel):
         return in_place or lay.nbytes <= self.ctx.info.max_storage_buffer_range
 
     def plan(self, geo: Geometry) -> ConvPlan:
-        g, pb, lay, in_place = self._layout(geo)
+        _, pb, lay, in_place = self._layout(geo)
         # Flat in place, the last tile's segment may run past the image: give the input buffer slack.
         plan = ConvPlan(self.ctx, geo.x_shape, geo.y_shape, self.slack(pb, lay) if in_place and self.flat else 0)
         with closed_on_error(plan):
-            texel = self._use_texel([plan.inputs[0].size if in_place else lay.nbytes], [self.weights])
-            if in_place:
-                source, pack = plan.inputs[0], None
-            else:
-                source, pack = self._pack(plan, g, lay, texel)
-            rows = self.rows_dispatch(plan, g, pb, lay, source, plan.outputs[0], texel)
-
-            def body(cmd: CommandBuffer) -> None:
-                if pack is not None:
-                    pack(cmd)
-                rows(cmd)
-            plan.record(body)
+            plan.record(self.record(plan, geo, plan.inputs[0], plan.outputs[0]))
         return plan
+
+    def record(self, plan: Plan, geo: Geometry, x: Buffer, y: Buffer, out_map: OutputMap | None = None):
+        """Bind input ``x`` (a texel-capable buffer of ``geo.x_shape``) and output ``y`` in ``plan``
+        (which keeps the scratch buffers and descriptor sets); the recorder of the pack pass, if the
+        input needs its padded copy, and the convolution.  ``out_map``: where the output goes in
+        ``y`` (default: ``geo.y_shape`` dense)."""
+        g, pb, lay, in_place = self._layout(geo)
+        texel = self._use_texel([x.size if in_place else lay.nbytes], [self.weights])
+        if in_place:
+            source, pack = x, None
+        else:
+            source, pack = self._pack(plan, g, lay, texel, x)
+        rows = self.rows_dispatch(plan, g, pb, lay, source, y, texel, out_map)
+
+        def body(cmd: CommandBuffer) -> None:
+            if pack is not None:
+                pack(cmd)
+            rows(cmd)
+        return body
 
     def tiled_operand(self, images: int, pixels: int) -> tuple[Geometry, int, _Padded]:
         """A plain GEMM over an operand that its caller writes (deform_conv's sampled columns), laid
@@ -448,19 +476,21 @@ class RowsKernel(_PaddedInputKernel):
         return 16 * max(0, (lay.tiles_w - 1) * pb // 4 + pb // 4 - lay.pw4)
 
     def rows_dispatch(self, plan: Plan, g: Geometry, pb: int, lay: _Padded, source: Buffer,
-                      output: Buffer, texel: bool):
-        """Bind ``source`` (``lay``) and ``output`` for conv2d_rows; the recorder of its dispatch."""
+                      output: Buffer, texel: bool, out_map: OutputMap | None = None):
+        """Bind ``source`` (``lay``) and ``output`` (``out_map``, default dense) for conv2d_rows; the
+        recorder of its dispatch."""
         ctx, ls = self.ctx, self.tune.local_size
         kw, sw, dw = g.kernel[2], g.strides[2], g.dilations[2]
         kind = TEXEL4 if texel else STORAGE
         weights, weight_kind = self.weights.binding(texel)
-        vec_out = g.out[2] % 4 == 0
+        out_map = out_map or OutputMap.dense(g.out)
+        vec_out = out_map == OutputMap.dense(g.out) and g.out[2] % 4 == 0
         masked = lay.pad is not None
         pads = lay.pad or (0, 0, 0)
         pipe = get_pipeline(ctx, "conv2d_rows" if texel else "conv2d_rows_ssbo",
                             (kind, weight_kind, STORAGE, STORAGE), _PUSH_ROWS.size,
                             (ls, 1, 1, self.act, self.mb, pb, kw, sw, dw, int(vec_out), int(masked),
-                             -pads[2] % 4))
+                             -pads[2] % 4, out_map.step_x))
         dset = DescriptorSet(pipe, [source, weights, self.bias, output])
         plan.keep.append(dset)
         blocks = -(-self.cout_g // self.mb)
@@ -469,7 +499,8 @@ class RowsKernel(_PaddedInputKernel):
         push = _PUSH_ROWS.pack(g.cin_g, g.cout_g, g.group, blocks, lay.pd, lay.ph, lay.pw4, *pads,
                                g.kernel[0], g.kernel[1], g.strides[0], g.strides[1],
                                g.dilations[0], g.dilations[1], *g.out, lay.tiles_w,
-                               self.act.a, self.act.b)
+                               self.act.a, self.act.b, out_map.plane, out_map.offset, out_map.step_z,
+                               out_map.step_y)
         return lambda cmd: cmd.dispatch(pipe, dset, push, groups)
 
 
@@ -513,7 +544,7 @@ class DepthwiseKernel(_PaddedInputKernel):
                 tiles_w = -(-geo.out[2] // pb)
             else:
                 texel = self._use_texel([lay.nbytes], [self.weights])
-                source, pack = self._pack(plan, geo, lay, texel)
+                source, pack = self._pack(plan, geo, lay, texel, plan.inputs[0])
                 dims, tiles_w = (lay.pd, lay.ph, lay.pw4), lay.tiles_w
             kind = TEXEL4 if texel else STORAGE
             weights, weight_kind = self.weights.binding(texel)
@@ -614,7 +645,7 @@ class WinogradKernel(_PaddedInputKernel):
         plan = ConvPlan(ctx, geo.x_shape, geo.y_shape)
         with closed_on_error(plan):
             texel = self._use_texel(sizes, [self.gemm.weights])
-            padded, pack = self._pack(plan, geo, lay.padded, texel)
+            padded, pack = self._pack(plan, geo, lay.padded, texel, plan.inputs[0])
             v = Buffer(ctx, sizes[1], texel=True, name="winograd transformed input")
             m = Buffer(ctx, sizes[2], texel=True, name="winograd transformed output")
             plan.keep += [v, m]
