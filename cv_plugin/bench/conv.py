@@ -11,7 +11,7 @@ finds no OpenCL device (``cv2.ocl.haveOpenCL()``; a dnn net would silently run o
 Per case and peer: the median of ``repeat`` (>= 5) timed runs after ``warmup`` runs, "numpy in ->
 numpy out" (what a cv2 layer pays); for vkconv also "on-device": the recorded dispatches alone
 between two GPU timestamps. GFLOP/s counts 2 x MACs of the direct convolution (Winograd's
-"effective" rate). The FMA peak comes from shaders/fma_probe.comp (independent vec4 fma chains, best
+"effective" rate). The FMA peak comes from bench/shaders/fma_probe.comp (independent vec4 fma chains, best
 of 8/16/32 chains). Outputs of ncnn and OpenCV are compared
 with vkconv's (max abs diff / max |y|).
 
@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from cv_plugin.bench import report
+from cv_plugin.bench._spirv import SPIRV as BENCH_SPIRV
 
 PEERS = ("vkconv", "ncnn", "opencv", "opencl")
 # The module each peer needs; a peer whose module is missing is skipped before its process starts.
@@ -135,13 +136,13 @@ _FMA_ITERATIONS, _FMA_GROUPS = 2048, 512
 
 
 def _fma_gflops(ctx: Any, timer: DeviceTimer, out: Any, chains: int, runs: int) -> float:
-    """GFLOP/s of the best of ``runs`` dispatches of shaders/fma_probe.comp with ``chains`` chains."""
+    """GFLOP/s of the best of ``runs`` dispatches of bench/shaders/fma_probe.comp with ``chains`` chains."""
     import struct
 
     from vkconv.runtime.pipeline import DescriptorSet, get_pipeline
 
     local = ctx.local_size()
-    pipe = get_pipeline(ctx, "fma_probe", 1, 8, (local, 1, 1, 0, chains))
+    pipe = get_pipeline(ctx, "fma_probe", 1, 8, (local, 1, 1, 0, chains), modules=BENCH_SPIRV)
     dset = DescriptorSet(pipe, [out])
     push = struct.pack("<if", _FMA_ITERATIONS, 0.999)
     try:
@@ -153,7 +154,7 @@ def _fma_gflops(ctx: Any, timer: DeviceTimer, out: Any, chains: int, runs: int) 
 
 
 def fma_peak(ctx: Any, timer: DeviceTimer, runs: int = 7) -> dict:
-    """GFLOP/s of shaders/fma_probe.comp: the best of ``runs`` runs over 8, 16 and 32 independent
+    """GFLOP/s of bench/shaders/fma_probe.comp: the best of ``runs`` runs over 8, 16 and 32 independent
     vec4 chains."""
     from vkconv.runtime.buffer import Buffer
 

@@ -1,6 +1,6 @@
-// Row segments of a convolution input read in place (MASKED), shared by conv2d_rows.comp and
-// conv2d_depthwise.comp: where the input's width is a multiple of 4 its rows are whole vec4s, so
-// the kernels skip the padded copy (conv2d_pack.comp), skip kernel rows outside the input, and
+// Row segments of a convolution input read in place (MASKED), shared by conv_rows.comp and
+// conv_depthwise.comp: where the input's width is a multiple of 4 its rows are whole vec4s, so
+// the kernels skip the padded copy (conv_pack.comp), skip kernel rows outside the input, and
 // read vec4s outside a row as zeros.  Include after the shader defines LOAD_X(i) (a vec4 load).
 #ifndef VKCONV_ROW_SEGMENT_GLSL
 #define VKCONV_ROW_SEGMENT_GLSL

@@ -200,7 +200,7 @@ def test_storage_buffers_replace_texels_past_the_texel_limit():
         ctx.info = dataclasses.replace(ctx.info, max_texel_buffer_elements=64)
         _run(case, "implicit_gemm", seed=3, ctx=ctx)
         names = {key[0] for key in ctx.pipelines}
-        assert names == {"conv2d_pack_ssbo", "conv2d_rows_ssbo"}, names
+        assert names == {"conv_pack_ssbo", "conv_rows_ssbo"}, names
 
 
 # -- kernel choice ----------------------------------------------------------------------------
@@ -354,7 +354,7 @@ def test_fp16_refused_where_the_device_cannot_read_it():
 
 
 # -- tiled (GPU) kernel ----------------------------------------------------------------------------
-# conv2d_tiled.comp forced on every shape above (on lavapipe it compiles slowly, about 2 s per
+# conv_tiled.comp forced on every shape above (on lavapipe it compiles slowly, about 2 s per
 # activation, but runs these small shapes fast), plus one with several output-channel tiles and
 # K strips that do not divide K.  Each case is far smaller than a 64 x 64 tile in some dimension.
 _TILED_EXTRA = [Case((1, 10, 5, 7), 70, (3, 3), pads=(1, 1, 1, 1))]
@@ -375,7 +375,7 @@ def test_tiled_kernel_under_mobile_limits(mobile_ctx):
     for i, case in enumerate(_TILED_MOBILE):
         _run(case, "tiled", seed=i, ctx=mobile_ctx)
     for key in mobile_ctx.pipelines:
-        if key[0] == "conv2d_tiled":
+        if key[0] == "conv_tiled":
             assert math.prod(key[3][:3]) <= info.max_workgroup_invocations, key
 
 

@@ -296,8 +296,8 @@ def test_storage_buffer_fallback(h, w):
         with DeformConv(inputs["w"], inputs["b"], ctx=ctx, **attrs) as op:
             got = op(inputs["x"], inputs["offset"], inputs["mask"])
         names = {key[0] for key in ctx.pipelines}
-    assert {"deform_conv_pack_ssbo", "deform_conv_sample_ssbo", "conv2d_rows_ssbo"} <= names, names
-    assert not names & {"deform_conv_pack", "deform_conv_sample", "conv2d_rows"}, names
+    assert {"deform_conv_pack_ssbo", "deform_conv_sample_ssbo", "conv_rows_ssbo"} <= names, names
+    assert not names & {"deform_conv_pack", "deform_conv_sample", "conv_rows"}, names
     assert_close(got, _ref(inputs, attrs), rel=REL)
 
 

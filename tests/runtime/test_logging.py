@@ -114,7 +114,7 @@ def test_pipeline_creation_and_dispatch_sizes_are_logged(caplog):
     plans = [r.getMessage() for r in records if r.name == "vkconv.runtime.plan"]
     assert len(plans) == 1 and "(1, 4, 6, 5)" in plans[0]
     dispatches = [r.getMessage() for r in records if r.name == "vkconv.runtime.command"]
-    assert len(dispatches) >= 1 and all(m.startswith(("dispatch deform_conv_", "dispatch conv2d_rows")) for m in dispatches)
+    assert len(dispatches) >= 1 and all(m.startswith(("dispatch deform_conv_", "dispatch conv_rows")) for m in dispatches)
 
 
 def test_read_net_logs_its_routing(caplog):

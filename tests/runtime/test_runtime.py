@@ -25,7 +25,7 @@ from vkconv.runtime.transfer import upload_constant
 ROOT = Path(__file__).resolve().parents[2]
 # Raw pipelines below bind more buffers and push-constant bytes than the conv shader uses (legal
 # in Vulkan), so that they stay valid whatever the conv kernel's exact interface is.
-SHADER, N_BUFFERS, PUSH = "conv2d", 8, 128
+SHADER, N_BUFFERS, PUSH = "conv_direct", 8, 128
 
 
 @pytest.fixture(scope="module")
@@ -300,8 +300,10 @@ def test_build_shaders_is_deterministic_and_check_detects_staleness(tmp_path):
     """Built twice in a private copy (never touching the real vkconv/runtime/_spirv.py): identical bytes."""
     _need_glslang()
     shutil.copytree(ROOT / "shaders", tmp_path / "shaders")
+    shutil.copytree(ROOT / "bench" / "shaders", tmp_path / "bench" / "shaders")
     shutil.copy2(ROOT / "build_shaders.py", tmp_path / "build_shaders.py")
     (tmp_path / "vkconv" / "runtime").mkdir(parents=True)
+    (tmp_path / "cv_plugin" / "bench").mkdir(parents=True)
     out = tmp_path / "vkconv" / "runtime" / "_spirv.py"
 
     def run(*args):
@@ -318,7 +320,7 @@ def test_build_shaders_is_deterministic_and_check_detects_staleness(tmp_path):
     assert "do not edit" in first.decode().splitlines()[0]
     assert run("--check").returncode == 0
     # Touching any shader makes --check fail and name that module.
-    source = sorted((tmp_path / "shaders").glob("*.comp"))[0]
+    source = sorted((tmp_path / "shaders").rglob("*.comp"))[0]
     source.write_text(source.read_text() + "\n// edited\n")
     stale = run("--check")
     assert stale.returncode != 0 and "stale" in stale.stderr

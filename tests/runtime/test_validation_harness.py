@@ -47,8 +47,8 @@ from vkconv.runtime.pipeline import DescriptorSet, get_pipeline
 
 def test_planted_error():
     ctx = Context(validation=True)
-    pipe = get_pipeline(ctx, "conv2d", 4, 128, (64, 1, 1, 0))
-    other = get_pipeline(ctx, "conv2d", 5, 128, (64, 1, 1, 0))
+    pipe = get_pipeline(ctx, "conv_direct", 4, 128, (64, 1, 1, 0))
+    other = get_pipeline(ctx, "conv_direct", 5, 128, (64, 1, 1, 0))
     dset = DescriptorSet(other, [Buffer(ctx, 64) for _ in range(5)])
     with CommandBuffer(ctx) as cmd:
         with cmd.recording():

@@ -1,4 +1,4 @@
-"""Convolutional LSTM (Keras ``ConvLSTM2D``) on the device: host side of ``shaders/conv_lstm.comp``.
+"""Convolutional LSTM (Keras ``ConvLSTM2D``) on the device: host side of ``shaders/conv/conv_lstm.comp``.
 
 Layouts: input ``x`` is ``[N, T, C, H, W]`` (time-major frames, each NCHW), weights are in Keras'
 own layouts (``kernel [kh, kw, C, 4F]``, ``recurrent_kernel [rkh, rkw, F, 4F]``, ``bias [4F]``, the

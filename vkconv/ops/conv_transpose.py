@@ -1,5 +1,5 @@
 """Transposed convolution (ONNX ``ConvTranspose``) for 1-D, 2-D and 3-D inputs: host side of
-``shaders/conv_transpose.comp``.
+``shaders/conv/conv_transpose.comp``.
 
 Layouts: input ``x`` is NCW, NCHW or NCDHW; weights ``w`` are ``[C_in, C_out / group, *kernel]``
 (ONNX's, the transpose of Conv's); bias ``b`` is ``[C_out]``; the output is ``[N, C_out, *out]``;
@@ -8,7 +8,7 @@ all float32.  1-D and 2-D inputs run as 3-D ones with unit leading spatial dims.
 A layer whose kernel equals its stride, with no dilation, padding or output padding (the 2x2
 stride-2 upsamplers of PP-OCR and U-Net), writes every output from exactly one tap per input
 channel: it runs as a 1x1 GEMM to ``C_out * taps`` channels (the conv kernels' ``gemm1x1``) and a
-pass that moves each tap's plane into place (``shaders/conv_transpose_shuffle.comp``), which on
+pass that moves each tap's plane into place (``shaders/conv/conv_transpose_shuffle.comp``), which on
 lavapipe measured 2-4x faster than the gather kernel on those layers.
 
 Any other layer runs by the stride-phase (sub-pixel) decomposition (``method="phases"``): along an
@@ -16,10 +16,10 @@ axis of stride ``s``, the outputs ``o = q * s + r`` of phase ``r`` take only the
 ``k * d = r + pad_begin (mod s)``, which for ``gcd(s, d) == 1`` are ``k0, k0 + s, ...``, and read
 inputs ``q + c - d * t`` for tap ``k0 + s * t``: an ordinary stride-1 convolution (dilation ``d``)
 of the input with that sub-kernel flipped.  Each of the ``prod(strides)`` phases runs on the dense
-convolution's implicit-GEMM kernel (``conv2d_rows``) and stores its pixels straight into every
+convolution's implicit-GEMM kernel (``conv_rows``) and stores its pixels straight into every
 ``s``-th output (a strided store), so there is no scratch output and no interleave pass; with all
 strides 1 the one phase takes the kernel a ``Conv`` of its shape would.  A layer the decomposition
-does not cover runs on the gather kernel (``shaders/conv_transpose.comp``): a dilation sharing a
+does not cover runs on the gather kernel (``shaders/conv/conv_transpose.comp``): a dilation sharing a
 factor with its stride (some residues then get no taps), a kernel shorter than its stride where a
 phase gets no tap, or no input channels.  docs/PERFORMANCE.md has the measurements behind
 ``method="auto"``.

@@ -28,7 +28,7 @@ Execution, recorded once per input shape and submitted once per call: ``deform_c
 copies ``x`` into blocks of 4 channels of one offset group (vec4 per pixel) inside a one-pixel zero
 border; then, per chunk of images (or of one image's pixels), ``deform_conv_sample`` writes the
 masked bilinear samples ("columns": row ``tap * C_in/g + channel`` of its conv group's GEMM
-operand) and the dense convolution's GEMM (``conv2d_rows`` through
+operand) and the dense convolution's GEMM (``conv_rows`` through
 :meth:`vkconv.ops.conv.kernels.RowsKernel.tiled_operand`) multiplies them by the weights reordered to
 ``[C_out][tap][C_in/g]``, adding the bias and the fused activation.  The columns are tile-major,
 ``[image][group][pixel tile][row][PB pixels]`` (PB: the GEMM's pixel tile), which made the sampling

@@ -107,7 +107,7 @@ def collapse(out: Shape, in_shapes: Sequence[Shape]) -> tuple[list[int], list[li
 
 class Elementwise:
     """A fused chain of elementwise ops on float32 tensors of rank <= 5 with ONNX broadcasting: one
-    dispatch (``shaders/eltwise.comp``) reads each input once and writes the output once.
+    dispatch (``shaders/elementwise.comp``) reads each input once and writes the output once.
 
     ``program``: at most 8 :class:`~vkconv.kernels.activation.Instruction` over ``n_inputs``
     (<= 4) inputs; the last one's
@@ -168,7 +168,8 @@ class Elementwise:
         for k in range(MAX_INSTRUCTIONS):
             ins = self.program[k] if k < len(self.program) else Instruction(0, 0, 0)
             spec += ins.constants()
-        pipe = get_pipeline(self.ctx, "eltwise_vec4" if vec4 else "eltwise", MAX_INPUTS + 1, _PUSH.size, tuple(spec))
+        pipe = get_pipeline(self.ctx, "elementwise_vec4" if vec4 else "elementwise", MAX_INPUTS + 1, _PUSH.size,
+                            tuple(spec))
         bufs = list(inputs[:self.n_inputs]) + [inputs[0]] * (MAX_INPUTS - self.n_inputs) + [outputs[0]]
         dset = DescriptorSet(pipe, bufs)
         groups = looped_grid(self.ctx, inner, local)

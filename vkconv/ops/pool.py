@@ -3,7 +3,7 @@ GlobalMaxPool over NCHW float32.
 
 Like :mod:`vkconv.ops.elementwise`, a :class:`Pool` records into a command buffer and buffers the caller
 owns (``record``) and sizes its output without a device (``output_shapes``).  Shader:
-``shaders/pool.comp``.
+``shaders/graph/pool.comp``.
 """
 from __future__ import annotations
 

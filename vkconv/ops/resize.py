@@ -3,7 +3,7 @@
 Like :mod:`vkconv.ops.elementwise`, :class:`Resize` records into a command buffer and buffers the caller
 owns.  The sampling positions are computed here in float64, following the ONNX specification's
 formulas as its reference implementation does, into small per-row / per-column index and weight
-tables (clamped to the input, so the shader never reads out of bounds); ``shaders/resize.comp``
+tables (clamped to the input, so the shader never reads out of bounds); ``shaders/graph/resize.comp``
 only gathers and blends.
 """
 from __future__ import annotations

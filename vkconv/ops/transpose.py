@@ -1,5 +1,5 @@
 """ONNX ``Transpose`` on the device, for device-resident graphs: host side of
-``shaders/transpose.comp`` (the Keras converter's layout changes around ConvLSTM2D and
+``shaders/graph/transpose.comp`` (the Keras converter's layout changes around ConvLSTM2D and
 BatchNormalization, channels-last models' NHWC <-> NCHW)."""
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import struct
 import weakref
+from collections.abc import Mapping
 
 from vkconv.runtime._spirv import SPIRV
 from vkconv.runtime.buffer import Buffer
@@ -85,8 +86,9 @@ class Pipeline:
     """Shader ``name`` with ``bindings`` (a count of storage buffers or one kind per binding),
     ``push_size`` bytes of push constants and specialization constants ``spec``."""
 
-    def __init__(self, ctx: Context, name: str, bindings, push_size: int, spec: tuple = ()):
-        if name not in SPIRV:
+    def __init__(self, ctx: Context, name: str, bindings, push_size: int, spec: tuple = (),
+                 modules: Mapping[str, bytes] = SPIRV):
+        if name not in modules:
             raise VkconvError(f"no embedded shader {name!r}; run build_shaders.py")
         if push_size > ctx.info.max_push_constants_size:
             raise VkconvError(f"{name}: {push_size} bytes of push constants exceed the device's "
@@ -97,7 +99,7 @@ class Pipeline:
         self.local_size = tuple(spec[:3]) + (1,) * (3 - len(spec[:3]))
         self._h: dict = {}
         self._finalizer = weakref.finalize(self, _destroy_pipeline, ctx, self._h)
-        code = SPIRV[name]
+        code = modules[name]
         module_info = v.VkShaderModuleCreateInfo(codeSize=len(code), pCode=code)
         self._h["module"] = v.vkCreateShaderModule(ctx.device, module_info, None)
         layout_bindings = [v.VkDescriptorSetLayoutBinding(
@@ -209,14 +211,16 @@ class DescriptorSet:
         self._finalizer()
 
 
-def get_pipeline(ctx: Context, name: str, bindings, push_size: int, spec: tuple = ()) -> Pipeline:
-    """The compute pipeline for embedded shader ``name`` with specialization ``spec``, cached on
-    ``ctx`` for its lifetime.  ``bindings``: the number of storage buffers, or one kind per binding
-    (see :func:`binding_kinds`)."""
+def get_pipeline(ctx: Context, name: str, bindings, push_size: int, spec: tuple = (),
+                 modules: Mapping[str, bytes] = SPIRV) -> Pipeline:
+    """The compute pipeline for shader ``name`` with specialization ``spec``, cached on ``ctx`` for
+    its lifetime.  ``bindings``: the number of storage buffers, or one kind per binding (see
+    :func:`binding_kinds`).  ``modules``: where the SPIR-V comes from (default: the runtime's
+    embedded shaders; the benchmarks pass their own)."""
     key = (name, binding_kinds(bindings), push_size, tuple(spec))
     with ctx.lock:
         ctx.check()
         pipe = ctx.pipelines.get(key)
         if pipe is None:
-            pipe = ctx.pipelines[key] = Pipeline(ctx, name, key[1], push_size, spec)
+            pipe = ctx.pipelines[key] = Pipeline(ctx, name, key[1], push_size, spec, modules)
     return pipe

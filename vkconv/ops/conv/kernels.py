@@ -1,24 +1,24 @@
-"""Convolution kernels and their selection by shape: host side of ``shaders/conv2d*.comp``.
+"""Convolution kernels and their selection by shape: host side of ``shaders/conv/conv_*.comp``.
 
 Every kernel computes ONNX ``Conv`` on NC[D][H]W float32 data lifted to 3-D (a 1-D convolution has
 unit depth and height, a 2-D one unit depth) and fuses bias and activation:
 
-``direct`` (conv2d.comp)
+``direct`` (conv_direct.comp)
     4 output channels x 4 pixels per invocation, reading the input in place with bounds checks.
     Slow, but needs no scratch memory: the fallback when a padded copy would not fit.
-``implicit_gemm`` (conv2d_pack.comp + conv2d_rows.comp)
+``implicit_gemm`` (conv_pack.comp + conv_rows.comp)
     the input is first copied zero-padded with 4-aligned rows; then each invocation computes an
     MB output channels x PB pixels register tile from aligned vec4 row segments.  Its store can be
     strided (:class:`OutputMap`): the stride phases of a transposed convolution write in place.
-``gemm1x1`` (conv2d_rows.comp)
+``gemm1x1`` (conv_rows.comp)
     1x1, stride 1, no padding: the same kernel over the whole image seen as one row, a plain GEMM
     (no padded copy when the image size is a multiple of 4).
-``depthwise`` (conv2d_pack.comp + conv2d_depthwise.comp)
+``depthwise`` (conv_pack.comp + conv_depthwise.comp)
     group == input channels, any channel multiplier.
-``winograd`` (conv2d_winograd.comp)
+``winograd`` (conv_winograd.comp)
     F(4x4, 3x3) for 3x3 stride-1 undilated 2-D convolutions: input transform, 36 batched GEMMs,
     output transform.
-``tiled`` (conv2d_tiled.comp)
+``tiled`` (conv_tiled.comp)
     GPU-style implicit GEMM: a TM output channels x TN pixels tile per workgroup, K walked in
     strips through shared memory, an RM x RN register tile per invocation, the input read in place.
     Chosen instead of ``implicit_gemm`` on non-CPU devices.
@@ -109,7 +109,7 @@ class Geometry:
 
 @dataclass(frozen=True)
 class OutputMap:
-    """Where a ``conv2d_rows`` dispatch stores its output in a larger array (floats): pixel (z, y, x)
+    """Where a ``conv_rows`` dispatch stores its output in a larger array (floats): pixel (z, y, x)
     of output channel ``c`` at ``c * plane + offset + z * step_z + y * step_y + x * step_x``.  One
     stride phase of a transposed convolution is written this way straight into its output."""
 
@@ -308,7 +308,7 @@ class DirectKernel(Kernel):
         self.weights = upload_constant(ctx, pack_oc_blocks(w, group, 4), "conv weights")
         self.bias = upload_constant(ctx, pack_bias_blocks(b, self.cout, group, 4), "conv bias")
         self.buffers += [self.weights, self.bias]
-        self.pipeline = get_pipeline(ctx, "conv2d", 4, _PUSH_DIRECT.size,
+        self.pipeline = get_pipeline(ctx, "conv_direct", 4, _PUSH_DIRECT.size,
                                      (tune.local_size, 1, 1, activation))
 
     def plan(self, geo: Geometry) -> ConvPlan:
@@ -330,7 +330,7 @@ class DirectKernel(Kernel):
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Padded:
-    """Layout of the zero-padded, row-aligned input copy (conv2d_pack.comp); with ``pad`` (begin
+    """Layout of the zero-padded, row-aligned input copy (conv_pack.comp); with ``pad`` (begin
     pads D, H, W), the input itself read in place, its padding masked (dims then the input's)."""
 
     planes: int
@@ -374,7 +374,7 @@ class _PaddedInputKernel(Kernel):
         padded = Buffer(ctx, lay.nbytes, texel=True, name="conv padded input")
         plan.keep.append(padded)
         texel_x = texel and texel_fits(ctx, x.size, TEXEL1)
-        pipe = get_pipeline(ctx, "conv2d_pack" if texel_x else "conv2d_pack_ssbo",
+        pipe = get_pipeline(ctx, "conv_pack" if texel_x else "conv_pack_ssbo",
                                 (TEXEL1 if texel_x else STORAGE, STORAGE), _PUSH_PACK.size, (ls, 1, 1))
         dset = DescriptorSet(pipe, [x, padded])
         plan.keep.append(dset)
@@ -388,7 +388,7 @@ class _PaddedInputKernel(Kernel):
 
 
 class RowsKernel(_PaddedInputKernel):
-    """``implicit_gemm``, or ``gemm1x1`` (``flat``): conv2d_rows.comp, see the module docstring."""
+    """``implicit_gemm``, or ``gemm1x1`` (``flat``): conv_rows.comp, see the module docstring."""
 
     def __init__(self, ctx, w, b, group, activation, tune, flat: bool = False):
         super().__init__(ctx, w, b, group, activation, tune)
@@ -477,7 +477,7 @@ class RowsKernel(_PaddedInputKernel):
 
     def rows_dispatch(self, plan: Plan, g: Geometry, pb: int, lay: _Padded, source: Buffer,
                       output: Buffer, texel: bool, out_map: OutputMap | None = None):
-        """Bind ``source`` (``lay``) and ``output`` (``out_map``, default dense) for conv2d_rows; the
+        """Bind ``source`` (``lay``) and ``output`` (``out_map``, default dense) for conv_rows; the
         recorder of its dispatch."""
         ctx, ls = self.ctx, self.tune.local_size
         kw, sw, dw = g.kernel[2], g.strides[2], g.dilations[2]
@@ -487,7 +487,7 @@ class RowsKernel(_PaddedInputKernel):
         vec_out = out_map == OutputMap.dense(g.out) and g.out[2] % 4 == 0
         masked = lay.pad is not None
         pads = lay.pad or (0, 0, 0)
-        pipe = get_pipeline(ctx, "conv2d_rows" if texel else "conv2d_rows_ssbo",
+        pipe = get_pipeline(ctx, "conv_rows" if texel else "conv_rows_ssbo",
                             (kind, weight_kind, STORAGE, STORAGE), _PUSH_ROWS.size,
                             (ls, 1, 1, self.act, self.mb, pb, kw, sw, dw, int(vec_out), int(masked),
                              -pads[2] % 4, out_map.step_x))
@@ -550,7 +550,7 @@ class DepthwiseKernel(_PaddedInputKernel):
             weights, weight_kind = self.weights.binding(texel)
             kw, sw, dw = geo.kernel[2], geo.strides[2], geo.dilations[2]
             shift = -geo.pad_begin[2] % 4 if lay is None else 0
-            pipe = get_pipeline(ctx, "conv2d_depthwise" if texel else "conv2d_depthwise_ssbo",
+            pipe = get_pipeline(ctx, "conv_depthwise" if texel else "conv_depthwise_ssbo",
                                 (kind, weight_kind, STORAGE, STORAGE), _PUSH_DEPTHWISE.size,
                                 (ls, 1, 1, self.act, 0, pb, kw, sw, dw, int(geo.out[2] % 4 == 0), int(lay is None),
                                  shift))
@@ -597,7 +597,7 @@ def winograd_tiles(geo: Geometry) -> tuple[int, int, int]:
 
 class WinogradKernel(_PaddedInputKernel):
     """``winograd``: input transform, 36 GEMMs (the ``gemm1x1`` kernel, grouped), output transform;
-    see shaders/conv2d_winograd.comp."""
+    see shaders/conv_winograd.comp."""
 
     name = "winograd"
 
@@ -651,9 +651,9 @@ class WinogradKernel(_PaddedInputKernel):
             plan.keep += [v, m]
             kind = TEXEL4 if texel else STORAGE
             suffix = "" if texel else "_ssbo"
-            pipe_in = get_pipeline(ctx, "conv2d_winograd_in" + suffix, (kind, STORAGE),
+            pipe_in = get_pipeline(ctx, "conv_winograd_in" + suffix, (kind, STORAGE),
                                        _PUSH_WINOGRAD_IN.size, (ls, 1, 1))
-            pipe_out = get_pipeline(ctx, "conv2d_winograd_out" + suffix, (kind, STORAGE, STORAGE),
+            pipe_out = get_pipeline(ctx, "conv_winograd_out" + suffix, (kind, STORAGE, STORAGE),
                                         _PUSH_WINOGRAD_OUT.size,
                                         (ls, 1, 1, self.act, 0, 0, 0, 0, 0, int(geo.out[2] % 4 == 0)))
             set_in = DescriptorSet(pipe_in, [padded, v])
@@ -686,7 +686,7 @@ class WinogradKernel(_PaddedInputKernel):
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TileShape:
-    """conv2d_tiled.comp's tiles: TM x TN per workgroup, K strips of TK, RM x RN per invocation."""
+    """conv_tiled.comp's tiles: TM x TN per workgroup, K strips of TK, RM x RN per invocation."""
 
     tm: int
     tn: int
@@ -725,7 +725,7 @@ def choose_tiles(ctx: Context) -> TileShape:
 
 
 class TiledKernel(Kernel):
-    """``tiled``: conv2d_tiled.comp, see the module docstring.  Weights are packed
+    """``tiled``: conv_tiled.comp, see the module docstring.  Weights are packed
     ``[g][oc tile][K padded to TK][TM]`` (float32 even with ``fp16``: the kernel reads storage
     buffers), with a table splitting each k into (input channel, dilated tap offsets)."""
 
@@ -763,7 +763,7 @@ class TiledKernel(Kernel):
         ctx, t = self.ctx, self.tile
         plan = ConvPlan(ctx, geo.x_shape, geo.y_shape)
         with closed_on_error(plan):
-            pipe = get_pipeline(ctx, "conv2d_tiled", 5, _PUSH_TILED.size,
+            pipe = get_pipeline(ctx, "conv_tiled", 5, _PUSH_TILED.size,
                                 (t.invocations, 1, 1, self.act, t.tm, t.tn, t.tk, t.rm, t.rn))
             dset = DescriptorSet(pipe, [plan.inputs[0], self.weights, self.taps(geo), self.bias,
                                         plan.outputs[0]])

@@ -1,5 +1,5 @@
 """Sparse convolution compute on the device: one output-stationary dispatch per convolution
-(``shaders/sparse_gemm.comp``) over an output-stationary rulebook, and the standalone row gather /
+(``shaders/sparse/sparse_gemm.comp``) over an output-stationary rulebook, and the standalone row gather /
 scatter-add primitives.
 
 Device feature layout: rows of ``ceil(C / 4)`` vec4 (channels zero-padded to a multiple of 4), so

@@ -11,7 +11,7 @@ spconv 2.x weight ``[C_out, kD, kH, kW, C_in]``), input rows to output rows:
   and stride 1; only odd kernels (as in spconv);
 * inverse convolution reuses a regular convolution's rulebook with inputs and outputs swapped.
 
-Device pipeline (``shaders/sparse_rulebook.comp``, ``sparse_scan.comp``): an int32 hash table on
+Device pipeline (``shaders/sparse/sparse_rulebook.comp``, ``sparse_scan.comp``): an int32 hash table on
 linearized coordinates (open addressing over 2-slot buckets, compare-and-swap inserts, no float or
 64-bit atomics) -> an output-stationary rulebook: per output row a bit mask of the taps that pair it
 with an input row, and a ``[n_out][kv]`` table of those input rows.  A regular convolution reads one
@@ -151,7 +151,7 @@ def reference_rulebook(indices: np.ndarray,
 
 
 class Rulebook:
-    """A rulebook resident on the device, output-stationary (``shaders/sparse_rulebook.comp``).
+    """A rulebook resident on the device, output-stationary (``shaders/sparse/sparse_rulebook.comp``).
 
     ``masks`` ``[n_out][words]`` uint32 (``words = ceil(kv / 32)``): bit ``t % 32`` of word
     ``t // 32`` is set when tap ``t`` pairs the output row with an input row; ``table``

@@ -1,17 +1,17 @@
 #version 450
 // Depthwise convolution (group == input channels, any channel multiplier), NC[D][H]W float32,
 // any rank 1..3, stride, dilation, bias and fused activation. Input: the zero-padded, row-aligned
-// copy written by conv2d_pack.comp or, MASKED (input width a multiple of 4), the input itself:
+// copy written by conv_pack.comp or, MASKED (input width a multiple of 4), the input itself:
 // then rows outside the input are skipped and vec4s outside a row read as zeros, which saves the
 // pack pass (on lavapipe it took half the time of a 3x3 depthwise layer). Host code:
-// vkconv/conv_kernels.py.
+// vkconv/ops/conv/kernels.py.
 //
 // One invocation owns PB consecutive output pixels of one row of one output channel. Per kernel row it loads the input
 // row segment once (SEGV aligned vec4s) and the KW weights of that row (KWV vec4s, the row
 // zero-padded to 4 at load), then the column taps are compile-time register selections.
 //
-// variant: conv2d_depthwise -DTEXEL=1
-// variant: conv2d_depthwise_ssbo
+// variant: conv_depthwise -DTEXEL=1
+// variant: conv_depthwise_ssbo
 #extension GL_EXT_samplerless_texture_functions : require  // textureBuffer: SPIR-V 1.6 forbids sampled Buffer images
 #extension GL_GOOGLE_include_directive : require
 #extension GL_EXT_control_flow_attributes : require

@@ -1,5 +1,6 @@
 #version 450
-// Deformable convolution, stage 1 of 3 (host code: vkconv/deform_conv.py): repack the NCHW input
+#extension GL_GOOGLE_include_directive : require
+// Deformable convolution, stage 1 of 3 (host code: vkconv/ops/deform_conv.py): repack the NCHW input
 // into blocks of 4 channels of one offset group inside a one-pixel zero border,
 // x4[n][offset group][(h + 2) * (w + 2)][block] = vec4 of the block's channels at padded pixel
 // (y + 1, x + 1), zero on the border and where the offset group's last block has fewer than 4
@@ -12,6 +13,7 @@
 // variant: deform_conv_pack_ssbo
 #extension GL_EXT_samplerless_texture_functions : require  // textureBuffer: SPIR-V 1.6 forbids sampled Buffer images
 layout(local_size_x_id = 0, local_size_y = 1, local_size_z = 1) in;
+#include "grid.glsl"
 
 #ifdef TEXEL
 layout(binding = 0) uniform textureBuffer x;  // R32F view
@@ -37,8 +39,8 @@ void main()
     const int src = (n * p.channels + og * p.cin_og) * hw;
     const int dst = (n * p.offset_groups + og) * p.og_blocks * phw;
     // Grid-stride loop: the host caps the x dimension at maxComputeWorkGroupCount.
-    const int stride = int(gl_NumWorkGroups.x * gl_WorkGroupSize.x);
-    for (int q = int(gl_GlobalInvocationID.x); q < phw; q += stride) {
+    const int stride = int(loop_step());
+    for (int q = int(loop_first()); q < phw; q += stride) {
         const int row = q / pw - 1, col = q - (row + 1) * pw - 1;
         const bool inside = row >= 0 && row < p.h && col >= 0 && col < p.w;
         // Border pixels read pixel 0 (always there) and store zeros: no out-of-bounds read.

@@ -1,5 +1,5 @@
 #version 450
-// Sparse convolution rulebook stages (vkconv/sparse_rulebook.py). A rulebook is output-stationary:
+// Sparse convolution rulebook stages (vkconv/ops/sparse/rulebook.py). A rulebook is output-stationary:
 // for every output row o, masks[o] has bit t (word t / 32) set when kernel tap t pairs o with an
 // input row, and table[o][t] holds that input row as a float (a whole number below 2^24, the host
 // checks; float so that sparse_gemm.comp can read it through a texel buffer). An output row and a
@@ -52,7 +52,7 @@ layout(std430, binding = 6) buffer Masks { uint masks[]; };              // [n_o
 layout(std430, binding = 7) writeonly buffer InvTable { float inv_table[]; };  // [n_in][kv]
 layout(std430, binding = 8) buffer InvMasks { uint inv_masks[]; };       // [n_in][words]
 
-// The geometry is specialized (vkconv/sparse_rulebook.py: _spec()): lavapipe divides integers
+// The geometry is specialized (vkconv/ops/sparse/rulebook.py: _spec()): lavapipe divides integers
 // lane by lane, by a constant it multiplies instead, and loops over the taps unroll.
 layout(constant_id = 4) const int KD = 1;
 layout(constant_id = 5) const int KH = 1;

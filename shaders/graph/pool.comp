@@ -1,7 +1,7 @@
 #version 450
 // 2-D pooling over NCHW float32: ONNX MaxPool, AveragePool (count_include_pad 0/1, ceil_mode,
 // dilations) and GlobalAveragePool (a window of the whole plane). One invocation per output
-// element. Host code: vkconv/pool.py, which sizes the output (ceil_mode included).
+// element. Host code: vkconv/ops/pool.py, which sizes the output (ceil_mode included).
 // The global variant gives each plane a workgroup whose invocations sum (or max) a strided share of
 // it and combine the partial results in shared memory, in a fixed order.
 //
@@ -18,6 +18,7 @@
 #include "divide.glsl"
 
 layout(local_size_x_id = 0, local_size_y = 1, local_size_z = 1) in;
+#include "grid.glsl"
 
 #define MODE_MAX 0
 #define MODE_AVG 1
@@ -90,8 +91,8 @@ layout(std430, binding = 1) writeonly buffer Y4 { vec4 y4[]; };
 
 void main()
 {
-    uint step = gl_NumWorkGroups.x * gl_WorkGroupSize.x;
-    for (uint i = gl_GlobalInvocationID.x; i < uint(p.total); i += step) {
+    uint step = loop_step();
+    for (uint i = loop_first(); i < uint(p.total); i += step) {
         // magic_w divides by out_w / 4
         ivec3 prc = plane_row_col(i, p.magic_w, p.out_size.y / 4, p.magic_h, p.out_size.x);
         const int y0 = prc.y * p.stride.x - p.pad_begin.x;
@@ -121,8 +122,8 @@ void main()
 #else
 void main()
 {
-    uint step = gl_NumWorkGroups.x * gl_WorkGroupSize.x;
-    for (uint i = gl_GlobalInvocationID.x; i < uint(p.total); i += step) {
+    uint step = loop_step();
+    for (uint i = loop_first(); i < uint(p.total); i += step) {
         ivec3 prc = plane_row_col(i, p.magic_w, p.out_size.y, p.magic_h, p.out_size.x);
         int plane = prc.x;
         int oy = prc.y;

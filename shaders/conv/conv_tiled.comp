@@ -1,7 +1,7 @@
 #version 450
 // Tiled implicit-GEMM convolution for GPUs: NC[D][H]W float32, any rank 1..3 (1-D and 2-D arrive
 // with unit depth/height), groups, stride, dilation, pads, bias and fused activation. Host code:
-// vkconv/conv_kernels.py (TiledKernel).
+// vkconv/ops/conv/kernels.py (TiledKernel).
 //
 // The convolution is the GEMM Y[oc][pixel] = sum_k W[oc][k] * X[k][pixel] with
 // K = C_in/g * kd * kh * kw and X the (never materialized) im2col matrix of the input. A workgroup
@@ -12,7 +12,7 @@
 // [group][oc tile][K padded to TK][TM] (zeros past cout_g and K): a strip's weight tile is one
 // contiguous, coalesced block with no bounds checks. The input tile reads x in place with bounds
 // checks (pads, partial pixel tiles, K past its end read as 0), which costs nothing in the inner
-// loop and needs no padded copy. Unlike conv2d_rows.comp this is for GPUs: lavapipe runs barriers
+// loop and needs no padded copy. Unlike conv_rows.comp this is for GPUs: lavapipe runs barriers
 // and shared memory slowly.
 #extension GL_GOOGLE_include_directive : require
 #extension GL_EXT_control_flow_attributes : require

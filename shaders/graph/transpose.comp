@@ -11,6 +11,7 @@
 #include "divide.glsl"
 
 layout(local_size_x_id = 0, local_size_y = 1, local_size_z = 1) in;
+#include "grid.glsl"
 
 // collapsed axes in use (2..5): the index arithmetic of the others folds away
 layout(constant_id = 4) const int AXES = 5;
@@ -27,8 +28,8 @@ layout(push_constant) uniform Params {
 
 void main()
 {
-    uint step = gl_NumWorkGroups.x * gl_WorkGroupSize.x;
-    for (uint i = gl_GlobalInvocationID.x; i < uint(p.total); i += step) {
+    uint step = loop_step();
+    for (uint i = loop_first(); i < uint(p.total); i += step) {
         uint rest = i;
         int offset = 0;
         for (int d = 4; d > 5 - AXES; --d) {

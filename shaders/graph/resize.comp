@@ -1,5 +1,5 @@
 #version 450
-// 2-D Resize / Upsample over NCHW float32, nearest or (bi)linear. Host code: vkconv/resize.py.
+// 2-D Resize / Upsample over NCHW float32, nearest or (bi)linear. Host code: vkconv/ops/resize.py.
 //
 // The host computes, in float64 as ONNX's reference does, per output row and per output column
 // the two source indices (already clamped to the input) and the weight of the second one, for the
@@ -9,6 +9,7 @@
 #include "divide.glsl"
 
 layout(local_size_x_id = 0, local_size_y = 1, local_size_z = 1) in;
+#include "grid.glsl"
 
 layout(constant_id = 4) const int LINEAR = 0;
 // Nearest upsampling by whole factors (the host checked that its tables are o / FH and o / FW):
@@ -36,10 +37,10 @@ layout(push_constant) uniform Params {
 
 void main()
 {
-    uint step = gl_NumWorkGroups.x * gl_WorkGroupSize.x;
+    uint step = loop_step();
     if (FW > 0) {
         const int lanes = VEC4 ? 4 : 1;
-        for (uint i = gl_GlobalInvocationID.x; i < uint(p.total); i += step) {
+        for (uint i = loop_first(); i < uint(p.total); i += step) {
             // magic_w divides by the row length in invocations (out_w / lanes)
             ivec3 prc = plane_row_col(i, p.magic_w, p.out_size.y / lanes, p.magic_h, p.out_size.x);
             const int src = (prc.x * p.in_size.x + prc.y / FH) * p.in_size.y;
@@ -51,7 +52,7 @@ void main()
         }
         return;
     }
-    for (uint i = gl_GlobalInvocationID.x; i < uint(p.total); i += step) {
+    for (uint i = loop_first(); i < uint(p.total); i += step) {
         ivec3 prc = plane_row_col(i, p.magic_w, p.out_size.y, p.magic_h, p.out_size.x);
         int plane = prc.x;
         int oy = prc.y;

@@ -3,7 +3,7 @@
 // arrive with unit depth/height), any groups / stride / dilation / asymmetric pads, bias and fused
 // activation. It reads the input in place (no padded copy), so it is the fallback when the padded
 // copy the faster kernels need would not fit the device's buffer limits. Host code:
-// vkconv/conv_kernels.py.
+// vkconv/ops/conv/kernels.py.
 //
 // One invocation computes a 4 output channels x 4 output pixels register tile: weights are
 // repacked by the host as vec4 over output channels, so each kernel tap costs one vec4 weight load

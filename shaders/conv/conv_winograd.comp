@@ -1,21 +1,21 @@
 #version 450
 // Winograd F(4x4, 3x3) convolution transforms for 3x3 stride-1 undilated 2-D convolutions
-// ("winograd" path). Host code: vkconv/conv_kernels.py, which runs, in one command buffer:
-//   conv2d_pack       input zero-padded, rows aligned so that tile columns start on vec4s;
+// ("winograd" path). Host code: vkconv/ops/conv/kernels.py, which runs, in one command buffer:
+//   conv_pack       input zero-padded, rows aligned so that tile columns start on vec4s;
 //   WINOGRAD_IN       V[a][ci][t] = (B^T d B)[a] for every 6x6 input tile d (36 values a);
-//   conv2d_rows       M[a] = U[a] x V[a], 36 GEMMs run as one grouped 1x1 convolution, with
+//   conv_rows       M[a] = U[a] x V[a], 36 GEMMs run as one grouped 1x1 convolution, with
 //                     U[a] = (G g G^T)[a] transformed on the host (float64) at weight load;
 //   WINOGRAD_OUT      y = A^T M A + bias, activation, for every 4x4 output tile.
 // Tiles are numbered t = (n * tiles_h + ty) * tiles_w4 + tx with tiles_w4 = 4 * tiles_q. Each
 // invocation handles one row of tiles, 4 horizontally adjacent tiles at a time, so transformed
 // values move as vec4s over 4 tiles (lavapipe pays per load/store instruction, not per byte). F(4,3) does 4x fewer
 // multiplications than direct convolution; its float32 error is about 1e-5 x max|y| at 512 input
-// channels (vkconv/conv_kernels.py states the test tolerance).
+// channels (vkconv/ops/conv/kernels.py states the test tolerance).
 //
-// variant: conv2d_winograd_in -DWINOGRAD_IN=1 -DTEXEL=1
-// variant: conv2d_winograd_in_ssbo -DWINOGRAD_IN=1
-// variant: conv2d_winograd_out -DWINOGRAD_OUT=1 -DTEXEL=1
-// variant: conv2d_winograd_out_ssbo -DWINOGRAD_OUT=1
+// variant: conv_winograd_in -DWINOGRAD_IN=1 -DTEXEL=1
+// variant: conv_winograd_in_ssbo -DWINOGRAD_IN=1
+// variant: conv_winograd_out -DWINOGRAD_OUT=1 -DTEXEL=1
+// variant: conv_winograd_out_ssbo -DWINOGRAD_OUT=1
 #extension GL_EXT_samplerless_texture_functions : require  // textureBuffer: SPIR-V 1.6 forbids sampled Buffer images
 #extension GL_GOOGLE_include_directive : require
 #extension GL_EXT_control_flow_attributes : require
@@ -37,7 +37,7 @@ layout(std430, binding = 1) writeonly buffer Transformed { vec4 v[]; };
 
 layout(push_constant) uniform Params {
     int channels, tiles_h, tiles_q;  // tiles_q: groups of 4 tiles along a row
-    int ph, pw4;                     // padded input (conv2d_pack layout)
+    int ph, pw4;                     // padded input (conv_pack layout)
     int ntp;                         // tiles per transformed plane: n * tiles_h * 4 * tiles_q
 } p;
 

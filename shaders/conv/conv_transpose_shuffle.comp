@@ -3,13 +3,14 @@
 // padding: PP-OCR's and U-Net's 2x2 stride-2 upsamplers): the first half, a 1x1 GEMM, wrote
 // c[n][co * K + tap][z][y][x] (K = SD * SH * SW taps); this pass puts each tap's plane in place:
 // y[n][co][z * SD + tz][y * SH + ty][x * SW + tx] = c[n][co * K + (tz * SH + ty) * SW + tx][z][y][x].
-// Host code: vkconv/conv_transpose.py.  VEC4 (input width a multiple of 4): an invocation reads 4
+// Host code: vkconv/ops/conv_transpose.py.  VEC4 (input width a multiple of 4): an invocation reads 4
 // consecutive columns of each of the SW column-tap planes as vec4s and writes the 4 * SW outputs
 // they make as SW vec4s (lavapipe runs loads and stores lane by lane, so fewer, wider is faster).
 #extension GL_GOOGLE_include_directive : require
 #include "divide.glsl"
 
 layout(local_size_x_id = 0, local_size_y = 1, local_size_z = 1) in;
+#include "grid.glsl"
 layout(constant_id = 4) const int SD = 1;
 layout(constant_id = 5) const int SH = 1;
 layout(constant_id = 6) const int SW = 1;
@@ -39,8 +40,8 @@ float source(int plane, int oz, int oy, int ox)
 void main()
 {
     const int lanes = VEC4 ? 4 * SW : 1;
-    uint step = gl_NumWorkGroups.x * gl_WorkGroupSize.x;
-    for (uint i = gl_GlobalInvocationID.x; i < uint(p.total); i += step) {
+    uint step = loop_step();
+    for (uint i = loop_first(); i < uint(p.total); i += step) {
         const uint row = divide_magic(i, p.magic_w);
         const int ox = int(i - row * uint(p.out_w / lanes)) * lanes;
         const uint slice = divide_magic(row, p.magic_h);

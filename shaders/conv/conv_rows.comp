@@ -1,10 +1,10 @@
 #version 450
 // Implicit-GEMM convolution over aligned row segments: NC[D][H]W float32, any rank 1..3 (1-D and
 // 2-D arrive with unit depth/height), groups, stride, dilation, bias and fused activation. The
-// input is the zero-padded, row-aligned copy written by conv2d_pack.comp, or the input itself: for
+// input is the zero-padded, row-aligned copy written by conv_pack.comp, or the input itself: for
 // a 1x1 stride-1 convolution seen as one long row (a plain GEMM), and MASKED (input width a
 // multiple of 4) with rows outside the input skipped and vec4s outside a row read as zeros, which
-// saves the pack pass. Host code: vkconv/conv_kernels.py.
+// saves the pack pass. Host code: vkconv/ops/conv/kernels.py.
 //
 // One invocation owns an MB output channels x PB output pixels register tile (PB consecutive
 // pixels of one output row). For each input channel and kernel row it loads the input row segment
@@ -15,8 +15,8 @@
 // outer product of MB weights by PB pixels. No shared memory: lavapipe runs barriers and shared
 // loads slowly, and texel fetches of both operands keep loads per FMA low (see conv_bindings.py).
 //
-// variant: conv2d_rows -DTEXEL=1
-// variant: conv2d_rows_ssbo
+// variant: conv_rows -DTEXEL=1
+// variant: conv_rows_ssbo
 #extension GL_EXT_samplerless_texture_functions : require  // textureBuffer: SPIR-V 1.6 forbids sampled Buffer images
 #extension GL_GOOGLE_include_directive : require
 #extension GL_EXT_control_flow_attributes : require

@@ -2,10 +2,10 @@
 // Zero-padded, row-aligned copy of a convolution input: x [planes][d][h][w] float ->
 // xp [planes][pd][ph][pw4] vec4, with the input placed at (pad_d, pad_h, pad_w) and zeros around.
 // The implicit-GEMM and depthwise kernels then read whole aligned vec4 row segments with no
-// bounds checks in their inner loops. Host code: vkconv/conv_kernels.py.
+// bounds checks in their inner loops. Host code: vkconv/ops/conv/kernels.py.
 //
-// variant: conv2d_pack -DTEXEL=1
-// variant: conv2d_pack_ssbo
+// variant: conv_pack -DTEXEL=1
+// variant: conv_pack_ssbo
 #extension GL_EXT_samplerless_texture_functions : require  // textureBuffer: SPIR-V 1.6 forbids sampled Buffer images
 #extension GL_GOOGLE_include_directive : require
 

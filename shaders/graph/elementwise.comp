@@ -1,7 +1,7 @@
 #version 450
 // A fused chain of elementwise ops: up to 4 input tensors with ONNX (numpy) broadcasting, up to
 // 8 instructions (activation.glsl's program_step: Add / Sub / Mul / Div, an activation), one output.
-// Host code: vkconv/eltwise.py.
+// Host code: vkconv/ops/elementwise.py.
 //
 // The program is specialization constants, so the driver unrolls it and keeps every register in
 // SSA form: a chain such as PP-LCNet's decomposed HardSwish (Add, Clip, Mul, Div, Mul, Add) reads
@@ -15,13 +15,14 @@
 // the host picks it when the innermost axis is a multiple of 4 and every input is either
 // contiguous or broadcast along it, so loads are vec4 or one scalar splat.
 //
-// variant: eltwise
-// variant: eltwise_vec4 -DVEC4=1
+// variant: elementwise
+// variant: elementwise_vec4 -DVEC4=1
 #extension GL_GOOGLE_include_directive : require
 #include "activation.glsl"
 #include "divide.glsl"
 
 layout(local_size_x_id = 0, local_size_y = 1, local_size_z = 1) in;
+#include "grid.glsl"
 
 layout(constant_id = 4) const int N_IN = 1;
 layout(constant_id = 5) const int N_INSTR = 1;
@@ -111,9 +112,9 @@ void main()
 #else
     const int lanes = 1;
 #endif
-    uint step = gl_NumWorkGroups.x * gl_WorkGroupSize.x;
+    uint step = loop_step();
     for (uint outer = gl_WorkGroupID.z; outer < uint(AXES == 5 ? p.extents[0] : 1); outer += gl_NumWorkGroups.z)
-    for (uint n = gl_GlobalInvocationID.x; n < uint(p.inner); n += step) {
+    for (uint n = loop_first(); n < uint(p.inner); n += step) {
         // coordinates along the collapsed axes, innermost (in vec4 units for VEC4) first
         int c[5] = int[5](int(n), 0, 0, 0, int(outer));
         uint rest = n;

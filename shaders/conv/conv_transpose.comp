@@ -1,7 +1,7 @@
 #version 450
 // Transposed convolution (ONNX ConvTranspose), NC(D)(H)W float32; 1-D and 2-D inputs arrive as 3-D
 // with unit depth/height. Any groups / strides / dilations / pads (negative begin pads included,
-// which output_shape can produce), bias and fused activation. Host code: vkconv/conv_transpose.py.
+// which output_shape can produce), bias and fused activation. Host code: vkconv/ops/conv_transpose.py.
 //
 // Gather formulation: output o receives x[i] * w[k] for every i*s + k*d - pad_begin == o, so each
 // invocation sums its own taps and no two invocations write the same element (no atomics).
@@ -11,7 +11,7 @@
 // are repacked as OCV vec4s over output channels with the input channel innermost, so the hot loop
 // walks input channels with OCV vec4 weight loads and PIX scalar input loads per 4*OCV*PIX FMAs.
 //
-// Tiles are PIXxOC (OC = 4 * OCV); vkconv/conv_transpose.py picks one per device and layer width.
+// Tiles are PIXxOC (OC = 4 * OCV); vkconv/ops/conv_transpose.py picks one per device and layer width.
 // variant: conv_transpose_4x4 -DPIX=4 -DOCV=1
 // variant: conv_transpose_4x8 -DPIX=4 -DOCV=2
 // variant: conv_transpose_8x4 -DPIX=8 -DOCV=1

@@ -1,5 +1,5 @@
 #version 450
-// Deformable convolution, stage 2 of 3 (host code: vkconv/deform_conv.py): bilinear "im2col".
+// Deformable convolution, stage 2 of 3 (host code: vkconv/ops/deform_conv.py): bilinear "im2col".
 // One invocation handles one (offset group, kernel tap) and 4 consecutive output pixels of one
 // image: it reads the 4 (dy, dx) pairs and DCNv2 mask values once and computes the 4 points'
 // corners and weights once (bilinear.glsl, torchvision's boundary rule), then, per 4-channel block
@@ -11,7 +11,7 @@
 // cols[image][group][tile][tap * C_in/g + channel in group][pb4] as vec4 over 4 consecutive
 // pixels.  Tile-major, so the 8 invocations of a SIMD group fill whole cache lines of one small
 // block (row-major columns, one long row per channel, made the stores 2x slower on lavapipe).  It
-// is the operand of conv2d_rows.comp as set up by conv_kernels.RowsKernel.tiled_operand: a plain
+// is the operand of conv_rows.comp as set up by vkconv.ops.conv.kernels.RowsKernel.tiled_operand: a plain
 // GEMM with the weights reordered to [C_out][tap][C_in/g].
 //
 // Where the cost goes on lavapipe (Mesa 22.3, 64 channels, 3x3, 56x56): the column stores are

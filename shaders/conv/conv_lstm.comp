@@ -1,5 +1,5 @@
 #version 450
-// ConvLSTM2D (Keras 3 semantics), NCHW float32 frames. Host code: vkconv/conv_lstm.py.
+// ConvLSTM2D (Keras 3 semantics), NCHW float32 frames. Host code: vkconv/ops/conv_lstm.py.
 //
 // Two modules from this file share one convolution loop:
 //   conv_lstm_input_*  the input convolution of every frame at once (N*T frames in one dispatch):

@@ -1,6 +1,6 @@
 #version 450
-// Output-stationary sparse convolution (vkconv/sparse_conv.py): one dispatch computes every output
-// row o of a rulebook (vkconv/sparse_rulebook.py) as
+// Output-stationary sparse convolution (vkconv/ops/sparse/conv.py): one dispatch computes every output
+// row o of a rulebook (vkconv/ops/sparse/rulebook.py) as
 //     y[o] = act(bias + sum over the taps t set in mask[o], in increasing t: W[t]^T x[table[o][t]])
 // Each output row is summed in registers by one invocation and stored once: no read-modify-write,
 // no atomics, no separate bias / activation pass, and the additions happen in tap order, so the
@@ -21,7 +21,7 @@
 // y [n_out][cout4]; schedule [n_out] float (output rows, whole numbers; bound but unread
 // without SCHEDULE).
 // The TEXEL variant reads features, weights, table and schedule through texel buffers
-// (vkconv/pipeline.py says why: on lavapipe a texel fetch is a gather, a storage-buffer load a
+// (vkconv/runtime/pipeline.py says why: on lavapipe a texel fetch is a gather, a storage-buffer load a
 // loop over the lanes). Every loop is a do-while: lavapipe runs a for loop's body once more,
 // masked, when its condition ends it.
 //

@@ -1,5 +1,5 @@
 #version 450
-// Device-side SparseTensor.to_dense() for the cv2.dnn sparse encoder (vkconv/sparse_encoder.py):
+// Device-side SparseTensor.to_dense() for the cv2.dnn sparse encoder (vkconv/ops/sparse/encoder.py):
 // dense[b][ch][z][y][x] = features[row][ch] for every active row, into a zero-filled
 // [batch, C, D, H, W] buffer, which is also the [batch, C * D, H, W] BEV layout SECOND reshapes to.
 // Sites come from a rulebook, so each element is written at most once; coordinates are still

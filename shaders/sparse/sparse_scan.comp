@@ -1,6 +1,6 @@
 #version 450
 // Exclusive prefix sum of int32 values (the sparse rulebook numbers output sites with it). Host:
-// vkconv/sparse_rulebook.py (record_scan()), which runs a tree of blocks of LOCAL x items values,
+// vkconv/ops/sparse/rulebook.py (record_scan()), which runs a tree of blocks of LOCAL x items values,
 // items a push constant so that one block (one dispatch) covers the rulebooks of common clouds:
 //   sparse_scan_reduce     block b's total -> sums[b]                    (one level up per pass)
 //   sparse_scan_downsweep  dst[i] = parent[b] + sum of src[block start .. i-1]; the invocation
