@@ -49,7 +49,7 @@ from cv_plugin import bench as benchmarks
 from cv_plugin import compat, tuning
 from cv_plugin.input_shapes import fix_input_shapes, parse_shape, runtime_inputs, symbolic_inputs
 from vkconv import __version__
-from vkconv.ops.conv.kernels import Candidate
+from vkconv.ops.conv.selection import Candidate
 from vkconv.ops.tune import budget_ms
 from vkconv.runtime.context import DeviceInfo, choose_device, get_context, list_devices
 from vkconv.runtime.errors import VkconvError

@@ -382,7 +382,7 @@ def test_tiled_kernel_under_mobile_limits(mobile_ctx):
 def test_tiled_kernel_with_small_tiles():
     """A device with 32 invocations per workgroup gets 16 x 16 tiles in K strips of 8: several
     channel and pixel tiles and strips on the same shapes."""
-    from vkconv.ops.conv.kernels import choose_tiles
+    from vkconv.kernels.tiling import choose_tiles
 
     with Context() as ctx:
         ctx.info = dataclasses.replace(ctx.info, max_workgroup_invocations=32)
@@ -393,7 +393,7 @@ def test_tiled_kernel_with_small_tiles():
 
 
 def test_tile_choice_respects_the_device_limits():
-    from vkconv.ops.conv.kernels import choose_tiles
+    from vkconv.kernels.tiling import choose_tiles
 
     with Context() as ctx:
         for invocations, shared in [(128, 16384), (64, 8192), (1024, 65536), (32, 4096)]:

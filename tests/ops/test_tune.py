@@ -25,8 +25,10 @@ from cv_plugin import tuning as net_tuning
 from cv_plugin.input_shapes import fix_input_shapes
 from tests.conftest import needs_opencv_layers
 from tests.oracles import assert_close, onnxruntime_reference
+from vkconv.kernels.tiling import tuning
 from vkconv.ops import tune
-from vkconv.ops.conv.kernels import KERNELS, Candidate, Geometry, candidates, tuning
+from vkconv.ops.conv.kernels import KERNELS, Geometry
+from vkconv.ops.conv.selection import Candidate, candidates
 from vkconv.runtime.tunecache import TuneCache, cache_for, device_identity
 
 REL = 1e-4

@@ -27,6 +27,7 @@ import numpy as np
 
 from vkconv.kernels import shapes
 from vkconv.kernels.activation import Activation
+from vkconv.kernels.tiling import fitting_tile
 from vkconv.ops.base import DeviceOp
 from vkconv.runtime.buffer import Buffer
 from vkconv.runtime.context import Context
@@ -74,9 +75,7 @@ def choose_tile(ctx: Context, filters: int) -> tuple[int, int]:
     measured no faster).  On GPUs a small tile keeps registers for occupancy (not measured on a GPU
     yet).  Narrow layers get the smallest block that holds their filters.
     """
-    if ctx.info.type != "cpu":
-        return TILES[0]
-    return next((t for t in TILES if t[1] >= filters), TILES[-1])
+    return fitting_tile(TILES if ctx.info.type == "cpu" else TILES[:1], filters, lambda tile: tile[1])
 
 
 def pack_gates(kernel: np.ndarray, fb: int) -> np.ndarray:

@@ -36,18 +36,10 @@ import numpy as np
 
 from vkconv.kernels import shapes
 from vkconv.kernels.divide import magic
+from vkconv.kernels.tiling import fitting_tile, tuning
 from vkconv.ops.base import WeightedOp
-from vkconv.ops.conv.kernels import (
-    ConvPlan,
-    Geometry,
-    Kernel,
-    OutputMap,
-    RowsKernel,
-    make_kernel,
-    pack_bias_blocks,
-    select,
-    tuning,
-)
+from vkconv.ops.conv.kernels import ConvPlan, Geometry, Kernel, OutputMap, RowsKernel, make_kernel, pack_bias_blocks
+from vkconv.ops.conv.selection import select
 from vkconv.runtime.buffer import Buffer
 from vkconv.runtime.command import CommandBuffer
 from vkconv.runtime.context import Context
@@ -133,8 +125,8 @@ def choose_tile(ctx: Context, cout_g: int) -> tuple[int, int]:
     accumulators per invocation, leaving registers for occupancy (not measured on a GPU yet).
     Narrow layers get the smallest channel block that holds them, to waste no padded channels.
     """
-    pix, widths = (8, (1, 2, 4, 8)) if ctx.info.type == "cpu" else (4, (1, 2))
-    return pix, next((v for v in widths if 4 * v >= cout_g), widths[-1])
+    tiles = TILES[2:] if ctx.info.type == "cpu" else TILES[:2]
+    return fitting_tile(tiles, cout_g, lambda tile: 4 * tile[1])
 
 
 def pack_weights(w: np.ndarray, group: int, oc_block: int) -> np.ndarray:

@@ -57,8 +57,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from vkconv.kernels import shapes
+from vkconv.kernels.tiling import tuning
 from vkconv.ops.base import WeightedOp
-from vkconv.ops.conv.kernels import RowsKernel, tuning
+from vkconv.ops.conv.kernels import RowsKernel
 from vkconv.runtime.buffer import Buffer
 from vkconv.runtime.command import CommandBuffer
 from vkconv.runtime.context import Context, vk
@@ -69,7 +70,7 @@ from vkconv.runtime.plan import Plan, closed_on_error
 
 _PACK_PUSH = struct.Struct("<6i")
 _SAMPLE_PUSH = struct.Struct("<24i")
-_CHUNK_ALIGN = 32  # pixels: a multiple of every GEMM pixel tile (conv_kernels._ROWS_SPEED)
+_CHUNK_ALIGN = 32  # pixels: a multiple of every GEMM pixel tile (vkconv.kernels.tiling.ROWS_SPEED)
 # Offset groups of at most this many 4-channel blocks get the sampling stage's block loop unrolled
 # (specialization constants): 1.1x faster sampling at 4 blocks, no gain at 16, and 64 unrolled blocks
 # took lavapipe 25 s to compile.

@@ -31,16 +31,21 @@ forces storage buffers.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import math
-import os
 import struct
 from dataclasses import dataclass
 
 import numpy as np
 
 from vkconv.kernels.activation import Activation
+from vkconv.kernels.tiling import (
+    DEPTHWISE_TILES,
+    Tuning,
+    choose_mb,
+    choose_pb,
+    choose_tiles,
+)
 from vkconv.runtime.buffer import Buffer
 from vkconv.runtime.command import CommandBuffer
 from vkconv.runtime.context import Context
@@ -125,45 +130,6 @@ class OutputMap:
         return cls(math.prod(out), 0, out[1] * out[2], out[2], 1)
 
 
-# ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Tuning:
-    """Launch shapes chosen from the device: local size and register-tile sizes."""
-
-    local_size: int
-    max_tile: int  # MB * PB bound: register-tile floats per invocation
-    texel: bool    # read operands through texel buffers
-    fp16: bool = False  # keep weights as fp16 (RGBA16F texel views); arithmetic stays fp32
-    # A candidate's fixed choices (0 / None: chosen by the tables below): the rows kernels' output
-    # channels per invocation, the rows and depthwise kernels' pixels per invocation, the tiled
-    # kernel's tile shape.
-    mb: int = 0
-    pb: int = 0
-    tile: TileShape | None = None
-
-
-def tuning(ctx: Context, fp16: bool | None = None) -> Tuning:
-    """Tile sizes by device type, and the weight storage precision.
-
-    On a CPU device (lavapipe) an invocation is one SIMD lane of a loop the JIT unrolls; loads are
-    expensive and registers spill cheaply to L1, so big register tiles (16x16) win. A GPU has a
-    register file per thread and needs occupancy: at most 32 accumulators per invocation.
-    ``fp16``: None follows ``VKCONV_FP16=1`` (ignored, with a log line, where the device cannot read
-    RGBA16F texel buffers); True on such a device is an error.
-    """
-    big = ctx.info.type == "cpu"
-    texel = os.environ.get("VKCONV_CONV_TEXEL", "1") not in ("0", "")
-    if fp16 is None:
-        fp16 = os.environ.get("VKCONV_FP16", "") == "1"
-        if fp16 and not ctx.info.fp16_texel:
-            log.info("VKCONV_FP16=1 ignored: %s cannot read RGBA16F texel buffers", ctx.info.name)
-            fp16 = False
-    elif fp16 and not ctx.info.fp16_texel:
-        raise VkconvError(f"fp16: {ctx.info.name} cannot read RGBA16F texel buffers")
-    return Tuning(local_size=ctx.local_size(), max_tile=256 if big else 32, texel=texel,
-                  fp16=bool(fp16) and texel)
-
-
 class DeviceWeights:
     """Packed weights kept on the device for texel or storage reads.
 
@@ -195,48 +161,6 @@ class DeviceWeights:
                 buf.close()
         self.half = self.full = None
 
-
-
-# Relative throughput of the rows kernel for (MB, PB) register tiles, measured on lavapipe over
-# 1x1 GEMMs and 3x3 convolutions (stride 1 and 2); larger tiles (12x20, 20x12, 24x8, 16x32) were
-# no faster or spilled. A GPU only sees the tiles its max_tile allows.
-_ROWS_SPEED = {(16, 16): 1.0, (16, 8): 0.85, (8, 16): 0.8, (8, 32): 0.8, (16, 4): 0.6, (4, 32): 0.6,
-               (8, 8): 0.6, (4, 16): 0.5, (8, 4): 0.35, (4, 8): 0.35, (4, 4): 0.25}
-_DEPTHWISE_SPEED = {16: 1.0, 8: 0.8, 4: 0.5}
-_DEPTHWISE_TILES = {(0, pb): speed for pb, speed in _DEPTHWISE_SPEED.items()}  # choose_pb's form
-
-
-def choose_mb(cout_g: int, tune: Tuning) -> int:
-    """Output channels per invocation: ``tune.mb`` when a candidate fixes it, else the block whose
-    fastest allowed tile is fastest net of the zero-padded part of the last block."""
-    if tune.mb:
-        return tune.mb
-    best = None
-    for mb in sorted({m for m, _ in _ROWS_SPEED}, reverse=True):
-        speeds = [s for (m, pb), s in _ROWS_SPEED.items() if m == mb and m * pb <= tune.max_tile]
-        if not speeds:
-            continue
-        score = max(speeds) * max(cout_g, 1) / max(-(-cout_g // mb) * mb, 1)
-        if best is None or score > best[0]:
-            best = (score, mb)
-    assert best is not None  # _ROWS_SPEED has a 4 x 4 tile, within every max_tile (>= 32)
-    return best[1]
-
-
-def choose_pb(mb: int, out_w: int, tune: Tuning, speeds=_ROWS_SPEED) -> int:
-    """Pixels per invocation for ``mb`` channels: ``tune.pb`` when a candidate fixes it, else the
-    fastest tile net of the partial last tile."""
-    if tune.pb:
-        return tune.pb
-    best = None
-    for (m, pb), speed in speeds.items():
-        if m != mb or m * pb > tune.max_tile:
-            continue
-        padded = -(-out_w // pb) * pb
-        score = speed * out_w / padded
-        if best is None or score > best[0]:
-            best = (score, pb)
-    return best[1] if best else 4
 
 
 def pack_oc_blocks(w: np.ndarray, group: int, mb: int) -> np.ndarray:
@@ -525,7 +449,7 @@ class DepthwiseKernel(_PaddedInputKernel):
     def _layout(self, geo: Geometry):
         """(PB, the padded copy's layout, or None to read the input in place: its rows are whole
         vec4s when the width is a multiple of 4)."""
-        pb = choose_pb(0, geo.out[2], self.tune, _DEPTHWISE_TILES)
+        pb = choose_pb(0, geo.out[2], self.tune, DEPTHWISE_TILES)
         return pb, None if geo.size[2] % 4 == 0 else _padded(geo, pb)
 
     def fits(self, geo: Geometry) -> bool:
@@ -683,47 +607,6 @@ class WinogradKernel(_PaddedInputKernel):
         super().close()
 
 
-# ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TileShape:
-    """conv_tiled.comp's tiles: TM x TN per workgroup, K strips of TK, RM x RN per invocation."""
-
-    tm: int
-    tn: int
-    tk: int
-    rm: int
-    rn: int
-
-    @property
-    def invocations(self) -> int:
-        return (self.tm // self.rm) * (self.tn // self.rn)
-
-    @property
-    def shared_bytes(self) -> int:
-        """Both operand tiles plus the per-pixel origins (an ivec4 each)."""
-        return 4 * (self.tm * self.tk + self.tk * self.tn) + 16 * self.tn
-
-
-# Largest first: 64 x 64 reuses each loaded operand 64 times with 64 accumulators per invocation
-# (a GPU's register budget at good occupancy); smaller tiles for devices with fewer invocations or
-# less shared memory.
-_TILE_SHAPES = (TileShape(64, 64, 16, 8, 8), TileShape(32, 64, 16, 4, 8), TileShape(32, 32, 16, 4, 4),
-                TileShape(16, 16, 8, 4, 4))
-
-
-def choose_tiles(ctx: Context) -> TileShape:
-    """The largest tile within min(128, device) invocations per workgroup and min(16 KiB, device)
-    shared memory."""
-    info = ctx.info
-    invocations = min(128, info.max_workgroup_invocations, info.max_workgroup_size[0])
-    shared = min(16384, info.max_shared_memory)
-    for tile in _TILE_SHAPES:
-        if tile.invocations <= invocations and tile.shared_bytes <= shared:
-            return tile
-    raise VkconvError(f"tiled: {info.name} allows {invocations} invocations and {shared} bytes of shared "
-                      f"memory per workgroup, below the smallest tile's {_TILE_SHAPES[-1]}")
-
-
 class TiledKernel(Kernel):
     """``tiled``: conv_tiled.comp, see the module docstring.  Weights are packed
     ``[g][oc tile][K padded to TK][TM]`` (float32 even with ``fp16``: the kernel reads storage
@@ -782,45 +665,6 @@ class TiledKernel(Kernel):
         self._taps.clear()
 
 
-# ---------------------------------------------------------------------------------------------
-def eligible(name: str, geo: Geometry) -> str | None:
-    """Why kernel ``name`` cannot run ``geo`` (None if it can)."""
-    if name == "gemm1x1" and not geo.pointwise:
-        return "needs a 1x1 kernel, stride 1 and no padding"
-    if name == "depthwise" and not (geo.cin_g == 1 and geo.group > 1):
-        return "needs group == input channels (> 1)"
-    if name == "winograd" and not (geo.winograd_shape and geo.group == 1):
-        return "needs a 3x3 2-D kernel, stride 1, dilation 1, group 1"
-    return None
-
-
-GPU_TYPES = ("discrete", "integrated", "virtual")
-
-
-def select(geo: Geometry, device_type: str = "cpu") -> str:
-    """The kernel the shape calls for on a device of ``device_type`` (``DeviceInfo.type``), before
-    checking that its scratch buffers fit.  Implicit-GEMM shapes get ``tiled`` on GPUs (discrete,
-    integrated, virtual) and ``implicit_gemm`` on CPU devices, where shared memory and barriers are
-    slow (docs/PERFORMANCE.md)."""
-    if eligible("depthwise", geo) is None:
-        return "depthwise"
-    if eligible("gemm1x1", geo) is None:
-        return "gemm1x1"
-    if eligible("winograd", geo) is None and winograd_pays(geo):
-        return "winograd"
-    return "tiled" if device_type in GPU_TYPES else "implicit_gemm"
-
-
-def winograd_pays(geo: Geometry) -> bool:
-    """Winograd wins when the channel counts are large enough for its GEMMs to dominate the
-    transforms and the 36 GEMMs over the tile grid (padded to groups of 4 tiles along rows) do at
-    most half the multiplications of a direct convolution.  Measured on lavapipe: 0.3-0.6x the
-    implicit GEMM's time from 64 input channels on; ties or loses at 16-32 channels or 7x7 images."""
-    tiles = winograd_tiles(geo)[2]
-    return (geo.cin_g >= 64 and geo.cout_g >= 32
-            and 36 * tiles <= 0.5 * 9 * geo.n * geo.out[1] * geo.out[2])
-
-
 def make_kernel(name: str, ctx: Context, w: np.ndarray, b: np.ndarray | None, group: int,
                 activation: Activation, tune: Tuning) -> Kernel:
     """Kernel ``name`` with weights ``w`` ``[C_out, C_in/g, kd, kh, kw]`` packed and uploaded."""
@@ -837,167 +681,3 @@ def make_kernel(name: str, ctx: Context, w: np.ndarray, b: np.ndarray | None, gr
     raise ValueError(f"kernel: unknown {name!r}; expected one of {', '.join(KERNELS)}")
 
 
-# ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Candidate:
-    """One way to run a convolution: a kernel family and the launch choices it leaves open
-    (0 / None: chosen by the heuristics, as without tuning).
-
-    ``mb`` x ``pb``: the rows kernels' register tile (``implicit_gemm``, ``gemm1x1``, and
-    ``winograd``'s GEMM); ``pb`` alone for ``depthwise``.  ``local_size``: invocations per
-    workgroup (not ``tiled``, whose tile fixes it).  ``texel``: operands through texel buffers
-    (True) or storage buffers (False).  ``tile``: ``tiled``'s tile shape.
-    """
-
-    kernel: str
-    mb: int = 0
-    pb: int = 0
-    local_size: int = 0
-    texel: bool | None = None
-    tile: TileShape | None = None
-
-    def __post_init__(self):
-        if self.mb % 4 or self.pb % 4 or min(self.mb, self.pb, self.local_size) < 0:
-            raise ValueError(f"candidate: mb and pb must be multiples of 4 and local_size >= 0, got {self}")
-
-    def tuning(self, base: Tuning) -> Tuning:
-        """``base`` with this candidate's choices fixed.  Texel reads stay off where ``base`` has
-        them off (``VKCONV_CONV_TEXEL=0``, or the kernel reads storage buffers only)."""
-        texel = base.texel and (self.texel is None or self.texel)
-        return dataclasses.replace(base, local_size=self.local_size or base.local_size, texel=texel,
-                                   fp16=base.fp16 and texel, mb=self.mb, pb=self.pb, tile=self.tile)
-
-    def label(self) -> str:
-        """Short text for tables and logs, e.g. ``implicit_gemm 16x8 ls64 ssbo``."""
-        parts = [self.kernel]
-        if self.mb or self.pb:
-            parts.append(f"{self.mb}x{self.pb}" if self.mb else f"pb{self.pb}")
-        if self.tile is not None:
-            t = self.tile
-            parts.append(f"{t.tm}x{t.tn}/{t.tk}:{t.rm}x{t.rn}")
-        if self.local_size:
-            parts.append(f"ls{self.local_size}")
-        if self.texel is not None:
-            parts.append("texel" if self.texel else "ssbo")
-        return " ".join(parts)
-
-    def to_json(self) -> dict:
-        record: dict = {"kernel": self.kernel}
-        record |= {k: v for k, v in (("mb", self.mb), ("pb", self.pb), ("local_size", self.local_size)) if v}
-        if self.texel is not None:
-            record["texel"] = self.texel
-        if self.tile is not None:
-            record["tile"] = dataclasses.astuple(self.tile)
-        return record
-
-    @classmethod
-    def from_json(cls, record: object) -> Candidate:
-        """The candidate :meth:`to_json` wrote; ValueError for anything else."""
-        if not isinstance(record, dict) or record.get("kernel") not in KERNELS:
-            raise ValueError(f"not a conv candidate: {record!r}")
-        tile = record.get("tile")
-        return cls(kernel=record["kernel"], mb=int(record.get("mb", 0)), pb=int(record.get("pb", 0)),
-                   local_size=int(record.get("local_size", 0)),
-                   texel=None if record.get("texel") is None else bool(record["texel"]),
-                   tile=None if tile is None else TileShape(*(int(v) for v in tile)))
-
-
-_DEPTHWISE_PB = tuple(sorted(_DEPTHWISE_SPEED, reverse=True))
-_LOCAL_SIZES = (32, 64, 128, 256)
-
-
-def register_tiles(name: str, base: Tuning) -> list[tuple[int, int]]:
-    """The (MB, PB) register tiles kernel ``name`` can take within ``base.max_tile``, by measured
-    lavapipe speed (fastest first); ``(0, PB)`` for ``depthwise``; none for the others."""
-    if name == "depthwise":
-        return [(0, pb) for pb in _DEPTHWISE_PB]
-    if name in ("implicit_gemm", "gemm1x1", "winograd"):
-        tiles = sorted(_ROWS_SPEED, key=lambda t: -_ROWS_SPEED[t])
-        return [(mb, pb) for mb, pb in tiles if mb * pb <= base.max_tile]
-    return []
-
-
-def local_sizes(ctx: Context, name: str) -> list[int]:
-    """The workgroup sizes kernel ``name`` can be launched with on this device (``tiled``: none,
-    its tile shape fixes them)."""
-    if name == "tiled":
-        return []
-    return sorted({ctx.local_size(n) for n in _LOCAL_SIZES})
-
-
-def tile_shapes(ctx: Context) -> list[TileShape]:
-    """``tiled``'s tile shapes within this device's invocations and shared memory per workgroup."""
-    info = ctx.info
-    invocations = min(info.max_workgroup_invocations, info.max_workgroup_size[0])
-    return [t for t in _TILE_SHAPES if t.invocations <= invocations and t.shared_bytes <= info.max_shared_memory]
-
-
-def texel_choices(name: str, base: Tuning) -> list[bool]:
-    """Whether kernel ``name`` can read its operands through texel buffers, storage buffers, or
-    both (``direct`` and ``tiled`` read storage buffers only; ``VKCONV_CONV_TEXEL=0`` rules texels out)."""
-    if name in ("direct", "tiled") or not base.texel:
-        return []
-    return [True, False]
-
-
-def candidates(ctx: Context, geo: Geometry, base: Tuning) -> list[Candidate]:
-    """Every candidate for ``geo`` on this device: each eligible kernel family x register tile x
-    local size x texel/storage reads (x tile shape for ``tiled``).  Whether a candidate's scratch
-    buffers fit is known once its kernel is built (:meth:`Kernel.fits`)."""
-    found = []
-    for name in KERNELS:
-        if eligible(name, geo) is not None:
-            continue
-        tiles = register_tiles(name, base) or [(0, 0)]
-        shapes = tile_shapes(ctx) if name == "tiled" else [None]
-        texels: list[bool | None] = [*texel_choices(name, base)] or [None]
-        for (mb, pb), tile, ls, texel in itertools.product(tiles, shapes, local_sizes(ctx, name) or [0], texels):
-            found.append(Candidate(name, mb, pb, ls, texel, tile))
-    return found
-
-
-def resolve(ctx: Context, cand: Candidate, geo: Geometry, base: Tuning) -> Candidate:
-    """``cand`` with every choice it leaves to the heuristics filled in as the kernel will make it
-    for ``geo``: what actually runs (and what the tuner and the cache compare)."""
-    tune = cand.tuning(base)
-    name, mb, pb = cand.kernel, 0, 0
-    if name in ("implicit_gemm", "gemm1x1", "winograd"):
-        mb = choose_mb(geo.cout_g, tune)
-        width = {"implicit_gemm": geo.out[2], "gemm1x1": math.prod(geo.size)}.get(name) or winograd_tiles(geo)[2]
-        pb = choose_pb(mb, width, tune)
-    elif name == "depthwise":
-        pb = choose_pb(0, geo.out[2], tune, _DEPTHWISE_TILES)
-    return Candidate(name, mb, pb, 0 if name == "tiled" else tune.local_size,
-                     tune.texel if texel_choices(name, base) else None,
-                     (tune.tile or choose_tiles(ctx)) if name == "tiled" else None)
-
-
-# Expected time relative to the best candidate, for the tuning budget: on CPU devices the GPU
-# kernel (shared memory, barriers) and the bounds-checked fallback ran 10-50x slower than the
-# others on lavapipe, so they are timed only where the budget could absorb that.
-_CPU_PRIOR = {"tiled": 30.0, "direct": 30.0}
-
-
-def search_plan(ctx: Context, geo: Geometry, base: Tuning):
-    """The tuner's stages for ``geo`` (each proposes variations of the best candidate so far, all
-    resolved) and the prior expected cost of a candidate (see :func:`vkconv.ops.tune.search`)."""
-
-    def families(best: Candidate) -> list[Candidate]:
-        names = [n for n in KERNELS if n != best.kernel and eligible(n, geo) is None]
-        return [resolve(ctx, Candidate(n), geo, base) for n in sorted(names, key=lambda n: prior(Candidate(n)))]
-
-    def tiles(best: Candidate) -> list[Candidate]:
-        if best.kernel == "tiled":
-            return [dataclasses.replace(best, tile=t) for t in tile_shapes(ctx)]
-        return [dataclasses.replace(best, mb=mb, pb=pb) for mb, pb in register_tiles(best.kernel, base)[:6]]
-
-    def sizes(best: Candidate) -> list[Candidate]:
-        return [dataclasses.replace(best, local_size=n) for n in local_sizes(ctx, best.kernel)]
-
-    def texels(best: Candidate) -> list[Candidate]:
-        return [dataclasses.replace(best, texel=t) for t in texel_choices(best.kernel, base)]
-
-    def prior(cand: Candidate) -> float:
-        return _CPU_PRIOR.get(cand.kernel, 1.0) if ctx.info.type not in GPU_TYPES else 1.0
-
-    return [families, tiles, sizes, texels], prior

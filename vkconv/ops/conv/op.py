@@ -24,21 +24,10 @@ import time
 import numpy as np
 
 from vkconv.kernels import shapes
+from vkconv.kernels.tiling import tuning
 from vkconv.ops.base import WeightedOp
-from vkconv.ops.conv.kernels import (
-    KERNELS,
-    Candidate,
-    Geometry,
-    Kernel,
-    eligible,
-    local_sizes,
-    make_kernel,
-    resolve,
-    search_plan,
-    select,
-    tile_shapes,
-    tuning,
-)
+from vkconv.ops.conv.kernels import KERNELS, Geometry, Kernel, make_kernel
+from vkconv.ops.conv.selection import Candidate, eligible, local_sizes, resolve, search_plan, select, tile_shapes
 from vkconv.ops.tune import TuneResult, budget_ms, search, tune_mode
 from vkconv.runtime.context import Context
 from vkconv.runtime.plan import Plan
@@ -81,7 +70,7 @@ class Conv(WeightedOp):
     shape, as in ONNX.  The first call at a new input shape records a command buffer; later calls
     at that shape reuse it (one submit each, no Vulkan object created).  ``kernel`` forces a kernel
     (``"direct"``, ``"implicit_gemm"``, ``"gemm1x1"``, ``"depthwise"``, ``"winograd"``, ``"tiled"``; default
-    ``VKCONV_CONV_KERNEL`` or ``"auto"``), or a whole :class:`~vkconv.ops.conv.kernels.Candidate`
+    ``VKCONV_CONV_KERNEL`` or ``"auto"``), or a whole :class:`~vkconv.ops.conv.selection.Candidate`
     (register tile, local size, reads); a forced kernel that cannot run a shape raises ValueError.
     ``fp16=True`` (default: ``VKCONV_FP16=1``) keeps the weights of the texel-buffer kernels
     (implicit_gemm, gemm1x1, depthwise; not winograd, whose transform would magnify the rounding) as
