@@ -71,6 +71,24 @@ class WeightedOp(DeviceOp):
     def output_channels(self, w_shape: tuple[int, ...]) -> int:
         return w_shape[0]
 
+    def set_weights(self, w: np.ndarray, b: np.ndarray | None = None) -> None:
+        """Replace the weights (and bias) by arrays of the same layout; plans are rebuilt."""
+        w, b = self.check_weights(w, b)
+        state = self._prepare_weights(w, b)
+        with self._lock:
+            self._release()
+            self.weight_shape = w.shape
+            self._adopt_weights(state)
+
+    def _prepare_weights(self, w: np.ndarray, b: np.ndarray | None):
+        """What :meth:`_adopt_weights` installs, made outside the lock (checks beyond
+        :meth:`check_weights`, packing, uploads); by default ``(w, b)``."""
+        return w, b
+
+    def _adopt_weights(self, state) -> None:
+        """Install :meth:`_prepare_weights`' result (called with the lock held, plans released)."""
+        raise NotImplementedError
+
     def check_weights(self, w: np.ndarray, b: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
         """``w`` and ``b`` as float32 arrays, ValueError naming the problem when they do not fit
         this op (rank, a changed shape, empty kernel, group, bias length)."""

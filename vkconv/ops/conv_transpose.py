@@ -199,14 +199,9 @@ class ConvTranspose(WeightedOp):
         return w_shape[1] * self.group  # W is [C_in, C_out / group, *k]
 
     # -- weights -------------------------------------------------------------------------------
-    def set_weights(self, w: np.ndarray, b: np.ndarray | None = None) -> None:
-        """Replace the weights (and bias) by arrays of the same layout; plans are rebuilt.  The
-        device copies are made by the first plan that needs them, in the layout of its method."""
-        w, b = self.check_weights(w, b)
-        with self._lock:
-            self._release()
-            self.weight_shape = w.shape
-            self._w, self._b = w, b
+    def _adopt_weights(self, state) -> None:
+        # The device copies are made by the first plan that needs them, in its method's layout.
+        self._w, self._b = state
 
     def _host_weights(self) -> np.ndarray:
         if self._w is None:

@@ -110,9 +110,7 @@ class DeformConv(WeightedOp):
         self.set_weights(w, b)
 
     # -- weights -------------------------------------------------------------------------------
-    def set_weights(self, w: np.ndarray, b: np.ndarray | None = None) -> None:
-        """Replace the weights (and bias) by arrays of the same layout; plans are rebuilt."""
-        w, b = self.check_weights(w, b)
+    def _prepare_weights(self, w: np.ndarray, b: np.ndarray | None) -> RowsKernel:
         cout, cin_g, kh, kw = w.shape
         if cout < 1 or cin_g < 1:
             raise ValueError(f"w: every dimension must be >= 1, got shape {w.shape}")
@@ -120,17 +118,12 @@ class DeformConv(WeightedOp):
         if cin % self.offset_group:
             raise ValueError(f"offset_group: {cin} input channels (w {w.shape} x group={self.group}) "
                              f"are not divisible by offset_group={self.offset_group}")
-        if b is not None:
-            b = shapes.as_float32("b", b, 1)
-            if b.shape[0] != cout:
-                raise ValueError(f"b: expected {cout} values (one per output channel), got {b.shape[0]}")
         # The GEMM's input channels are the column rows, tap-major: row = tap * C_in/g + channel.
         rows = np.ascontiguousarray(w.transpose(0, 2, 3, 1)).reshape(cout, kh * kw * cin_g, 1, 1, 1)
-        gemm = RowsKernel(self.ctx, rows, b, self.group, self.activation, self.tune, flat=True)
-        with self._lock:
-            self._release()
-            self._gemm = gemm
-            self.weight_shape = w.shape
+        return RowsKernel(self.ctx, rows, b, self.group, self.activation, self.tune, flat=True)
+
+    def _adopt_weights(self, state: RowsKernel) -> None:
+        self._gemm = state
 
     # -- shapes --------------------------------------------------------------------------------
     def output_shape(self, x_shape: Sequence[int]) -> tuple[int, ...]:

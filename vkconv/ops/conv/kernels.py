@@ -39,13 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vkconv.kernels.activation import Activation
-from vkconv.kernels.tiling import (
-    DEPTHWISE_TILES,
-    Tuning,
-    choose_mb,
-    choose_pb,
-    choose_tiles,
-)
+from vkconv.kernels.tiling import DEPTHWISE_TILES, Tuning, choose_mb, choose_pb, choose_tiles
 from vkconv.runtime.buffer import Buffer
 from vkconv.runtime.command import CommandBuffer
 from vkconv.runtime.context import Context

@@ -101,15 +101,11 @@ class Conv(WeightedOp):
         self.set_weights(w, b)
 
     # -- weights -------------------------------------------------------------------------------
-    def set_weights(self, w: np.ndarray, b: np.ndarray | None = None) -> None:
-        """Replace the weights (and bias) by arrays of the same layout; plans are rebuilt."""
-        w, b = self.check_weights(w, b)
-        with self._lock:
-            self._release()
-            self.weight_shape = w.shape
-            # Host copies, lifted to 3-D: kernels pack their own layouts from them on first use.
-            self._w = w.reshape(w.shape[:2] + (1,) * (3 - self.nd) + w.shape[2:]).copy()
-            self._b = None if b is None else b.copy()
+    def _adopt_weights(self, state) -> None:
+        w, b = state
+        # Host copies, lifted to 3-D: kernels pack their own layouts from them on first use.
+        self._w = w.reshape(w.shape[:2] + (1,) * (3 - self.nd) + w.shape[2:]).copy()
+        self._b = None if b is None else b.copy()
 
     # -- shapes --------------------------------------------------------------------------------
     def resolved_pads(self, x_shape) -> tuple[int, ...]:
