@@ -15,6 +15,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from vkconv.runtime.context import get_context
+
 
 def times(fn: Callable[[], object], warmup: int, repeat: int) -> list[float]:
     """Seconds of each of ``repeat`` calls of ``fn`` after ``warmup`` untimed ones."""
@@ -34,11 +36,14 @@ def median_ms(samples: Sequence[float]) -> float:
 
 
 def write_jsonl(path: Path, records: Iterable[Mapping[str, Any]]) -> Path:
-    """One JSON object per line; the folder is created if needed."""
+    """One JSON object per line, each naming the Vulkan device and driver it was measured on
+    (speeds differ between drivers of one device); the folder is created if needed."""
+    info = get_context().info
+    where = {"device": info.name, "driver": info.driver}
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
         for record in records:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps({**where, **record}) + "\n")
     return path
 
 
