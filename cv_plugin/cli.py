@@ -47,7 +47,7 @@ import numpy as np
 import cv_plugin
 from cv_plugin import bench as benchmarks
 from cv_plugin import compat, tuning
-from cv_plugin.input_shapes import fix_input_shapes, parse_shape, runtime_inputs, symbolic_inputs
+from cv_plugin.input_shapes import fix_input_shapes, input_dims, parse_shape, runtime_inputs, symbolic_inputs
 from vkconv import __version__
 from vkconv.ops.conv.selection import Candidate
 from vkconv.ops.tune import budget_ms
@@ -154,13 +154,7 @@ def _load_model(path: str) -> onnx.ModelProto:
 
 def model_inputs(model: onnx.ModelProto) -> list[ModelInput]:
     """The graph inputs that are not initializers, in graph order."""
-    found = []
-    for vi in runtime_inputs(model):
-        tensor = vi.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
-                for d in tensor.shape.dim] if tensor.HasField("shape") else None
-        found.append(ModelInput(vi.name, dims))
-    return found
+    return [ModelInput(vi.name, input_dims(vi)) for vi in runtime_inputs(model)]
 
 
 def random_input(inp: ModelInput, rng: np.random.Generator) -> np.ndarray:

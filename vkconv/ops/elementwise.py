@@ -46,6 +46,13 @@ def element_count(name: str, shape: Shape) -> int:
     return count
 
 
+def checked_sizes(name: str, x_shape: Shape, out: Shape) -> tuple[Shape, int]:
+    """``x_shape`` as a tuple and ``out``'s element count, for one-input ops; ValueError naming
+    ``name`` when either tensor is empty or past 32-bit indexing."""
+    element_count(f"{name} input x", x_shape)
+    return tuple(x_shape), element_count(f"{name} output", out)
+
+
 def broadcast_shape(a: Shape, b: Shape) -> Shape:
     """ONNX multidirectional (numpy) broadcast of two shapes; ValueError names the mismatch."""
     rank = max(len(a), len(b))

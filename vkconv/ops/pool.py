@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from vkconv.kernels import shapes
 from vkconv.kernels.divide import magic
-from vkconv.ops.elementwise import Shape, element_count
+from vkconv.ops.elementwise import Shape, checked_sizes
 from vkconv.runtime.buffer import Buffer
 from vkconv.runtime.command import CommandBuffer
 from vkconv.runtime.context import Context, get_context
@@ -82,9 +82,7 @@ class Pool:
     def record(self, cmd: CommandBuffer, inputs: Sequence[Buffer], outputs: Sequence[Buffer],
                in_shapes: Sequence[Shape]) -> list:
         out = self.output_shapes(in_shapes)[0]
-        x_shape = tuple(in_shapes[0])
-        element_count(f"{self.kind} input x", x_shape)
-        total = element_count(f"{self.kind} output", out)
+        x_shape, total = checked_sizes(self.kind, in_shapes[0], out)
         kernel, strides, dilations, pads, out_hw = self._geometry(x_shape)
         mode = 0 if "Max" in self.kind else (2 if self.count_include_pad else 1)
         local = self.ctx.local_size(LOOP_LOCAL)

@@ -16,7 +16,7 @@ import numpy as np
 
 from vkconv.kernels import shapes
 from vkconv.kernels.divide import magic
-from vkconv.ops.elementwise import Shape, element_count
+from vkconv.ops.elementwise import Shape, checked_sizes
 from vkconv.runtime.buffer import Buffer
 from vkconv.runtime.command import CommandBuffer
 from vkconv.runtime.context import Context, get_context
@@ -128,9 +128,7 @@ class Resize:
     def record(self, cmd: CommandBuffer, inputs: Sequence[Buffer], outputs: Sequence[Buffer],
                in_shapes: Sequence[Shape]) -> list:
         out = self.output_shapes(in_shapes)[0]
-        x_shape = tuple(in_shapes[0])
-        element_count("Resize input x", x_shape)
-        total = element_count("Resize output", out)
+        x_shape, total = checked_sizes("Resize", in_shapes[0], out)
         linear = self.mode == "linear"
         tables = [axis_table(linear, self.coord_mode, self.nearest_mode, scale, x_shape[axis], size)
                   for axis, (size, scale) in zip((2, 3), self._axes(x_shape))]
