@@ -4,6 +4,7 @@ Shared by ``tests/plugin/test_reliability.py`` (small counts) and ``bench/soak.p
 """
 from __future__ import annotations
 
+import gc
 import threading
 from dataclasses import dataclass
 
@@ -49,6 +50,9 @@ def rss_bytes() -> int:
 
 
 def live_objects() -> dict[str, int]:
+    """Live Vulkan objects by kind, after a garbage collection: objects that earlier code dropped
+    but Python had not yet collected would otherwise be freed in the middle of a measurement."""
+    gc.collect()
     return {k: v for k, v in vkconv.get_context().live.items() if v}
 
 
