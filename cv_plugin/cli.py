@@ -47,8 +47,10 @@ import numpy as np
 import cv_plugin
 from cv_plugin import bench as benchmarks
 from cv_plugin import compat, tuning
-from cv_plugin.input_shapes import fix_input_shapes, input_dims, parse_shape, runtime_inputs, symbolic_inputs
+from cv_plugin.input_shapes import fix_input_shapes, parse_shape, runtime_inputs, symbolic_inputs
+from cv_plugin.subgraph import MODES
 from vkconv import __version__
+from vkconv.onnx.model import value_dims
 from vkconv.ops.conv.selection import Candidate
 from vkconv.ops.tune import budget_ms
 from vkconv.runtime.context import DeviceInfo, choose_device, get_context, list_devices
@@ -154,7 +156,7 @@ def _load_model(path: str) -> onnx.ModelProto:
 
 def model_inputs(model: onnx.ModelProto) -> list[ModelInput]:
     """The graph inputs that are not initializers, in graph order."""
-    return [ModelInput(vi.name, input_dims(vi)) for vi in runtime_inputs(model)]
+    return [ModelInput(vi.name, value_dims(vi)) for vi in runtime_inputs(model)]
 
 
 def random_input(inp: ModelInput, rng: np.random.Generator) -> np.ndarray:
@@ -468,6 +470,10 @@ def _add_model_options(parser: argparse.ArgumentParser, runs_help: str) -> None:
     _add_input_shape(parser)
 
 
+def _add_mode(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("--mode", choices=MODES, default=MODES[0], help=help_text)
+
+
 def _add_input_shape(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-shape", action="append", metavar="NAME=D1,D2,...",
                         help="fix a symbolic input's dims before import (repeat per input), e.g. "
@@ -506,10 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  vkconv run model.onnx --input cat.png --compare-cpu\n"
                "  vkconv run model.onnx --input batch.npy --runs 10")
     _add_model_options(run, "timed forwards after the first (default 3)")
-    run.add_argument("--mode", choices=["layer", "subgraph"], default="layer",
-                     help="layer (default): every routed node is its own cv2.dnn layer, with a copy in "
-                          "and out per layer; subgraph: each connected group of supported ops runs as "
-                          "one layer with its tensors on the device")
+    _add_mode(run, "layer (default): every routed node is its own cv2.dnn layer, with a copy in and out "
+                   "per layer; subgraph: each connected group of supported ops runs as one layer with its "
+                   "tensors on the device")
     run.add_argument("--compare-cpu", action="store_true",
                      help="also run the unmodified model on OpenCV's CPU layers and print the max abs "
                           "difference of every output")
@@ -533,9 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  vkconv convert crnn.onnx crnn.vkconv.onnx --mode subgraph --input-shape x=1,3,48,320")
     convert.add_argument("model", metavar="IN.onnx", help="the ONNX model to convert")
     convert.add_argument("out", metavar="OUT.onnx", help="where to write the converted model")
-    convert.add_argument("--mode", choices=["layer", "subgraph"], default="layer",
-                         help="layer (default): one vkconv layer per routed node; subgraph: each connected "
-                              "group of supported ops as one device-resident layer")
+    _add_mode(convert, "layer (default): one vkconv layer per routed node; subgraph: each connected group "
+                       "of supported ops as one device-resident layer")
     _add_input_shape(convert)
     convert.set_defaults(func=cmd_convert)
 
@@ -549,8 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "table per layer.")
     tune.add_argument("model", nargs="?", metavar="MODEL.onnx", help="the ONNX model (optional with --clear)")
     _add_input_shape(tune)
-    tune.add_argument("--mode", choices=["layer", "subgraph"], default="layer",
-                      help="load the model as in `vkconv run --mode` (the convolutions and shapes are the same)")
+    _add_mode(tune, "load the model as in `vkconv run --mode` (the convolutions and shapes are the same)")
     tune.add_argument("--budget-ms", type=float, default=None, metavar="MS",
                       help="wall-time budget per shape (default $VKCONV_TUNE_BUDGET_MS, else 2000)")
     tune.add_argument("--time-limit", type=float, default=None, metavar="S",

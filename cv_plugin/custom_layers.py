@@ -34,8 +34,7 @@ import numpy as np
 
 from cv_plugin import layers
 from cv_plugin.deform_layer import DeformConvLayer
-from cv_plugin.rewrite import ROUTES, Route
-from cv_plugin.rewrite import _check_attributes as check_attributes
+from cv_plugin.rewrite import ROUTES, Route, check_attributes
 
 # OpenCV's renames of standard ONNX attributes, undone for the route's attribute mapping
 _RENAMED = {"kernel_size": "kernel_shape", "pad": "pads", "stride": "strides", "dilation": "dilations"}

@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 
 import onnx
 
+from vkconv.onnx.model import value_dims
+
 
 def runtime_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     """The graph inputs fed at run time (not initializers), in graph order."""
@@ -29,17 +31,9 @@ def reads_shapes(model: onnx.ModelProto) -> bool:
     return any(n.op_type in SHAPE_READERS and n.domain in ("", "ai.onnx") for n in model.graph.node)
 
 
-def input_dims(vi: onnx.ValueInfoProto) -> list[int | None] | None:
-    """``vi``'s dims, None for each symbolic or unknown one; None when it declares no shape."""
-    tensor = vi.type.tensor_type
-    if not tensor.HasField("shape"):
-        return None
-    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor.shape.dim]
-
-
 def symbolic_inputs(model: onnx.ModelProto) -> list[str]:
     """Names of the runtime inputs with a dimension that is not a fixed positive size."""
-    return [vi.name for vi in runtime_inputs(model) if None in (input_dims(vi) or [])]
+    return [vi.name for vi in runtime_inputs(model) if None in (value_dims(vi) or [])]
 
 
 def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:

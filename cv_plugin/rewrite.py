@@ -105,7 +105,7 @@ _LIMITS = {"kernel_shape": (1, 1), "vk_strides": (1, 1), "vk_dilations": (1, 1),
            "vk_output_padding": (0, 1), "vk_output_shape": (1, 1)}
 
 
-def _check_attributes(label: str, op_type: str, attrs: dict, nd: int, w_shape) -> None:
+def check_attributes(label: str, op_type: str, attrs: dict, nd: int, w_shape) -> None:
     """Refuse out-of-range attributes before OpenCV sees them (it breaks on ints >= 2^31, and a
     layer must never be asked to dispatch nonsense)."""
     where = f"model: node {label!r} ({op_type})"
@@ -228,7 +228,7 @@ def rewrite(model: onnx.ModelProto, net_id: int, *, fuse: bool = True) -> tuple[
         node.input.extend(inputs)
         w_shape = g.constants[inputs[1]].shape if inputs[1] in g.constants else None
         new_attrs = dict(kernel_shape=kernel, vk_nd=len(kernel), **route.attributes(attrs, len(kernel)))
-        _check_attributes(label, node.op_type, new_attrs, len(kernel), w_shape)
+        check_attributes(label, node.op_type, new_attrs, len(kernel), w_shape)
         new_attrs.update(_take_constants(g, node, net_id, label, report))
         if fused is not None:
             new_attrs.update(_fused_attributes(fused))
@@ -237,7 +237,7 @@ def rewrite(model: onnx.ModelProto, net_id: int, *, fuse: bool = True) -> tuple[
         report.routed.append(label)
     kept = [n for n, name in zip(nodes, labels) if name not in absorbed]
     read = {t for n in kept for t in n.input} | g.graph_outputs
-    kept = [n for n in kept if id(n) not in folded or any(t in read for t in n.output)]
+    kept = [n for n in kept if not set(n.output) <= folded or any(t in read for t in n.output)]
     del model.graph.node[:]
     model.graph.node.extend(kept)
     _drop_dangling(model.graph)

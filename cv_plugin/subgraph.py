@@ -123,8 +123,9 @@ def partition(model: onnx.ModelProto, *, min_ops: int = 2) -> tuple[onnx.ModelPr
     g = ModelView(model.graph)
     folded = fold_shape_constants(model.graph, g.constants)
     ranks, types = tensor_info(model)
-    label_of = dict(zip(map(id, model.graph.node), unique_labels(model.graph.node)))
-    nodes = [n for n in model.graph.node if not is_constant_node(n)]
+    protos = list(model.graph.node)  # one Python object per node, so that id() names it below
+    label_of = dict(zip(map(id, protos), unique_labels(protos)))
+    nodes = [n for n in protos if not is_constant_node(n)]
     groups = [grp for grp in _groups(nodes, [runs_on_device(n, g.constants, ranks, types) for n in nodes])
               if len(grp) >= min_ops]
     specs: dict[str, SubgraphSpec] = {}
@@ -147,10 +148,10 @@ def partition(model: onnx.ModelProto, *, min_ops: int = 2) -> tuple[onnx.ModelPr
         for j, i in enumerate(grp):
             replaced[id(nodes[i])] = node if j == len(grp) - 1 else None
     if specs:
-        kept = [n for n in (replaced.get(id(n), n) for n in model.graph.node) if n is not None]
+        kept = [n for n in (replaced.get(id(n), n) for n in protos) if n is not None]
         read = {t for n in kept for t in n.input} | g.graph_outputs
         # constant-foldable nodes whose results only the groups read: the groups hold the values
-        kept = [n for n in kept if id(n) not in folded or any(t in read for t in n.output)]
+        kept = [n for n in kept if not set(n.output) <= folded or any(t in read for t in n.output)]
         available = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
         del model.graph.node[:]
         model.graph.node.extend(sort_protos(kept, available))  # OpenCV imports nodes in file order

@@ -109,7 +109,7 @@ class Graph:
                             self.ctx, np.ascontiguousarray(consts[t], np.float32), f"graph constant {t}")
         self._const_shapes = {t: tuple(consts[t].shape) for t in self._const_buffers}
         self._plans = PlanCache()
-        self._conv_shapes: dict[tuple, list[tuple[PlanStep, list[Shape]]]] = {}
+        self._step_shapes: dict[tuple, list[tuple[PlanStep, list[Shape]]]] = {}
         self._lock = threading.Lock()
         self.transfers = {"uploads": 0, "downloads": 0}
 
@@ -182,7 +182,7 @@ class Graph:
                 if t in pooled and last.get(t, -1) <= i:
                     free[bufs[t].size].append(bufs[t])
                     pooled.discard(t)
-        self._conv_shapes[in_shapes] = [(k, s) for (_, k, _), (_, _, s) in zip(self.steps, assignment)
+        self._step_shapes[in_shapes] = [(k, s) for (_, k, _), (_, _, s) in zip(self.steps, assignment)
                                         if isinstance(k, PlanStep)]
         copies = [(bufs[n], out) for n, out in zip(self.outputs, plan.outputs) if bufs[n] is not out]
 
@@ -212,7 +212,7 @@ class Graph:
         key = tuple(a.shape for a in arrays)
         with self._lock:
             plan = self._plans.get(key, lambda: self._build_plan(key))
-            for step, step_shapes in self._conv_shapes.get(key, []):
+            for step, step_shapes in self._step_shapes.get(key, []):
                 step.plan(step_shapes)  # keep the op plans this graph plan replays most recent
             self.transfers["uploads"] += len(arrays)
             self.transfers["downloads"] += len(self.outputs)

@@ -2,7 +2,6 @@
 view of a graph's constants and readers, shape inference, one topological sort."""
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeGuard, TypeVar
@@ -94,30 +93,24 @@ def is_constant_node(node: onnx.NodeProto) -> bool:
         and any(a.name == "value" for a in node.attribute)
 
 
+def value_dims(vi: onnx.ValueInfoProto) -> list[int | None] | None:
+    """``vi``'s dims, None for each symbolic or unknown one; None when it declares no shape."""
+    tensor = vi.type.tensor_type
+    if not tensor.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor.shape.dim]
+
+
 class ModelView:
-    """Lookups over one ONNX graph: constants, readers of each tensor, graph outputs, known
-    shapes.  Edits made through :meth:`add_initializer` keep it current."""
+    """Lookups over one ONNX graph: its constants, graph outputs and declared shapes."""
 
     def __init__(self, graph: onnx.GraphProto):
         self.graph = graph
         self.constants = graph_constants(graph)
         self.graph_outputs = {o.name for o in graph.output}
-        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-        for node in graph.node:
-            for name in node.input:
-                if name:
-                    self.consumers[name].append(node)
-        self.shapes: dict[str, list] = {}  # tensor -> dims, None where unknown
-        for vi in [*graph.input, *graph.value_info, *graph.output]:
-            if vi.type.tensor_type.HasField("shape"):
-                self.shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None
-                                        for d in vi.type.tensor_type.shape.dim]
-
-    def add_initializer(self, name: str, value: np.ndarray) -> str:
-        value = np.asarray(value, np.float32)
-        self.graph.initializer.append(numpy_helper.from_array(value, name))
-        self.constants[name] = value
-        return name
+        # tensor -> declared dims (None where symbolic or unknown)
+        self.shapes: dict[str, list] = {vi.name: dims for vi in [*graph.input, *graph.value_info, *graph.output]
+                       if (dims := value_dims(vi)) is not None}
 
 
 def tensor_info(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, int]]:
@@ -182,12 +175,13 @@ def sort_protos(nodes: Sequence[onnx.NodeProto], available: Iterable[str]) -> li
 _SHAPE_ONLY = {"Reshape", "Unsqueeze", "Squeeze", "Flatten", "Transpose", "Cast", "Identity"}
 
 
-def fold_shape_constants(graph: onnx.GraphProto, constants: dict[str, np.ndarray]) -> set[int]:
+def fold_shape_constants(graph: onnx.GraphProto, constants: dict[str, np.ndarray]) -> set[str]:
     """Evaluate shape-only nodes (Reshape, Unsqueeze...) whose inputs are all constants, as OpenCV's
     importer does, adding their outputs to ``constants``: exporters reshape per-channel parameters
-    this way, and the fusion passes must see them as the constants they are.  Returns the ids of
-    the folded nodes."""
-    folded = set()
+    this way, and the fusion passes must see them as the constants they are.  Returns the names
+    of the tensors it folded (names, not node ids: protobuf may hand out a new Python object for a
+    node each time the graph is read)."""
+    folded: set[str] = set()
     for node in graph.node:
         if node.op_type not in _SHAPE_ONLY or node.domain not in STANDARD_DOMAINS \
                 or not all(t in constants for t in node.input if t):
@@ -197,5 +191,5 @@ def fold_shape_constants(graph: onnx.GraphProto, constants: dict[str, np.ndarray
         except Exception:  # noqa: BLE001 - left to OpenCV, unfolded
             continue
         constants.update(zip(node.output, (np.asarray(o) for o in outs)))
-        folded.add(id(node))
+        folded.update(node.output)
     return folded
