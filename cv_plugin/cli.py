@@ -579,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
                "          spconv 2.x on CPU and a dense conv3d\n"
                "  deform  DeformConv (DCNv2 3x3, offsets + mask) at 28-56 px, 64-256 channels, 1 and 4\n"
                "          offset groups, vs ONNX Runtime, torchvision and ncnn on CPU; vkconv's per-stage\n"
-               "          device time and PASS/FAIL against issue 4's targets\n"
+               "          device time, its efficiency vs the dense 3x3 conv and PASS/FAIL against issue 4's targets\n"
                "  all     each of the above that this vkconv has (the default)\n\n"
                "examples:\n  vkconv bench conv --quick --out results\n  vkconv bench all")
     bench.add_argument("name", nargs="?", default="all", choices=["conv", "deform", "sparse", "all"],

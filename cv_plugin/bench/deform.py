@@ -18,8 +18,15 @@ written between its stages (pack, bilinear sampling, GEMM) in its command buffer
 GFLOP/s = 2 x MACs / wall time.  ``quick``: 16 channels at 16x16 with 1 and 2 offset groups, one
 round of 5 calls.
 
-Acceptance (issue 4), per case: vkconv faster than torchvision (ratio > 1), and the sampling stage
-under 25 % of vkconv's on-device time.  The last lines say PASS or FAIL for each.  Writes
+Efficiency (issue 16): vkconv's DeformConv GFLOP/s divided by that of the dense 3x3 convolution
+of the same channels and size (``vkconv.Conv`` forced to ``kernel="implicit_gemm"``: the raw
+arithmetic rate, no Winograd savings; the same 2 x MACs).  The two are called alternately, call by
+call, in one loop per round (both are vkconv on the same device, so neither leaves spinning
+threads behind), and the efficiency is the median over calls of the time ratio, then over rounds.
+
+Acceptance, per case: vkconv faster than torchvision (issue 4, ratio > 1), the sampling stage under
+25 % of vkconv's on-device time (issue 4) and an efficiency of at least 0.6 (issue 16).  The last
+lines say PASS or FAIL for each.  Writes
 ``deform-<time>.jsonl`` (a meta record, then one record per case) and, with matplotlib,
 ``deform-<time>.png`` into the results folder.
 """
@@ -39,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from cv_plugin.bench import report
+from vkconv.ops.conv.op import Conv
 from vkconv.ops.deform_conv import DeformConv
 from vkconv.runtime.command import CommandBuffer
 from vkconv.runtime.context import get_context, vk
@@ -46,6 +54,7 @@ from vkconv.runtime.plan import Plan
 from vkconv.runtime.timestamps import Timestamps
 
 SAMPLE_LIMIT = 0.25  # the sampling stage's share of vkconv's on-device time
+EFFICIENCY_TARGET = 0.6  # DeformConv GFLOP/s / the dense implicit-GEMM 3x3 conv's (issue 16)
 CASES = ((64, 56), (256, 28), (128, 56))  # (channels, size)
 OFFSET_GROUPS = (1, 4)
 QUICK_CASES, QUICK_OFFSET_GROUPS = ((16, 16),), (1, 2)
@@ -115,6 +124,27 @@ def median_ms(fn: Runner, runs: int, warmup: int,
             extra.append(after())
     med = {k: statistics.median(e[k] for e in extra) for k in extra[0]} if extra and extra[0] else {}
     return report.median_ms(wall), med
+
+
+def paired_ms(fn: Runner, dense: Runner, runs: int, warmup: int,
+              after: Callable[[], dict[str, float]]) -> tuple[float, float, float, dict[str, float]]:
+    """``fn`` and ``dense`` called alternately ``runs`` times each (after ``warmup`` pairs): their
+    median wall milliseconds, the median over pairs of ``dense time / fn time`` (the efficiency
+    when both do the same FLOPs), and the median of each value of ``after()`` (read after each
+    call of ``fn``)."""
+    for _ in range(warmup):
+        fn()
+        dense()
+    ours: list[float] = []
+    theirs: list[float] = []
+    extra: list[dict[str, float]] = []
+    for _ in range(runs):
+        ours += report.times(fn, 0, 1)
+        extra.append(after())
+        theirs += report.times(dense, 0, 1)
+    med = {k: statistics.median(e[k] for e in extra) for k in extra[0]} if extra[0] else {}
+    ratio = statistics.median(d / o for d, o in zip(theirs, ours))
+    return report.median_ms(ours), report.median_ms(theirs), ratio, med
 
 
 def make_case(c: int, size: int, og: int, seed: int = 0) -> Arrays:
@@ -239,13 +269,16 @@ def bench_case(c: int, size: int, og: int, *, runs: int, warmup: int, repeat: in
     runners, notes = _setup_peers(arrays, og, peers, unavailable, progress)
     rounds: list[dict[str, float]] = []
     op = TimedDeformConv(w, b, pads=1, offset_group=og)
-    with op:  # not `as op`: __enter__ is typed as returning the base class
+    dense = Conv(w, b, pads=1, kernel="implicit_gemm")
+    with op, dense:  # not `as op`: __enter__ is typed as returning the base class
         expected = op(x, offset, mask)
         diffs = {p: float(np.abs(np.asarray(run()).reshape(expected.shape) - expected).max()
                           / np.abs(expected).max()) for p, run in runners.items()}
         for _ in range(repeat):
-            ours, stages = median_ms(lambda: op(x, offset, mask), runs, warmup, op.stage_ms)
-            r = {"vkconv": ours, **{f"dev_{k}": v for k, v in stages.items()}}
+            ours, dense_ms, efficiency, stages = paired_ms(lambda: op(x, offset, mask), lambda: dense(x),
+                                                           runs, warmup, op.stage_ms)
+            r = {"vkconv": ours, "dense": dense_ms, "efficiency": efficiency,
+                 **{f"dev_{k}": v for k, v in stages.items()}}
             if stages:
                 r["sample_share"] = stages["sample"] / stages["total"]
             for peer, run in runners.items():
@@ -258,10 +291,12 @@ def bench_case(c: int, size: int, og: int, *, runs: int, warmup: int, repeat: in
             "rounds": len(rounds)}
 
 
-def verdicts(med: dict[str, float]) -> tuple[bool | None, bool | None]:
-    """(faster than torchvision, sampling under :data:`SAMPLE_LIMIT` of device time); None: n/a."""
+def verdicts(med: dict[str, float]) -> tuple[bool | None, bool | None, bool]:
+    """(faster than torchvision, sampling under :data:`SAMPLE_LIMIT` of device time, efficiency
+    at least :data:`EFFICIENCY_TARGET`); None: n/a."""
     faster, share = med.get("torchvision_ratio"), med.get("sample_share")
-    return (None if faster is None else faster > 1), (None if share is None else share < SAMPLE_LIMIT)
+    return ((None if faster is None else faster > 1), (None if share is None else share < SAMPLE_LIMIT),
+            med["efficiency"] >= EFFICIENCY_TARGET)
 
 
 def _print_case(res: dict[str, Any]) -> None:
@@ -271,6 +306,8 @@ def _print_case(res: dict[str, Any]) -> None:
     print(f"\n{res['name']}: {res['flops'] / 1e9:.3f} GFLOP")
     print(f"  {'vkconv':<12}{m['vkconv']:9.2f} ms {res['flops'] / m['vkconv'] / 1e6:7.1f} GFLOP/s"
           f"   on-device: {stages or 'no timestamps on this queue'}{share}")
+    print(f"  {'dense 3x3':<12}{m['dense']:9.2f} ms {res['flops'] / m['dense'] / 1e6:7.1f} GFLOP/s"
+          f"   (vkconv.Conv, implicit_gemm)   efficiency {m['efficiency']:.2f}")
     for peer in res["peers"]:
         print(f"  {peer:<12}{m[peer]:9.2f} ms {res['flops'] / m[peer] / 1e6:7.1f} GFLOP/s"
               f"   peer / vkconv {m[peer + '_ratio']:5.2f}   (max rel. diff from vkconv "
@@ -281,9 +318,9 @@ def _print_case(res: dict[str, Any]) -> None:
 
 def _print_summary(results: Sequence[dict[str, Any]]) -> None:
     """The markdown table over cases, then one PASS/FAIL line per case."""
-    print("\n| case | vkconv ms | on-device ms | sampling ms | sampling % | GFLOP/s | ORT ms | "
-          "torchvision ms | ncnn ms | ORT / vk | tv / vk | ncnn / vk |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| case | vkconv ms | on-device ms | sampling ms | sampling % | GFLOP/s | dense 3x3 GFLOP/s | "
+          "efficiency | ORT ms | torchvision ms | ncnn ms | ORT / vk | tv / vk | ncnn / vk |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     lines = []
     for res in results:
         m = res["med"]
@@ -292,17 +329,19 @@ def _print_summary(results: Sequence[dict[str, Any]]) -> None:
             return fmt.format(m[key]) if key in m else "-"
         print(f"| {res['name']} | {m['vkconv']:.1f} | {cell('dev_total')} | {cell('dev_sample')} | "
               f"{cell('sample_share', '{:.0%}')} | "
-              f"{res['flops'] / m['vkconv'] / 1e6:.1f} | {cell('onnxruntime')} | {cell('torchvision')} | "
+              f"{res['flops'] / m['vkconv'] / 1e6:.1f} | {res['flops'] / m['dense'] / 1e6:.1f} | "
+              f"{m['efficiency']:.2f} | {cell('onnxruntime')} | {cell('torchvision')} | "
               f"{cell('ncnn')} | {cell('onnxruntime_ratio', '{:.2f}')} | {cell('torchvision_ratio', '{:.2f}')} | "
               f"{cell('ncnn_ratio', '{:.2f}')} |")
-        faster, under = verdicts(m)
+        faster, under, efficient = verdicts(m)
         lines.append(
             f"{res['name']}: faster than torchvision: "
             + ("n/a (torchvision not importable)" if faster is None else
                f"{'PASS' if faster else 'FAIL'} ({m['torchvision_ratio']:.2f}x)")
             + f"; sampling under {SAMPLE_LIMIT:.0%} of device time: "
             + ("n/a (no timestamps)" if under is None else
-               f"{'PASS' if under else 'FAIL'} ({m['sample_share']:.0%})"))
+               f"{'PASS' if under else 'FAIL'} ({m['sample_share']:.0%})")
+            + f"; efficiency >= {EFFICIENCY_TARGET}: {'PASS' if efficient else 'FAIL'} ({m['efficiency']:.2f})")
     print("peer / vk = peer time / vkconv time, median over rounds (above 1: vkconv is faster)\n")
     print("\n".join(lines))
 
@@ -311,11 +350,12 @@ def _record(res: dict[str, Any]) -> dict[str, Any]:
     """The JSON record of one case: times in ms (medians over rounds), ratios peer / vkconv (> 1
     when vkconv is faster), the relative max differences from vkconv and the two verdicts."""
     m = res["med"]
-    faster, under = verdicts(m)
+    faster, under, efficient = verdicts(m)
     rec: dict[str, Any] = {"case": res["name"], "channels": res["channels"], "size": res["size"],
                            "offset_group": res["offset_group"], "gflop": res["flops"] / 1e9,
                            "rounds": res["rounds"], "vkconv_ms": m["vkconv"],
-                           "gflops": res["flops"] / m["vkconv"] / 1e6}
+                           "gflops": res["flops"] / m["vkconv"] / 1e6, "dense_ms": m["dense"],
+                           "dense_gflops": res["flops"] / m["dense"] / 1e6, "efficiency": m["efficiency"]}
     rec.update({f"{k}_ms": v for k, v in m.items() if k.startswith("dev_")})
     if "sample_share" in m:
         rec["sample_share"] = m["sample_share"]
@@ -326,6 +366,7 @@ def _record(res: dict[str, Any]) -> dict[str, Any]:
     rec.update({f"{peer}_skipped": why for peer, why in res["notes"].items()})
     rec["faster_than_torchvision"] = faster
     rec["sampling_under_limit"] = under
+    rec["efficient"] = efficient
     return rec
 
 
@@ -388,7 +429,8 @@ def run(*, quick: bool = False, out: Path, cases: Sequence[tuple[int, int]] = CA
     stamp = time.strftime("%Y%m%d-%H%M%S")
     meta = {"peer": "meta", "time": stamp, "device": info.name, "runs": runs, "warmup": warmup,
             "repeat": repeat, "timing": "median of runs per round, median over rounds",
-            "sample_limit": SAMPLE_LIMIT, "peers": [p for p in peers if p not in unavailable],
+            "sample_limit": SAMPLE_LIMIT, "efficiency_target": EFFICIENCY_TARGET,
+            "peers": [p for p in peers if p not in unavailable],
             "skipped": unavailable, "cpus": os.cpu_count(), "load_avg": os.getloadavg()}
     records = [_record(res) for res in results]
     jsonl = report.write_jsonl(out / f"deform-{stamp}.jsonl", [meta, *records])

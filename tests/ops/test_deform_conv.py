@@ -152,6 +152,25 @@ def test_against_onnxruntime(opset):
     assert_close(_run(inputs, attrs), expected, rel=REL)
 
 
+ORT_GRID = [
+    dict(cin=64, cout=64, h=56, w=56),                    # the benchmark's 64 -> 64 layer, DCNv2
+    dict(cin=64, cout=64, h=56, w=56, offset_group=4, mask=False),  # ... DCNv1, 4 offset groups
+    dict(n=3, cin=16, cout=24, h=13, w=11, group=2, offset_group=4),  # 143 pixels: not a multiple of 4
+    dict(n=2, cin=32, cout=16, h=9, w=15, offset_group=2, mask=False, bias=False),
+    dict(n=2, cin=12, cout=8, h=11, w=7, group=4, offset_group=3, strides=(2, 2), dilations=(2, 1),
+         pads=(2, 1, 1, 1)),
+]
+
+
+@pytest.mark.parametrize("kw", ORT_GRID, ids=[str(i) for i in range(len(ORT_GRID))])
+def test_against_onnxruntime_grid(kw):
+    """Real layer sizes and odd ones (batch > 1, conv and offset groups, with and without mask)
+    against onnxruntime's CPU DeformConv (opset 19)."""
+    inputs, attrs = _problem(300 + len(str(kw)), **kw)
+    expected = onnxruntime_reference("DeformConv", _onnx_inputs(inputs), _onnx_attrs(inputs, attrs), opset=19)
+    assert_close(_run(inputs, attrs), expected, rel=REL)
+
+
 def test_samples_off_every_edge():
     """Points beyond each edge, exactly on -1 and H/W, and just inside: all by the boundary rule."""
     inputs, attrs = _problem(21, cin=4, cout=3, h=5, w=6, k=(2, 2), pads=(0, 0, 0, 0))

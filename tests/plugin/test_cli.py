@@ -539,12 +539,17 @@ def test_bench_deform_quick_writes_jsonl_and_png(tmp_path):
     assert "2/2" in res.stderr  # progress over the 2 quick cases, tqdm bar or plain lines
     meta, *rows = _jsonl(jsonl)
     assert meta["peer"] == "meta" and (meta["runs"], meta["warmup"], meta["repeat"]) == (5, 1, 1)
-    assert meta["sample_limit"] == 0.25
+    assert meta["sample_limit"] == 0.25 and meta["efficiency_target"] == 0.6
     assert [(r["channels"], r["size"], r["offset_group"]) for r in rows] == [(16, 16, 1), (16, 16, 2)]
     for r in rows:
         assert r["case"] == f"16->16 16x16 og={r['offset_group']}" and r["rounds"] == 1
         assert r["gflop"] == pytest.approx(2 * 16 * 16 * 9 * 16 * 16 / 1e9)  # 2 x MACs by hand
         assert r["vkconv_ms"] > 0 and r["gflops"] == pytest.approx(r["gflop"] / r["vkconv_ms"] * 1e3)
+        # the dense 3x3 conv of the same size, timed alternately: the same FLOPs
+        assert r["dense_ms"] > 0 and r["dense_gflops"] == pytest.approx(r["gflop"] / r["dense_ms"] * 1e3)
+        assert r["efficiency"] > 0 and r["efficient"] == (r["efficiency"] >= 0.6)
+        assert (f"efficiency >= 0.6: {'PASS' if r['efficient'] else 'FAIL'} ({r['efficiency']:.2f})"
+                in res.stdout)
         if "dev_total_ms" in r:  # the queue has timestamps (lavapipe has)
             # medians over calls: each stage's is at most the total's (per call stage <= total)
             for stage in ("pack", "sample", "gemm"):
