@@ -46,6 +46,11 @@ analysis): the GEMM runs at the dense 1x1 GEMM's rate; the sampling stage costs 
 one thread per sampled value, the column stores (a per-lane loop per store on Mesa 22.3) its
 largest part, so its share of the device time falls with C_out: about 10 % at 256 output
 channels, 17-20 % at 128, 28-38 % at 64 (the GEMM does only 2 * C_out FLOPs per sampled value).
+Against the dense 3x3 convolution of the same size (implicit GEMM; bench/deform.py's efficiency,
+the same on Mesa 22.3 and 25.0 within noise): 0.56-0.64 of its GFLOP/s at 64 channels, 0.69-0.79
+at 128 and 256.  The GEMM alone takes about 1.15x the dense conv's time: the dense kernel reuses
+each loaded input row for its 3 kernel columns, the columns have nothing to reuse (1.4x the
+texel fetches per FMA); the rest is the sampling stage.
 """
 from __future__ import annotations
 
