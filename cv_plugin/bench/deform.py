@@ -110,20 +110,9 @@ class TimedDeformConv(DeformConv):
         self._close_stamps()
 
 
-def median_ms(fn: Runner, runs: int, warmup: int,
-              after: Callable[[], dict[str, float]] | None = None) -> tuple[float, dict[str, float]]:
-    """Median wall milliseconds of ``fn()``; with ``after``, also the median of each value of the
-    dict ``after()`` returns after every timed call."""
-    for _ in range(warmup):
-        fn()
-    wall: list[float] = []
-    extra: list[dict[str, float]] = []
-    for _ in range(runs):
-        wall += report.times(fn, 0, 1)
-        if after is not None:
-            extra.append(after())
-    med = {k: statistics.median(e[k] for e in extra) for k in extra[0]} if extra and extra[0] else {}
-    return report.median_ms(wall), med
+def median_ms(fn: Runner, runs: int, warmup: int) -> float:
+    """Median wall milliseconds of ``runs`` calls of ``fn()`` after ``warmup`` untimed ones."""
+    return report.median_ms(report.times(fn, warmup, runs))
 
 
 def paired_ms(fn: Runner, dense: Runner, runs: int, warmup: int,
@@ -282,7 +271,7 @@ def bench_case(c: int, size: int, og: int, *, runs: int, warmup: int, repeat: in
             if stages:
                 r["sample_share"] = stages["sample"] / stages["total"]
             for peer, run in runners.items():
-                r[peer] = median_ms(run, runs, warmup)[0]
+                r[peer] = median_ms(run, runs, warmup)
                 r[f"{peer}_ratio"] = r[peer] / ours
             rounds.append(r)
     med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
@@ -348,7 +337,7 @@ def _print_summary(results: Sequence[dict[str, Any]]) -> None:
 
 def _record(res: dict[str, Any]) -> dict[str, Any]:
     """The JSON record of one case: times in ms (medians over rounds), ratios peer / vkconv (> 1
-    when vkconv is faster), the relative max differences from vkconv and the two verdicts."""
+    when vkconv is faster), the relative max differences from vkconv and the verdicts."""
     m = res["med"]
     faster, under, efficient = verdicts(m)
     rec: dict[str, Any] = {"case": res["name"], "channels": res["channels"], "size": res["size"],
