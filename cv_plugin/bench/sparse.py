@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+import vkconv
 from cv_plugin.bench import report
 from vkconv.ops.sparse.rulebook import build_rulebook, make_geometry
 from vkconv.ops.sparse.tensor import SparseTensor, sparse_conv3d, subm_conv3d
@@ -119,6 +120,16 @@ def vkconv_runs(st: SparseTensor, weight: np.ndarray, layer: dict) -> tuple[dict
             "vk total": lambda: conv(st, weight, activation="Relu", **kwargs)}
     pairs = sum(len(o) for _, o in rb.pairs())
     return runs, dict(n_out=rb.n_out, pairs=pairs)
+
+
+def dense_gemm_run(c: int, pairs: int, rng: np.random.Generator) -> tuple[Callable[[], object], int, vkconv.Conv]:
+    """The dense 3x3 implicit-GEMM conv of about the sparse layer's work (``pairs`` x C x C MACs):
+    its timed call, its FLOPs and the op (the caller closes it)."""
+    side = max(8, 4 * round(math.sqrt(pairs / 9) / 4))
+    x = rng.standard_normal((1, c, side, side)).astype(np.float32)
+    w = (rng.standard_normal((c, c, 3, 3)) / math.sqrt(9 * c)).astype(np.float32)
+    conv = vkconv.Conv(w, None, pads=1, kernel="implicit_gemm")
+    return (lambda: conv(x)), 2 * 9 * side * side * c * c, conv
 
 
 def spconv_runs(spc: ModuleType, torch: ModuleType, st: SparseTensor, weight: np.ndarray,
@@ -225,6 +236,11 @@ def _record(cloud: str, name: str, c: int, facts: dict, t: dict[str, float], den
     if "sp total" in t:
         rec["ratio_sp_vk_rulebook"] = t["sp rulebook"] / t["vk rulebook"]
         rec["ratio_sp_vk_total"] = t["sp total"] / t["vk total"]
+        rec["ratio_vk_sp_total"] = t["vk total"] / t["sp total"]  # issue 16: <= 1 at 16 channels, <= 1.4 at 64
+    rec["vk_compute_gflops"] = 2e-9 * facts["pairs"] * c * c / t["vk compute"]
+    if "dense gemm" in t:
+        rec["dense_gemm_gflops"] = 1e-9 * facts["dense_gemm_flops"] / t["dense gemm"]
+        rec["ratio_compute_dense_gemm"] = rec["vk_compute_gflops"] / rec["dense_gemm_gflops"]  # issue 16: >= 0.8
     return rec
 
 
@@ -273,6 +289,9 @@ def run(*, quick: bool = False, out: Path, points: int = 30_000, clouds: Sequenc
               f"{'vk total':>8} | {'sp rb':>7} {'sp comp':>8} {'sp total':>8} | {'dense':>8} | "
               f"{'rb sp/vk':>8} {'total sp/vk':>11} {'dense/vk':>8}")
     lines = [header, "-" * len(header)]
+    eff_header = (f"{'cloud':8} {'layer':17} {'C':>3} | {'vk/sp total':>11} | {'vk comp GFLOP/s':>15} "
+                  f"{'dense GEMM GFLOP/s':>18} {'comp/dense':>10}")
+    eff = [eff_header, "-" * len(eff_header)]
     records = []
     with report.Progress(len(clouds) * len(channels) * len(LAYERS), "bench sparse") as progress:
         for cloud in clouds:
@@ -285,7 +304,12 @@ def run(*, quick: bool = False, out: Path, points: int = 30_000, clouds: Sequenc
                     runs, facts = vkconv_runs(st, weight, layer)
                     if spc is not None and torch is not None:
                         runs.update(spconv_runs(spc, torch, st, weight, layer))
-                    t = best_interleaved(runs, repeat)
+                    runs["dense gemm"], facts["dense_gemm_flops"], gemm = dense_gemm_run(
+                        c, facts["pairs"], np.random.default_rng(1))
+                    try:
+                        t = best_interleaved(runs, repeat)
+                    finally:
+                        gemm.close()
                     dn = dense_ms.get((c, name))
                     lines.append(
                         f"{cloud:8} {name:17} {c:3d} {facts['n_out']:6d} {facts['pairs']:7d} | "
@@ -293,11 +317,18 @@ def run(*, quick: bool = False, out: Path, points: int = 30_000, clouds: Sequenc
                         f"{_ms(t.get('sp rulebook'))[1:]} {_ms(t.get('sp compute'))} {_ms(t.get('sp total'))} | "
                         f"{_ms(dn)} | {_ratio(t.get('sp rulebook'), t['vk rulebook'])} "
                         f"{_ratio(t.get('sp total'), t['vk total']):>11} {_ratio(dn, t['vk total'])}")
-                    records.append(_record(cloud, name, c, facts, t, dn))
+                    rec = _record(cloud, name, c, facts, t, dn)
+                    records.append(rec)
+                    vs_sp = f"{rec['ratio_vk_sp_total']:11.2f}" if "ratio_vk_sp_total" in rec else f"{'-':>11}"
+                    eff.append(f"{cloud:8} {name:17} {c:3d} | {vs_sp} | {rec['vk_compute_gflops']:15.1f} "
+                               f"{rec['dense_gemm_gflops']:18.1f} {rec['ratio_compute_dense_gemm']:10.2f}")
                     progress.step(f"{cloud} {name} c{c}: {1e3 * t['vk total']:.1f} ms")
     print("\n".join(lines))
     print("times in ms; 'comp' = the convolution with its rulebook already built, 'total' = a fresh "
           "call; ratios > 1 mean vkconv is faster")
+    print("\n".join(eff))
+    print("vk/sp total: vkconv's fresh call over spconv's (issue 16's targets: <= 1 at 16 channels, <= 1.4 at 64); "
+          "comp/dense: the compute's GFLOP/s over the dense implicit-GEMM 3x3 conv's of comparable work (>= 0.8)")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     meta = {"peer": "meta", "time": stamp, "device": ctx.info.name, "grid": list(GRID), "points": points,
             "repeat": repeat, "timing": "best of interleaved rounds", "spconv": spc is not None,

@@ -310,26 +310,41 @@ def test_results_are_bitwise_reproducible():
 
 # Tile shapes of the compute kernel (sparse_conv.choose_tile picks per device and layer; the GPU
 # one and the odd ones never run on lavapipe unless forced), with and without the tap-mask
-# schedule, and its storage-buffer variant.
-TILES = [(2, 4, False, False, True), (1, 8, False, False, True), (8, 2, True, True, True),
-         (4, 1, True, True, True), (1, 1, True, False, True), (3, 2, True, True, False),
-         (1, 8, False, False, False)]
+# schedule, its storage-buffer variant, and the subgroup-shuffle kernel (cb None: one block of
+# coutp / subgroup size vec4s per lane; rows a multiple of the subgroup size: one or two rows read
+# per lane).
+TILES = [(2, 4, False, False, True, False), (1, 8, False, False, True, False), (8, 2, True, True, True, False),
+         (4, 1, True, True, True, False), (1, 1, True, False, True, False), (3, 2, True, True, False, False),
+         (1, 8, False, False, False, False), (16, 4, False, True, True, False),
+         (8, None, True, True, True, True), (16, None, True, False, True, True), (8, None, True, True, False, True)]
 
 
-@pytest.mark.parametrize("rows,cb,share,scheduled,texel", TILES)
-def test_every_tile_shape_matches_dense(monkeypatch, rows, cb, share, scheduled, texel):
-    """SubM, strided and inverse convolutions with the tile forced: 40 output channels (10 vec4,
-    packed to 16, so some channel blocks hold no channel), against the dense references."""
+@pytest.mark.parametrize("rows,cb,share,scheduled,texel,subgroup", TILES)
+def test_every_tile_shape_matches_dense(monkeypatch, rows, cb, share, scheduled, texel, subgroup):
+    """SubM, strided and inverse convolutions with the tile forced: 6 input channels (not a whole
+    vec4), 40 output channels (10 vec4, packed to 16, so some channel blocks hold no channel),
+    against the dense references."""
     import vkconv.ops.sparse.conv as sparse_conv
     import vkconv.ops.sparse.tensor as sparse_module
 
-    # up to 16 output channels the weights are packed to cout4 vec4s, which the block must divide
-    monkeypatch.setattr(sparse_conv, "choose_tile", lambda ctx, cout4, scheduled: sparse_conv.Tile(
-        rows, cb if cout4 > 4 else cout4, share))
+    info = vkconv.get_context().info
+    if subgroup:
+        if not info.subgroup_shuffle or info.subgroup_size > 16:
+            pytest.skip(f"{info.name}: no subgroup shuffles, or subgroups of more than 16 lanes")
+        rows = max(rows, info.subgroup_size)
+
+    def tile(ctx, coutp, scheduled):
+        # up to 16 output channels the weights are packed to cout4 vec4s, which the block must divide
+        if subgroup:  # the inverse convolution's 6 output channels (2 vec4s) cannot share a subgroup
+            return sparse_conv.Tile(rows, coutp // info.subgroup_size, True, True) if \
+                coutp % info.subgroup_size == 0 else sparse_conv.Tile(2, coutp, False)
+        return sparse_conv.Tile(rows, cb if coutp > 4 else coutp, share)
+
+    monkeypatch.setattr(sparse_conv, "choose_tile", tile)
     monkeypatch.setattr(sparse_conv, "wants_schedule", lambda w, rb: scheduled)
     if not texel:  # features uploaded as plain storage buffers: the kernel's storage variant
         monkeypatch.setattr(sparse_module, "texel_capable", lambda ctx: False)
-    rng = np.random.default_rng(rows * 10 + cb)
+    rng = np.random.default_rng(rows * 10 + (cb or 0))
     st = random_tensor(rng, 300, (9, 10, 11), 2, 6)
     w = (rng.standard_normal((40, 3, 3, 3, 6)) / math.sqrt(6)).astype(np.float32)
     b = rng.standard_normal(40).astype(np.float32)

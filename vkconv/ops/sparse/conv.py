@@ -36,25 +36,31 @@ class Tile:
     rows: int
     cb: int
     share: bool
+    subgroup: bool = False  # the lanes of a subgroup share rows, read once and shuffled (sparse_gemm.comp)
 
 
-def choose_tile(ctx: Context, cout4: int, *, scheduled: bool) -> Tile:
-    """The tile for ``cout4`` vec4s of output channels; ``scheduled``: the rows come sorted by tap
-    mask (:func:`wants_schedule`).
+def choose_tile(ctx: Context, coutp: int, *, scheduled: bool) -> Tile:
+    """The tile for output rows of ``coutp`` vec4s (:class:`PackedWeights`); ``scheduled``: the
+    rows come sorted by tap mask (:func:`wants_schedule`).
 
     An invocation walks the union of its rows' taps, so more rows per tile reuse each weight load
     more often but multiply zeros for the rows that lack a tap.  Measured on lavapipe (8 SIMD
-    lanes, every weight load a gather) at 30 k voxels (docs/SPARSE.md): 8-row tiles, whose rows
-    share their taps once sorted; up to 16 channels one invocation takes every channel of its
-    rows (2 rows when they come unsorted), wider layers give the same 8 rows to 8 neighbouring
-    lanes, 2 vec4s of channels each, so that the lanes of a SIMD group share rows and taps.  GPUs
-    run 32 or more lanes and keep the register tile small (not measured on one yet): a 4-row tile
-    shared by the lanes, 1 vec4 each.
+    lanes, every texel fetch a gather, a shuffle by a constant lane a register permute) at 30 k
+    voxels (docs/PERFORMANCE.md): up to 16 channels one invocation takes every channel of 8 rows
+    (16 once sorted); wider layers give the same 8 rows to the lanes of a subgroup, one block of
+    ``coutp / subgroup size`` vec4s each, each lane reading one row's features and shuffling it
+    to the others (1.2-1.4x faster at 64 channels than each lane reading all 8 rows itself, as
+    devices without subgroup shuffles still do, 2 vec4s of channels each).  GPUs run 32 or more
+    lanes and keep the register tile small (not measured on one yet): a 4-row tile shared by the
+    lanes, 1 vec4 each.
     """
     if ctx.info.type != "cpu":
         return Tile(4, 1, True)
-    if cout4 <= 4:
-        return Tile(8 if scheduled else 2, cout4, False)
+    if coutp <= 4:
+        return Tile(16 if scheduled else 8, coutp, False)
+    sg = ctx.info.subgroup_size
+    if ctx.info.subgroup_shuffle and sg in (1, 2, 4, 8, 16) and coutp % sg == 0 and coutp // sg <= 4:
+        return Tile(max(8, sg), coutp // sg, True, subgroup=True)
     return Tile(8, 2, True)
 
 
@@ -122,20 +128,22 @@ def record_conv(rec: Recording, rb: Rulebook, x: Buffer, w: PackedWeights, act: 
     table, masks = rb.tables(inverse=inverse)
     sched = (rb.schedule(inverse=inverse) if rb.has_schedule(inverse=inverse) or wants_schedule(w, rb)
              else None)
-    tile = choose_tile(ctx, w.cout4, scheduled=sched is not None)
+    tile = choose_tile(ctx, w.coutp, scheduled=sched is not None)
     assert w.coutp % tile.cb == 0, "pack_weights pads to a multiple of every block choose_tile picks"
     y = lease(ctx, 16 * n_out * w.cout4, "sparse conv output", staged=staged, texel=texel_capable(ctx))
     rows = sched or table  # bound either way; read only with a schedule
     texel = (x.texel and w.weight.texel and table.texel and rows.texel and texel_fits(ctx, x.size)
              and texel_fits(ctx, w.weight.size) and texel_fits(ctx, table.size, TEXEL1)
              and texel_fits(ctx, rows.size, TEXEL1))
-    shader, kinds = (("sparse_gemm_texel", (TEXEL4, TEXEL4, TEXEL1, STORAGE, STORAGE, TEXEL1)) if texel
-                     else ("sparse_gemm", None))
+    shader = "sparse_gemm_subgroup" if tile.subgroup else "sparse_gemm"
+    shader, kinds = ((shader + "_texel", (TEXEL4, TEXEL4, TEXEL1, STORAGE, STORAGE, TEXEL1)) if texel
+                     else (shader, None))
     push = _GEMM_PUSH.pack(n_in, n_out, rb.geom.kv, rb.words, w.cin4, w.cout4, w.coutp, act.a, act.b)
     tiles, blocks = -(-n_out // tile.rows), w.coutp // tile.cb
     rec.dispatch(shader, [x, w.weight, table, masks, y, rows], push,
                  tiles * (blocks if tile.share else 1), kinds=kinds,
-                 spec=(act.kind, tile.rows, tile.cb, int(tile.share), int(sched is not None)),
+                 spec=(act.kind, tile.rows, tile.cb, int(tile.share), int(sched is not None),
+                       ctx.info.subgroup_size),
                  z=1 if tile.share else blocks)
     rec.barrier()
     return y
