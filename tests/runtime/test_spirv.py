@@ -3,9 +3,9 @@
 Each embedded module is checked with ``spirv-val --target-env E`` for each E in
 ``build_shaders.VALIDATE_ENVS`` that takes its SPIR-V version (a module built for a newer
 environment, e.g. with subgroup operations, is SPIR-V 1.3: Vulkan 1.1 and later).  Debian 12's
-spirv-val (2023.1) does not flag a sampled image of dimension Buffer (GLSL ``samplerBuffer``), which SPIR-V 1.6 (Vulkan 1.3+) forbids and Mesa 25's
-lavapipe reports through the validation callback, so the sources and the words are checked for it
-directly.
+spirv-val (2023.1) does not flag a sampled image of dimension Buffer (GLSL ``samplerBuffer``),
+which SPIR-V 1.6 (Vulkan 1.3+) forbids and Mesa 25's lavapipe reports through the validation
+callback, so the sources and the words are checked for it directly.
 """
 from __future__ import annotations
 
