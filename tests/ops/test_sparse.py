@@ -554,3 +554,68 @@ def test_matches_spconv_where_installed():
     assert_close(ours.to_dense(), theirs[1], REL, "SparseConv3d")
     ours = vkconv.sparse_inverse_conv3d(ours, *params[2], indice_key="d1")
     assert_close(ours.to_dense(), theirs[2], REL, "SparseInverseConv3d")
+
+
+def test_every_tuner_candidate_matches_dense(monkeypatch):
+    """Each tile the tuner may pick (vkconv.ops.sparse.conv.tile_candidates), forced, on a SubM layer
+    of 5 -> 36 channels (neither a whole vec4 in nor a whole block out), against the dense reference."""
+    import vkconv.ops.sparse.conv as sparse_conv
+
+    rng = np.random.default_rng(21)
+    st = random_tensor(rng, 250, (8, 9, 10), 1, 5)
+    w = (rng.standard_normal((36, 3, 3, 3, 5)) / math.sqrt(5)).astype(np.float32)
+    b = rng.standard_normal(36).astype(np.float32)
+    expected = activate(dense_conv3d(st.to_dense(), w, b, pad=(1, 1, 1)), "Relu")
+    occ = occupancy(st.indices, 1, st.spatial_shape)
+    cands = sparse_conv.tile_candidates(vkconv.get_context(), 16)  # 36 channels: 9 vec4s, packed to 16
+    assert len(cands) > 5
+    for tile in cands:
+        monkeypatch.setattr(sparse_conv, "choose_tile", lambda ctx, coutp, scheduled, tile=tile: tile)
+        check_against_dense(vkconv.subm_conv3d(st, w, b, activation="Relu", tune=False), expected, occ)
+
+
+def test_tuning_stores_a_tile_that_later_calls_use(monkeypatch, tmp_path):
+    """tune=True times the tiles on the call's features and caches the winner under the layer's
+    shape; a later call (VKCONV_TUNE unset: the cache) takes it without timing, tune=False does not."""
+    import vkconv.ops.sparse.conv as sparse_conv
+    from vkconv.runtime.tunecache import cache_for
+
+    monkeypatch.setenv("VKCONV_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("VKCONV_TUNE", raising=False)
+    rng = np.random.default_rng(22)
+    st = random_tensor(rng, 400, (9, 10, 11), 1, 8)
+    w = (rng.standard_normal((32, 3, 3, 3, 8)) / math.sqrt(8)).astype(np.float32)
+    expected = dense_conv3d(st.to_dense(), w, None, (2,) * 3, (1,) * 3)
+    sites = dense_conv3d(occupancy(st.indices, 1, st.spatial_shape).astype(np.float64)[:, None],
+                         np.ones((1, 3, 3, 3, 1)), stride=(2,) * 3, pad=(1,) * 3)[:, 0] > 0.5
+    tuned = vkconv.sparse_conv3d(st, w, stride=2, padding=1, tune=True)
+    check_against_dense(tuned, expected, sites)
+    entries = {k: v for k, v in cache_for(vkconv.get_context()).entries().items() if k.startswith("sparse_conv")}
+    assert len(entries) == 1
+    (key, entry), = entries.items()
+    assert key.startswith("sparse_conv strided k3x3x3 cin4=2 coutp=8") and entry["ms"] > 0
+    stored = sparse_conv.Tile(**entry["candidate"])
+
+    picked = []
+    real = sparse_conv.record_conv
+
+    def spy(*args, **kwargs):
+        picked.append(sparse_conv.cached_tile(vkconv.get_context(), key, 8) if kwargs.get("use_cache") else None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sparse_module_of(sparse_conv), "record_conv", spy)
+    monkeypatch.setattr(sparse_conv, "tune_tile", lambda *a, **k: pytest.fail("timed again"))
+    again = vkconv.sparse_conv3d(st, w, stride=2, padding=1)
+    assert np.array_equal(again.features, tuned.features)
+    vkconv.sparse_conv3d(st, w, stride=2, padding=1, tune=False)
+    assert picked == [stored, None]
+    with pytest.raises(ValueError, match="tune"):
+        vkconv.sparse_conv3d(st, w, stride=2, padding=1, tune="sometimes")
+
+
+def sparse_module_of(conv_module):
+    """vkconv.ops.sparse.tensor, which calls the compute through its own imported names."""
+    import vkconv.ops.sparse.tensor as sparse_tensor
+
+    assert sparse_tensor.record_conv is conv_module.record_conv
+    return sparse_tensor
