@@ -333,7 +333,7 @@ def test_every_tile_shape_matches_dense(monkeypatch, rows, cb, share, scheduled,
             pytest.skip(f"{info.name}: no subgroup shuffles, or subgroups of more than 16 lanes")
         rows = max(rows, info.subgroup_size)
 
-    def tile(ctx, coutp, scheduled):
+    def tile(ctx, coutp):
         # up to 16 output channels the weights are packed to cout4 vec4s, which the block must divide
         if subgroup:  # the inverse convolution's 6 output channels (2 vec4s) cannot share a subgroup
             return sparse_conv.Tile(rows, coutp // info.subgroup_size, True, True) if \
@@ -570,7 +570,7 @@ def test_every_tuner_candidate_matches_dense(monkeypatch):
     cands = sparse_conv.tile_candidates(vkconv.get_context(), 16)  # 36 channels: 9 vec4s, packed to 16
     assert len(cands) > 5
     for tile in cands:
-        monkeypatch.setattr(sparse_conv, "choose_tile", lambda ctx, coutp, scheduled, tile=tile: tile)
+        monkeypatch.setattr(sparse_conv, "choose_tile", lambda ctx, coutp, tile=tile: tile)
         check_against_dense(vkconv.subm_conv3d(st, w, b, activation="Relu", tune=False), expected, occ)
 
 

@@ -47,15 +47,14 @@ class Tile:
     subgroup: bool = False  # the lanes of a subgroup share rows, read once and shuffled (sparse_gemm.comp)
 
 
-def choose_tile(ctx: Context, coutp: int, *, scheduled: bool) -> Tile:
-    """The tile for output rows of ``coutp`` vec4s (:class:`PackedWeights`); ``scheduled``: the
-    rows come sorted by tap mask (:func:`wants_schedule`).
+def choose_tile(ctx: Context, coutp: int) -> Tile:
+    """The heuristic tile for output rows of ``coutp`` vec4s (:class:`PackedWeights`).
 
     An invocation walks the union of its rows' taps, so more rows per tile reuse each weight load
     more often but multiply zeros for the rows that lack a tap.  Measured on lavapipe (8 SIMD
     lanes, every texel fetch a gather, a shuffle by a constant lane a register permute) at 30 k
-    voxels (docs/PERFORMANCE.md): up to 16 channels one invocation takes every channel of 8 rows
-    (16 once sorted); wider layers give the same 8 rows to the lanes of a subgroup, one block of
+    voxels (docs/PERFORMANCE.md): up to 16 channels one invocation takes every channel of 8 rows;
+    wider layers give the same 8 rows to the lanes of a subgroup, one block of
     ``coutp / subgroup size`` vec4s each, each lane reading one row's features and shuffling it
     to the others (1.2-1.4x faster at 64 channels than each lane reading all 8 rows itself, as
     devices without subgroup shuffles still do, 2 vec4s of channels each).  GPUs run 32 or more
@@ -65,7 +64,7 @@ def choose_tile(ctx: Context, coutp: int, *, scheduled: bool) -> Tile:
     if ctx.info.type != "cpu":
         return Tile(4, 1, True)
     if coutp <= 4:
-        return Tile(16 if scheduled else 8, coutp, False)
+        return Tile(8, coutp, False)
     sg = max(1, ctx.info.subgroup_size)
     shared = Tile(max(8, sg), coutp // sg, True, subgroup=True)
     if coutp // sg <= 4 and tile_fits(ctx, shared, coutp) is None:
@@ -178,8 +177,7 @@ def tune_tile(rb: Rulebook, features: np.ndarray, w: PackedWeights, act: Activat
     output must match the heuristic tile's."""
     ctx = w.weight.ctx
     limit = budget_ms(budget)
-    sched = rb.has_schedule(inverse=inverse) or wants_schedule(w, rb)
-    baseline = choose_tile(ctx, w.coutp, scheduled=sched)
+    baseline = choose_tile(ctx, w.coutp)
     cands = tile_candidates(ctx, w.coutp)
     reference: list[np.ndarray] = []
 
@@ -279,7 +277,7 @@ def record_conv(rec: Recording, rb: Rulebook, x: Buffer, w: PackedWeights, act: 
     if tile is None and use_cache:
         tile = cached_tile(ctx, layer_signature(rb, w, inverse), w.coutp)
     if tile is None:
-        tile = choose_tile(ctx, w.coutp, scheduled=sched is not None)
+        tile = choose_tile(ctx, w.coutp)
     assert tile_fits(ctx, tile, w.coutp) is None, tile_fits(ctx, tile, w.coutp)
     y = lease(ctx, 16 * n_out * w.cout4, "sparse conv output", staged=staged, texel=texel_capable(ctx))
     rows = sched or table  # bound either way; read only with a schedule
