@@ -107,14 +107,17 @@ def scan_cloud(rng: np.random.Generator, n: int, grid: Sequence[int]) -> np.ndar
     return np.column_stack([np.zeros_like(z), z, y, x]).astype(np.int32)
 
 
-def vkconv_runs(st: SparseTensor, weight: np.ndarray, layer: dict) -> tuple[dict, dict]:
-    """The timed vkconv calls (rulebook, compute with the rulebook cached, fresh call) and facts."""
+def vkconv_runs(st: SparseTensor, weight: np.ndarray, layer: dict, tune: bool = False) -> tuple[dict, dict]:
+    """The timed vkconv calls (rulebook, compute with the rulebook cached, fresh call) and facts;
+    ``tune``: the layer's tile is tuned first (and cached: the timed calls take it from the cache)."""
     ctx = get_context()
     geom = make_geometry(st.spatial_shape, 1, weight.shape[1:4], **layer)
     conv = subm_conv3d if layer["subm"] else sparse_conv3d
     kwargs = {} if layer["subm"] else dict(stride=layer["stride"], padding=layer["padding"])
     cached = SparseTensor(st.features, st.indices, st.spatial_shape, 1)
     rb = cached.indice_dict["bench"] = build_rulebook(ctx, st.indices, geom)
+    if tune:
+        conv(cached, weight, activation="Relu", indice_key="bench", tune=True, **kwargs)
     runs = {"vk rulebook": lambda: build_rulebook(ctx, st.indices, geom).close(),
             "vk compute": lambda: conv(cached, weight, activation="Relu", indice_key="bench", **kwargs),
             "vk total": lambda: conv(st, weight, activation="Relu", **kwargs)}
@@ -267,10 +270,11 @@ def check(*, points: int, clouds: Sequence[str], channels: Sequence[int], repeat
 
 def run(*, quick: bool = False, out: Path, points: int = 30_000, clouds: Sequence[str] = CLOUDS,
         channels: Sequence[int] = (16, 64), repeat: int = 5, spconv: bool = True,
-        dense: bool = True) -> list[Path]:
+        dense: bool = True, tune: bool = False) -> list[Path]:
     """Run the benchmark, print its table, write ``sparse-<time>.jsonl`` (and the PNG chart when
     matplotlib is installed) into ``out``; returns the files written.  ``quick`` overrides
-    ``clouds``, ``channels`` and ``repeat`` with scan, 16 and 3.  ValueError names a bad argument."""
+    ``clouds``, ``channels`` and ``repeat`` with scan, 16 and 3; ``tune``: each vkconv layer's tile
+    is tuned (and cached) before it is timed.  ValueError names a bad argument."""
     if quick:
         clouds, channels, repeat = ("scan",), (16,), 3
     check(points=points, clouds=clouds, channels=channels, repeat=repeat)
@@ -301,7 +305,7 @@ def run(*, quick: bool = False, out: Path, points: int = 30_000, clouds: Sequenc
                 st = SparseTensor(feats, idx, GRID, 1)
                 for name, layer in LAYERS.items():
                     weight = (rng.standard_normal((c, 3, 3, 3, c)) / math.sqrt(27 * c)).astype(np.float32)
-                    runs, facts = vkconv_runs(st, weight, layer)
+                    runs, facts = vkconv_runs(st, weight, layer, tune)
                     if spc is not None and torch is not None:
                         runs.update(spconv_runs(spc, torch, st, weight, layer))
                     runs["dense gemm"], facts["dense_gemm_flops"], gemm = dense_gemm_run(
@@ -332,6 +336,7 @@ def run(*, quick: bool = False, out: Path, points: int = 30_000, clouds: Sequenc
     stamp = time.strftime("%Y%m%d-%H%M%S")
     meta = {"peer": "meta", "time": stamp, "device": ctx.info.name, "grid": list(GRID), "points": points,
             "repeat": repeat, "timing": "best of interleaved rounds", "spconv": spc is not None,
+            "tuned": tune,
             "dense": how, "cpus": os.cpu_count(), "load_avg": os.getloadavg()}
     jsonl = report.write_jsonl(out / f"sparse-{stamp}.jsonl", [meta, *records])
     print(f"results: {jsonl}")
@@ -350,6 +355,7 @@ def main(argv: Sequence[str] | None = None, default_out: Path = Path("vkconv-ben
     ap.add_argument("--no-spconv", action="store_true")
     ap.add_argument("--no-dense", action="store_true")
     ap.add_argument("--quick", action="store_true", help="the scan cloud at 16 channels, 3 rounds")
+    ap.add_argument("--tune", action="store_true", help="tune each vkconv layer's tile first (cached)")
     ap.add_argument("--out", type=Path, default=default_out, help=f"results folder (default {default_out})")
     args = ap.parse_args(argv)
     clouds = CLOUDS if args.cloud == "both" else (args.cloud,)
@@ -358,7 +364,7 @@ def main(argv: Sequence[str] | None = None, default_out: Path = Path("vkconv-ben
     except ValueError as exc:
         ap.error(str(exc))
     run(quick=args.quick, out=args.out, points=args.points, clouds=clouds, channels=args.channels,
-        repeat=args.repeat, spconv=not args.no_spconv, dense=not args.no_dense)
+        repeat=args.repeat, spconv=not args.no_spconv, dense=not args.no_dense, tune=args.tune)
     return 0
 
 
