@@ -95,8 +95,10 @@ def tile_candidates(ctx: Context, coutp: int) -> list[Tile]:
     taking every channel or blocks of 1 to 4 vec4s shared by neighbouring lanes, and the
     subgroup kernel with one or two rows read per lane."""
     sg = max(1, ctx.info.subgroup_size)
-    cands = [Tile(rows, cb, share) for rows in (4, 8, 16) for cb in (1, 2, 4, coutp) for share in (False, True)]
-    cands += [Tile(rows, coutp // sg, True, subgroup=True) for rows in (sg, 2 * sg)]
+    # the subgroup kernel first: where it runs it is the likeliest winner, and a tight budget
+    # (VKCONV_TUNE_BUDGET_MS) times the first candidates only
+    cands = [Tile(rows, coutp // sg, True, subgroup=True) for rows in (sg, 2 * sg)]
+    cands += [Tile(rows, cb, share) for rows in (8, 16, 4) for cb in (1, 2, 4, coutp) for share in (False, True)]
     unique = list(dict.fromkeys(cands))
     return [t for t in unique if tile_fits(ctx, t, coutp) is None]
 
