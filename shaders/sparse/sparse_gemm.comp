@@ -22,8 +22,8 @@
 // without SCHEDULE).
 // The TEXEL variant reads features, weights, table and schedule through texel buffers
 // (vkconv/runtime/pipeline.py says why: on lavapipe a texel fetch is a gather, a storage-buffer load a
-// loop over the lanes). Every loop is a do-while: lavapipe runs a for loop's body once more,
-// masked, when its condition ends it.
+// loop over the lanes). The loops over words, taps and input channels are do-while: lavapipe runs
+// a for loop's body once more, masked, when its condition ends it.
 //
 // SUBGROUP = 1 (SHARE, and coutp / CB == SG, the subgroup size): the lanes of a subgroup take the
 // same ROWS rows (ROWS a multiple of SG) and one channel block each; lane l reads the masks, table
@@ -31,9 +31,9 @@
 // shuffles (on lavapipe a shuffle by a constant lane is a register permute, a texel fetch a gather:
 // this cuts the gathers of feature rows SG-fold).
 //
-// Every loop over the register tile is unrolled ([[unroll]]): the accumulators then stay in
-// registers; left as loops, lavapipe kept them in per-lane scratch memory (1.5x slower at 16
-// channels, docs/PERFORMANCE.md).
+// Every loop over the register tile is unrolled ([[unroll]]), so every accumulator has a
+// compile-time place (a register or a stack slot); left as loops, lavapipe indexed them in per-lane
+// scratch memory at run time (1.5x slower at 16 channels, docs/PERFORMANCE.md).
 //
 // variant: sparse_gemm -DTEXEL=0
 // variant: sparse_gemm_texel -DTEXEL=1
