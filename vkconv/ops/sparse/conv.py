@@ -98,7 +98,9 @@ def tile_candidates(ctx: Context, coutp: int) -> list[Tile]:
     # the subgroup kernel first: where it runs it is the likeliest winner, and a tight budget
     # (VKCONV_TUNE_BUDGET_MS) times the first candidates only
     cands = [Tile(rows, coutp // sg, True, subgroup=True) for rows in (sg, 2 * sg)]
-    cands += [Tile(rows, cb, share) for rows in (8, 16, 4) for cb in (1, 2, 4, coutp) for share in (False, True)]
+    # (sharing rows between the blocks of a row needs more than one block)
+    cands += [Tile(rows, cb, share) for rows in (8, 16, 4) for cb in (1, 2, 4, coutp)
+              for share in (False, True) if not (share and cb == coutp)]
     unique = list(dict.fromkeys(cands))
     return [t for t in unique if tile_fits(ctx, t, coutp) is None]
 
