@@ -619,3 +619,30 @@ def sparse_module_of(conv_module):
 
     assert sparse_tensor.record_conv is conv_module.record_conv
     return sparse_tensor
+
+
+def test_a_bad_cached_tile_is_ignored(monkeypatch, tmp_path):
+    """A cache entry naming a tile that cannot run here (or no tile at all) falls back to the
+    heuristic tile, with a warning in the log, never an error."""
+    import vkconv.ops.sparse.conv as sparse_conv
+    from vkconv.runtime.tunecache import cache_for
+
+    monkeypatch.setenv("VKCONV_CACHE_DIR", str(tmp_path))
+    ctx = vkconv.get_context()
+    rng = np.random.default_rng(23)
+    st = random_tensor(rng, 200, (8, 8, 8), 1, 4)
+    w = (rng.standard_normal((4, 3, 3, 3, 4)) / 4).astype(np.float32)  # 4 -> 4: coutp 1
+    expected = dense_conv3d(st.to_dense(), w, None, pad=(1, 1, 1))
+    occ = occupancy(st.indices, 1, st.spatial_shape)
+    first = vkconv.subm_conv3d(st, w, indice_key="k")
+    rb = first.indice_dict["k"]
+    packed = sparse_conv.pack_weights(ctx, w, None)
+    key = sparse_conv.layer_signature(rb, packed, False)
+    packed.close()
+    again = vkconv.SparseTensor(st.features, st.indices, st.spatial_shape, 1)
+    again.indice_dict["k"] = rb
+    for bad in ({"rows": 8, "cb": 3, "share": True, "subgroup": False}, {"rows": "8", "cb": 1, "share": False},
+                {"tile": 1}):
+        cache_for(ctx).put(key, {"candidate": bad, "ms": 1.0})
+        assert sparse_conv.cached_tile(ctx, key, 1) is None
+        check_against_dense(vkconv.subm_conv3d(again, w, indice_key="k"), expected, occ)

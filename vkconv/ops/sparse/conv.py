@@ -122,6 +122,8 @@ def cached_tile(ctx: Context, key: str, coutp: int) -> Tile | None:
         return None
     try:
         tile = Tile(**entry["candidate"])
+        if not all(isinstance(v, int) for v in dataclasses.astuple(tile)):
+            raise TypeError(f"{tile}: expected whole numbers and booleans")
     except (KeyError, TypeError) as exc:
         log.warning("tuning cache entry for %s ignored: %s", key, exc)
         return None
