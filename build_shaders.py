@@ -7,7 +7,9 @@ that ``spirv-val`` rejects under any environment in ``VALIDATE_ENVS``, stops the
 spirv-val's own message, the module and the environment: no shader is ever skipped.
 
 Variants: a shader may declare, in its first comment block, lines of the form
-``// variant: NAME -DMACRO=VALUE ...``; each line produces one embedded module ``NAME``.
+``// variant: NAME -DMACRO=VALUE ... [--target-env=vulkan1.X]``; each line produces one embedded
+module ``NAME``, compiled for ``COMPILE_ENV`` unless it names a newer environment (a module that
+needs SPIR-V 1.3, e.g. subgroup operations: the host then checks the device supports them).
 A shader without variant lines produces one module named after its file stem.
 
 Usage::
@@ -47,7 +49,8 @@ COMPILE_ENV = "vulkan1.0"
 # run of the test suite on Mesa 25's lavapipe (scripts/second-driver.sh).
 VALIDATE_ENVS: tuple[str, ...] = ("vulkan1.0", "vulkan1.1", "vulkan1.2", "vulkan1.3")
 
-_VARIANT_RE = re.compile(r"^//\s*variant:\s*(\w+)((?:\s+-D\w+(?:=\S+)?)*)\s*$", re.MULTILINE)
+_VARIANT_RE = re.compile(r"^//\s*variant:\s*(\w+)((?:\s+-D\w+(?:=\S+)?)*)(?:\s+--target-env=(vulkan1\.\d))?\s*$",
+                         re.MULTILINE)
 _INCLUDE_RE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
 
 
@@ -56,6 +59,7 @@ class Module:
     name: str
     source: Path
     defines: tuple[str, ...]
+    target: str = COMPILE_ENV
 
 
 def discover(folder: Path = SHADER_DIR) -> list[Module]:
@@ -65,8 +69,11 @@ def discover(folder: Path = SHADER_DIR) -> list[Module]:
         text = src.read_text()
         variants = _VARIANT_RE.findall(text)
         if variants:
-            for name, flags in variants:
-                modules.append(Module(name, src, tuple(flags.split())))
+            for name, flags, target in variants:
+                if target and target not in VALIDATE_ENVS:
+                    raise SystemExit(f"build_shaders: {src.relative_to(ROOT)}: variant {name} targets {target}, "
+                                     f"not one of {VALIDATE_ENVS}")
+                modules.append(Module(name, src, tuple(flags.split()), target or COMPILE_ENV))
         else:
             modules.append(Module(src.stem, src, ()))
     names = [m.name for m in modules]
@@ -97,7 +104,7 @@ def digest(module: Module) -> str:
     for path in [module.source, *sorted(files)]:
         h.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
     h.update(" ".join(module.defines).encode())
-    h.update(b"\0" + COMPILE_ENV.encode())  # a new target makes every module stale
+    h.update(b"\0" + module.target.encode())  # a new target makes every module stale
     return h.hexdigest()
 
 
@@ -110,13 +117,13 @@ def _tool(name: str) -> str:
 
 def compile_module(module: Module, workdir: Path) -> bytes:
     out = workdir / f"{module.name}.spv"
-    cmd = [_tool("glslangValidator"), "-V", "--target-env", COMPILE_ENV, "-S", "comp",
+    cmd = [_tool("glslangValidator"), "-V", "--target-env", module.target, "-S", "comp",
            f"-I{INCLUDE_DIR}", *module.defines, "-o", str(out), str(module.source)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise SystemExit(f"build_shaders: glslangValidator failed on {module.name} "
                          f"({module.source.relative_to(ROOT)}):\n{res.stdout}{res.stderr}")
-    for env in VALIDATE_ENVS:
+    for env in VALIDATE_ENVS[VALIDATE_ENVS.index(module.target):]:  # the environments that take its SPIR-V
         problem = validate(out, env)
         if problem:
             raise SystemExit(f"build_shaders: spirv-val --target-env {env} rejected {module.name} "

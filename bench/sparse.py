@@ -7,6 +7,7 @@ script keeps its results in ``bench/results/sparse-<time>.jsonl`` (+ ``.png`` wi
     python bench/sparse.py                 # both clouds, everything (a few minutes at most)
     python bench/sparse.py --cloud scan --channels 16 --no-dense
     python bench/sparse.py --quick         # the scan cloud at 16 channels, 3 rounds
+    python bench/sparse.py --cloud scan --tune   # each layer's register tile tuned (and cached) first
 """
 from __future__ import annotations
 

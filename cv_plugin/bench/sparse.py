@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+import vkconv
 from cv_plugin.bench import report
 from vkconv.ops.sparse.rulebook import build_rulebook, make_geometry
 from vkconv.ops.sparse.tensor import SparseTensor, sparse_conv3d, subm_conv3d
@@ -106,19 +107,32 @@ def scan_cloud(rng: np.random.Generator, n: int, grid: Sequence[int]) -> np.ndar
     return np.column_stack([np.zeros_like(z), z, y, x]).astype(np.int32)
 
 
-def vkconv_runs(st: SparseTensor, weight: np.ndarray, layer: dict) -> tuple[dict, dict]:
-    """The timed vkconv calls (rulebook, compute with the rulebook cached, fresh call) and facts."""
+def vkconv_runs(st: SparseTensor, weight: np.ndarray, layer: dict, tune: bool = False) -> tuple[dict, dict]:
+    """The timed vkconv calls (rulebook, compute with the rulebook cached, fresh call) and facts;
+    ``tune``: the layer's tile is tuned first (and cached: the timed calls take it from the cache)."""
     ctx = get_context()
     geom = make_geometry(st.spatial_shape, 1, weight.shape[1:4], **layer)
     conv = subm_conv3d if layer["subm"] else sparse_conv3d
     kwargs = {} if layer["subm"] else dict(stride=layer["stride"], padding=layer["padding"])
     cached = SparseTensor(st.features, st.indices, st.spatial_shape, 1)
     rb = cached.indice_dict["bench"] = build_rulebook(ctx, st.indices, geom)
+    if tune:
+        conv(cached, weight, activation="Relu", indice_key="bench", tune=True, **kwargs)
     runs = {"vk rulebook": lambda: build_rulebook(ctx, st.indices, geom).close(),
             "vk compute": lambda: conv(cached, weight, activation="Relu", indice_key="bench", **kwargs),
             "vk total": lambda: conv(st, weight, activation="Relu", **kwargs)}
     pairs = sum(len(o) for _, o in rb.pairs())
     return runs, dict(n_out=rb.n_out, pairs=pairs)
+
+
+def dense_gemm_run(c: int, pairs: int, rng: np.random.Generator) -> tuple[Callable[[], object], int, vkconv.Conv]:
+    """The dense 3x3 implicit-GEMM conv of about the sparse layer's work (``pairs`` x C x C MACs):
+    its timed call, its FLOPs and the op (the caller closes it)."""
+    side = max(8, 4 * round(math.sqrt(pairs / 9) / 4))
+    x = rng.standard_normal((1, c, side, side)).astype(np.float32)
+    w = (rng.standard_normal((c, c, 3, 3)) / math.sqrt(9 * c)).astype(np.float32)
+    conv = vkconv.Conv(w, None, pads=1, kernel="implicit_gemm")
+    return (lambda: conv(x)), 2 * 9 * side * side * c * c, conv
 
 
 def spconv_runs(spc: ModuleType, torch: ModuleType, st: SparseTensor, weight: np.ndarray,
@@ -225,6 +239,11 @@ def _record(cloud: str, name: str, c: int, facts: dict, t: dict[str, float], den
     if "sp total" in t:
         rec["ratio_sp_vk_rulebook"] = t["sp rulebook"] / t["vk rulebook"]
         rec["ratio_sp_vk_total"] = t["sp total"] / t["vk total"]
+        rec["ratio_vk_sp_total"] = t["vk total"] / t["sp total"]  # issue 16: <= 1 at 16 channels, <= 1.4 at 64
+    rec["vk_compute_gflops"] = 2e-9 * facts["pairs"] * c * c / t["vk compute"]
+    if "dense gemm" in t:
+        rec["dense_gemm_gflops"] = 1e-9 * facts["dense_gemm_flops"] / t["dense gemm"]
+        rec["ratio_compute_dense_gemm"] = rec["vk_compute_gflops"] / rec["dense_gemm_gflops"]  # issue 16: >= 0.8
     return rec
 
 
@@ -251,10 +270,11 @@ def check(*, points: int, clouds: Sequence[str], channels: Sequence[int], repeat
 
 def run(*, quick: bool = False, out: Path, points: int = 30_000, clouds: Sequence[str] = CLOUDS,
         channels: Sequence[int] = (16, 64), repeat: int = 5, spconv: bool = True,
-        dense: bool = True) -> list[Path]:
+        dense: bool = True, tune: bool = False) -> list[Path]:
     """Run the benchmark, print its table, write ``sparse-<time>.jsonl`` (and the PNG chart when
     matplotlib is installed) into ``out``; returns the files written.  ``quick`` overrides
-    ``clouds``, ``channels`` and ``repeat`` with scan, 16 and 3.  ValueError names a bad argument."""
+    ``clouds``, ``channels`` and ``repeat`` with scan, 16 and 3; ``tune``: each vkconv layer's tile
+    is tuned (and cached) before it is timed.  ValueError names a bad argument."""
     if quick:
         clouds, channels, repeat = ("scan",), (16,), 3
     check(points=points, clouds=clouds, channels=channels, repeat=repeat)
@@ -273,6 +293,9 @@ def run(*, quick: bool = False, out: Path, points: int = 30_000, clouds: Sequenc
               f"{'vk total':>8} | {'sp rb':>7} {'sp comp':>8} {'sp total':>8} | {'dense':>8} | "
               f"{'rb sp/vk':>8} {'total sp/vk':>11} {'dense/vk':>8}")
     lines = [header, "-" * len(header)]
+    eff_header = (f"{'cloud':8} {'layer':17} {'C':>3} | {'vk/sp total':>11} | {'vk comp GFLOP/s':>15} "
+                  f"{'dense GEMM GFLOP/s':>18} {'comp/dense':>10}")
+    eff = [eff_header, "-" * len(eff_header)]
     records = []
     with report.Progress(len(clouds) * len(channels) * len(LAYERS), "bench sparse") as progress:
         for cloud in clouds:
@@ -282,10 +305,15 @@ def run(*, quick: bool = False, out: Path, points: int = 30_000, clouds: Sequenc
                 st = SparseTensor(feats, idx, GRID, 1)
                 for name, layer in LAYERS.items():
                     weight = (rng.standard_normal((c, 3, 3, 3, c)) / math.sqrt(27 * c)).astype(np.float32)
-                    runs, facts = vkconv_runs(st, weight, layer)
+                    runs, facts = vkconv_runs(st, weight, layer, tune)
                     if spc is not None and torch is not None:
                         runs.update(spconv_runs(spc, torch, st, weight, layer))
-                    t = best_interleaved(runs, repeat)
+                    runs["dense gemm"], facts["dense_gemm_flops"], gemm = dense_gemm_run(
+                        c, facts["pairs"], np.random.default_rng(1))
+                    try:
+                        t = best_interleaved(runs, repeat)
+                    finally:
+                        gemm.close()
                     dn = dense_ms.get((c, name))
                     lines.append(
                         f"{cloud:8} {name:17} {c:3d} {facts['n_out']:6d} {facts['pairs']:7d} | "
@@ -293,14 +321,22 @@ def run(*, quick: bool = False, out: Path, points: int = 30_000, clouds: Sequenc
                         f"{_ms(t.get('sp rulebook'))[1:]} {_ms(t.get('sp compute'))} {_ms(t.get('sp total'))} | "
                         f"{_ms(dn)} | {_ratio(t.get('sp rulebook'), t['vk rulebook'])} "
                         f"{_ratio(t.get('sp total'), t['vk total']):>11} {_ratio(dn, t['vk total'])}")
-                    records.append(_record(cloud, name, c, facts, t, dn))
+                    rec = _record(cloud, name, c, facts, t, dn)
+                    records.append(rec)
+                    vs_sp = f"{rec['ratio_vk_sp_total']:11.2f}" if "ratio_vk_sp_total" in rec else f"{'-':>11}"
+                    eff.append(f"{cloud:8} {name:17} {c:3d} | {vs_sp} | {rec['vk_compute_gflops']:15.1f} "
+                               f"{rec['dense_gemm_gflops']:18.1f} {rec['ratio_compute_dense_gemm']:10.2f}")
                     progress.step(f"{cloud} {name} c{c}: {1e3 * t['vk total']:.1f} ms")
     print("\n".join(lines))
     print("times in ms; 'comp' = the convolution with its rulebook already built, 'total' = a fresh "
           "call; ratios > 1 mean vkconv is faster")
+    print("\n".join(eff))
+    print("vk/sp total: vkconv's fresh call over spconv's (issue 16's targets: <= 1 at 16 channels, <= 1.4 at 64); "
+          "comp/dense: the compute's GFLOP/s over the dense implicit-GEMM 3x3 conv's of comparable work (>= 0.8)")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     meta = {"peer": "meta", "time": stamp, "device": ctx.info.name, "grid": list(GRID), "points": points,
             "repeat": repeat, "timing": "best of interleaved rounds", "spconv": spc is not None,
+            "tuned": tune,
             "dense": how, "cpus": os.cpu_count(), "load_avg": os.getloadavg()}
     jsonl = report.write_jsonl(out / f"sparse-{stamp}.jsonl", [meta, *records])
     print(f"results: {jsonl}")
@@ -319,6 +355,7 @@ def main(argv: Sequence[str] | None = None, default_out: Path = Path("vkconv-ben
     ap.add_argument("--no-spconv", action="store_true")
     ap.add_argument("--no-dense", action="store_true")
     ap.add_argument("--quick", action="store_true", help="the scan cloud at 16 channels, 3 rounds")
+    ap.add_argument("--tune", action="store_true", help="tune each vkconv layer's tile first (cached)")
     ap.add_argument("--out", type=Path, default=default_out, help=f"results folder (default {default_out})")
     args = ap.parse_args(argv)
     clouds = CLOUDS if args.cloud == "both" else (args.cloud,)
@@ -327,7 +364,7 @@ def main(argv: Sequence[str] | None = None, default_out: Path = Path("vkconv-ben
     except ValueError as exc:
         ap.error(str(exc))
     run(quick=args.quick, out=args.out, points=args.points, clouds=clouds, channels=args.channels,
-        repeat=args.repeat, spconv=not args.no_spconv, dense=not args.no_dense)
+        repeat=args.repeat, spconv=not args.no_spconv, dense=not args.no_dense, tune=args.tune)
     return 0
 
 

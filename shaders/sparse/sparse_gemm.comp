@@ -22,13 +22,30 @@
 // without SCHEDULE).
 // The TEXEL variant reads features, weights, table and schedule through texel buffers
 // (vkconv/runtime/pipeline.py says why: on lavapipe a texel fetch is a gather, a storage-buffer load a
-// loop over the lanes). Every loop is a do-while: lavapipe runs a for loop's body once more,
-// masked, when its condition ends it.
+// loop over the lanes). The loops over words, taps and input channels are do-while: lavapipe runs
+// a for loop's body once more, masked, when its condition ends it.
+//
+// SUBGROUP = 1 (SHARE, and coutp / CB == SG, the subgroup size): the lanes of a subgroup take the
+// same ROWS rows (ROWS a multiple of SG) and one channel block each; lane l reads the masks, table
+// entries and features of rows l, l + SG, ... only and hands them to the other lanes by subgroup
+// shuffles (on lavapipe a shuffle by a constant lane is a register permute, a texel fetch a gather:
+// this cuts the gathers of feature rows SG-fold).
+//
+// Every loop over the register tile is unrolled ([[unroll]]), so every accumulator has a
+// compile-time place (a register or a stack slot); left as loops, lavapipe indexed them in per-lane
+// scratch memory at run time (1.5x slower at 16 channels, docs/PERFORMANCE.md).
 //
 // variant: sparse_gemm -DTEXEL=0
 // variant: sparse_gemm_texel -DTEXEL=1
+// variant: sparse_gemm_subgroup -DTEXEL=0 -DSUBGROUP=1 --target-env=vulkan1.1
+// variant: sparse_gemm_subgroup_texel -DTEXEL=1 -DSUBGROUP=1 --target-env=vulkan1.1
 #extension GL_EXT_samplerless_texture_functions : require  // textureBuffer: SPIR-V 1.6 forbids sampled Buffer images
 #extension GL_GOOGLE_include_directive : require
+#extension GL_EXT_control_flow_attributes : require
+#if SUBGROUP
+#extension GL_KHR_shader_subgroup_basic : require
+#extension GL_KHR_shader_subgroup_shuffle : require
+#endif
 #include "activation.glsl"
 
 layout(local_size_x_id = 0, local_size_y = 1, local_size_z = 1) in;
@@ -37,6 +54,7 @@ layout(constant_id = 4) const int ROWS = 2;
 layout(constant_id = 5) const int CB = 4;
 layout(constant_id = 6) const int SHARE = 0;
 layout(constant_id = 7) const int SCHEDULE = 0;
+layout(constant_id = 8) const int SG = 8;  // SUBGROUP: the subgroup size
 
 #if TEXEL
 layout(binding = 0) uniform textureBuffer x_tex;
@@ -69,67 +87,111 @@ layout(push_constant) uniform Params {
 
 void main()
 {
+    const int tap_size = p.cin4 * 4 * p.coutp;
+#if SUBGROUP
+    const int SLOTS = ROWS / SG;
+    const int lane = int(gl_SubgroupInvocationID);
+    const int first = (flat_group() * int(gl_NumSubgroups) + int(gl_SubgroupID)) * ROWS;
+    if (first >= p.n_out) return;  // the whole subgroup: its lanes share first
+    const int cb = lane * CB;
+    // This lane's rows first + k * SG + lane (-1 past the last row or for a schedule entry out of
+    // range), and every row of the tile, from the lanes that own them.
+    int own[SLOTS];
+    [[unroll]] for (int k = 0; k < SLOTS; ++k) {
+        const int i = first + k * SG + lane;
+        own[k] = SCHEDULE != 0 ? int(S(min(i, p.n_out - 1))) : i;
+        own[k] = uint(own[k]) < uint(p.n_out) && i < p.n_out ? own[k] : -1;
+    }
+    int row[ROWS];
+    [[unroll]] for (int r = 0; r < ROWS; ++r) row[r] = subgroupShuffle(own[r / SG], r % SG);
+#else
     const int blocks = p.coutp / CB;
     const int inv = flat_invocation();
     const int first = (SHARE != 0 ? inv / blocks : inv) * ROWS;
     if (first >= p.n_out) return;
     const int cb = (SHARE != 0 ? inv % blocks : int(gl_WorkGroupID.z)) * CB;
-    const int tap_size = p.cin4 * 4 * p.coutp;
     // -1 past the last row (or for a schedule entry out of range); indices below use max(row, 0),
     // in range even where the row is unused
     int row[ROWS];
-    for (int r = 0; r < ROWS; ++r) {
+    [[unroll]] for (int r = 0; r < ROWS; ++r) {
         const int i = min(first + r, p.n_out - 1);
         row[r] = SCHEDULE != 0 ? int(S(i)) : i;
         row[r] = uint(row[r]) < uint(p.n_out) && first + r < p.n_out ? row[r] : -1;
     }
+#endif
 
     vec4 acc[ROWS * CB];
-    for (int i = 0; i < ROWS * CB; ++i) acc[i] = vec4(0.0);
+    [[unroll]] for (int i = 0; i < ROWS * CB; ++i) acc[i] = vec4(0.0);
     int word = 0;
     do {
-        uint m[ROWS];
         uint taps = 0u;
-        for (int r = 0; r < ROWS; ++r) {
+#if SUBGROUP
+        uint m[SLOTS];  // this lane's rows' masks; the tile's union is the same in every lane
+        [[unroll]] for (int k = 0; k < SLOTS; ++k) m[k] = own[k] >= 0 ? masks[max(own[k], 0) * p.words + word] : 0u;
+        [[unroll]] for (int r = 0; r < ROWS; ++r) taps |= subgroupShuffle(m[r / SG], r % SG);
+#else
+        uint m[ROWS];
+        [[unroll]] for (int r = 0; r < ROWS; ++r) {
             m[r] = row[r] >= 0 ? masks[max(row[r], 0) * p.words + word] : 0u;
             taps |= m[r];
         }
+#endif
         // Bits past the kernel volume would index past the tables (never set by the rulebook).
         if (p.kv - 32 * word < 32) taps &= (1u << (p.kv - 32 * word)) - 1u;
         if (taps != 0u) do {
             // Lanes whose tile ran out of taps are masked here (SIMD execution); their indices
-            // are still kept in range.
+            // are still kept in range.  (SUBGROUP: taps is the same in every lane of a subgroup.)
             const int bit = max(findLSB(taps), 0);
             taps &= taps - 1u;
             const int t = 32 * word + bit;
-            int src[ROWS];
-            bool on[ROWS];
-            for (int r = 0; r < ROWS; ++r) {
-                on[r] = ((m[r] >> bit) & 1u) != 0u;
-                src[r] = on[r] ? int(T(max(row[r], 0) * p.kv + t)) : 0;
-                on[r] = on[r] && uint(src[r]) < uint(p.n_in);
-                src[r] = on[r] ? src[r] * p.cin4 : 0;
+            // the rows this lane reads: its own (SUBGROUP), else every row of the tile
+#if SUBGROUP
+#define NSRC SLOTS
+#define AT(k) own[k]
+#else
+#define NSRC ROWS
+#define AT(k) row[k]
+#endif
+            int src[NSRC];
+            bool on[NSRC];
+            [[unroll]] for (int k = 0; k < NSRC; ++k) {
+                on[k] = ((m[k] >> bit) & 1u) != 0u;
+                src[k] = on[k] ? int(T(max(AT(k), 0) * p.kv + t)) : 0;
+                on[k] = on[k] && uint(src[k]) < uint(p.n_in);
+                src[k] = on[k] ? src[k] * p.cin4 : 0;
             }
             int wrow = t * tap_size + cb;
             int ci = 0;
             do {
                 vec4 xv[ROWS];
-                for (int r = 0; r < ROWS; ++r) xv[r] = on[r] ? X(src[r] + ci) : vec4(0.0);
-                for (int j = 0; j < 4; ++j) {
-                    for (int c = 0; c < CB; ++c) {
-                        vec4 wv = W(wrow + c);
-                        for (int r = 0; r < ROWS; ++r) acc[r * CB + c] += xv[r][j] * wv;
+#if SUBGROUP
+                vec4 xo[SLOTS];
+                [[unroll]] for (int k = 0; k < SLOTS; ++k) xo[k] = on[k] ? X(src[k] + ci) : vec4(0.0);
+                [[unroll]] for (int r = 0; r < ROWS; ++r) xv[r] = subgroupShuffle(xo[r / SG], r % SG);
+#else
+                [[unroll]] for (int r = 0; r < ROWS; ++r) xv[r] = on[r] ? X(src[r] + ci) : vec4(0.0);
+#endif
+                // the 4 x CB weight vec4s of these 4 input channels, then each accumulator takes its
+                // 4 products in a row (loaded and stored once per input vec4 where it lives in memory)
+                vec4 wv[4 * CB];
+                [[unroll]] for (int j = 0; j < 4; ++j)
+                    [[unroll]] for (int c = 0; c < CB; ++c) wv[j * CB + c] = W(wrow + j * p.coutp + c);
+                wrow += 4 * p.coutp;
+                [[unroll]] for (int r = 0; r < ROWS; ++r) {
+                    [[unroll]] for (int c = 0; c < CB; ++c) {
+                        vec4 a = acc[r * CB + c];
+                        [[unroll]] for (int j = 0; j < 4; ++j) a += xv[r][j] * wv[j * CB + c];
+                        acc[r * CB + c] = a;
                     }
-                    wrow += p.coutp;
                 }
             } while (++ci < p.cin4);
         } while (taps != 0u);
     } while (++word < p.words);
 
     const int bias = p.kv * tap_size + cb;
-    for (int r = 0; r < ROWS; ++r) {
+    [[unroll]] for (int r = 0; r < ROWS; ++r) {
         if (row[r] < 0) continue;
-        for (int c = 0; c < CB; ++c) {
+        [[unroll]] for (int c = 0; c < CB; ++c) {
             if (cb + c >= p.cout4) break;
             y[row[r] * p.cout4 + cb + c] =
                 activate4(acc[r * CB + c] + W(bias + c), p.act_a, p.act_b);

@@ -310,26 +310,41 @@ def test_results_are_bitwise_reproducible():
 
 # Tile shapes of the compute kernel (sparse_conv.choose_tile picks per device and layer; the GPU
 # one and the odd ones never run on lavapipe unless forced), with and without the tap-mask
-# schedule, and its storage-buffer variant.
-TILES = [(2, 4, False, False, True), (1, 8, False, False, True), (8, 2, True, True, True),
-         (4, 1, True, True, True), (1, 1, True, False, True), (3, 2, True, True, False),
-         (1, 8, False, False, False)]
+# schedule, its storage-buffer variant, and the subgroup-shuffle kernel (cb None: one block of
+# coutp / subgroup size vec4s per lane; rows a multiple of the subgroup size: one or two rows read
+# per lane).
+TILES = [(2, 4, False, False, True, False), (1, 8, False, False, True, False), (8, 2, True, True, True, False),
+         (4, 1, True, True, True, False), (1, 1, True, False, True, False), (3, 2, True, True, False, False),
+         (1, 8, False, False, False, False), (16, 4, False, True, True, False),
+         (8, None, True, True, True, True), (16, None, True, False, True, True), (8, None, True, True, False, True)]
 
 
-@pytest.mark.parametrize("rows,cb,share,scheduled,texel", TILES)
-def test_every_tile_shape_matches_dense(monkeypatch, rows, cb, share, scheduled, texel):
-    """SubM, strided and inverse convolutions with the tile forced: 40 output channels (10 vec4,
-    packed to 16, so some channel blocks hold no channel), against the dense references."""
+@pytest.mark.parametrize("rows,cb,share,scheduled,texel,subgroup", TILES)
+def test_every_tile_shape_matches_dense(monkeypatch, rows, cb, share, scheduled, texel, subgroup):
+    """SubM, strided and inverse convolutions with the tile forced: 6 input channels (not a whole
+    vec4), 40 output channels (10 vec4, packed to 16, so some channel blocks hold no channel),
+    against the dense references."""
     import vkconv.ops.sparse.conv as sparse_conv
     import vkconv.ops.sparse.tensor as sparse_module
 
-    # up to 16 output channels the weights are packed to cout4 vec4s, which the block must divide
-    monkeypatch.setattr(sparse_conv, "choose_tile", lambda ctx, cout4, scheduled: sparse_conv.Tile(
-        rows, cb if cout4 > 4 else cout4, share))
+    info = vkconv.get_context().info
+    if subgroup:
+        if not info.subgroup_shuffle or info.subgroup_size > 16:
+            pytest.skip(f"{info.name}: no subgroup shuffles, or subgroups of more than 16 lanes")
+        rows = max(rows, info.subgroup_size)
+
+    def tile(ctx, coutp):
+        # up to 16 output channels the weights are packed to cout4 vec4s, which the block must divide
+        if subgroup:  # the inverse convolution's 6 output channels (2 vec4s) cannot share a subgroup
+            return sparse_conv.Tile(rows, coutp // info.subgroup_size, True, True) if \
+                coutp % info.subgroup_size == 0 else sparse_conv.Tile(2, coutp, False)
+        return sparse_conv.Tile(rows, cb if coutp > 4 else coutp, share)
+
+    monkeypatch.setattr(sparse_conv, "choose_tile", tile)
     monkeypatch.setattr(sparse_conv, "wants_schedule", lambda w, rb: scheduled)
     if not texel:  # features uploaded as plain storage buffers: the kernel's storage variant
         monkeypatch.setattr(sparse_module, "texel_capable", lambda ctx: False)
-    rng = np.random.default_rng(rows * 10 + cb)
+    rng = np.random.default_rng(rows * 10 + (cb or 0))
     st = random_tensor(rng, 300, (9, 10, 11), 2, 6)
     w = (rng.standard_normal((40, 3, 3, 3, 6)) / math.sqrt(6)).astype(np.float32)
     b = rng.standard_normal(40).astype(np.float32)
@@ -539,3 +554,95 @@ def test_matches_spconv_where_installed():
     assert_close(ours.to_dense(), theirs[1], REL, "SparseConv3d")
     ours = vkconv.sparse_inverse_conv3d(ours, *params[2], indice_key="d1")
     assert_close(ours.to_dense(), theirs[2], REL, "SparseInverseConv3d")
+
+
+def test_every_tuner_candidate_matches_dense(monkeypatch):
+    """Each tile the tuner may pick (vkconv.ops.sparse.conv.tile_candidates), forced, on a SubM layer
+    of 5 -> 36 channels (neither a whole vec4 in nor a whole block out), against the dense reference."""
+    import vkconv.ops.sparse.conv as sparse_conv
+
+    rng = np.random.default_rng(21)
+    st = random_tensor(rng, 250, (8, 9, 10), 1, 5)
+    w = (rng.standard_normal((36, 3, 3, 3, 5)) / math.sqrt(5)).astype(np.float32)
+    b = rng.standard_normal(36).astype(np.float32)
+    expected = activate(dense_conv3d(st.to_dense(), w, b, pad=(1, 1, 1)), "Relu")
+    occ = occupancy(st.indices, 1, st.spatial_shape)
+    cands = sparse_conv.tile_candidates(vkconv.get_context(), 16)  # 36 channels: 9 vec4s, packed to 16
+    assert len(cands) > 5
+    for tile in cands:
+        monkeypatch.setattr(sparse_conv, "choose_tile", lambda ctx, coutp, tile=tile: tile)
+        check_against_dense(vkconv.subm_conv3d(st, w, b, activation="Relu", tune=False), expected, occ)
+
+
+def test_tuning_stores_a_tile_that_later_calls_use(monkeypatch, tmp_path):
+    """tune=True times the tiles on the call's features and caches the winner under the layer's
+    shape; a later call (VKCONV_TUNE unset: the cache) takes it without timing, tune=False does not."""
+    import vkconv.ops.sparse.conv as sparse_conv
+    from vkconv.runtime.tunecache import cache_for
+
+    monkeypatch.setenv("VKCONV_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("VKCONV_TUNE", raising=False)
+    rng = np.random.default_rng(22)
+    st = random_tensor(rng, 400, (9, 10, 11), 1, 8)
+    w = (rng.standard_normal((32, 3, 3, 3, 8)) / math.sqrt(8)).astype(np.float32)
+    expected = dense_conv3d(st.to_dense(), w, None, (2,) * 3, (1,) * 3)
+    sites = dense_conv3d(occupancy(st.indices, 1, st.spatial_shape).astype(np.float64)[:, None],
+                         np.ones((1, 3, 3, 3, 1)), stride=(2,) * 3, pad=(1,) * 3)[:, 0] > 0.5
+    tuned = vkconv.sparse_conv3d(st, w, stride=2, padding=1, tune=True)
+    check_against_dense(tuned, expected, sites)
+    entries = {k: v for k, v in cache_for(vkconv.get_context()).entries().items() if k.startswith("sparse_conv")}
+    assert len(entries) == 1
+    (key, entry), = entries.items()
+    assert key.startswith("sparse_conv strided k3x3x3 cin4=2 coutp=8") and entry["ms"] > 0
+    stored = sparse_conv.Tile(**entry["candidate"])
+
+    picked = []
+    real = sparse_conv.record_conv
+
+    def spy(*args, **kwargs):
+        picked.append(sparse_conv.cached_tile(vkconv.get_context(), key, 8) if kwargs.get("use_cache") else None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sparse_module_of(sparse_conv), "record_conv", spy)
+    monkeypatch.setattr(sparse_conv, "tune_tile", lambda *a, **k: pytest.fail("timed again"))
+    again = vkconv.sparse_conv3d(st, w, stride=2, padding=1)
+    assert np.array_equal(again.features, tuned.features)
+    vkconv.sparse_conv3d(st, w, stride=2, padding=1, tune=False)
+    assert picked == [stored, None]
+    with pytest.raises(ValueError, match="tune"):
+        vkconv.sparse_conv3d(st, w, stride=2, padding=1, tune="sometimes")
+
+
+def sparse_module_of(conv_module):
+    """vkconv.ops.sparse.tensor, which calls the compute through its own imported names."""
+    import vkconv.ops.sparse.tensor as sparse_tensor
+
+    assert sparse_tensor.record_conv is conv_module.record_conv
+    return sparse_tensor
+
+
+def test_a_bad_cached_tile_is_ignored(monkeypatch, tmp_path):
+    """A cache entry naming a tile that cannot run here (or no tile at all) falls back to the
+    heuristic tile, with a warning in the log, never an error."""
+    import vkconv.ops.sparse.conv as sparse_conv
+    from vkconv.runtime.tunecache import cache_for
+
+    monkeypatch.setenv("VKCONV_CACHE_DIR", str(tmp_path))
+    ctx = vkconv.get_context()
+    rng = np.random.default_rng(23)
+    st = random_tensor(rng, 200, (8, 8, 8), 1, 4)
+    w = (rng.standard_normal((4, 3, 3, 3, 4)) / 4).astype(np.float32)  # 4 -> 4: coutp 1
+    expected = dense_conv3d(st.to_dense(), w, None, pad=(1, 1, 1))
+    occ = occupancy(st.indices, 1, st.spatial_shape)
+    first = vkconv.subm_conv3d(st, w, indice_key="k")
+    rb = first.indice_dict["k"]
+    packed = sparse_conv.pack_weights(ctx, w, None)
+    key = sparse_conv.layer_signature(rb, packed, False)
+    packed.close()
+    again = vkconv.SparseTensor(st.features, st.indices, st.spatial_shape, 1)
+    again.indice_dict["k"] = rb
+    for bad in ({"rows": 8, "cb": 3, "share": True, "subgroup": False}, {"rows": "8", "cb": 1, "share": False},
+                {"tile": 1}):
+        cache_for(ctx).put(key, {"candidate": bad, "ms": 1.0})
+        assert sparse_conv.cached_tile(ctx, key, 1) is None
+        check_against_dense(vkconv.subm_conv3d(again, w, indice_key="k"), expected, occ)

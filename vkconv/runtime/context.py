@@ -111,6 +111,8 @@ class DeviceInfo:
     rank: int = field(repr=False)
     max_texel_buffer_elements: int = 0  # 0 when RGBA32F / R32F uniform texel buffers are unsupported
     fp16_texel: bool = False  # RGBA16F uniform texel buffers (vkconv's fp16 weight storage)
+    # subgroupShuffle in compute shaders (the modules built for SPIR-V 1.3 that use it, e.g. sparse_gemm_subgroup)
+    subgroup_shuffle: bool = False
     # the driver's name and version, e.g. "llvmpipe, Mesa 25.0.7 (LLVM 15.0.6)": speed and shader
     # validity differ between drivers of the same device (shown by vkconv info)
     driver: str = ""
@@ -209,6 +211,8 @@ def _describe(index: int, pd) -> DeviceInfo:
         fp16_texel=bool(v.vkGetPhysicalDeviceFormatProperties(pd, v.VK_FORMAT_R16G16B16A16_SFLOAT).bufferFeatures
                         & v.VK_FORMAT_FEATURE_UNIFORM_TEXEL_BUFFER_BIT),
         subgroup_size=sub.subgroupSize,
+        subgroup_shuffle=bool(sub.supportedStages & v.VK_SHADER_STAGE_COMPUTE_BIT
+                              and sub.supportedOperations & v.VK_SUBGROUP_FEATURE_SHUFFLE_BIT),
         fp16_storage=bool(f16.storageBuffer16BitAccess),
         fp16_arithmetic=bool(f16a.shaderFloat16),
         unified_memory=unified,

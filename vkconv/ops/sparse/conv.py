@@ -9,19 +9,27 @@ Weights are spconv 2.x's ``[C_out, kD, kH, kW, C_in]``, repacked per tap as
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 import struct
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from vkconv.kernels.activation import Activation
-from vkconv.ops.sparse.device import Recording, lease, texel_capable
+from vkconv.ops.sparse.device import Recording, lease, release, texel_capable
 from vkconv.ops.sparse.rulebook import Rulebook
+from vkconv.ops.tune import TuneResult, budget_ms, search
 from vkconv.runtime.buffer import Buffer
 from vkconv.runtime.context import Context
 from vkconv.runtime.pipeline import STORAGE, TEXEL1, TEXEL4, texel_fits
+from vkconv.runtime.timestamps import Timestamps
 from vkconv.runtime.transfer import upload_constant
+from vkconv.runtime.tunecache import cache_for
+
+log = logging.getLogger(__name__)
 
 # n_in, n_out, kv, words, cin4, cout4, coutp, act_a, act_b
 _GEMM_PUSH = struct.Struct("<7i2f")
@@ -36,26 +44,173 @@ class Tile:
     rows: int
     cb: int
     share: bool
+    subgroup: bool = False  # the lanes of a subgroup share rows, read once and shuffled (sparse_gemm.comp)
 
 
-def choose_tile(ctx: Context, cout4: int, *, scheduled: bool) -> Tile:
-    """The tile for ``cout4`` vec4s of output channels; ``scheduled``: the rows come sorted by tap
-    mask (:func:`wants_schedule`).
+def choose_tile(ctx: Context, coutp: int) -> Tile:
+    """The heuristic tile for output rows of ``coutp`` vec4s (:class:`PackedWeights`).
 
     An invocation walks the union of its rows' taps, so more rows per tile reuse each weight load
     more often but multiply zeros for the rows that lack a tap.  Measured on lavapipe (8 SIMD
-    lanes, every weight load a gather) at 30 k voxels (docs/SPARSE.md): 8-row tiles, whose rows
-    share their taps once sorted; up to 16 channels one invocation takes every channel of its
-    rows (2 rows when they come unsorted), wider layers give the same 8 rows to 8 neighbouring
-    lanes, 2 vec4s of channels each, so that the lanes of a SIMD group share rows and taps.  GPUs
-    run 32 or more lanes and keep the register tile small (not measured on one yet): a 4-row tile
-    shared by the lanes, 1 vec4 each.
+    lanes, every texel fetch a gather, a shuffle by a constant lane a register permute) at 30 k
+    voxels (docs/PERFORMANCE.md): up to 16 channels one invocation takes every channel of 8 rows;
+    wider layers give the same 8 rows to the lanes of a subgroup, one block of
+    ``coutp / subgroup size`` vec4s each, each lane reading one row's features and shuffling it
+    to the others (1.2-1.4x faster at 64 channels than each lane reading all 8 rows itself, as
+    devices without subgroup shuffles still do, 2 vec4s of channels each).  GPUs run 32 or more
+    lanes and keep the register tile small (not measured on one yet): a 4-row tile shared by the
+    lanes, 1 vec4 each.
     """
     if ctx.info.type != "cpu":
         return Tile(4, 1, True)
-    if cout4 <= 4:
-        return Tile(8 if scheduled else 2, cout4, False)
+    if coutp <= 4:
+        return Tile(8, coutp, False)
+    sg = max(1, ctx.info.subgroup_size)
+    shared = Tile(max(8, sg), coutp // sg, True, subgroup=True)
+    if coutp // sg <= 4 and tile_fits(ctx, shared, coutp) is None:
+        return shared
     return Tile(8, 2, True)
+
+
+MAX_TILE_VEC4 = 64  # accumulators per invocation (rows x cb vec4s) a candidate may hold
+
+
+def tile_fits(ctx: Context, tile: Tile, coutp: int) -> str | None:
+    """Why ``tile`` cannot run output rows of ``coutp`` vec4s on this device (None if it can)."""
+    if tile.rows < 1 or tile.cb < 1 or coutp % tile.cb:
+        return f"{tile.cb} vec4s per block do not divide the {coutp} of a packed row"
+    if tile.rows * tile.cb > MAX_TILE_VEC4:
+        return f"{tile.rows} x {tile.cb} vec4 accumulators exceed {MAX_TILE_VEC4}"
+    if tile.subgroup:
+        sg = ctx.info.subgroup_size
+        if not ctx.info.subgroup_shuffle:
+            return "the device has no subgroup shuffles"
+        if not tile.share or coutp != tile.cb * sg or tile.rows % sg or ctx.local_size(64) % sg:
+            return f"a subgroup of {sg} lanes cannot share {tile.rows} rows of {coutp} vec4s in blocks of {tile.cb}"
+    return None
+
+
+def tile_candidates(ctx: Context, coutp: int) -> list[Tile]:
+    """Every tile the tuner may time for ``coutp`` vec4s per output row: 4 to 16 rows, each lane
+    taking every channel or blocks of 1 to 4 vec4s shared by neighbouring lanes, and the
+    subgroup kernel with one or two rows read per lane."""
+    sg = max(1, ctx.info.subgroup_size)
+    # the subgroup kernel first: where it runs it is the likeliest winner, and a tight budget
+    # (VKCONV_TUNE_BUDGET_MS) times the first candidates only
+    cands = [Tile(rows, coutp // sg, True, subgroup=True) for rows in (sg, 2 * sg)]
+    # (sharing rows between the blocks of a row needs more than one block)
+    cands += [Tile(rows, cb, share) for rows in (8, 16, 4) for cb in (1, 2, 4, coutp)
+              for share in (False, True) if not (share and cb == coutp)]
+    unique = list(dict.fromkeys(cands))
+    return [t for t in unique if tile_fits(ctx, t, coutp) is None]
+
+
+def layer_signature(rb: Rulebook, w: PackedWeights, inverse: bool) -> str:
+    """The tuning cache key of one layer shape: kind, kernel, channels, whether its rows come
+    sorted (:func:`wants_schedule`), texel reads (the cloud itself is not part of it: a layer
+    tuned on one scan serves the next)."""
+    kind = "inverse" if inverse else "subm" if rb.geom.subm else "strided"
+    sched = rb.has_schedule(inverse=inverse) or wants_schedule(w, rb)
+    return (f"sparse_conv {kind} k{'x'.join(map(str, rb.geom.kernel))} cin4={w.cin4} coutp={w.coutp} "
+            f"schedule={int(sched)} texel={int(texel_capable(w.weight.ctx))}")
+
+
+def cached_tile(ctx: Context, key: str, coutp: int) -> Tile | None:
+    """The tuning cache's tile for ``key``, if it can run here (else None, logged)."""
+    entry = cache_for(ctx).get(key)
+    if entry is None:
+        return None
+    try:
+        tile = Tile(**entry["candidate"])
+        if not all(isinstance(v, int) for v in dataclasses.astuple(tile)):
+            raise TypeError(f"{tile}: expected whole numbers and booleans")
+    except (KeyError, TypeError) as exc:
+        log.warning("tuning cache entry for %s ignored: %s", key, exc)
+        return None
+    reason = tile_fits(ctx, tile, coutp)
+    if reason is not None:
+        log.warning("tuning cache entry for %s ignored: %s", key, reason)
+        return None
+    return tile
+
+
+class _TimedTile:
+    """One tile run on the tuner's features (uploaded once): :meth:`once` times the dispatch between
+    GPU timestamps; ``out`` is the first run's output."""
+
+    def __init__(self, rb: Rulebook, features: np.ndarray, w: PackedWeights, act: Activation,
+                 inverse: bool, tile: Tile):
+        self.rb, self.w, self.act, self.inverse, self.tile = rb, w, act, inverse, tile
+        ctx = w.weight.ctx
+        self.rec = Recording(ctx)
+        self.stamps = Timestamps(ctx, 2)
+        try:
+            self.x = self.rec.upload(features, "tuning input", texel=texel_capable(ctx))
+            self.out = self._run(read=True)
+        except BaseException:
+            self.close()
+            raise
+
+    def _run(self, read: bool = False) -> np.ndarray | None:
+        rec = self.rec
+        self.stamps.reset(rec.cmd)
+        self.stamps.mark(rec.cmd)
+        y = record_conv(rec, self.rb, self.x, self.w, self.act, inverse=self.inverse, staged=read, tile=self.tile)
+        try:
+            self.stamps.mark(rec.cmd)
+            if read:
+                rec.download(y)
+            rec.submit()
+            n_out = self.rb.n_in if self.inverse else self.rb.n_out
+            return y.read(np.float32, (n_out, 4 * self.w.cout4)).copy() if read else None
+        finally:
+            release(y)
+
+    def once(self) -> float:
+        self._run()
+        return self.stamps.intervals()[0][1]
+
+    def close(self) -> None:
+        self.rec.close()
+        self.stamps.close()
+
+
+def tune_tile(rb: Rulebook, features: np.ndarray, w: PackedWeights, act: Activation, *, inverse: bool = False,
+              budget: float | None = None) -> TuneResult[Tile]:
+    """Time this layer's tiles (:func:`tile_candidates`) on its own features (``[n_in][4 * cin4]``
+    float32, channels zero-padded) with :func:`vkconv.ops.tune.search`, store the winner in the
+    tuning cache under the layer's signature and return the search's result.  Each candidate's
+    output must match the heuristic tile's."""
+    ctx = w.weight.ctx
+    limit = budget_ms(budget)
+    baseline = choose_tile(ctx, w.coutp)
+    cands = tile_candidates(ctx, w.coutp)
+    reference: list[np.ndarray] = []
+
+    def measure(tile: Tile) -> _TimedTile:
+        timed = _TimedTile(rb, features, w, act, inverse, tile)
+        assert timed.out is not None
+        if not reference:
+            reference.append(timed.out)
+        elif not np.allclose(timed.out, reference[0], rtol=0,
+                             atol=1e-4 * max(float(np.abs(reference[0]).max()), 1e-6)):
+            timed.close()
+            raise ValueError(f"tile {tile} gave a different result from {baseline}")
+        return timed
+
+    def rows_stage(best: Tile) -> list[Tile]:
+        return [t for t in cands if (t.cb, t.share, t.subgroup) == (best.cb, best.share, best.subgroup)]
+
+    def arrangement_stage(best: Tile) -> list[Tile]:
+        return [t for t in cands if t.rows == best.rows or t.subgroup]
+
+    result = search(baseline, [arrangement_stage, rows_stage], measure, limit)
+    cache_for(ctx).put(layer_signature(rb, w, inverse), {
+        "candidate": dataclasses.asdict(result.best), "ms": round(result.best_ms, 4),
+        "heuristic": dataclasses.asdict(result.baseline), "heuristic_ms": round(result.baseline_ms, 4),
+        "trials": len(result.trials), "seconds": round(result.seconds, 3), "budget_ms": limit,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    return result
 
 
 def wants_schedule(w: PackedWeights, rb: Rulebook) -> bool:
@@ -106,7 +261,8 @@ def pack_weights(ctx: Context, weight: np.ndarray, bias: np.ndarray | None) -> P
 
 
 def record_conv(rec: Recording, rb: Rulebook, x: Buffer, w: PackedWeights, act: Activation, *,
-                inverse: bool = False, staged: bool = False) -> Buffer:
+                inverse: bool = False, staged: bool = False, tile: Tile | None = None,
+                use_cache: bool = True) -> Buffer:
     """Record one sparse convolution over ``rb`` on device features ``x``; returns the output
     features buffer (``[n_out][cout4]`` vec4, leased: the caller releases it).
 
@@ -115,27 +271,34 @@ def record_conv(rec: Recording, rb: Rulebook, x: Buffer, w: PackedWeights, act: 
     SparseInverseConv3d): outputs are the rulebook's input sites.  One dispatch computes every
     output row, bias and activation included; a row without taps gets ``act(bias)``.  Rows are
     taken in the rulebook's tap-mask order when it has one or the layer is wide enough to want
-    one (:func:`wants_schedule`); results do not depend on the order.
+    one (:func:`wants_schedule`); results do not depend on the order.  ``tile``: the register
+    tile, else the tuning cache's for this layer shape (unless ``use_cache`` is False, see
+    :func:`tune_tile`), else :func:`choose_tile`'s.
     """
     ctx = rec.ctx
     n_in, n_out = (rb.n_out, rb.n_in) if inverse else (rb.n_in, rb.n_out)
     table, masks = rb.tables(inverse=inverse)
     sched = (rb.schedule(inverse=inverse) if rb.has_schedule(inverse=inverse) or wants_schedule(w, rb)
              else None)
-    tile = choose_tile(ctx, w.cout4, scheduled=sched is not None)
-    assert w.coutp % tile.cb == 0, "pack_weights pads to a multiple of every block choose_tile picks"
+    if tile is None and use_cache:
+        tile = cached_tile(ctx, layer_signature(rb, w, inverse), w.coutp)
+    if tile is None:
+        tile = choose_tile(ctx, w.coutp)
+    assert tile_fits(ctx, tile, w.coutp) is None, tile_fits(ctx, tile, w.coutp)
     y = lease(ctx, 16 * n_out * w.cout4, "sparse conv output", staged=staged, texel=texel_capable(ctx))
     rows = sched or table  # bound either way; read only with a schedule
     texel = (x.texel and w.weight.texel and table.texel and rows.texel and texel_fits(ctx, x.size)
              and texel_fits(ctx, w.weight.size) and texel_fits(ctx, table.size, TEXEL1)
              and texel_fits(ctx, rows.size, TEXEL1))
-    shader, kinds = (("sparse_gemm_texel", (TEXEL4, TEXEL4, TEXEL1, STORAGE, STORAGE, TEXEL1)) if texel
-                     else ("sparse_gemm", None))
+    shader = "sparse_gemm_subgroup" if tile.subgroup else "sparse_gemm"
+    shader, kinds = ((shader + "_texel", (TEXEL4, TEXEL4, TEXEL1, STORAGE, STORAGE, TEXEL1)) if texel
+                     else (shader, None))
     push = _GEMM_PUSH.pack(n_in, n_out, rb.geom.kv, rb.words, w.cin4, w.cout4, w.coutp, act.a, act.b)
     tiles, blocks = -(-n_out // tile.rows), w.coutp // tile.cb
     rec.dispatch(shader, [x, w.weight, table, masks, y, rows], push,
                  tiles * (blocks if tile.share else 1), kinds=kinds,
-                 spec=(act.kind, tile.rows, tile.cb, int(tile.share), int(sched is not None)),
+                 spec=(act.kind, tile.rows, tile.cb, int(tile.share), int(sched is not None),
+                       ctx.info.subgroup_size),
                  z=1 if tile.share else blocks)
     rec.barrier()
     return y

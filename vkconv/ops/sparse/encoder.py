@@ -22,6 +22,7 @@ from vkconv.ops.sparse.conv import PackedWeights, pack_weights, record_conv
 from vkconv.ops.sparse.device import Recording, release, texel_capable
 from vkconv.ops.sparse.rulebook import Rulebook, SparseGeometry, build_rulebook, make_geometry
 from vkconv.ops.sparse.tensor import SparseTensor
+from vkconv.ops.tune import tune_mode
 from vkconv.runtime.buffer import Buffer
 from vkconv.runtime.context import Context, get_context
 
@@ -139,6 +140,7 @@ class SparseEncoder:
                     return out  # every site vanished (or N = 0): the map is all zeros
                 rulebooks.append(rb)
                 indices, idx_buf = rb.out_indices, rb.out_idx
+            use_cache = tune_mode() != "0"  # tiles tuned by single-layer calls (VKCONV_TUNE=0: heuristics)
             with Recording(self.ctx) as rec:
                 w0 = self._weights[0]
                 x = st.features
@@ -147,7 +149,7 @@ class SparseEncoder:
                     x[:, :w0.cin] = st.features
                 feats = rec.upload(x, "encoder input", texel=texel_capable(self.ctx))
                 for rb, w, act in zip(rulebooks, self._weights, self.plan.acts):
-                    feats = record_conv(rec, rb, feats, w, act)
+                    feats = record_conv(rec, rb, feats, w, act, use_cache=use_cache)
                     owned.append(feats)
                 dense = rec.scratch(4 * out.size, "encoder dense output", staged=True)
                 rec.fill(dense, 0)

@@ -24,9 +24,18 @@ import numpy as np
 
 from vkconv.kernels import shapes
 from vkconv.kernels.activation import Activation
-from vkconv.ops.sparse.conv import gather_on_device, pack_weights, record_conv, scatter_add_on_device
+from vkconv.ops.sparse.conv import (
+    cached_tile,
+    gather_on_device,
+    layer_signature,
+    pack_weights,
+    record_conv,
+    scatter_add_on_device,
+    tune_tile,
+)
 from vkconv.ops.sparse.device import Recording, release, texel_capable
 from vkconv.ops.sparse.rulebook import Rulebook, SparseGeometry, build_rulebook, make_geometry
+from vkconv.ops.tune import tune_mode
 from vkconv.runtime.context import get_context
 
 
@@ -169,20 +178,23 @@ def _rulebook(st: SparseTensor, geom: SparseGeometry, indice_key: str | None) ->
     return rb, out_dict
 
 
-def _convolve(st: SparseTensor, geom: SparseGeometry, indice_key, weight, bias, act: Activation):
+def _convolve(st: SparseTensor, geom: SparseGeometry, indice_key, weight, bias, act: Activation, tune):
     """Features ``[n_out, C_out]`` of ``st`` convolved with ``geom``, its rulebook and the output's
     indice_dict; a rulebook no key keeps is freed at once."""
     rb, out_dict = _rulebook(st, geom, indice_key)
     try:
-        return _run(st, rb, weight, bias, act, inverse=False), rb, out_dict
+        return _run(st, rb, weight, bias, act, inverse=False, tune=tune), rb, out_dict
     finally:
         if rb not in out_dict.values():
             rb.close()
 
 
 def _run(st: SparseTensor, rb: Rulebook, weight: np.ndarray, bias, act: Activation, *,
-         inverse: bool) -> np.ndarray:
-    """Output features ``[n_out, C_out]`` of one convolution over ``rb``."""
+         inverse: bool, tune) -> np.ndarray:
+    """Output features ``[n_out, C_out]`` of one convolution over ``rb``; ``tune`` as
+    :func:`vkconv.ops.tune.tune_mode` takes it (``"1"``: a layer shape the tuning cache lacks is
+    tuned on these features first, :func:`vkconv.ops.sparse.conv.tune_tile`)."""
+    mode = tune_mode(tune)
     n_out = rb.n_in if inverse else rb.n_out
     cout = weight.shape[0]
     if n_out == 0:
@@ -195,8 +207,10 @@ def _run(st: SparseTensor, rb: Rulebook, weight: np.ndarray, bias, act: Activati
             if w.cin % 4:
                 x = np.zeros((len(x), w.cin4 * 4), np.float32)
                 x[:, :w.cin] = st.features
+            if mode == "1" and cached_tile(ctx, layer_signature(rb, w, inverse), w.coutp) is None:
+                tune_tile(rb, x, w, act, inverse=inverse)
             x_buf = rec.upload(x, "sparse conv input", texel=texel_capable(ctx))
-            y = record_conv(rec, rb, x_buf, w, act, inverse=inverse, staged=True)
+            y = record_conv(rec, rb, x_buf, w, act, inverse=inverse, staged=True, use_cache=mode != "0")
             try:
                 rec.download(y)
                 rec.submit()
@@ -209,23 +223,28 @@ def _run(st: SparseTensor, rb: Rulebook, weight: np.ndarray, bias, act: Activati
 
 
 def subm_conv3d(st: SparseTensor, weight: np.ndarray, bias: np.ndarray | None = None, *, dilation=1,
-                activation=None, indice_key: str | None = None) -> SparseTensor:
+                activation=None, indice_key: str | None = None, tune: bool | str | None = None) -> SparseTensor:
     """Submanifold sparse convolution (spconv ``SubMConv3d``): output sites = ``st``'s sites.
 
     ``weight [C_out, kD, kH, kW, C_in]`` with odd kernel sizes; ``bias [C_out]``; ``dilation`` an
     int or 3 ints; ``activation`` as :meth:`vkconv.Activation.parse`.  A tap contributes only where
     the neighbour ``site - (k // 2) * d + tap * d`` is active.  Layers sharing ``indice_key`` share
-    one rulebook.
+    one rulebook.  ``tune`` (like :class:`vkconv.Conv`'s): True times the compute's register tiles
+    on this call's features when the tuning cache lacks the layer shape and stores the fastest;
+    None (``VKCONV_TUNE``, default ``cache``) uses a cached choice, never timing anything; False
+    ignores the cache.  The same for :func:`sparse_conv3d` and :func:`sparse_inverse_conv3d`.
     """
+    tune = tune_mode(tune)  # a bad value fails before any work
     weight, bias = _weights(st, weight, bias)
     act = Activation.parse(activation)
     geom = make_geometry(st.spatial_shape, st.batch_size, weight.shape[1:4], subm=True, dilation=dilation)
-    out, _, out_dict = _convolve(st, geom, indice_key, weight, bias, act)
+    out, _, out_dict = _convolve(st, geom, indice_key, weight, bias, act, tune)
     return SparseTensor._trusted(out, st.indices, st.spatial_shape, st.batch_size, out_dict)
 
 
 def sparse_conv3d(st: SparseTensor, weight: np.ndarray, bias: np.ndarray | None = None, *, stride=1,
-                  padding=0, dilation=1, activation=None, indice_key: str | None = None) -> SparseTensor:
+                  padding=0, dilation=1, activation=None, indice_key: str | None = None,
+                  tune: bool | str | None = None) -> SparseTensor:
     """Regular sparse convolution (spconv ``SparseConv3d``).
 
     Output spatial shape ``(in + 2 * padding - dilation * (k - 1) - 1) // stride + 1`` per axis;
@@ -233,22 +252,24 @@ def sparse_conv3d(st: SparseTensor, weight: np.ndarray, bias: np.ndarray | None 
     it, tap).  ``stride`` / ``padding`` / ``dilation``: an int or 3 ints.  With ``indice_key`` the
     rulebook is kept for :func:`sparse_inverse_conv3d`.
     """
+    tune = tune_mode(tune)  # a bad value fails before any work
     weight, bias = _weights(st, weight, bias)
     act = Activation.parse(activation)
     geom = make_geometry(st.spatial_shape, st.batch_size, weight.shape[1:4], subm=False, stride=stride,
                          padding=padding, dilation=dilation)
-    out, rb, out_dict = _convolve(st, geom, indice_key, weight, bias, act)
+    out, rb, out_dict = _convolve(st, geom, indice_key, weight, bias, act, tune)
     return SparseTensor._trusted(out, rb.out_indices, geom.out_shape, st.batch_size, out_dict)
 
 
 def sparse_inverse_conv3d(st: SparseTensor, weight: np.ndarray, bias: np.ndarray | None = None, *,
-                          indice_key: str, activation=None) -> SparseTensor:
+                          indice_key: str, activation=None, tune: bool | str | None = None) -> SparseTensor:
     """Inverse of the :func:`sparse_conv3d` stored under ``indice_key`` (spconv
     ``SparseInverseConv3d``): output sites and spatial shape are that convolution's input's.
 
     ``st`` must be that convolution's output (same sites, any features); ``weight`` must have its
     kernel size.  Output site ``i`` sums ``W[t]^T x[o]`` over the forward pairs ``(i, o, t)``.
     """
+    tune = tune_mode(tune)  # a bad value fails before any work
     weight, bias = _weights(st, weight, bias)
     act = Activation.parse(activation)
     rb = st.indice_dict.get(indice_key) if isinstance(indice_key, str) else None
@@ -264,7 +285,7 @@ def sparse_inverse_conv3d(st: SparseTensor, weight: np.ndarray, bias: np.ndarray
     if st.spatial_shape != rb.geom.out_shape or not _same_sites(rb.out_indices, st.indices):
         raise ValueError(f"st: its sites ({len(st.indices)} on {st.spatial_shape}) are not the output of "
                          f"the convolution stored under {indice_key!r} ({rb.n_out} on {rb.geom.out_shape})")
-    out = _run(st, rb, weight, bias, act, inverse=True)
+    out = _run(st, rb, weight, bias, act, inverse=True, tune=tune)
     return SparseTensor._trusted(out, rb.in_indices, rb.geom.in_shape, st.batch_size, dict(st.indice_dict))
 
 
