@@ -160,8 +160,9 @@ def _decoder() -> onnx.ModelProto:
                               strides=[2, 2], pads=[1] * 4),
              helper.make_node("ConvTranspose", ["t1", "t2.w"], ["t2"], name="t2", kernel_shape=[2, 2],
                               strides=[2, 2])]
-    graph = helper.make_graph(nodes, "decoder", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, "h", "w"])],
-                              [helper.make_tensor_value_info("t2", TensorProto.FLOAT, [1, 3, "H", "W"])], inits)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, "h", "w"])
+    y = helper.make_tensor_value_info("t2", TensorProto.FLOAT, [1, 3, "H", "W"])
+    graph = helper.make_graph(nodes, "decoder", [x], [y], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 
