@@ -52,6 +52,7 @@ from cv_plugin.subgraph import MODES
 from vkconv import __version__
 from vkconv.onnx.model import value_dims
 from vkconv.ops.conv.selection import Candidate
+from vkconv.ops.conv_transpose import TransposeCandidate
 from vkconv.ops.tune import budget_ms
 from vkconv.runtime.context import DeviceInfo, choose_device, get_context, list_devices
 from vkconv.runtime.errors import VkconvError
@@ -295,7 +296,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if getattr(args, "debug", False):  # which candidate each convolution ran, and why
             for key, conv in tuning.conv_ops(net.state):
                 for shape, choice in conv.choices().items():
-                    print(f"conv {key} x{list(shape)}: {choice}")
+                    print(f"{type(conv).__name__.lower()} {key} x{list(shape)}: {choice}")
     for name, blob in feeds.items():
         print(f"input  {name}: {tuple(blob.shape)} float32, {source}")
     for name, out in zip(names, outs):
@@ -416,8 +417,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def _tune_table(rows: list[tuple[str, tuple[int, ...], dict, str]], spent: float, budget: float, path: Path) -> None:
     """Before (heuristic) / after (tuned) per layer, from the cache entries (device ms)."""
-    def label(record: dict) -> str:
-        return Candidate.from_json(record).label()
+    def label(record: dict) -> str:  # a ConvTranspose's candidates name their method, a Conv's its kernel
+        return (TransposeCandidate.from_json(record) if "method" in record else Candidate.from_json(record)).label()
 
     width = max([len("layer")] + [len(r[0][:48]) for r in rows])
     print(f"  {'layer':<{width}}  {'input':<18}  {'heuristic':<30} {'ms':>8}  {'tuned':<30} {'ms':>8}  "

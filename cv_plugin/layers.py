@@ -40,6 +40,7 @@ from cv_plugin import compat
 from vkconv.graph import StepTime
 from vkconv.kernels import shapes
 from vkconv.kernels.activation import Instruction
+from vkconv.ops.tune import choice_label
 from vkconv.runtime.timestamps import device_times
 
 
@@ -241,7 +242,7 @@ class ConvFamilyOp(Op):
         op, x_shape = self.device_op, tuple(arrays[0].shape)
         # the plan's buffers still hold this call's data: replay its dispatches between timestamps
         ms = min(device_times(op.ctx, op.plan(x_shape).body, warmup=1, repeat=3))
-        kernel = f"conv {op.choice_for(x_shape)}" if isinstance(op, vkconv.Conv) else type(op).__name__.lower()
+        kernel = choice_label(op, x_shape)
         return outs, [StepTime(self.name, type(self).__name__.removesuffix("Op"), kernel, x_shape,
                                tuple(outs[0].shape), ms)]
 
@@ -269,6 +270,8 @@ class ConvOp(ConvFamilyOp):
 class ConvTransposeOp(ConvFamilyOp):
     """ONNX ConvTranspose (1-D/2-D/3-D), output_padding and output_shape included."""
 
+    tune: bool | str | None = None  # read_net(tune=...), handed to vkconv.ConvTranspose
+
     def __init__(self, params: dict, constants: list[np.ndarray]):
         super().__init__(params, constants)
         self.output_padding = _ints(params, "vk_output_padding", self.nd, 0)
@@ -285,7 +288,7 @@ class ConvTransposeOp(ConvFamilyOp):
         return vkconv.ConvTranspose(w, b, strides=self.strides, pads=self.pads, dilations=self.dilations,
                                     group=self.group, output_padding=self.output_padding,
                                     output_shape=self.target_shape, auto_pad=self.auto_pad,
-                                    activation=self.activation)
+                                    activation=self.activation, tune=self.tune)
 
 
 def _same(a, b) -> bool:

@@ -270,11 +270,11 @@ def test_kernel_equal_to_stride_runs_as_gemm(x_shape, k, group, act):
     expected = {None: expected, "Relu": np.maximum(expected, 0), "Sigmoid": 1 / (1 + np.exp(-expected)),
                 "Tanh": np.tanh(expected)}[act]
     with vkconv.ConvTranspose(w, b, strides=k, group=group, activation=act) as op:
-        assert op._gemm_geometry(x.shape, op.output_shape(x.shape)) is not None
+        assert op.method_for(x.shape) == "gemm"
         assert_close(op(x), expected)
         assert_close(op(x), expected)  # replayed
         pads_given = vkconv.ConvTranspose(w, b, strides=k, pads=[1] * (2 * len(k)), group=group)
-        assert pads_given._gemm_geometry(x.shape, pads_given.output_shape(x.shape)) is None
+        assert pads_given.method_for(x.shape) != "gemm"
         pads_given.close()
 
 
@@ -370,13 +370,17 @@ def test_method_choice(monkeypatch, k, s, d, method):
     with vkconv.ConvTranspose(w, strides=s, dilations=d, method="gather") as op:
         assert op.method_for(x_shape) == "gather"
     ctx = vkconv.get_context()
+    monkeypatch.setenv("VKCONV_TUNE", "0")  # the heuristic rule, whatever a tuning cache holds
     with vkconv.ConvTranspose(w, strides=s, dilations=d) as op:  # auto
         assert op.method == "auto"
         assert op.method_for(x_shape) == (method if ctx.info.type == "cpu" or method == "gemm" else "gather")
-        # on a GPU, auto keeps the gather kernel wherever the GEMM does not apply
-        monkeypatch.setattr(ctx, "info", dataclasses.replace(ctx.info, type="discrete"))
+        assert op.choice_for(x_shape).source == "heuristic"
+    # on a GPU, auto keeps the gather kernel wherever the GEMM does not apply (a new op: an op
+    # chooses once per input shape)
+    monkeypatch.setattr(ctx, "info", dataclasses.replace(ctx.info, type="discrete"))
+    with vkconv.ConvTranspose(w, strides=s, dilations=d) as op:
         assert op.method_for(x_shape) == ("gemm" if method == "gemm" else "gather")
-        monkeypatch.undo()
+    monkeypatch.undo()
     monkeypatch.setenv("VKCONV_CONVT_METHOD", "gather")
     with vkconv.ConvTranspose(w, strides=s, dilations=d) as op:
         assert op.method == "gather" and op.method_for(x_shape) == "gather"

@@ -22,6 +22,7 @@ from vkconv.ops.elementwise import Elementwise, Shape, element_count
 from vkconv.ops.pool import Pool
 from vkconv.ops.resize import Resize
 from vkconv.ops.transpose import Transpose
+from vkconv.ops.tune import choice_label
 from vkconv.runtime.buffer import Buffer
 from vkconv.runtime.command import CommandBuffer
 from vkconv.runtime.context import Context, get_context
@@ -162,8 +163,7 @@ def build_step(node: Node, constants: Mapping[str, np.ndarray], ctx: Context) ->
 
 def step_label(kernel: GraphStep, x_shape: Shape) -> str:
     if isinstance(kernel, PlanStep):
-        op = kernel.op
-        return f"conv {op.choice_for(x_shape)}" if isinstance(op, Conv) else type(op).__name__.lower()
+        return choice_label(kernel.op, x_shape)
     return type(kernel).__name__.lower()
 
 

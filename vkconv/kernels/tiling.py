@@ -49,15 +49,22 @@ def tuning(ctx: Context, fp16: bool | None = None) -> Tuning:
             fp16 = False
     elif fp16 and not ctx.info.fp16_texel:
         raise VkconvError(f"fp16: {ctx.info.name} cannot read RGBA16F texel buffers")
-    return Tuning(local_size=ctx.local_size(), max_tile=256 if big else 32, texel=texel,
+    return Tuning(local_size=ctx.local_size(), max_tile=CPU_MAX_TILE if big else 32, texel=texel,
                   fp16=bool(fp16) and texel)
 
 
 # Relative throughput of the rows kernel for (MB, PB) register tiles, measured on lavapipe over
 # 1x1 GEMMs and 3x3 convolutions (stride 1 and 2); larger tiles (12x20, 20x12, 24x8, 16x32) were
 # no faster or spilled. A GPU only sees the tiles its max_tile allows.
-ROWS_SPEED = {(16, 16): 1.0, (16, 8): 0.85, (8, 16): 0.8, (8, 32): 0.8, (16, 4): 0.6, (4, 32): 0.6,
-               (8, 8): 0.6, (4, 16): 0.5, (8, 4): 0.35, (4, 8): 0.35, (4, 4): 0.25}
+# PB 28 divides the 28-, 56-, 112- and 224-wide rows (and Winograd's 56-tile planes) that PB 16
+# pads by 1/8: there 16x28 took 0.82-0.87x the time of 16x16 on Mesa 22.3 and 0.86-0.99x on
+# Mesa 25.0 (VGG-16's 28x28 layers, 3x3 s2 128->256 at 56; docs/PERFORMANCE.md), and about 1.0x
+# where 16 divides the width too; so it sits just below 16x16 and wins where 16 would pad.
+# (12x28 measured about as fast as 16x28 but is left out: choose_mb would give it every layer of
+# 12k output channels, whose only PB would then be 28 whatever the width.)
+ROWS_SPEED = {(16, 16): 1.0, (16, 28): 0.95, (16, 8): 0.85, (8, 16): 0.8, (8, 32): 0.8, (8, 28): 0.8,
+              (16, 4): 0.6, (4, 32): 0.6, (8, 8): 0.6, (4, 16): 0.5, (8, 4): 0.35, (4, 8): 0.35, (4, 4): 0.25}
+CPU_MAX_TILE = 448  # accumulators per invocation on a CPU device: up to 16x28, which did not spill
 DEPTHWISE_SPEED = {16: 1.0, 8: 0.8, 4: 0.5}
 DEPTHWISE_TILES = {(0, pb): speed for pb, speed in DEPTHWISE_SPEED.items()}  # choose_pb's form
 

@@ -23,10 +23,17 @@ does not cover runs on the gather kernel (``shaders/conv/conv_transpose.comp``):
 factor with its stride (some residues then get no taps), a kernel shorter than its stride where a
 phase gets no tap, or no input channels.  docs/PERFORMANCE.md has the measurements behind
 ``method="auto"``.
+
+With ``method="auto"`` the path (and the dense kernels' register tile) of each input shape comes,
+as for :class:`vkconv.Conv`, from the tuning cache, the tuner (``tune=True`` / ``VKCONV_TUNE=1``:
+:func:`vkconv.ops.tune.search` over :class:`TransposeCandidate`) or the heuristic rule of
+:meth:`ConvTranspose.method_for`; :meth:`ConvTranspose.choice_for` says which.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import logging
 import math
 import os
 import struct
@@ -36,10 +43,11 @@ import numpy as np
 
 from vkconv.kernels import shapes
 from vkconv.kernels.divide import magic
-from vkconv.kernels.tiling import fitting_tile, tuning
+from vkconv.kernels.tiling import Tuning, fitting_tile, tuning
 from vkconv.ops.base import WeightedOp
 from vkconv.ops.conv.kernels import ConvPlan, Geometry, Kernel, OutputMap, RowsKernel, make_kernel, pack_bias_blocks
-from vkconv.ops.conv.selection import select
+from vkconv.ops.conv.selection import register_tiles, select
+from vkconv.ops.tune import Choice, TimedPlan, TuneResult, budget_ms, cache_entry, search, tune_mode
 from vkconv.runtime.buffer import Buffer
 from vkconv.runtime.command import CommandBuffer
 from vkconv.runtime.context import Context
@@ -48,6 +56,9 @@ from vkconv.runtime.errors import VkconvError
 from vkconv.runtime.pipeline import DescriptorSet, get_pipeline
 from vkconv.runtime.plan import Plan, closed_on_error
 from vkconv.runtime.transfer import upload_constant
+from vkconv.runtime.tunecache import cache_for
+
+log = logging.getLogger(__name__)
 
 # in_size, cin_g, out_size, cout_g, kernel, groups, stride, oc_blocks, dil, w_blocks, tap_step,
 # act_a, off, act_b, lift: std430 ivec3s are 16-byte aligned, hence the interleaved scalars.
@@ -57,6 +68,10 @@ _SHUFFLE_PUSH = struct.Struct("<6I7i")
 TILES = ((4, 1), (4, 2), (8, 1), (8, 2), (8, 4), (8, 8))
 _INT32_MAX = 2**31 - 1
 METHODS = ("auto", "gather", "phases")
+RUN_METHODS = ("gemm", "phases", "gather")  # what runs a shape (method_for's answers)
+# The dense kernel family whose register tiles a path's candidates take.
+_ROWS_FAMILY = {"gemm": "gemm1x1", "phases": "implicit_gemm"}
+_TUNED_TILES = 6  # register tiles the tuner tries per path: the fastest of the speed table
 
 
 @dataclass(frozen=True)
@@ -99,6 +114,58 @@ def axis_phases(size: int, out: int, k: int, s: int, d: int,
         begin = d * (taps - 1) - c
         phases.append((r, count, k0, taps, begin, count - size - begin + d * (taps - 1)))
     return phases
+
+
+@dataclass(frozen=True)
+class TransposeCandidate:
+    """One way to run a ConvTranspose shape: ``method`` (``gemm``, ``phases`` or ``gather``, see
+    :meth:`ConvTranspose.method_for`) and, for ``gemm`` and ``phases``, the dense kernels' ``mb`` x
+    ``pb`` register tile (output channels x pixels per invocation; 0: the heuristics' choice, as in
+    :class:`vkconv.ops.conv.selection.Candidate`).  The gather kernel's tile follows the device."""
+
+    method: str
+    mb: int = 0
+    pb: int = 0
+
+    def __post_init__(self):
+        if self.method not in RUN_METHODS:
+            raise ValueError(f"candidate: method must be one of {', '.join(RUN_METHODS)}, got {self.method!r}")
+        if self.mb % 4 or self.pb % 4 or min(self.mb, self.pb) < 0:
+            raise ValueError(f"candidate: mb and pb must be multiples of 4, got {self}")
+        if self.method == "gather" and (self.mb or self.pb):
+            raise ValueError(f"candidate: the gather kernel takes no register tile, got {self}")
+
+    def label(self) -> str:
+        """Short text for tables and logs, e.g. ``phases 8x28``."""
+        return f"{self.method} {self.mb}x{self.pb}" if self.mb or self.pb else self.method
+
+    def to_json(self) -> dict:
+        return {"method": self.method} | {k: v for k, v in (("mb", self.mb), ("pb", self.pb)) if v}
+
+    @classmethod
+    def from_json(cls, record: object) -> TransposeCandidate:
+        """The candidate :meth:`to_json` wrote; ValueError for anything else."""
+        if not isinstance(record, dict) or record.get("method") not in RUN_METHODS:
+            raise ValueError(f"not a ConvTranspose candidate: {record!r}")
+        return cls(record["method"], int(record.get("mb", 0)), int(record.get("pb", 0)))
+
+
+def transpose_candidates(ctx: Context) -> list[TransposeCandidate]:
+    """Every candidate the tuner may time on this device: each path, and the GEMM's and the
+    phases' register tiles (the fastest :data:`_TUNED_TILES` of the dense kernels' speed table
+    within the device's accumulator bound).  Which can run a shape, :meth:`ConvTranspose.choice_for`
+    finds out."""
+    base = tuning(ctx, False)
+    found = [TransposeCandidate(method) for method in RUN_METHODS]
+    for method, family in _ROWS_FAMILY.items():
+        found += [TransposeCandidate(method, mb, pb) for mb, pb in register_tiles(family, base)[:_TUNED_TILES]]
+    return found
+
+
+def _tile(kernel: str, cand: TransposeCandidate) -> tuple[int, int]:
+    """``cand``'s register tile as dense kernel ``kernel`` takes it: the rows kernels' (MB, PB);
+    none for the others (a single phase on ``depthwise`` or ``tiled``, whose tiles are their own)."""
+    return (cand.mb, cand.pb) if kernel in ("implicit_gemm", "gemm1x1", "winograd") else (0, 0)
 
 
 def default_method() -> str:
@@ -153,20 +220,33 @@ class ConvTranspose(WeightedOp):
 
     ``method``: ``"phases"`` (the stride-phase decomposition on the dense convolution kernels, or
     the 1x1 GEMM where kernel == stride; the gather kernel where neither applies), ``"gather"`` (the
-    gather kernel always) or ``"auto"`` (:meth:`method_for` says the rule); None reads
-    ``VKCONV_CONVT_METHOD``, default ``auto``.
+    gather kernel always) or ``"auto"``; None reads ``VKCONV_CONVT_METHOD``, default ``auto``; a
+    :class:`TransposeCandidate` forces a path and register tile (ValueError for a shape it cannot
+    run).
+    With ``auto``, each input shape's path and register tile come from the tuning cache, the tuner
+    or the heuristic rule (:meth:`method_for`), as :class:`vkconv.Conv`'s kernel does.
+
+    ``tune``: True measures the candidates (:class:`TransposeCandidate`: each path that can run the
+    shape, then the register tiles of the fastest) of each new input shape the tuning cache lacks,
+    within ``VKCONV_TUNE_BUDGET_MS``, and stores the fastest; False uses the heuristic rule only;
+    None (the default) follows ``VKCONV_TUNE`` (``cache``: a cached choice where there is one,
+    never timing).  A forced ``method`` (``gather``, ``phases``) is never tuned.
     """
 
     weight_shape: tuple[int, ...]  # set by set_weights
 
     def __init__(self, w: np.ndarray, b: np.ndarray | None = None, *, strides=1, pads=0,
                  dilations=1, group: int = 1, output_padding=0, output_shape=None,
-                 auto_pad: str = "NOTSET", activation=None, method: str | None = None,
-                 ctx: Context | None = None):
+                 auto_pad: str = "NOTSET", activation=None, method: str | TransposeCandidate | None = None,
+                 ctx: Context | None = None, tune: bool | str | None = None):
+        self.forced = method if isinstance(method, TransposeCandidate) else None
         method = default_method() if method is None else method
-        if method not in METHODS:
+        if self.forced is not None:
+            method = self.forced.method
+        elif method not in METHODS:
             raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
         self.method = method
+        self.tune_mode = tune_mode(tune)
         super().__init__(w, ranks=(3, 4, 5), strides=strides, pads=pads, dilations=dilations, group=group,
                          activation=activation, ctx=ctx)
         w = np.asarray(w)
@@ -189,8 +269,11 @@ class ConvTranspose(WeightedOp):
         self._w: np.ndarray | None = None  # the host weights and bias (None once closed)
         self._b: np.ndarray | None = None
         self._gather: tuple[Buffer, Buffer] | None = None  # the gather kernel's packed weights, bias
-        self._gemm: Kernel | None = None  # the 1x1 GEMM of the kernel == stride path, made on first use
-        self._phase_kernels: dict[tuple, Kernel] = {}  # by (kernel name, k0, taps), made on first use
+        # The 1x1 GEMM of the kernel == stride path and the phases' dense kernels, made on first use,
+        # by register tile ((mb, pb); (0, 0) the heuristics') and, for the phases, (name, k0, taps).
+        self._gemm: dict[tuple[int, int], Kernel] = {}
+        self._phase_kernels: dict[tuple, Kernel] = {}
+        self._choices: dict[tuple[int, ...], Choice[TransposeCandidate]] = {}  # by input shape
         self.set_weights(w, b)
 
     first_axis = "input"
@@ -292,9 +375,9 @@ class ConvTranspose(WeightedOp):
                                  f"exceed the device's maxComputeWorkGroupCount {limit}")
         return push, groups
 
-    def _gemm_geometry(self, x_shape, y_shape) -> Geometry | None:
+    def _gemm_geometry(self, x_shape, y_shape, cand: TransposeCandidate) -> Geometry | None:
         """The 1x1 GEMM (lifted to 3-D) of the kernel == stride path for this input, None when the
-        layer is not of that kind or the GEMM does not fit the device."""
+        layer is not of that kind or ``cand``'s GEMM does not fit the device."""
         kernel = self.weight_shape[2:]
         if self.weight_shape[0] == 0 or tuple(kernel) != self.strides or any(d != 1 for d in self.dilations) \
                 or any(self.resolved_pads(x_shape)) \
@@ -306,23 +389,28 @@ class ConvTranspose(WeightedOp):
         one, zero = (1, 1, 1), (0,) * 6
         geo = Geometry.lift(x5, (cout * taps, x_shape[1] // self.group, 1, 1, 1), self.group, one, one, zero,
                             (x5[0], cout * taps, *x5[2:]))
-        return geo if self._gemm_kernel().fits(geo) else None
+        return geo if self._gemm_kernel(cand).fits(geo) else None
 
-    def _gemm_kernel(self) -> Kernel:
-        if self._gemm is None:
+    def _tuning(self, cand: TransposeCandidate) -> Tuning:
+        """The dense kernels' launch choices: fp32 weights, ``cand``'s register tile."""
+        return dataclasses.replace(tuning(self.ctx, False), mb=cand.mb, pb=cand.pb)
+
+    def _gemm_kernel(self, cand: TransposeCandidate) -> Kernel:
+        key = (cand.mb, cand.pb)
+        if key not in self._gemm:
             # w [C_in, C_out/g, *k] -> [g, C_out/g, taps, C_in/g]: output channel (co, tap) of the GEMM
             cin, cout_g, *kernel = self.weight_shape
             taps, cin_g = math.prod(kernel), cin // self.group
             w2 = self._host_weights().reshape(self.group, cin_g, cout_g, taps).transpose(0, 2, 3, 1)
             b2 = None if self._b is None else np.repeat(self._b, taps)
-            self._gemm = make_kernel("gemm1x1", self.ctx, w2.reshape(-1, cin_g, 1, 1, 1), b2, self.group,
-                                     self.activation, tuning(self.ctx, False))
-        return self._gemm
+            self._gemm[key] = make_kernel("gemm1x1", self.ctx, w2.reshape(-1, cin_g, 1, 1, 1), b2, self.group,
+                                          self.activation, self._tuning(cand))
+        return self._gemm[key]
 
-    def _build_gemm_plan(self, geo: Geometry, x_shape, y_shape) -> Plan:
+    def _build_gemm_plan(self, geo: Geometry, cand: TransposeCandidate, x_shape, y_shape) -> Plan:
         """The GEMM's plan, its output kept as scratch and ``y`` in its place, re-recorded with the
         shuffle pass after the GEMM."""
-        plan = self._gemm_kernel().plan(geo)
+        plan = self._gemm_kernel(cand).plan(geo)
         with closed_on_error(plan):
             columns, gemm = plan.outputs[0], plan.body
             assert gemm is not None
@@ -379,7 +467,7 @@ class ConvTranspose(WeightedOp):
                         _lift3(self.dilations, 1, self.nd), phase.pad_begin, phase.pad_end, phase.count,
                         tuple(x_shape), y)
 
-    def _phase_kernel(self, phase: Phase, geo: Geometry) -> Kernel:
+    def _phase_kernel(self, phase: Phase, geo: Geometry, cand: TransposeCandidate) -> Kernel:
         """The dense kernel of one phase, its weights the phase's taps flipped, as Conv's
         ``[C_out, C_in/g, kd, kh, kw]``.  Several phases write one output through strided stores,
         which only the implicit-GEMM kernel has; a single phase (all strides 1) takes whatever kernel
@@ -388,7 +476,7 @@ class ConvTranspose(WeightedOp):
         name = "implicit_gemm"
         if single and min(geo.pad_begin + geo.pad_end) >= 0:
             name = select(geo, self.ctx.info.type)
-        key = (name, phase.k0, phase.taps)
+        key = (name, phase.k0, phase.taps, *_tile(name, cand))
         kernel = self._phase_kernels.get(key)
         if kernel is None:
             cin, cout_g = self.weight_shape[:2]
@@ -400,41 +488,174 @@ class ConvTranspose(WeightedOp):
             wc = sub.reshape(self.group, cin_g, cout_g, *phase.taps).transpose(0, 2, 1, 3, 4, 5)
             kernel = self._phase_kernels[key] = make_kernel(
                 name, self.ctx, np.ascontiguousarray(wc.reshape(self.group * cout_g, cin_g, *phase.taps)),
-                self._b, self.group, self.activation, tuning(self.ctx, False))
+                self._b, self.group, self.activation, self._tuning(TransposeCandidate(cand.method, *key[3:])))
         return kernel
 
     def method_for(self, x_shape) -> str:
         """The path taken for inputs of ``x_shape``: ``"gemm"`` (kernel == stride: a 1x1 GEMM and a
-        shuffle), ``"phases"`` or ``"gather"``.  ``auto`` takes the GEMM wherever it applies and the
-        phases on CPU devices, where they measured faster than the gather kernel on every layer
-        tried (docs/PERFORMANCE.md); on other devices, where the phases were not measured yet, the
-        gather kernel."""
+        shuffle), ``"phases"`` or ``"gather"``.  The heuristic rule (``method="auto"`` without a
+        tuned choice) takes the GEMM wherever it applies and the phases on CPU devices, where they
+        measured faster than the gather kernel on every layer tried (docs/PERFORMANCE.md); on other
+        devices, where the phases were not measured yet, the gather kernel.  :meth:`choice_for`
+        gives the register tile too, and where the choice came from."""
+        return self.choice_for(x_shape).candidate.method
+
+    def choice_for(self, x_shape) -> Choice[TransposeCandidate]:
+        """The candidate a call with input shape ``x_shape`` runs and where it came from
+        (``forced``, ``cache``, ``tuner``, ``heuristic``); with ``tune`` on, a shape the cache lacks
+        is tuned here.  Made once per shape and op."""
         x_shape = tuple(int(v) for v in x_shape)
         y_shape = self.output_shape(x_shape)
         with self._lock:
-            return self._method(x_shape, y_shape)[0]
+            return self._choice(x_shape, y_shape)
 
-    def _method(self, x_shape, y_shape) -> tuple[str, Geometry | list[tuple[Phase, Geometry, Kernel]] | None]:
-        """(method, what its plan builder takes): the GEMM's geometry, the phases' (phase, geometry,
-        kernel) triples, or None for the gather kernel."""
-        if self.method == "gather":
-            return "gather", None
-        gemm = self._gemm_geometry(x_shape, y_shape)
-        if gemm is not None:
-            return "gemm", gemm
-        if self.method == "auto" and self.ctx.info.type != "cpu":
-            return "gather", None
+    def choices(self) -> dict[tuple[int, ...], Choice[TransposeCandidate]]:
+        """Input shape -> choice, for every shape this op has chosen a path for."""
+        with self._lock:
+            return dict(self._choices)
+
+    def signature(self, x_shape) -> str:
+        """The tuning cache's key for input shape ``x_shape``: everything the paths' speed depends on."""
+        x_shape = tuple(int(v) for v in x_shape)
+        return self._signature(x_shape, self.output_shape(x_shape))
+
+    def _signature(self, x_shape, y_shape) -> str:
+        def t(v) -> str:
+            return ",".join(map(str, v))
+        return (f"ConvTranspose x={t(x_shape)} w={t(self.weight_shape)} g={self.group} s={t(self.strides)} "
+                f"d={t(self.dilations)} pad={t(self.resolved_pads(x_shape))} out={t(y_shape[2:])} "
+                f"texel={int(tuning(self.ctx, False).texel)}")
+
+    def _choice(self, x_shape, y_shape) -> Choice[TransposeCandidate]:
+        choice = self._choices.get(x_shape)
+        if choice is None:
+            choice = self._choices[x_shape] = self._choose(x_shape, y_shape)
+            log.debug("conv_transpose %s x%s: %s", self.weight_shape, x_shape, choice)
+        return choice
+
+    def _choose(self, x_shape, y_shape) -> Choice[TransposeCandidate]:
+        if self.forced is not None:
+            if self._runs(self.forced, x_shape, y_shape) is None:
+                raise ValueError(f"method: {self.forced.label()!r} cannot run x of shape {x_shape}")
+            return Choice(self.forced, "forced")
+        if self.method != "auto":
+            return Choice(self._heuristic(x_shape, y_shape), "forced")
+        if self.tune_mode != "0":
+            cached = self._cached(x_shape, y_shape)
+            if cached is not None:
+                return Choice(cached, "cache")
+            if self.tune_mode == "1":
+                return Choice(self._autotune(x_shape, y_shape, budget_ms()).best, "tuner")
+        return Choice(self._heuristic(x_shape, y_shape), "heuristic")
+
+    def _heuristic(self, x_shape, y_shape) -> TransposeCandidate:
+        """The rule of :meth:`method_for` (with ``method="phases"``: the phases on any device)."""
+        tried = {"gather": (), "phases": ("gemm", "phases")}.get(self.method)
+        if tried is None:  # auto
+            tried = ("gemm", "phases") if self.ctx.info.type == "cpu" else ("gemm",)
+        for method in tried:
+            cand = TransposeCandidate(method)
+            if self._runs(cand, x_shape, y_shape) is not None:
+                return cand
+        return TransposeCandidate("gather")
+
+    def _cached(self, x_shape, y_shape) -> TransposeCandidate | None:
+        """The cache's candidate for this shape, if it can run here."""
+        signature = self._signature(x_shape, y_shape)
+        entry = cache_for(self.ctx).get(signature)
+        if entry is None:
+            return None
+        try:
+            cand = TransposeCandidate.from_json(entry.get("candidate"))
+        except (ValueError, TypeError) as exc:
+            log.warning("tuning cache entry for %s ignored: %s", signature, exc)
+            return None
+        if self._runs(cand, x_shape, y_shape) is None:
+            log.warning("tuning cache entry for %s ignored: %s cannot run it here", signature, cand.label())
+            return None
+        return cand
+
+    def _runs(self, cand: TransposeCandidate, x_shape, y_shape) -> tuple | None:
+        """What :meth:`_build_plan` takes to run ``cand`` at this shape: ``(GEMM geometry,)``,
+        ``(phase runs,)`` (each a (phase, geometry, kernel) triple) or ``()`` for the gather kernel;
+        None where ``cand`` cannot run it (its path does not apply, or its scratch buffers would
+        not fit the device)."""
+        if cand.method == "gather":
+            return ()
+        if cand.method == "gemm":
+            gemm = self._gemm_geometry(x_shape, y_shape, cand)
+            return None if gemm is None else (gemm,)
         phases = self._phases(x_shape, y_shape)
         if phases is None:
-            return "gather", None
+            return None
         runs = []
         for phase in phases:
             geo = self._phase_geometry(phase, x_shape, y_shape)
-            kernel = self._phase_kernel(phase, geo)
+            kernel = self._phase_kernel(phase, geo, cand)
             if not kernel.fits(geo):
-                return "gather", None
+                return None
             runs.append((phase, geo, kernel))
-        return "phases", runs
+        return (runs,)
+
+    def autotune(self, x_shape, budget: float | None = None) -> TuneResult[TransposeCandidate]:
+        """Measure the candidates for inputs of ``x_shape`` now (whatever the cache holds and
+        ``tune`` says), store the fastest in the tuning cache and use it from the next call on.
+        ``budget``: ms of wall time (default ``VKCONV_TUNE_BUDGET_MS``, else 2000)."""
+        x_shape = tuple(int(v) for v in x_shape)
+        y_shape = self.output_shape(x_shape)
+        limit = budget_ms(budget)
+        with self._lock:
+            result = self._autotune(x_shape, y_shape, limit)
+            self._choices[x_shape] = Choice(result.best, "tuner")
+            self._plans.drop(x_shape)
+        return result
+
+    def _autotune(self, x_shape, y_shape, limit: float) -> TuneResult[TransposeCandidate]:
+        """:func:`vkconv.ops.tune.search` over this shape's paths, then the register tiles of the
+        fastest, on seeded random data; each candidate's output must match the heuristic choice's
+        (a wrong one is never chosen)."""
+        x = np.random.default_rng(0).standard_normal(x_shape, dtype=np.float32)
+        reference: list[np.ndarray] = []
+        gemm_before, phases_before = set(self._gemm), set(self._phase_kernels)
+
+        def measure(cand: TransposeCandidate) -> TimedPlan | None:
+            runs = self._runs(cand, x_shape, y_shape)
+            if runs is None:
+                return None
+            plan = self._build(cand, runs, x_shape, y_shape)
+            try:
+                y = plan.run([x])[0]
+                if not reference:
+                    reference.append(y)
+                elif not np.allclose(y, reference[0], rtol=0, atol=1e-3 * max(float(np.abs(reference[0]).max()), 1e-6)):
+                    raise ValueError(f"{cand.label()} gave a different result from {baseline.label()}")
+                return TimedPlan(self.ctx, plan)
+            except BaseException:
+                plan.close()
+                raise
+
+        def methods(best: TransposeCandidate) -> list[TransposeCandidate]:
+            return [TransposeCandidate(m) for m in RUN_METHODS if m != best.method]
+
+        def tiles(best: TransposeCandidate) -> list[TransposeCandidate]:
+            return [c for c in transpose_candidates(self.ctx) if c.method == best.method and (c.mb or c.pb)]
+
+        def prior(cand: TransposeCandidate) -> float:
+            # the gather kernel ran 1.4-3x the phases' time on lavapipe (docs/PERFORMANCE.md)
+            return 3.0 if cand.method == "gather" and self.ctx.info.type == "cpu" else 1.0
+
+        baseline = self._heuristic(x_shape, y_shape)
+        result = search(baseline, [methods, tiles], measure, limit, prior)
+        best = result.best
+        for key in set(self._gemm) - gemm_before:  # the losers' weights
+            if best.method != "gemm" or key != (best.mb, best.pb):
+                self._gemm.pop(key).close()
+        for phase_key in set(self._phase_kernels) - phases_before:
+            if best.method != "phases" or phase_key[3:] != _tile(phase_key[0], best):
+                self._phase_kernels.pop(phase_key).close()
+        entry = cache_entry(result, TransposeCandidate.to_json, limit)
+        cache_for(self.ctx).put(self._signature(x_shape, y_shape), entry)
+        return result
 
     def _build_phase_plan(self, runs, x_shape, y_shape) -> Plan:
         """One dense convolution per phase, each storing into every s-th output of ``y``; the phases
@@ -460,11 +681,18 @@ class ConvTranspose(WeightedOp):
         return plan
 
     def _build_plan(self, x_shape, y_shape) -> Plan:
-        arg = self._method(x_shape, y_shape)[1]
-        if isinstance(arg, Geometry):
-            return self._build_gemm_plan(arg, x_shape, y_shape)
-        if arg is not None:
-            return self._build_phase_plan(arg, x_shape, y_shape)
+        cand = self._choice(x_shape, y_shape).candidate
+        runs = self._runs(cand, x_shape, y_shape)
+        if runs is None:
+            raise VkconvError(f"ConvTranspose: {cand.label()} cannot run x of shape {x_shape} here")
+        return self._build(cand, runs, x_shape, y_shape)
+
+    def _build(self, cand: TransposeCandidate, runs: tuple, x_shape, y_shape) -> Plan:
+        """The plan of ``cand`` from :meth:`_runs`' result."""
+        if cand.method == "gemm":
+            return self._build_gemm_plan(runs[0], cand, x_shape, y_shape)
+        if cand.method == "phases":
+            return self._build_phase_plan(runs[0], x_shape, y_shape)
         push, groups = self._dispatch_geometry(x_shape, y_shape)
         weights, bias = self._gather_weights()
         plan = Plan(self.ctx, [("conv_transpose input x", x_shape)], [("conv_transpose output", y_shape)])
@@ -476,11 +704,11 @@ class ConvTranspose(WeightedOp):
     # -- lifetime ------------------------------------------------------------------------------
     def _release(self) -> None:
         self._plans.clear()
-        for buf in (*(self._gather or ()), self._gemm, *self._phase_kernels.values()):
-            if buf is not None:
-                buf.close()
+        for buf in (*(self._gather or ()), *self._gemm.values(), *self._phase_kernels.values()):
+            buf.close()
+        self._gemm.clear()
         self._phase_kernels.clear()
-        self._gather = self._gemm = None
+        self._gather = None
         self._w = self._b = None
 
 

@@ -20,6 +20,7 @@ from vkconv.runtime.dispatch import LOOP_LOCAL, looped_grid
 from vkconv.runtime.pipeline import DescriptorSet, get_pipeline
 
 _KINDS = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool")
+_CPU_GLOBAL_LOCAL = 32  # invocations per plane of a global pool on a CPU device
 _PUSH = struct.Struct("<4I15i")
 
 
@@ -90,6 +91,10 @@ class Pool:
         vec4 = (not self.is_global and kernel[1] == strides[1] and dilations[1] == 1 and pads[1] == 0
                 and x_shape[3] % 4 == 0 and out_hw[1] % 4 == 0 and out_hw[1] * strides[1] <= x_shape[3])
         if self.is_global:  # the shared-memory reduction halves the workgroup: a power of two
+            if self.ctx.info.type == "cpu":
+                # barriers dominate there: 32 invocations per plane took 0.13-0.24x the time of 128
+                # on GlobalAveragePool 512x14x14 (Mesa 22.3 and 25.0; docs/PERFORMANCE.md)
+                local = min(local, _CPU_GLOBAL_LOCAL)
             local = 1 << (local.bit_length() - 1)
         name = "pool_global" if self.is_global else "pool_vec4" if vec4 else "pool"
         spec: tuple[int, ...] = (local, 1, 1, 0, mode) + ((strides[1],) if vec4 else ())  # S: pool_vec4 only

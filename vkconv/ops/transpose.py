@@ -12,7 +12,7 @@ from vkconv.ops.elementwise import MAX_RANK, Shape, element_count
 from vkconv.runtime.buffer import Buffer
 from vkconv.runtime.command import CommandBuffer
 from vkconv.runtime.context import Context, get_context
-from vkconv.runtime.dispatch import LOOP_LOCAL, looped_grid
+from vkconv.runtime.dispatch import CPU_TRANSPOSE_GROUPS, LOOP_LOCAL, looped_grid
 from vkconv.runtime.pipeline import DescriptorSet, get_pipeline
 
 _PUSH = struct.Struct("<8I5i5ii")
@@ -70,5 +70,5 @@ class Transpose:
         pipe = get_pipeline(self.ctx, "transpose", 2, _PUSH.size, (local, 1, 1, 0, len(axes)))
         dset = DescriptorSet(pipe, [inputs[0], outputs[0]])
         push = _PUSH.pack(*[v for e in extents[1:] for v in magic(e)], *extents, *strides, total)
-        cmd.dispatch(pipe, dset, push, looped_grid(self.ctx, total, local))
+        cmd.dispatch(pipe, dset, push, looped_grid(self.ctx, total, local, CPU_TRANSPOSE_GROUPS))
         return [dset]

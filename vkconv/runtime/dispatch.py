@@ -11,6 +11,12 @@ from vkconv.runtime.errors import VkconvError
 
 # Invocations per workgroup of the kernels that loop over elements (elementwise, pool, resize...).
 LOOP_LOCAL = 128
+# Workgroups of such a loop on a CPU device: 256 of 128 invocations took 0.6-0.9x the time of 1024
+# on elementwise and pool layers of 0.8-3.2 M elements, on both Mesa 22.3 and 25.0 lavapipe; 4096 or
+# no cap 1.0-1.2x (docs/PERFORMANCE.md, "Elementwise and pool launch shapes").  Transpose is the
+# exception (its scattered reads took 1.14-1.18x the time with 256 on Mesa 25.0): it keeps 1024.
+CPU_LOOP_GROUPS = 256
+CPU_TRANSPOSE_GROUPS = 1024
 
 
 def grid(ctx: Context, invocations: int, local: int, z: int = 1, what: str = "") -> tuple[int, int, int]:
@@ -29,9 +35,9 @@ def grid(ctx: Context, invocations: int, local: int, z: int = 1, what: str = "")
     return gx, gy, z
 
 
-def looped_grid(ctx: Context, count: int, local: int) -> tuple[int, int, int]:
-    """Workgroups for a grid-stride loop over ``count`` items: capped at 1024 workgroups on CPU
+def looped_grid(ctx: Context, count: int, local: int, cpu_groups: int = CPU_LOOP_GROUPS) -> tuple[int, int, int]:
+    """Workgroups for a grid-stride loop over ``count`` items: capped at ``cpu_groups`` on CPU
     devices, where each workgroup has a fixed start-up cost and longer loops per invocation
-    measured 1.5-2x faster, and at the x limit elsewhere; the shaders loop over the rest."""
-    cap = 1024 if ctx.info.type == "cpu" else ctx.info.max_workgroup_count[0]
+    measured faster, and at the x limit elsewhere; the shaders loop over the rest."""
+    cap = cpu_groups if ctx.info.type == "cpu" else ctx.info.max_workgroup_count[0]
     return (max(1, min(-(-count // local), cap)), 1, 1)

@@ -16,10 +16,8 @@ float32.  The kernel that runs is, per input shape (see :mod:`vkconv.ops.conv.ke
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
-import time
 
 import numpy as np
 
@@ -28,27 +26,14 @@ from vkconv.kernels.tiling import tuning
 from vkconv.ops.base import WeightedOp
 from vkconv.ops.conv.kernels import KERNELS, Geometry, Kernel, make_kernel
 from vkconv.ops.conv.selection import Candidate, eligible, local_sizes, resolve, search_plan, select, tile_shapes
-from vkconv.ops.tune import TuneResult, budget_ms, search, tune_mode
+from vkconv.ops.tune import Choice, TimedPlan, TuneResult, budget_ms, cache_entry, search, tune_mode
 from vkconv.runtime.context import Context
 from vkconv.runtime.plan import Plan
-from vkconv.runtime.timestamps import Stopwatch
 from vkconv.runtime.tunecache import cache_for
 
 log = logging.getLogger(__name__)
 
 _NAMES = {1: "N, C, W", 2: "N, C, H, W", 3: "N, C, D, H, W"}
-
-
-@dataclasses.dataclass(frozen=True)
-class KernelChoice:
-    """The candidate that runs a shape (every choice resolved) and where the choice came from:
-    ``forced``, ``cache``, ``tuner`` or ``heuristic``."""
-
-    candidate: Candidate
-    source: str
-
-    def __str__(self) -> str:
-        return f"{self.candidate.label()} ({self.source})"
 
 
 def _kernel_request(kernel: str | Candidate | None) -> Candidate | None:
@@ -95,7 +80,7 @@ class Conv(WeightedOp):
         self.tune_mode = tune_mode(tune)
         self.tuning = tuning(self.ctx, fp16)
         self._kernels: dict[Candidate, Kernel] = {}
-        self._choices: dict[tuple[int, ...], KernelChoice] = {}  # by input shape
+        self._choices: dict[tuple[int, ...], Choice[Candidate]] = {}  # by input shape
         self._w: np.ndarray | None = None
         self._b: np.ndarray | None = None
         self.set_weights(w, b)
@@ -142,14 +127,14 @@ class Conv(WeightedOp):
         cannot run it); :meth:`choice_for` gives the whole candidate and its source."""
         return self.choice_for(x_shape).candidate.kernel
 
-    def choice_for(self, x_shape) -> KernelChoice:
+    def choice_for(self, x_shape) -> Choice[Candidate]:
         """The candidate a call with input shape ``x_shape`` runs and where it came from (with
         ``tune`` on, a shape the cache lacks is tuned here)."""
         geo = self._geometry(x_shape)
         with self._lock:
             return self._choice(geo)
 
-    def choices(self) -> dict[tuple[int, ...], KernelChoice]:
+    def choices(self) -> dict[tuple[int, ...], Choice[Candidate]]:
         """Input shape -> choice, for every shape this Conv has chosen a kernel for."""
         with self._lock:
             return dict(self._choices)
@@ -165,26 +150,26 @@ class Conv(WeightedOp):
                 f"k={t(geo.kernel)} s={t(geo.strides)} d={t(geo.dilations)} pad={t(geo.pad_begin)}/"
                 f"{t(geo.pad_end)} texel={int(self.tuning.texel)} fp16={int(self.tuning.fp16)}")
 
-    def _choice(self, geo: Geometry) -> KernelChoice:
+    def _choice(self, geo: Geometry) -> Choice[Candidate]:
         choice = self._choices.get(geo.x_shape)
         if choice is None:
             choice = self._choices[geo.x_shape] = self._choose(geo)
             log.debug("conv %s x%s: %s", self.weight_shape, geo.x_shape, choice)
         return choice
 
-    def _choose(self, geo: Geometry) -> KernelChoice:
+    def _choose(self, geo: Geometry) -> Choice[Candidate]:
         if self.forced is not None:
             reason = self._unusable(self.forced, geo)
             if reason is not None:
                 raise ValueError(f"kernel: {self.forced.label()!r} cannot run x of shape {geo.x_shape}: {reason}")
-            return KernelChoice(self._resolve(self.forced, geo), "forced")
+            return Choice(self._resolve(self.forced, geo), "forced")
         if self.tune_mode != "0":
             cached = self._cached(geo)
             if cached is not None:
-                return KernelChoice(cached, "cache")
+                return Choice(cached, "cache")
             if self.tune_mode == "1":
-                return KernelChoice(self._autotune(geo, budget_ms()).best, "tuner")
-        return KernelChoice(self._heuristic(geo), "heuristic")
+                return Choice(self._autotune(geo, budget_ms()).best, "tuner")
+        return Choice(self._heuristic(geo), "heuristic")
 
     def _resolve(self, cand: Candidate, geo: Geometry) -> Candidate:
         return resolve(self.ctx, cand, geo, self.tuning)
@@ -231,7 +216,7 @@ class Conv(WeightedOp):
         limit = budget_ms(budget)
         with self._lock:
             result = self._autotune(geo, limit)
-            self._choices[geo.x_shape] = KernelChoice(result.best, "tuner")
+            self._choices[geo.x_shape] = Choice(result.best, "tuner")
             self._plans.drop(geo.x_shape)
         return result
 
@@ -243,7 +228,7 @@ class Conv(WeightedOp):
         before = set(self._kernels)
         tol = 1e-2 if self.tuning.fp16 else 1e-3
 
-        def measure(cand: Candidate) -> _TimedPlan | None:
+        def measure(cand: Candidate) -> TimedPlan | None:
             kernel = self._kernel(cand)
             if not kernel.fits(geo):
                 return None
@@ -254,7 +239,7 @@ class Conv(WeightedOp):
                     reference.append(y)
                 elif not np.allclose(y, reference[0], rtol=0, atol=tol * max(float(np.abs(reference[0]).max()), 1e-6)):
                     raise ValueError(f"{cand.label()} gave a different result from {baseline.label()}")
-                return _TimedPlan(self.ctx, plan)
+                return TimedPlan(self.ctx, plan)
             except BaseException:
                 plan.close()
                 raise
@@ -264,11 +249,7 @@ class Conv(WeightedOp):
         result = search(baseline, stages, measure, limit, prior)
         for cand in set(self._kernels) - before - {result.best}:  # the losers' weights
             self._kernels.pop(cand).close()
-        cache_for(self.ctx).put(self._signature(geo), {
-            "candidate": result.best.to_json(), "ms": round(result.best_ms, 4),
-            "heuristic": result.baseline.to_json(), "heuristic_ms": round(result.baseline_ms, 4),
-            "trials": len(result.trials), "seconds": round(result.seconds, 3),
-            "budget_ms": limit, "when": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        cache_for(self.ctx).put(self._signature(geo), cache_entry(result, Candidate.to_json, limit))
         return result
 
     # -- execution -----------------------------------------------------------------------------
@@ -310,21 +291,6 @@ class Conv(WeightedOp):
         for kernel in self._kernels.values():
             kernel.close()
         self._kernels.clear()
-
-
-class _TimedPlan:
-    """A built, warmed plan whose dispatches :meth:`once` times on the device (for the tuner)."""
-
-    def __init__(self, ctx: Context, plan: Plan):
-        assert plan.body is not None  # a built plan has recorded its body
-        self.plan, self.watch = plan, Stopwatch(ctx, plan.body)
-
-    def once(self) -> float:
-        return self.watch.time()
-
-    def close(self) -> None:
-        self.watch.close()
-        self.plan.close()
 
 
 def conv(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, *, strides=1, pads=0,
