@@ -29,7 +29,10 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
+from vkconv.runtime.context import Context
 from vkconv.runtime.errors import VkconvError
+from vkconv.runtime.plan import Plan
+from vkconv.runtime.timestamps import Stopwatch
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,7 @@ PRUNE = 1.3    # a first timing this far above the best so far stops the candida
 MARGIN = 0.03  # a candidate must be this much faster than the best so far to replace it
 
 C = TypeVar("C", bound=Hashable)
+SOURCES = ("forced", "cache", "tuner", "heuristic")
 
 
 def tune_mode(request: bool | str | None = None) -> str:
@@ -75,6 +79,43 @@ class Timed(Protocol):
     def once(self) -> float: ...
 
     def close(self) -> None: ...
+
+
+class Labelled(Protocol):
+    """A candidate that names itself for tables and logs."""
+
+    def label(self) -> str: ...
+
+
+L = TypeVar("L", bound=Labelled)
+
+
+@dataclass(frozen=True)
+class Choice(Generic[L]):
+    """The candidate that runs a shape (every choice resolved) and where the choice came from, one
+    of :data:`SOURCES`: ``forced``, ``cache``, ``tuner`` or ``heuristic``."""
+
+    candidate: L
+    source: str
+
+    def __str__(self) -> str:
+        return f"{self.candidate.label()} ({self.source})"
+
+
+class TimedPlan:
+    """A built, warmed plan whose dispatches :meth:`once` times on the device (an op's ``measure``
+    for :func:`search` returns one)."""
+
+    def __init__(self, ctx: Context, plan: Plan):
+        assert plan.body is not None  # a built plan has recorded its body
+        self.plan, self.watch = plan, Stopwatch(ctx, plan.body)
+
+    def once(self) -> float:
+        return self.watch.time()
+
+    def close(self) -> None:
+        self.watch.close()
+        self.plan.close()
 
 
 @dataclass
@@ -138,6 +179,15 @@ def search(baseline: C, stages: Sequence[Callable[[C], Sequence[C]]], measure: C
     return result
 
 
+def cache_entry(result: TuneResult, to_json: Callable[[C], dict], limit: float) -> dict:
+    """The tuning cache's record of ``result`` (candidates as ``to_json`` writes them): the winner
+    and the heuristic choice with their device ms, and what the search cost."""
+    return {"candidate": to_json(result.best), "ms": round(result.best_ms, 4),
+            "heuristic": to_json(result.baseline), "heuristic_ms": round(result.baseline_ms, 4),
+            "trials": len(result.trials), "seconds": round(result.seconds, 3),
+            "budget_ms": limit, "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
 def _confirm(result: TuneResult[C], measure: Callable[[C], Timed | None]) -> None:
     """Time the baseline and the winner again, alternately (three runs each), and go back to the
     baseline unless the winner is still ``MARGIN`` faster: a winner picked in a burst of load
@@ -178,3 +228,12 @@ def _trial(cand: C, measure: Callable[[C], Timed | None], best_ms: float) -> Tri
         return Trial(cand, min(first, timed.once(), timed.once()))
     finally:
         timed.close()
+
+
+def choice_label(op: object, x_shape) -> str:
+    """What ``op`` runs at input shape ``x_shape``, for profiles and step lists: its class name in
+    lower case, then, for an op with a measured choice (a ``choice_for`` method: ``Conv``,
+    ``ConvTranspose``), the candidate and its source, e.g. ``conv winograd 16x16 ls64 texel (cache)``."""
+    name = type(op).__name__.lower()
+    choice_for = getattr(op, "choice_for", None)
+    return f"{name} {choice_for(x_shape)}" if choice_for is not None else name
