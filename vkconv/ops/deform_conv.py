@@ -256,14 +256,16 @@ class DeformConv(WeightedOp):
         with self._lock:
             return self._plan(tuple(x.shape), mask is not None).run(arrays)[0]
 
-    def plan(self, x_shape: Sequence[int], has_mask: bool) -> Plan:
-        """The recorded plan for inputs x of ``x_shape``, offset and (with ``has_mask``) mask of the
-        shapes :meth:`offset_shape` / :meth:`mask_shape` give; its inputs are in that order, and
-        its ``body`` records the dispatches alone (device graphs replay it)."""
+    def plan(self, x_shape: Sequence[int], has_mask: bool | None = None) -> Plan:
+        """The recorded plan for inputs x of ``x_shape``, offset and (with ``has_mask``; None: as
+        this op last ran that shape, else with a mask) mask of the shapes :meth:`offset_shape` /
+        :meth:`mask_shape` give; its inputs are in that order, and its ``body`` records the
+        dispatches alone (device graphs replay it; ``cv_plugin.profile`` times it after a call,
+        knowing the input shape only)."""
         x_shape = tuple(int(s) for s in x_shape)
         self.output_shape(x_shape)
         with self._lock:
-            return self._plan(x_shape, has_mask)
+            return self._plan(x_shape, self._mask(x_shape, has_mask))
 
     def _plan(self, x_shape: tuple[int, ...], has_mask: bool) -> Plan:
         self._open()
