@@ -39,7 +39,10 @@ its offset group; the zero border lets it blend the 4 fetched corners without te
 Operands are read through texel buffers where the device's ``maxTexelBufferElements`` allows, else
 (and with ``VKCONV_CONV_TEXEL=0``) through storage buffers.  Chunks keep the column buffer within
 ``maxStorageBufferRange``; a chunk that is not the whole batch, or whose pixels do not fill whole
-GEMM tiles, is multiplied into a scratch output and copied into place.
+GEMM tiles, is multiplied into a scratch output and copied into place.  The GEMM's register tile
+and local size, the pack and sampling stages' local size and the read path are one
+:class:`DeformCandidate` per input shape, forced, from the tuning cache, measured by the tuner or
+from the heuristics, as :class:`vkconv.Conv` chooses its kernel (:meth:`DeformConv.choice_for`).
 
 Measured on lavapipe (2 shared cores, bench/deform.py; docs/PERFORMANCE.md has the table and the
 analysis): the GEMM runs at the dense 1x1 GEMM's rate; the sampling stage costs about 1.8 ns of
