@@ -35,6 +35,7 @@ class DeformConvOp(layers.ConvFamilyOp):
 
     input_names = ("X", "W", "offset", "B", "mask")
     required = 3
+    tune: bool | str | None = None  # read_net(tune=...), handed to vkconv.DeformConv
 
     def __init__(self, params: dict, constants: list[np.ndarray]):
         super().__init__(params, constants)
@@ -49,7 +50,7 @@ class DeformConvOp(layers.ConvFamilyOp):
     def build(self, w, b):
         return vkconv.DeformConv(w, b, strides=self.strides, pads=self.pads, dilations=self.dilations,
                                  group=self.group, offset_group=self.offset_group,
-                                 activation=self.activation)
+                                 activation=self.activation, tune=self.tune)
 
     def forward(self, arrays):
         x, w, offset, *rest = arrays

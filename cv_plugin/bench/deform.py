@@ -47,7 +47,7 @@ import numpy as np
 
 from cv_plugin.bench import report
 from vkconv.ops.conv.op import Conv
-from vkconv.ops.deform_conv import DeformConv
+from vkconv.ops.deform_conv import DeformCandidate, DeformConv
 from vkconv.runtime.command import CommandBuffer
 from vkconv.runtime.context import get_context, vk
 from vkconv.runtime.plan import Plan
@@ -76,13 +76,14 @@ class TimedDeformConv(DeformConv):
         families = vk.vkGetPhysicalDeviceQueueFamilyProperties(self.ctx.physical_device)
         self.has_timestamps = families[self.ctx.queue_family].timestampValidBits > 0
 
-    def _build_plan(self, x_shape: tuple[int, ...], y_shape: tuple[int, ...], has_mask: bool) -> Plan:
+    def _build_plan(self, x_shape: tuple[int, ...], y_shape: tuple[int, ...], has_mask: bool,
+                    cand: DeformCandidate) -> Plan:
         # One timestamp at the start, after the pack and after each chunk's two stages.
-        need = 2 + 2 * len(self.chunks(x_shape[0], y_shape[2] * y_shape[3]))
+        need = 2 + 2 * len(self.chunks(x_shape[0], y_shape[2] * y_shape[3], cand))
         if self.has_timestamps and (self._stamps is None or need > self._stamps.capacity):
             self._close_stamps()
             self._stamps = Timestamps(self.ctx, need)
-        return super()._build_plan(x_shape, y_shape, has_mask)
+        return super()._build_plan(x_shape, y_shape, has_mask, cand)
 
     def _stage(self, cmd: CommandBuffer, name: str) -> None:
         if self._stamps is None:

@@ -127,3 +127,23 @@ def test_offset_channel_mismatch_is_reported():
         net.setInput(offset[:, :16].copy(), "offset")
         with pytest.raises(ValueError, match="^offset: 16 channels"):
             net.forward()
+
+
+@pytest.mark.parametrize("mode", ["layer", "subgraph"])
+@pytest.mark.parametrize("use_mask", [True, False])
+def test_profile_times_the_deform_conv_layer(mode, use_mask):
+    """cv_plugin.profile replays the plan the call ran (it knows the input shape only: the
+    DeformConv remembers whether that shape ran with a mask)."""
+    x, w, b, offset, mask = _deform_inputs(og=1, group=1)
+    names = ["x", "w", "offset", "b", "mask"] if use_mask else ["x", "w", "offset", "b"]
+    node = helper.make_node("DeformConv", names, ["y"], **ATTRS)
+    feeds = {"x": x, "offset": offset, **({"mask": mask} if use_mask else {})}
+    model = _graph([node], {"w": w, "b": b}, list(feeds.items()), (2, 6, 5, 4))
+    with cv_plugin.read_net(model, mode=mode) as net:
+        for name, value in feeds.items():
+            net.setInput(value, name)
+        out = net.forward()
+        report = cv_plugin.profile(net, feeds)
+    assert_close(out, _expected(x, w, b, offset, mask if use_mask else None, 1, 1), 1e-4)
+    steps = [s for layer in report.layers for s in layer.steps]
+    assert steps and all(s.ms > 0 for s in steps)

@@ -39,7 +39,10 @@ its offset group; the zero border lets it blend the 4 fetched corners without te
 Operands are read through texel buffers where the device's ``maxTexelBufferElements`` allows, else
 (and with ``VKCONV_CONV_TEXEL=0``) through storage buffers.  Chunks keep the column buffer within
 ``maxStorageBufferRange``; a chunk that is not the whole batch, or whose pixels do not fill whole
-GEMM tiles, is multiplied into a scratch output and copied into place.
+GEMM tiles, is multiplied into a scratch output and copied into place.  The GEMM's register tile
+and local size, the pack and sampling stages' local size and the read path are one
+:class:`DeformCandidate` per input shape, forced, from the tuning cache, measured by the tuner or
+from the heuristics, as :class:`vkconv.Conv` chooses its kernel (:meth:`DeformConv.choice_for`).
 
 Measured on lavapipe (2 shared cores, bench/deform.py; docs/PERFORMANCE.md has the table and the
 analysis): the GEMM runs at the dense 1x1 GEMM's rate; the sampling stage costs about 1.8 ns of
@@ -54,6 +57,8 @@ texel fetches per FMA); the rest is the sampling stage.
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 import struct
 from collections.abc import Callable, Sequence
@@ -62,9 +67,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from vkconv.kernels import shapes
-from vkconv.kernels.tiling import tuning
+from vkconv.kernels.tiling import Tuning, choose_mb, choose_pb, tuning
 from vkconv.ops.base import WeightedOp
 from vkconv.ops.conv.kernels import RowsKernel
+from vkconv.ops.conv.selection import local_sizes, register_tiles, texel_choices
+from vkconv.ops.tune import Choice, TimedPlan, TuneResult, budget_ms, cache_entry, search, tune_mode
 from vkconv.runtime.buffer import Buffer
 from vkconv.runtime.command import CommandBuffer
 from vkconv.runtime.context import Context, vk
@@ -72,6 +79,9 @@ from vkconv.runtime.dispatch import grid
 from vkconv.runtime.errors import VkconvError
 from vkconv.runtime.pipeline import STORAGE, TEXEL1, TEXEL4, DescriptorSet, get_pipeline, texel_fits
 from vkconv.runtime.plan import Plan, closed_on_error
+from vkconv.runtime.tunecache import cache_for
+
+log = logging.getLogger(__name__)
 
 _PACK_PUSH = struct.Struct("<6i")
 _SAMPLE_PUSH = struct.Struct("<24i")
@@ -93,11 +103,77 @@ class Chunk:
     pixels: int
 
 
+@dataclass(frozen=True)
+class DeformCandidate:
+    """One way to run a DeformConv shape (0 / None: chosen by the heuristics, as without tuning).
+
+    ``mb`` x ``pb``: the column GEMM's register tile (output channels x pixels per invocation);
+    ``gemm_local_size``: the GEMM's invocations per workgroup; ``sample_local_size``: the pack and
+    sampling stages'; ``texel``: every stage reads its operands through texel buffers where they
+    fit (True) or through storage buffers (False).
+    """
+
+    mb: int = 0
+    pb: int = 0
+    gemm_local_size: int = 0
+    sample_local_size: int = 0
+    texel: bool | None = None
+
+    def __post_init__(self):
+        if self.mb % 4 or self.pb % 4 or min(self.mb, self.pb, self.gemm_local_size, self.sample_local_size) < 0:
+            raise ValueError(f"candidate: mb and pb must be multiples of 4 and local sizes >= 0, got {self}")
+
+    def tuning(self, base: Tuning) -> Tuning:
+        """The GEMM's launch choices: ``base`` with this candidate's tile, local size and reads."""
+        texel = base.texel and (self.texel is None or self.texel)
+        return dataclasses.replace(base, local_size=self.gemm_local_size or base.local_size, texel=texel,
+                                   fp16=base.fp16 and texel, mb=self.mb, pb=self.pb)
+
+    def label(self) -> str:
+        """Short text for tables and logs, e.g. ``deform 16x16 gemm-ls64 sample-ls64 texel``."""
+        parts = ["deform"]
+        if self.mb or self.pb:
+            parts.append(f"{self.mb}x{self.pb}")
+        if self.gemm_local_size:
+            parts.append(f"gemm-ls{self.gemm_local_size}")
+        if self.sample_local_size:
+            parts.append(f"sample-ls{self.sample_local_size}")
+        if self.texel is not None:
+            parts.append("texel" if self.texel else "ssbo")
+        return " ".join(parts)
+
+    def to_json(self) -> dict:
+        record: dict = {"op": "DeformConv"}
+        record |= {k: v for k, v in (("mb", self.mb), ("pb", self.pb), ("gemm_local_size", self.gemm_local_size),
+                                     ("sample_local_size", self.sample_local_size)) if v}
+        if self.texel is not None:
+            record["texel"] = self.texel
+        return record
+
+    @classmethod
+    def from_json(cls, record: object) -> DeformCandidate:
+        """The candidate :meth:`to_json` wrote; ValueError for anything else."""
+        if not isinstance(record, dict) or record.get("op") != "DeformConv":
+            raise ValueError(f"not a DeformConv candidate: {record!r}")
+        texel = record.get("texel")
+        return cls(mb=int(record.get("mb", 0)), pb=int(record.get("pb", 0)),
+                   gemm_local_size=int(record.get("gemm_local_size", 0)),
+                   sample_local_size=int(record.get("sample_local_size", 0)),
+                   texel=None if texel is None else bool(texel))
+
+
 class DeformConv(WeightedOp):
     """A 2-D deformable convolution whose weights stay on the device (see the module docstring).
 
     Call it as ``op(x, offset, mask=None)``.  The first call at a new (input shape, mask or not)
     records a command buffer; later calls at that shape reuse it (one submit each).
+
+    How a shape runs (the column GEMM's register tile and local size, the sampling stage's local
+    size, texel or storage reads: a :class:`DeformCandidate`) is, as for :class:`vkconv.Conv`:
+    forced by ``candidate`` (fields left 0 / None are chosen by the heuristics); else from the
+    tuning cache (``VKCONV_TUNE=cache``, the default, or ``1``); else measured now when ``tune`` is
+    True (or ``VKCONV_TUNE=1``) and stored in the cache; else the heuristics.
+    :meth:`choice_for` says which candidate runs a shape and where the choice came from.
     """
 
     #: Upper bound, in bytes, on the column buffer of one chunk; None means the device's
@@ -106,16 +182,24 @@ class DeformConv(WeightedOp):
 
     def __init__(self, w: np.ndarray, b: np.ndarray | None = None, *, strides=1, pads=0,
                  dilations=1, group: int = 1, offset_group: int = 1, activation=None,
-                 ctx: Context | None = None):
+                 ctx: Context | None = None, tune: bool | str | None = None,
+                 candidate: DeformCandidate | None = None):
         super().__init__(w, ranks=4, strides=strides, pads=pads, dilations=dilations, group=group,
                          activation=activation, ctx=ctx)
         self.offset_group = shapes.positive_int("offset_group", offset_group)
-        self.tune = tuning(self.ctx)
-        self._gemm: RowsKernel | None = None
+        self.tune_mode = tune_mode(tune)
+        self.tuning = tuning(self.ctx)
+        self.forced = candidate
+        # Host copies of the GEMM's weights and bias (None once closed); one RowsKernel (packed
+        # weights) per GEMM launch choice that has run.
+        self._rows: tuple[np.ndarray, np.ndarray | None] | None = None
+        self._gemms: dict[Tuning, RowsKernel] = {}
+        self._choices: dict[tuple[tuple[int, ...], bool], Choice[DeformCandidate]] = {}
+        self._last_mask: dict[tuple[int, ...], bool] = {}  # input shape -> mask or not, as last run
         self.set_weights(w, b)
 
     # -- weights -------------------------------------------------------------------------------
-    def _prepare_weights(self, w: np.ndarray, b: np.ndarray | None) -> RowsKernel:
+    def _prepare_weights(self, w: np.ndarray, b: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
         cout, cin_g, kh, kw = w.shape
         if cout < 1 or cin_g < 1:
             raise ValueError(f"w: every dimension must be >= 1, got shape {w.shape}")
@@ -125,10 +209,10 @@ class DeformConv(WeightedOp):
                              f"are not divisible by offset_group={self.offset_group}")
         # The GEMM's input channels are the column rows, tap-major: row = tap * C_in/g + channel.
         rows = np.ascontiguousarray(w.transpose(0, 2, 3, 1)).reshape(cout, kh * kw * cin_g, 1, 1, 1)
-        return RowsKernel(self.ctx, rows, b, self.group, self.activation, self.tune, flat=True)
+        return rows, None if b is None else b.copy()
 
-    def _adopt_weights(self, state: RowsKernel) -> None:
-        self._gemm = state
+    def _adopt_weights(self, state: tuple[np.ndarray, np.ndarray | None]) -> None:
+        self._rows = state
 
     # -- shapes --------------------------------------------------------------------------------
     def output_shape(self, x_shape: Sequence[int]) -> tuple[int, ...]:
@@ -173,27 +257,210 @@ class DeformConv(WeightedOp):
             return np.zeros(y_shape, np.float32)
         arrays = [x, offset] if mask is None else [x, offset, mask]
         with self._lock:
-            return self._plan(x.shape, mask is not None).run(arrays)[0]
+            return self._plan(tuple(x.shape), mask is not None).run(arrays)[0]
 
-    def plan(self, x_shape: Sequence[int], has_mask: bool) -> Plan:
-        """The recorded plan for inputs x of ``x_shape``, offset and (with ``has_mask``) mask of the
-        shapes :meth:`offset_shape` / :meth:`mask_shape` give; its inputs are in that order, and
-        its ``body`` records the dispatches alone (device graphs replay it)."""
+    def plan(self, x_shape: Sequence[int], has_mask: bool | None = None) -> Plan:
+        """The recorded plan for inputs x of ``x_shape``, offset and (with ``has_mask``; None: as
+        this op last ran that shape, else with a mask) mask of the shapes :meth:`offset_shape` /
+        :meth:`mask_shape` give; its inputs are in that order, and its ``body`` records the
+        dispatches alone (device graphs replay it; ``cv_plugin.profile`` times it after a call,
+        knowing the input shape only)."""
         x_shape = tuple(int(s) for s in x_shape)
         self.output_shape(x_shape)
         with self._lock:
-            return self._plan(x_shape, has_mask)
+            return self._plan(x_shape, self._mask(x_shape, has_mask))
 
     def _plan(self, x_shape: tuple[int, ...], has_mask: bool) -> Plan:
-        self._open_gemm()
-        return self._plans.get((x_shape, has_mask),
-                               lambda: self._build_plan(x_shape, self.output_shape(x_shape), has_mask))
+        self._open()
+        self._last_mask[x_shape] = has_mask
 
-    def chunks(self, n: int, out_hw: int) -> list[Chunk]:
+        def build() -> Plan:
+            choice = self._choice(x_shape, has_mask)
+            return self._build_plan(x_shape, self.output_shape(x_shape), has_mask, choice.candidate)
+        return self._plans.get((x_shape, has_mask), build)
+
+    # -- kernel choice -------------------------------------------------------------------------
+    def choice_for(self, x_shape: Sequence[int], has_mask: bool | None = None) -> Choice[DeformCandidate]:
+        """The candidate a call with input x of ``x_shape`` (and a mask or not; None: as this op
+        last ran that shape, else with a mask) runs and where it came from: ``forced``, ``cache``,
+        ``tuner`` or ``heuristic`` (with ``tune`` on, a shape the cache lacks is tuned here).
+        ValueError if a forced candidate cannot run it."""
+        x_shape = tuple(int(s) for s in x_shape)
+        self.output_shape(x_shape)
+        with self._lock:
+            self._open()
+            return self._choice(x_shape, self._mask(x_shape, has_mask))
+
+    def choices(self) -> dict[tuple[int, ...], Choice[DeformCandidate]]:
+        """Input shape -> choice, for every shape this op has chosen for (the mask variant it last
+        ran; ``vkconv tune`` and ``vkconv run --debug`` list these)."""
+        with self._lock:
+            return {x: c for (x, m), c in self._choices.items() if self._last_mask.get(x, True) == m}
+
+    def signature(self, x_shape: Sequence[int], has_mask: bool | None = None) -> str:
+        """The tuning cache's key for input x of ``x_shape`` with a mask or not (None: as in
+        :meth:`choice_for`): everything the candidates' speed depends on."""
+        x_shape = tuple(int(s) for s in x_shape)
+        self.output_shape(x_shape)
+        return self._signature(x_shape, self._mask(x_shape, has_mask))
+
+    def _mask(self, x_shape: tuple[int, ...], has_mask: bool | None) -> bool:
+        return self._last_mask.get(x_shape, True) if has_mask is None else bool(has_mask)
+
+    def _signature(self, x_shape: tuple[int, ...], has_mask: bool) -> str:
+        def t(v) -> str:
+            return ",".join(map(str, v))
+        n, cin, h, w = x_shape
+        return (f"DeformConv n={n} g={self.group} og={self.offset_group} ci={cin} co={self.weight_shape[0]} "
+                f"size={h},{w} k={t(self.weight_shape[2:])} s={t(self.strides)} d={t(self.dilations)} "
+                f"pad={t(self.pads)} mask={int(has_mask)} texel={int(self.tuning.texel)} "
+                f"fp16={int(self.tuning.fp16)}")
+
+    def _choice(self, x_shape: tuple[int, ...], has_mask: bool) -> Choice[DeformCandidate]:
+        choice = self._choices.get((x_shape, has_mask))
+        if choice is None:
+            choice = self._choices[(x_shape, has_mask)] = self._choose(x_shape, has_mask)
+            log.debug("deform_conv %s x%s mask=%d: %s", self.weight_shape, x_shape, has_mask, choice)
+        return choice
+
+    def _choose(self, x_shape: tuple[int, ...], has_mask: bool) -> Choice[DeformCandidate]:
+        out_hw = math.prod(self.output_shape(x_shape)[2:])
+        if self.forced is not None:
+            cand = self._resolve(self.forced, out_hw)
+            reason = self._unusable(cand)
+            if reason is not None:
+                raise ValueError(f"candidate: {cand.label()!r} cannot run x of shape {x_shape}: {reason}")
+            return Choice(cand, "forced")
+        if self.tune_mode != "0":
+            cached = self._cached(x_shape, has_mask, out_hw)
+            if cached is not None:
+                return Choice(cached, "cache")
+            if self.tune_mode == "1":
+                return Choice(self._autotune(x_shape, has_mask, budget_ms()).best, "tuner")
+        return Choice(self._resolve(DeformCandidate(), out_hw), "heuristic")
+
+    def _resolve(self, cand: DeformCandidate, out_hw: int) -> DeformCandidate:
+        """``cand`` with every choice it leaves to the heuristics filled in as they make it for
+        ``out_hw`` output pixels per image: what runs (and what the tuner and the cache compare)."""
+        base = self.tuning
+        tune = cand.tuning(base)
+        mb = choose_mb(self.weight_shape[0] // self.group, tune)
+        pb = choose_pb(mb, out_hw, tune)
+        texel = tune.texel if texel_choices("gemm1x1", base) else None
+        return DeformCandidate(mb, pb, tune.local_size, cand.sample_local_size or base.local_size, texel)
+
+    def _tiles(self) -> list[tuple[int, int]]:
+        """The column GEMM's register tiles on this device, fastest first by the rows kernel's
+        speed table.  (Wider tiles, 32x16, 32x32 and 64x16, took 2-3 % less CPU time on Mesa 22.3
+        and 0-3 % more on Mesa 25.0 at 64 channels, below the tuner's margin, and 1.3-4.8 s /
+        6.6-20 s to compile cold on those drivers: not candidates; docs/PERFORMANCE.md.)"""
+        return register_tiles("gemm1x1", self.tuning)
+
+    def _unusable(self, cand: DeformCandidate) -> str | None:
+        """Why resolved candidate ``cand`` cannot run on this device (None if it can)."""
+        sizes = local_sizes(self.ctx, "gemm1x1")
+        for name, size in (("GEMM", cand.gemm_local_size), ("sampling", cand.sample_local_size)):
+            if size not in sizes:
+                return f"{name} local size {size} is not one of {sizes} here"
+        if (cand.mb, cand.pb) not in self._tiles():
+            return f"register tile {cand.mb}x{cand.pb} is not one of {self._tiles()} here"
+        return None
+
+    def _cached(self, x_shape: tuple[int, ...], has_mask: bool, out_hw: int) -> DeformCandidate | None:
+        """The cache's candidate for this shape, if it can run here (a corrupt entry, or one
+        written under other limits, is ignored with a log line)."""
+        key = self._signature(x_shape, has_mask)
+        entry = cache_for(self.ctx).get(key)
+        if entry is None:
+            return None
+        try:
+            cand = self._resolve(DeformCandidate.from_json(entry.get("candidate")), out_hw)
+        except (ValueError, TypeError) as exc:
+            log.warning("tuning cache entry for %s ignored: %s", key, exc)
+            return None
+        reason = self._unusable(cand)
+        if reason is not None:
+            log.warning("tuning cache entry for %s ignored: %s", key, reason)
+            return None
+        return cand
+
+    def autotune(self, x_shape: Sequence[int], budget: float | None = None,
+                 has_mask: bool | None = None) -> TuneResult[DeformCandidate]:
+        """Measure the candidates for input x of ``x_shape`` (with a mask or not; None: as in
+        :meth:`choice_for`) now, whatever the cache holds and ``tune`` says; store the fastest in
+        the tuning cache and use it from the next call on.  ``budget``: ms of wall time (default
+        ``VKCONV_TUNE_BUDGET_MS``, else 2000)."""
+        x_shape = tuple(int(s) for s in x_shape)
+        self.output_shape(x_shape)
+        limit = budget_ms(budget)
+        with self._lock:
+            self._open()
+            mask = self._mask(x_shape, has_mask)
+            result = self._autotune(x_shape, mask, limit)
+            self._choices[(x_shape, mask)] = Choice(result.best, "tuner")
+            self._plans.drop((x_shape, mask))
+        return result
+
+    def _autotune(self, x_shape: tuple[int, ...], has_mask: bool, limit: float) -> TuneResult[DeformCandidate]:
+        """:func:`vkconv.ops.tune.search` over this shape's candidates on seeded random inputs
+        (offsets of a few pixels, masks in [0, 1]); each candidate's output must match the
+        heuristic choice's (a wrong one is never chosen).  Stages: the GEMM's register tile, its
+        local size, the sampling stage's local size, texel or storage reads."""
+        y_shape = self.output_shape(x_shape)
+        out_hw = y_shape[2] * y_shape[3]
+        rng = np.random.default_rng(0)
+        arrays = [rng.standard_normal(x_shape, dtype=np.float32),
+                  rng.uniform(-3, 3, self.offset_shape(x_shape)).astype(np.float32)]
+        if has_mask:
+            arrays.append(rng.uniform(0, 1, self.mask_shape(x_shape)).astype(np.float32))
+        reference: list[np.ndarray] = []
+        before = set(self._gemms)
+        tol = 1e-2 if self.tuning.fp16 else 1e-3
+        baseline = self._resolve(DeformCandidate(), out_hw)
+
+        def measure(cand: DeformCandidate) -> TimedPlan | None:
+            if self._unusable(cand) is not None:
+                return None
+            plan = self._build_plan(x_shape, y_shape, has_mask, cand)
+            try:
+                y = plan.run(arrays)[0]
+                if not reference:
+                    reference.append(y)
+                elif not np.allclose(y, reference[0], rtol=0,
+                                     atol=tol * max(float(np.abs(reference[0]).max()), 1e-6)):
+                    raise ValueError(f"{cand.label()} gave a different result from {baseline.label()}")
+                return TimedPlan(self.ctx, plan)
+            except BaseException:
+                plan.close()
+                raise
+
+        def tiles(best: DeformCandidate) -> list[DeformCandidate]:
+            return [dataclasses.replace(best, mb=mb, pb=pb) for mb, pb in self._tiles()[:6]]
+
+        def gemm_sizes(best: DeformCandidate) -> list[DeformCandidate]:
+            return [dataclasses.replace(best, gemm_local_size=n) for n in local_sizes(self.ctx, "gemm1x1")]
+
+        def sample_sizes(best: DeformCandidate) -> list[DeformCandidate]:
+            return [dataclasses.replace(best, sample_local_size=n) for n in local_sizes(self.ctx, "gemm1x1")]
+
+        def texels(best: DeformCandidate) -> list[DeformCandidate]:
+            return [dataclasses.replace(best, texel=t) for t in texel_choices("gemm1x1", self.tuning)]
+
+        result = search(baseline, [tiles, gemm_sizes, sample_sizes, texels], measure, limit)
+        keep = result.best.tuning(self.tuning)
+        for tune in set(self._gemms) - before - {keep}:  # the losers' packed weights
+            self._gemms.pop(tune).close()
+        cache_for(self.ctx).put(self._signature(x_shape, has_mask),
+                                cache_entry(result, DeformCandidate.to_json, limit))
+        return result
+
+    # -- chunks and plans ----------------------------------------------------------------------
+    def chunks(self, n: int, out_hw: int, candidate: DeformCandidate | None = None) -> list[Chunk]:
         """How ``n`` images of ``out_hw`` output pixels are split so that one chunk's columns
         (and, when chunked, its scratch output) fit the column budget: whole images while one
-        image fits, else runs of whole GEMM tiles of one image."""
-        gemm = self._open_gemm()
+        image fits, else runs of whole GEMM tiles of one image.  ``candidate``: the GEMM's
+        register tile (default: the heuristic one)."""
+        gemm = self._gemm(self._resolve(candidate or DeformCandidate(), out_hw))
         limit = self.ctx.info.max_storage_buffer_range
         budget = min(limit, self.column_budget) if self.column_budget else limit
 
@@ -214,15 +481,18 @@ class DeformConv(WeightedOp):
                 f"the {budget} bytes a chunk may use (maxStorageBufferRange on {self.ctx.info.name})")
         return [Chunk(n0, 1, q0, min(step, out_hw - q0)) for n0 in range(n) for q0 in range(0, out_hw, step)]
 
-    def _build_plan(self, x_shape: tuple[int, ...], y_shape: tuple[int, ...], has_mask: bool) -> Plan:
-        ctx, gemm, tune = self.ctx, self._open_gemm(), self.tune
+    def _build_plan(self, x_shape: tuple[int, ...], y_shape: tuple[int, ...], has_mask: bool,
+                    cand: DeformCandidate) -> Plan:
+        """The plan that runs resolved candidate ``cand``."""
+        ctx, gemm = self.ctx, self._gemm(cand)
+        texel = cand.texel is not False and self.tuning.texel
         n, cin, in_h, in_w = x_shape
         _, cout, out_h, out_w = y_shape
         kh, kw = self.weight_shape[2:]
         taps, og = kh * kw, self.offset_group
         cin_og, out_hw = cin // og, out_h * out_w
         og_blocks = -(-cin_og // 4)  # packed blocks of 4 channels per offset group
-        chunks = self.chunks(n, out_hw)
+        chunks = self.chunks(n, out_hw, cand)
         first_geo, _, first = gemm.tiled_operand(chunks[0].images, chunks[0].pixels)
         # The GEMM writes [images][C_out][tiles * PB]: the output itself when that is all of it.
         whole = len(chunks) == 1 and first_geo.y_shape[2] * first_geo.y_shape[3] == out_hw
@@ -252,21 +522,21 @@ class DeformConv(WeightedOp):
                                  name="deform_conv chunk output")
                 plan.keep.append(scratch)
 
-            ls = tune.local_size
-            texel_x = tune.texel and texel_fits(ctx, x_buf.size, TEXEL1)
+            ls = cand.sample_local_size
+            texel_x = texel and texel_fits(ctx, x_buf.size, TEXEL1)
             pack = get_pipeline(ctx, "deform_conv_pack" if texel_x else "deform_conv_pack_ssbo",
                                 (TEXEL1 if texel_x else STORAGE, STORAGE), _PACK_PUSH.size, (ls, 1, 1))
             # Output sizes that are multiples of 4 read 4 pixels' offsets and mask as one vec4.
             quad = out_hw % 4 == 0
             per_pixel = TEXEL4 if quad else TEXEL1
-            texel_s = (tune.texel and texel_fits(ctx, packed.size, TEXEL4)
+            texel_s = (texel and texel_fits(ctx, packed.size, TEXEL4)
                        and all(texel_fits(ctx, b.size, per_pixel) for b in (offset_buf, mask_buf)))
             kinds = (TEXEL4, per_pixel, per_pixel) if texel_s else (STORAGE,) * 3
             unroll = og_blocks <= _UNROLL_BLOCKS
             sample = get_pipeline(ctx, "deform_conv_sample" if texel_s else "deform_conv_sample_ssbo",
                                   (*kinds, STORAGE), _SAMPLE_PUSH.size,
                                   (ls, 1, 1, 0, og_blocks if unroll else 0, cin_og if unroll else 0, int(quad)))
-            texel_g = tune.texel and texel_fits(ctx, columns.size) and texel_fits(ctx, gemm.weights.size)
+            texel_g = texel and texel_fits(ctx, columns.size) and texel_fits(ctx, gemm.weights.size)
             pack_set = DescriptorSet(pack, [x_buf, packed])
             sample_set = DescriptorSet(sample, [packed, offset_buf, mask_buf, columns])
             plan.keep += [pack_set, sample_set]
@@ -324,10 +594,20 @@ class DeformConv(WeightedOp):
                        for i in range(c.images) for k in range(cout)]
         return lambda cmd: vk.vkCmdCopyBuffer(cmd.handle, scratch.buffer, output.buffer, len(regions), regions)
 
-    def _open_gemm(self) -> RowsKernel:
-        if self._gemm is None:
+    def _open(self) -> tuple[np.ndarray, np.ndarray | None]:
+        if self._rows is None:
             raise VkconvError("this DeformConv was closed")
-        return self._gemm
+        return self._rows
+
+    def _gemm(self, cand: DeformCandidate) -> RowsKernel:
+        """The column GEMM with ``cand``'s register tile, local size and reads (built on first use)."""
+        tune = cand.tuning(self.tuning)
+        gemm = self._gemms.get(tune)
+        if gemm is None:
+            rows, b = self._open()
+            self.ctx.check()
+            gemm = self._gemms[tune] = RowsKernel(self.ctx, rows, b, self.group, self.activation, tune, flat=True)
+        return gemm
 
     def _stage(self, cmd, name: str) -> None:
         """Recording hook, called at "begin" and after each stage's barrier ("pack", then "sample"
@@ -336,9 +616,10 @@ class DeformConv(WeightedOp):
     # -- lifetime ------------------------------------------------------------------------------
     def _release(self) -> None:
         self._plans.clear()
-        if self._gemm is not None:
-            self._gemm.close()
-        self._gemm = None
+        for gemm in self._gemms.values():
+            gemm.close()
+        self._gemms.clear()
+        self._rows = None
 
 
 def deform_conv(x: np.ndarray, w: np.ndarray, offset: np.ndarray, b: np.ndarray | None = None,
