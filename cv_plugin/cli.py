@@ -417,7 +417,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def _tune_table(rows: list[tuple[str, tuple[int, ...], dict, str]], spent: float, budget: float, path: Path) -> None:
     """Before (heuristic) / after (tuned) per layer, from the cache entries (device ms)."""
-    def label(record: dict) -> str:  # a ConvTranspose's candidates name their method, a Conv's its kernel
+    def label(record: dict) -> str:  # a ConvTranspose's candidates name their method, a DeformConv's its op
+        if record.get("op") == "DeformConv":
+            return DeformCandidate.from_json(record).label()
         return (TransposeCandidate.from_json(record) if "method" in record else Candidate.from_json(record)).label()
 
     width = max([len("layer")] + [len(r[0][:48]) for r in rows])

@@ -35,7 +35,6 @@ class DeformConvOp(layers.ConvFamilyOp):
 
     input_names = ("X", "W", "offset", "B", "mask")
     required = 3
-    tune: bool | str | None = None  # read_net(tune=...), handed to vkconv.DeformConv
 
     def __init__(self, params: dict, constants: list[np.ndarray]):
         super().__init__(params, constants)

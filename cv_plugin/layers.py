@@ -202,6 +202,7 @@ class ConvFamilyOp(Op):
 
     input_names: tuple[str, ...] = ("X", "W", "B")
     required = 2
+    tune: bool | str | None = None  # read_net(tune=...), handed to the vkconv op it builds
 
     def __init__(self, params: dict, constants: list[np.ndarray]):
         super().__init__(params, constants)
@@ -255,7 +256,6 @@ class ConvFamilyOp(Op):
 class ConvOp(ConvFamilyOp):
     """ONNX Conv (1-D/2-D/3-D) with fused BatchNorm/activation."""
 
-    tune: bool | str | None = None  # read_net(tune=...), handed to vkconv.Conv
 
     def output_shapes(self, in_shapes):
         out, _ = shapes.conv_output_shape(in_shapes[0], in_shapes[1], self.strides, self.pads,
@@ -270,7 +270,6 @@ class ConvOp(ConvFamilyOp):
 class ConvTransposeOp(ConvFamilyOp):
     """ONNX ConvTranspose (1-D/2-D/3-D), output_padding and output_shape included."""
 
-    tune: bool | str | None = None  # read_net(tune=...), handed to vkconv.ConvTranspose
 
     def __init__(self, params: dict, constants: list[np.ndarray]):
         super().__init__(params, constants)

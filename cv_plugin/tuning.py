@@ -1,40 +1,40 @@
 """Tuning the convolutions of a net loaded with :func:`cv_plugin.read_net`.
 
-``read_net(model, tune=True)`` hands ``tune`` to every convolution and transposed convolution of
-the net (layer mode: each ``vkconv.Conv`` / ``vkconv.ConvTranspose`` layer's op; subgraph mode:
-those inside each device-resident group), and :func:`conv_ops` lists them for ``vkconv tune`` and
+``read_net(model, tune=True)`` hands ``tune`` to every convolution, transposed convolution and
+deformable convolution of the net (layer mode: each ``vkconv.Conv`` / ``vkconv.ConvTranspose`` /
+``vkconv.DeformConv`` layer's op; subgraph mode: those inside each device-resident group), and :func:`conv_ops` lists them for ``vkconv tune`` and
 ``vkconv run --debug``.
 """
 from __future__ import annotations
 
 import vkconv
-from cv_plugin.layers import ConvOp, ConvTransposeOp, NetState
+from cv_plugin.layers import ConvFamilyOp, NetState
 from cv_plugin.subgraph import SubgraphOp
 from vkconv.graph.steps import PlanStep
 from vkconv.ops.tune import tune_mode
 
 
 def apply(state: NetState, tune: bool | str | None) -> None:
-    """Give every convolution and transposed convolution of the net ``tune`` (see
+    """Give every tunable convolution of the net ``tune`` (see
     :class:`vkconv.Conv`); ValueError for a bad value."""
     mode = tune_mode(tune)
     for op in state.ops.values():
-        if isinstance(op, (ConvOp, ConvTransposeOp)):
+        if isinstance(op, ConvFamilyOp):
             op.tune = mode
     for _, conv in conv_ops(state):
         conv.tune_mode = mode
 
 
-TUNABLE = (vkconv.Conv, vkconv.ConvTranspose)
+TUNABLE = (vkconv.Conv, vkconv.ConvTranspose, vkconv.DeformConv)
 
 
-def conv_ops(state: NetState) -> list[tuple[str, vkconv.Conv | vkconv.ConvTranspose]]:
-    """(name, op) of every ``vkconv.Conv`` and ``vkconv.ConvTranspose`` the net has built so far
+def conv_ops(state: NetState) -> list[tuple[str, vkconv.Conv | vkconv.ConvTranspose | vkconv.DeformConv]]:
+    """(name, op) of every ``vkconv.Conv``, ``vkconv.ConvTranspose`` and ``vkconv.DeformConv`` the net has built so far
     (layer mode builds them at the first forward), in the net's order; a subgraph's are named
     ``group/node``.  Each has ``choices()``, ``signature()``, ``autotune()`` and ``tune_mode``."""
-    found: list[tuple[str, vkconv.Conv | vkconv.ConvTranspose]] = []
+    found: list[tuple[str, vkconv.Conv | vkconv.ConvTranspose | vkconv.DeformConv]] = []
     for key, op in state.ops.items():
-        if isinstance(op, (ConvOp, ConvTransposeOp)) and isinstance(op.device_op, TUNABLE):
+        if isinstance(op, ConvFamilyOp) and isinstance(op.device_op, TUNABLE):
             found.append((key, op.device_op))
         elif isinstance(op, SubgraphOp):
             found += [(f"{key}/{node.name or node.outputs[0]}", kernel.op) for node, kernel, _ in op.graph.steps
