@@ -104,11 +104,25 @@ def test_every_register_tile(tile, monkeypatch):
     not a multiple of 4, widths not a multiple of PB) and an initial state."""
     tuning = conv_lstm_module.tuning
     monkeypatch.setattr(conv_lstm_module, "tuning",
-                        lambda ctx: dataclasses.replace(tuning(ctx), mb=tile[0], pb=tile[1]))
+                        lambda ctx, fp16: dataclasses.replace(tuning(ctx, fp16), mb=tile[0], pb=tile[1]))
     for return_sequences in (True, False):
         _run_case((2, 3, 3, (7, 9), 9, (3, 3), (3, 3)),
                   dict(return_sequences=return_sequences, initial_state=True), None, seed=1)
     _run_case((1, 2, 5, (5, 13), 3, (3, 3), (3, 3)), dict(padding="valid", strides=(1, 2)), None, seed=2)
+
+
+@pytest.mark.parametrize("family", ["winograd", "implicit_gemm"])
+def test_input_convolution_families(family, monkeypatch):
+    """The input convolution on each kernel family it may take (Winograd where a Conv of its shape
+    would: 64 input channels, 3x3, stride 1), odd frame sizes, batch 2, an initial state."""
+    if family == "implicit_gemm":
+        monkeypatch.setattr(conv_lstm_module, "select", lambda geo, device_type: "implicit_gemm")
+    shape = (2, 2, 64, (17, 15), 9, (3, 3), (3, 3))
+    x, k, u, b, state = _arrays(6, *shape, state_hw=shape[3])
+    with vkconv.ConvLSTM2D(k, u, b) as op:
+        got = op(x, state)
+        assert {name for role, name, _ in op._kernels if role == "input"} == {family}
+    assert_close(got, reference(x, k, u, b, initial_state=state), REL)
 
 
 def test_resident_weights_one_submit_per_call_and_state_reset():

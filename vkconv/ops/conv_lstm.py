@@ -259,7 +259,8 @@ class ConvLSTM2D(DeviceOp):
         of its shape would) and its buffers fit, else both on the implicit GEMM with the tables'
         register tile, or a smaller one that spreads a small dispatch over the device
         (:func:`parallel_tuning`; a layer's sizes depend on its input shape)."""
-        tune = parallel_tuning(tuning(self.ctx), math.prod(geo.y_shape))
+        # fp32 weights even under VKCONV_FP16=1: the rounding would compound over the time steps.
+        tune = parallel_tuning(tuning(self.ctx, fp16=False), math.prod(geo.y_shape))
         w, b, act = self._weights[role]
         kernel: RowsKernel | WinogradKernel | None = None
         if role == "input" and select(geo, self.ctx.info.type) == "winograd":
