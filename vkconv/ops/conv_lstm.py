@@ -262,17 +262,16 @@ class ConvLSTM2D(DeviceOp):
         # fp32 weights even under VKCONV_FP16=1: the rounding would compound over the time steps.
         tune = parallel_tuning(tuning(self.ctx, fp16=False), math.prod(geo.y_shape))
         w, b, act = self._weights[role]
-        kernel: RowsKernel | WinogradKernel | None = None
         if role == "input" and select(geo, self.ctx.info.type) == "winograd":
-            kernel = self._kernels.get((role, "winograd", 0))
-            if kernel is None:
-                kernel = self._kernels[role, "winograd", 0] = WinogradKernel(self.ctx, w, b, 1, act, tune)
-            if kernel.fits(geo):
-                return kernel
-        kernel = self._kernels.get((role, "implicit_gemm", tune.max_tile))
-        if kernel is None:
-            kernel = self._kernels[role, "implicit_gemm", tune.max_tile] = RowsKernel(self.ctx, w, b, 1, act, tune)
-        return kernel
+            winograd = self._kernels.get((role, "winograd", 0))
+            if winograd is None:
+                winograd = self._kernels[role, "winograd", 0] = WinogradKernel(self.ctx, w, b, 1, act, tune)
+            if winograd.fits(geo):
+                return winograd
+        key = (role, "implicit_gemm", tune.max_tile)
+        if key not in self._kernels:
+            self._kernels[key] = RowsKernel(self.ctx, w, b, 1, act, tune)
+        return self._kernels[key]
 
     def _build_plan(self, geo: _Geometry, with_state: bool) -> Plan:
         n, steps, f = geo.n, geo.steps, self.filters
@@ -320,7 +319,7 @@ class ConvLSTM2D(DeviceOp):
         second = upload_constant(ctx, zeros, "conv_lstm hidden state", texel=True)
         plan.keep.append(second)
         step = recurrent.gate_steps(plan, rec_geo, pb, lay, (first, second), gx, cell, y,
-                                          self.recurrent_activation)
+                                    self.recurrent_activation)
         y_n = (steps if self.return_sequences else 1) * f * hw
 
         def body(cmd):

@@ -415,7 +415,7 @@ class RowsKernel(_PaddedInputKernel):
         (conv_rows_lstm, see conv_rows.comp): this kernel's weights are ``[4F, F, kh, kw]``, output
         channel ``4 * filter + gate`` (i, f, c, o), its activation the cell activation and
         ``recurrent`` the gates'.  ``g``: the 2-D, one-group, stride-1 convolution of the hidden
-        state ``[N, F, H, W]``; ``lay``: the padded layout (:func:`padded_layout`) of both
+        state ``[N, F, H, W]``; ``lay``: the padded layout (:meth:`padded_layout`) of both
         ``states`` buffers, whose padding the caller keeps at zero; ``gates``: ``[N, T, 4F, H, W]``;
         ``cell``: ``[N, F, H, W]``.  Returns the recorder ``step(cmd, src, gx_n, gx_off, y_n, y_off,
         has_state)`` of one step reading ``states[src]`` and writing ``states[1 - src]``, the cell
