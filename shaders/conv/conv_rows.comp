@@ -15,8 +15,16 @@
 // outer product of MB weights by PB pixels. No shared memory: lavapipe runs barriers and shared
 // loads slowly, and texel fetches of both operands keep loads per FMA low (see conv_bindings.py).
 //
+// The LSTM variants (conv_rows_lstm*) store a ConvLSTM2D time step instead of a plain output: the
+// output channels are the layer's gates ordered 4 * filter + gate (i, f, c, o), so with MB a
+// multiple of 4 each acc vec4 holds the four recurrent pre-activations of one filter and pixel; the
+// store adds the input gates, updates the cell state and writes h_t to the layer's output and, in
+// the padded layout this kernel reads, to the next step's input (vkconv/ops/conv_lstm.py).
+//
 // variant: conv_rows -DTEXEL=1
 // variant: conv_rows_ssbo
+// variant: conv_rows_lstm -DTEXEL=1 -DLSTM=1
+// variant: conv_rows_lstm_ssbo -DLSTM=1
 #extension GL_EXT_samplerless_texture_functions : require  // textureBuffer: SPIR-V 1.6 forbids sampled Buffer images
 #extension GL_GOOGLE_include_directive : require
 #extension GL_EXT_control_flow_attributes : require
@@ -48,9 +56,22 @@ layout(std430, binding = 1) readonly buffer Weight { vec4 wp[]; };
 #endif
 #include "row_segment.glsl"
 const int SEGV = (SHIFT + (PB - 1) * SW + (KW - 1) * DW + 4) / 4;  // vec4s in one input row segment
+#ifdef LSTM
+// The recurrent activation of the i, f, o gates: ACT_SIGMOID, or ACT_HARD_SIGMOID with (rec_a, rec_b).
+layout(constant_id = 13) const int REC_ACT = ACT_SIGMOID;
+// Input-convolution gates, bias added: [N][T][4F][out_h * out_w], channel 4 * filter + gate
+layout(std430, binding = 2) readonly buffer Gates { float gx[]; };
+// h_t: the layer's output at n * y_n + y_off + f * out_h * out_w + pixel
+layout(std430, binding = 3) writeonly buffer Output { float y[]; };
+// The cell state [N][F][out_h * out_w]: each element read and written by one invocation only
+layout(std430, binding = 4) buffer Cell { float cell[]; };
+// h_t again, in xp's padded layout (zeros around the image stay as they are): the next step's input
+layout(std430, binding = 5) writeonly buffer Hidden { float hidden[]; };
+#else
 // [group][oc block][MB] as vec4, zero-padded like the weights
 layout(std430, binding = 2) readonly buffer Bias { vec4 bias[]; };
 layout(std430, binding = 3) writeonly buffer Output { vec4 y[]; };
+#endif
 
 layout(push_constant) uniform Params {
     int cin_g, cout_g, groups, oc_blocks;
@@ -62,6 +83,13 @@ layout(push_constant) uniform Params {
     // where the output goes: channel c's pixel (z, y, x) at c * y_plane + y_off + z * y_sz + y * y_sy
     // + x * OUT_SX (a dense output: out_d * out_h * out_w, 0, out_h * out_w, out_w)
     int y_plane, y_off, y_sz, y_sy;
+#ifdef LSTM
+    // gx of batch item n, this step at n * gx_n + gx_off; h_t at n * y_n + y_off; has_state == 0:
+    // h_{t-1} = c_{t-1} = 0 (the first step without an initial state: the convolution is skipped).
+    // The pads (pad_h, pad_w) are where xp's padded layout places the image, for the hidden store.
+    int gx_n, gx_off, y_n, has_state;
+    float rec_a, rec_b;
+#endif
 } p;
 
 void main()
@@ -92,7 +120,11 @@ void main()
 
     // One flat loop over (input channel, kz, ky) rows: lavapipe masks every value written inside
     // nested runtime loops, which made the (ci, kz, ky) nest 2.5x slower than this.
+#ifdef LSTM
+    const int rows = p.has_state != 0 ? p.cin_g * p.k_d * p.k_h : 0;
+#else
     const int rows = p.cin_g * p.k_d * p.k_h;
+#endif
     const int step_y = p.d_h * row;
     const int jump_z = p.d_d * slice - p.k_h * step_y;   // last ky -> next kz
     const int jump_c = plane - p.k_d * p.d_d * slice;    // last kz -> next input channel
@@ -130,6 +162,30 @@ void main()
     }
 
     const int oc0 = ocb * MB;
+#ifdef LSTM
+    // 2-D, one group: ng is the batch item, channel 4 * f + gate, acc[j][m] = filter oc0 / 4 + m.
+    const int hw = p.out_h * p.out_w, filters = p.cout_g / 4, pix = oy * p.out_w + ox0;
+    const int hrow = 4 * p.pw4, hplane = p.ph * hrow;
+    [[unroll]] for (int m = 0; m < MV; ++m) {
+        const int f = oc0 / 4 + m;
+        if (f >= filters) break;
+        const int gi = ng * p.gx_n + p.gx_off + 4 * f * hw + pix;
+        const int ci = (ng * filters + f) * hw + pix;
+        const int yi = ng * p.y_n + p.y_off + f * hw + pix;
+        const int hi = (ng * filters + f) * hplane + (oy + p.pad_h) * hrow + p.pad_w + ox0;
+        [[unroll]] for (int j = 0; j < PB; ++j) {
+            if (ox0 + j >= p.out_w) break;
+            const vec4 g = acc[j][m] + vec4(gx[gi + j], gx[gi + hw + j], gx[gi + 2 * hw + j], gx[gi + 3 * hw + j]);
+            const float c_prev = p.has_state != 0 ? cell[ci + j] : 0.0;
+            const float c = activate_kind(REC_ACT, g.y, p.rec_a, p.rec_b) * c_prev
+                          + activate_kind(REC_ACT, g.x, p.rec_a, p.rec_b) * activate(g.z, p.act_a, p.act_b);
+            const float h = activate_kind(REC_ACT, g.w, p.rec_a, p.rec_b) * activate(c, p.act_a, p.act_b);
+            cell[ci + j] = c;
+            y[yi + j] = h;
+            hidden[hi + j] = h;
+        }
+    }
+#else
     const int y0 = (ng * p.cout_g + oc0) * p.y_plane + p.y_off + oz * p.y_sz + oy * p.y_sy + ox0 * OUT_SX;
     const int bias0 = (g * p.oc_blocks + ocb) * MV;
     [[unroll]] for (int m = 0; m < MV; ++m) {
@@ -153,4 +209,5 @@ void main()
             }
         }
     }
+#endif
 }

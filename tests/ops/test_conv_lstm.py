@@ -7,6 +7,7 @@ Tolerance: max abs diff <= 1e-4 x max|expected| (tests/oracles.assert_close).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -92,13 +93,36 @@ def test_cell_activations(activation):
     _run_case((1, 2, 2, (5, 4), 3, (3, 3), (3, 3)), dict(activation=activation), None)
 
 
-@pytest.mark.parametrize("tile", conv_lstm_module.TILES, ids=lambda t: f"{t[0]}x{t[1]}")
-def test_every_compiled_tile(tile, monkeypatch):
-    """Each shader variant (the device picks one), with filters that do not fill the last block."""
-    monkeypatch.setattr(conv_lstm_module, "choose_tile", lambda ctx, f: tile)
+# Register tiles (MB output channels = MB / 4 whole filters, PB pixels) of the implicit-GEMM
+# kernel both convolutions run on; the device's tables pick one per layer.
+FORCED_TILES = [(4, 4), (8, 8), (16, 16), (16, 8)]
+
+
+@pytest.mark.parametrize("tile", FORCED_TILES, ids=lambda t: f"mb{t[0]}-pb{t[1]}")
+def test_every_register_tile(tile, monkeypatch):
+    """Each register tile, with filters that do not fill the last block, odd frame sizes (H*W
+    not a multiple of 4, widths not a multiple of PB) and an initial state."""
+    tuning = conv_lstm_module.tuning
+    monkeypatch.setattr(conv_lstm_module, "tuning",
+                        lambda ctx, fp16: dataclasses.replace(tuning(ctx, fp16), mb=tile[0], pb=tile[1]))
     for return_sequences in (True, False):
-        _run_case((2, 3, 3, (6, 9), 9, (3, 3), (3, 3)),
+        _run_case((2, 3, 3, (7, 9), 9, (3, 3), (3, 3)),
                   dict(return_sequences=return_sequences, initial_state=True), None, seed=1)
+    _run_case((1, 2, 5, (5, 13), 3, (3, 3), (3, 3)), dict(padding="valid", strides=(1, 2)), None, seed=2)
+
+
+@pytest.mark.parametrize("family", ["winograd", "implicit_gemm"])
+def test_input_convolution_families(family, monkeypatch):
+    """The input convolution on each kernel family it may take (Winograd where a Conv of its shape
+    would: 64 input channels, 3x3, stride 1), odd frame sizes, batch 2, an initial state."""
+    if family == "implicit_gemm":
+        monkeypatch.setattr(conv_lstm_module, "select", lambda geo, device_type: "implicit_gemm")
+    shape = (2, 2, 64, (17, 15), 9, (3, 3), (3, 3))
+    x, k, u, b, state = _arrays(6, *shape, state_hw=shape[3])
+    with vkconv.ConvLSTM2D(k, u, b) as op:
+        got = op(x, state)
+        assert {name for role, name, _ in op._kernels if role == "input"} == {family}
+    assert_close(got, reference(x, k, u, b, initial_state=state), REL)
 
 
 def test_resident_weights_one_submit_per_call_and_state_reset():
@@ -110,7 +134,8 @@ def test_resident_weights_one_submit_per_call_and_state_reset():
         before = dict(ctx.stats)
         again = op(x)  # the cell state of the previous call must not leak into this one
         assert ctx.stats["submits"] - before.get("submits", 0) == 1
-        assert ctx.stats["dispatches"] - before.get("dispatches", 0) == 1 + x.shape[1]
+        # the input convolution (6-wide frames need its pack pass), then one dispatch per time step
+        assert ctx.stats["dispatches"] - before.get("dispatches", 0) == 2 + x.shape[1]
         assert ctx.stats["pipelines_created"] == before.get("pipelines_created", 0)
         np.testing.assert_array_equal(first, again)
         assert_close(first, reference(x, k, u, b), REL)
@@ -317,6 +342,8 @@ def _keras_run(model, x):
 
 KERAS_LAYER_CASES = [
     dict(filters=5, kernel_size=3, padding="same"),
+    dict(filters=17, kernel_size=3, padding="same", frame=(7, 5)),  # H*W odd, filters past a whole tile
+    dict(filters=9, kernel_size=(1, 3), padding="valid", strides=(2, 1), frame=(5, 6), batch=3),
     dict(filters=4, kernel_size=(3, 2), padding="valid", strides=2, recurrent_activation="hard_sigmoid"),
     dict(filters=3, kernel_size=4, padding="same", strides=2, activation="relu"),
     dict(filters=6, kernel_size=3, padding="same", dilation_rate=2, return_sequences=False,
@@ -331,16 +358,17 @@ KERAS_LAYER_CASES = [
 def test_matches_keras_layer(config, with_state):
     config = dict(config)
     return_sequences = config.pop("return_sequences", True)
+    frame, batch = config.pop("frame", (9, 8)), config.pop("batch", 2)
     layer = keras.layers.ConvLSTM2D(return_sequences=return_sequences, **config)
     rng = np.random.default_rng(5)
-    x = rng.standard_normal((2, 3, 9, 8, 3)).astype(np.float32)  # Keras layout N, T, H, W, C
+    x = rng.standard_normal((batch, 3, *frame, 3)).astype(np.float32)  # Keras layout N, T, H, W, C
     layer.build(x.shape)
     layer.set_weights([(0.3 * rng.standard_normal(w.shape)).astype(np.float32) for w in layer.get_weights()])
     cell = layer.cell
     kernel, recurrent = (keras.ops.convert_to_numpy(w) for w in (cell.kernel, cell.recurrent_kernel))
     bias = keras.ops.convert_to_numpy(cell.bias) if cell.use_bias else None
     state_shape = layer.compute_output_shape(x.shape)
-    state_shape = (2, *(state_shape[2:] if return_sequences else state_shape[1:]))  # N, H', W', F
+    state_shape = (batch, *(state_shape[2:] if return_sequences else state_shape[1:]))  # N, H', W', F
     state = [rng.standard_normal(state_shape).astype(np.float32) for _ in range(2)] if with_state else None
     expected = np.asarray(keras.ops.convert_to_numpy(layer(x, initial_state=state)))
     got = vkconv.conv_lstm2d(

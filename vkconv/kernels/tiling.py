@@ -3,6 +3,7 @@ sizes, register tiles, shared-memory tiles.  The tables were measured on lavapip
 on other devices the tuner (:mod:`vkconv.ops.tune`) measures instead of trusting them."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -100,6 +101,20 @@ def choose_pb(mb: int, out_w: int, tune: Tuning, speeds=ROWS_SPEED) -> int:
         if best is None or score > best[0]:
             best = (score, pb)
     return best[1] if best else 4
+
+
+def parallel_tuning(tune: Tuning, outputs: int, workgroups: int = 4) -> Tuning:
+    """``tune`` with ``max_tile`` lowered (to 16 at least: the 4 x 4 tile) so that a dispatch of
+    ``outputs`` values still spreads over about ``workgroups`` workgroups.  For a small dispatch
+    that the next one waits for (a ConvLSTM time step): lavapipe runs one workgroup per thread, and
+    the biggest tile left the other core idle.  Measured on lavapipe (Mesa 22.3, 2 cores), ConvLSTM
+    steps of 72-162 pixels x 12-20 gate channels: 4 x 4 / 4 x 8 tiles took 0.4-0.55x the time of
+    the tables' 16 x 8."""
+    limit = outputs // (workgroups * tune.local_size)
+    if tune.mb or tune.pb or limit >= tune.max_tile:
+        return tune
+    # a power of two, so that nearby sizes share one bound (ops keep a kernel per bound)
+    return dataclasses.replace(tune, max_tile=max(16, 1 << max(limit, 1).bit_length() - 1))
 
 
 @dataclass(frozen=True)

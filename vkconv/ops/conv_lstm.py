@@ -1,4 +1,4 @@
-"""Convolutional LSTM (Keras ``ConvLSTM2D``) on the device: host side of ``shaders/conv/conv_lstm.comp``.
+"""Convolutional LSTM (Keras ``ConvLSTM2D``) on the device, on the dense convolution kernels.
 
 Layouts: input ``x`` is ``[N, T, C, H, W]`` (time-major frames, each NCHW), weights are in Keras'
 own layouts (``kernel [kh, kw, C, 4F]``, ``recurrent_kernel [rkh, rkw, F, 4F]``, ``bias [4F]``, the
@@ -14,30 +14,37 @@ Semantics are Keras 3's ``ConvLSTMCell``::
 
 The recurrent convolution is always "same"-padded with stride 1 and no dilation, as in Keras.
 
-The whole sequence is one recorded command buffer and one queue submit: the input convolution of
-all N*T frames in one dispatch, then one dispatch per time step (recurrent convolution fused with
-the gates), hidden and cell state staying in device buffers between steps.
+The whole sequence is one recorded command buffer and one queue submit, on the dense convolution
+kernels (vkconv/ops/conv/kernels.py): the input convolution of all N*T frames as one ordinary
+convolution (batch N*T, bias added, no activation) into the input gates ``[N, T, 4F, H', W']``, on
+Winograd where a ``vkconv.Conv`` of its shape would take it, else on the implicit GEMM
+(:class:`~vkconv.ops.conv.kernels.RowsKernel`, conv_rows.comp); then one implicit-GEMM dispatch per
+time step, the recurrent convolution of h_{t-1} with the gates fused into its store
+(conv_rows_lstm: it reads the input gates and c_{t-1}, writes c_t and h_t; docs/PERFORMANCE.md has
+the figures).  Both kernels' weights are reordered so that output channel ``4 * filter + gate`` holds
+gate i, f, c or o of a filter: a register tile of MB (a multiple of 4) channels then holds whole
+filters.  h_t is written twice, into the output and into one of two zero-padded, row-aligned
+state buffers (the layout the kernel reads without a pack pass) taking turns as the next step's
+input; the cell state stays in a device buffer.
 """
 from __future__ import annotations
 
-import struct
+import math
 from collections.abc import Sequence
 
 import numpy as np
 
 from vkconv.kernels import shapes
 from vkconv.kernels.activation import Activation
-from vkconv.kernels.tiling import fitting_tile
+from vkconv.kernels.tiling import parallel_tuning, tuning
 from vkconv.ops.base import DeviceOp
+from vkconv.ops.conv.kernels import Geometry, RowsKernel, WinogradKernel
+from vkconv.ops.conv.selection import select
 from vkconv.runtime.buffer import Buffer
 from vkconv.runtime.context import Context
-from vkconv.runtime.pipeline import DescriptorSet, get_pipeline
 from vkconv.runtime.plan import Plan, closed_on_error
 from vkconv.runtime.transfer import upload_constant
 
-_PUSH = struct.Struct("<22i4f")
-# Compiled tiles: (pixels, filters) per invocation; each filter is a vec4 of its four gates.
-TILES = ((4, 1), (8, 2), (8, 4), (16, 8))
 _SIGMOID, _HARD_SIGMOID = Activation.parse("Sigmoid").kind, Activation.parse("HardSigmoid").kind
 
 # Keras activation names -> vkconv activation specs.  Keras 3's hard_sigmoid is relu6(x + 3) / 6,
@@ -66,36 +73,12 @@ def keras_activation(name: str, spec) -> Activation:
         raise ValueError(f"{name}: {exc}; Keras names: {', '.join(KERAS_ACTIVATIONS)}") from None
 
 
-def choose_tile(ctx: Context, filters: int) -> tuple[int, int]:
-    """(pixels, filters) per invocation, one of :data:`TILES`.
-
-    lavapipe runs 8 invocations per SIMD instruction and pays a gather per lane-varying load, so
-    the biggest register tile wins there: on the 64-filter layers of the next-frame model, 16 x 8
-    took 0.6-0.7x the time of 8 x 4 and 0.5x that of 8 x 2 (bigger tiles, 16 x 16 and 32 x 8,
-    measured no faster).  On GPUs a small tile keeps registers for occupancy (not measured on a GPU
-    yet).  Narrow layers get the smallest block that holds their filters.
-    """
-    return fitting_tile(TILES if ctx.info.type == "cpu" else TILES[:1], filters, lambda tile: tile[1])
-
-
-def pack_gates(kernel: np.ndarray, fb: int) -> np.ndarray:
-    """Keras ``[kh, kw, C, 4F]`` -> ``[ceil(F / fb), C, kh, kw, fb, 4]`` (i, f, c, o per filter),
-    filters zero-padded to a multiple of ``fb``."""
+def gate_major(kernel: np.ndarray) -> np.ndarray:
+    """Keras ``[kh, kw, C, 4F]`` (gate-major: channel ``gate * F + filter``) -> ONNX
+    ``[4F, C, kh, kw]`` with channel ``4 * filter + gate``, gates i, f, c, o."""
     kh, kw, cin, four_f = kernel.shape
-    f = four_f // 4
-    blocks = -(-f // fb)
-    gates = kernel.reshape(kh, kw, cin, 4, f).transpose(4, 2, 0, 1, 3)  # [F, C, kh, kw, 4]
-    packed = np.zeros((blocks * fb, cin, kh, kw, 4), np.float32)
-    packed[:f] = gates
-    return np.ascontiguousarray(packed.reshape(blocks, fb, cin, kh, kw, 4).transpose(0, 2, 3, 4, 1, 5))
-
-
-def pack_bias(bias: np.ndarray | None, filters: int, fb: int) -> np.ndarray:
-    """Keras ``[4F]`` (or no bias) -> ``[ceil(F / fb) * fb, 4]``, zero-padded."""
-    packed = np.zeros((-(-filters // fb) * fb, 4), np.float32)
-    if bias is not None:
-        packed[:filters] = bias.reshape(4, filters).T
-    return packed
+    gates = kernel.reshape(kh, kw, cin, 4, four_f // 4).transpose(4, 3, 2, 0, 1)  # [F, 4, C, kh, kw]
+    return np.ascontiguousarray(gates.reshape(four_f, cin, kh, kw))
 
 
 def output_shape(x_shape: Sequence[int], kernel_shape: Sequence[int], *, padding: str = "same",
@@ -174,8 +157,10 @@ class ConvLSTM2D(DeviceOp):
             raise ValueError(f"recurrent_activation: expected sigmoid or hard_sigmoid, got "
                              f"{recurrent_activation!r}")
         super().__init__(ctx)
-        self.local_size = self.ctx.local_size()
-        self._buffers: list[Buffer] = []
+        # The two convolutions' gate-major weights (ONNX layout lifted to 3-D), bias and activation,
+        # and their kernels by family and register-tile bound (:meth:`_kernel`), uploaded on first use.
+        self._weights: dict[str, tuple[np.ndarray, np.ndarray | None, Activation]] = {}
+        self._kernels: dict[tuple[str, str, int], RowsKernel | WinogradKernel] = {}
         self.kernel_shape: tuple[int, ...] | None = None
         self.recurrent_shape: tuple[int, ...] | None = None
         self.set_weights(kernel, recurrent_kernel, bias)
@@ -204,24 +189,15 @@ class ConvLSTM2D(DeviceOp):
                 self.kernel_shape, self.recurrent_shape):
             raise ValueError(f"kernel: shapes {kernel.shape}, {recurrent_kernel.shape} differ from this "
                              f"layer's {self.kernel_shape}, {self.recurrent_shape}")
-        pix, fb = choose_tile(self.ctx, f)
+        gate_bias = None if bias is None else np.ascontiguousarray(bias.reshape(4, f).T.reshape(-1))
         with self._lock:
             self._release()
             self.kernel_shape, self.recurrent_shape = kernel.shape, recurrent_kernel.shape
-            self.filters, self.pix, self.fb = f, pix, fb
-            self.f_blocks = -(-f // fb)
-            self._w = upload_constant(self.ctx, pack_gates(kernel, fb), "conv_lstm kernel")
-            self._u = upload_constant(self.ctx, pack_gates(recurrent_kernel, fb),
-                                      "conv_lstm recurrent kernel")
-            self._b = upload_constant(self.ctx, pack_bias(bias, f, fb), "conv_lstm bias")
-            self._buffers = [self._w, self._u, self._b]
-            tile = f"{pix}x{fb}"
-            rec = self.recurrent_activation.kind
-            # The input convolution has no activation: its gates are activated in the step shader.
-            self._input_pipe = get_pipeline(self.ctx, f"conv_lstm_input_{tile}", 4, _PUSH.size,
-                                                 (self.local_size, 1, 1, Activation().kind))
-            self._step_pipe = get_pipeline(self.ctx, f"conv_lstm_step_{tile}", 5, _PUSH.size,
-                                                (self.local_size, 1, 1, self.activation.kind, rec))
+            self.filters = f
+            # The input convolution has no activation: its gates are activated in the step's store,
+            # where the recurrent kernel's activation is the cell activation.
+            self._weights = {"input": (gate_major(kernel)[:, :, None], gate_bias, Activation()),
+                             "recurrent": (gate_major(recurrent_kernel)[:, :, None], None, self.activation)}
 
     # -- shapes --------------------------------------------------------------------------------
     def _geometry(self, x_shape) -> _Geometry:
@@ -277,91 +253,93 @@ class ConvLSTM2D(DeviceOp):
     def _plan(self, x_shape: tuple[int, ...], geo: _Geometry, with_state: bool) -> Plan:
         return self._plans.get((x_shape, with_state), lambda: self._build_plan(geo, with_state))
 
-    def _push(self, geo: _Geometry, *, cin, in_hw, out_hw, kernel, strides, pads, dilation, t=0,
-              src=(0, 0), dst=(0, 0), has_state=0) -> bytes:
-        act, rec = self.activation, self.recurrent_activation
-        return _PUSH.pack(cin, *in_hw, *out_hw, *kernel, *strides, *pads[:2], *dilation,
-                          self.filters, self.f_blocks, geo.steps, t, *src, *dst, has_state,
-                          act.a, act.b, rec.a, rec.b)
+    def _kernel(self, role: str, geo: Geometry) -> RowsKernel | WinogradKernel:
+        """The ``"input"`` or ``"recurrent"`` convolution for ``geo``: the input convolution on
+        Winograd where :func:`~vkconv.ops.conv.selection.select` says it pays (as a ``vkconv.Conv``
+        of its shape would) and its buffers fit, else both on the implicit GEMM with the tables'
+        register tile, or a smaller one that spreads a small dispatch over the device
+        (:func:`parallel_tuning`; a layer's sizes depend on its input shape)."""
+        # fp32 weights even under VKCONV_FP16=1: the rounding would compound over the time steps.
+        tune = parallel_tuning(tuning(self.ctx, fp16=False), math.prod(geo.y_shape))
+        w, b, act = self._weights[role]
+        if role == "input" and select(geo, self.ctx.info.type) == "winograd":
+            winograd = self._kernels.get((role, "winograd", 0))
+            if winograd is None:
+                winograd = self._kernels[role, "winograd", 0] = WinogradKernel(self.ctx, w, b, 1, act, tune)
+            if winograd.fits(geo):
+                return winograd
+        key = (role, "implicit_gemm", tune.max_tile)
+        if key not in self._kernels:
+            self._kernels[key] = RowsKernel(self.ctx, w, b, 1, act, tune)
+        return self._kernels[key]
 
     def _build_plan(self, geo: _Geometry, with_state: bool) -> Plan:
         n, steps, f = geo.n, geo.steps, self.filters
-        y_shape = geo.output(self.return_sequences)
-        inputs = [("conv_lstm input x", (n, steps, geo.cin, *geo.in_hw))]
-        if with_state:
-            inputs += [("conv_lstm h0", (n, f, *geo.out_hw)), ("conv_lstm c0", (n, f, *geo.out_hw))]
-        plan = Plan(self.ctx, inputs, [("conv_lstm output", y_shape)])
-        with closed_on_error(plan): # a buffer past the device's limits, or too many workgroups
+        plan = Plan(self.ctx, [], [("conv_lstm output", geo.output(self.return_sequences))])
+        with closed_on_error(plan):  # a buffer past the device's limits, or too many workgroups
+            # Texel-capable inputs: the convolution kernels may read them through texel views.
+            inputs = [("conv_lstm input x", (n, steps, geo.cin, *geo.in_hw))]
+            if with_state:
+                inputs += [("conv_lstm h0", (n, f, *geo.out_hw)), ("conv_lstm c0", (n, f, *geo.out_hw))]
+            for name, shape in inputs:
+                plan.inputs.append(Buffer(self.ctx, 4 * math.prod(shape), staged=True, texel=True, name=name))
+                plan.input_shapes.append(shape)
             self._record(plan, geo, with_state)
         return plan
 
     def _record(self, plan: Plan, geo: _Geometry, with_state: bool) -> None:
         ctx, n, steps, f = self.ctx, geo.n, geo.steps, self.filters
+        assert self.kernel_shape is not None and self.recurrent_shape is not None  # set in __init__
         hw = geo.out_hw[0] * geo.out_hw[1]
         y = plan.outputs[0]
-        gx = Buffer(ctx, 16 * n * steps * self.f_blocks * self.fb * hw, name="conv_lstm input gates")
+        gx = Buffer(ctx, 4 * n * steps * 4 * f * hw, name="conv_lstm input gates")
         cell = Buffer(ctx, 4 * n * f * hw, name="conv_lstm cell state")
         plan.keep += [gx, cell]
-        h0 = plan.inputs[1] if with_state else None
-        # Where h_t lives: with return_sequences, in y itself (frame t of every batch item);
-        # otherwise in two buffers taking turns, arranged so that the last step writes y.
-        if self.return_sequences:
-            slots = [(y, t * f * hw, steps * f * hw) for t in range(steps)]
-        else:
-            spare = Buffer(ctx, 4 * n * f * hw, name="conv_lstm hidden state")
-            plan.keep.append(spare)
-            slots = [(y if (steps - 1 - t) % 2 == 0 else spare, 0, f * hw) for t in range(steps)]
+        frames = n * steps
+        input_geo = Geometry.lift((frames, geo.cin, *geo.in_hw), (4 * f, geo.cin, *self.kernel_shape[:2]), 1,
+                                  self.strides, self.dilation, geo.pads, (frames, 4 * f, *geo.out_hw))
+        input_conv = self._kernel("input", input_geo).record(plan, input_geo, plan.inputs[0], gx)
 
-        sets: dict[tuple[int, int], DescriptorSet] = {}
-
-        def step_set(src: Buffer, dst: Buffer) -> DescriptorSet:
-            key = (id(src), id(dst))
-            if key not in sets:
-                sets[key] = DescriptorSet(self._step_pipe, [src, self._u, gx, cell, dst])
-                plan.keep.append(sets[key])
-            return sets[key]
-
-        input_set = DescriptorSet(self._input_pipe, [plan.inputs[0], self._w, self._b, gx])
-        plan.keep.append(input_set)
-        assert self.kernel_shape is not None and self.recurrent_shape is not None  # set in __init__
-        kh, kw = self.kernel_shape[:2]
-        input_push = self._push(geo, cin=geo.cin, in_hw=geo.in_hw, out_hw=geo.out_hw, kernel=(kh, kw),
-                                strides=self.strides, pads=geo.pads, dilation=self.dilation)
         rk = self.recurrent_shape[:2]
         rpads = shapes.resolve_auto_pad("SAME_UPPER", geo.out_hw, rk, (1, 1), (1, 1))
-        pixel_groups = -(-hw // (self.pix * self.local_size))
-        commands = [(self._input_pipe, input_set, input_push, (pixel_groups, self.f_blocks, n * steps))]
-        for t in range(steps):
-            dst = slots[t]
-            if t > 0:
-                src = slots[t - 1]
-            elif h0 is not None:  # with_state
-                src = (h0, 0, f * hw)
-            else:
-                src = dst  # without state h_{-1} is never read
-            push = self._push(geo, cin=f, in_hw=geo.out_hw, out_hw=geo.out_hw, kernel=rk, strides=(1, 1),
-                              pads=rpads, dilation=(1, 1), t=t, src=src[1:], dst=dst[1:],
-                              has_state=int(t > 0 or with_state))
-            commands.append((self._step_pipe, step_set(src[0], dst[0]), push,
-                             (pixel_groups, self.f_blocks, n)))
+        assert rpads is not None  # None only for NOTSET
+        state_shape = (n, f, *geo.out_hw)
+        rec_geo = Geometry.lift(state_shape, (4 * f, f, *rk), 1, (1, 1), (1, 1), rpads, (n, 4 * f, *geo.out_hw))
+        recurrent = self._kernel("recurrent", rec_geo)
+        assert isinstance(recurrent, RowsKernel)  # only the input convolution may take Winograd
+        pb, lay = recurrent.padded_layout(rec_geo)
+        # Two state buffers taking turns; their padding must read as zeros, and nothing but the
+        # pack of h0 (zeros there too) ever writes it, so they start zeroed once.
+        zeros = np.zeros(lay.nbytes // 4, np.float32)
+        if with_state:  # h0 packed into the first state buffer on every call
+            first, pack_h0 = recurrent.pack(plan, rec_geo, lay, plan.inputs[1])
+        else:
+            first, pack_h0 = upload_constant(ctx, zeros, "conv_lstm hidden state", texel=True), None
+            plan.keep.append(first)
+        second = upload_constant(ctx, zeros, "conv_lstm hidden state", texel=True)
+        plan.keep.append(second)
+        step = recurrent.gate_steps(plan, rec_geo, pb, lay, (first, second), gx, cell, y,
+                                    self.recurrent_activation)
+        y_n = (steps if self.return_sequences else 1) * f * hw
 
         def body(cmd):
             if with_state:  # the cell state starts as a copy of c0: a device graph may read c0 again
                 cmd.copy(plan.inputs[2].buffer, cell.buffer, cell.nbytes)
+                pack_h0(cmd)  # ends with a barrier
+            input_conv(cmd)
+            for t in range(steps):
                 cmd.barrier()
-            for i, (pipe, dset, push, groups) in enumerate(commands):
-                if i:
-                    cmd.barrier()
-                cmd.dispatch(pipe, dset, push, groups)
+                step(cmd, t % 2, steps * 4 * f * hw, t * 4 * f * hw, y_n,
+                     t * f * hw if self.return_sequences else 0, t > 0 or with_state)
 
         plan.record(body)
 
     # -- lifetime ------------------------------------------------------------------------------
     def _release(self) -> None:
         self._plans.clear()
-        for buf in self._buffers:
-            buf.close()
-        self._buffers = []
+        for kernel in self._kernels.values():
+            kernel.close()
+        self._kernels = {}
 
 
 def conv_lstm2d(x: np.ndarray, kernel: np.ndarray, recurrent_kernel: np.ndarray,

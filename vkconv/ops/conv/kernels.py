@@ -9,7 +9,9 @@ unit depth and height, a 2-D one unit depth) and fuses bias and activation:
 ``implicit_gemm`` (conv_pack.comp + conv_rows.comp)
     the input is first copied zero-padded with 4-aligned rows; then each invocation computes an
     MB output channels x PB pixels register tile from aligned vec4 row segments.  Its store can be
-    strided (:class:`OutputMap`): the stride phases of a transposed convolution write in place.
+    strided (:class:`OutputMap`): the stride phases of a transposed convolution write in place; or
+    a ConvLSTM2D time step (:meth:`RowsKernel.gate_steps`, the conv_rows_lstm variant): gates
+    activated, cell state updated and h_t written in the store.
 ``gemm1x1`` (conv_rows.comp)
     1x1, stride 1, no padding: the same kernel over the whole image seen as one row, a plain GEMM
     (no padded copy when the image size is a multiple of 4).
@@ -55,6 +57,7 @@ KERNELS = ("direct", "implicit_gemm", "gemm1x1", "depthwise", "winograd", "tiled
 
 _PUSH_DIRECT = struct.Struct("<22i2f")
 _PUSH_ROWS = struct.Struct("<20i2f4i")
+_PUSH_GATES = struct.Struct("<4i2f")  # conv_rows_lstm's push constants after _PUSH_ROWS'
 _PUSH_DEPTHWISE = struct.Struct("<18i2f")
 _PUSH_PACK = struct.Struct("<10i")
 _PUSH_TILED = struct.Struct("<18i2f")
@@ -397,29 +400,82 @@ class RowsKernel(_PaddedInputKernel):
                       output: Buffer, texel: bool, out_map: OutputMap | None = None):
         """Bind ``source`` (``lay``) and ``output`` (``out_map``, default dense) for conv_rows; the
         recorder of its dispatch."""
-        ctx, ls = self.ctx, self.tune.local_size
-        kw, sw, dw = g.kernel[2], g.strides[2], g.dilations[2]
-        kind = TEXEL4 if texel else STORAGE
-        weights, weight_kind = self.weights.binding(texel)
         out_map = out_map or OutputMap.dense(g.out)
         vec_out = out_map == OutputMap.dense(g.out) and g.out[2] % 4 == 0
-        masked = lay.pad is not None
-        pads = lay.pad or (0, 0, 0)
-        pipe = get_pipeline(ctx, "conv_rows" if texel else "conv_rows_ssbo",
-                            (kind, weight_kind, STORAGE, STORAGE), _PUSH_ROWS.size,
-                            (ls, 1, 1, self.act, self.mb, pb, kw, sw, dw, int(vec_out), int(masked),
-                             -pads[2] % 4, out_map.step_x))
+        pipe, weights = self._rows_pipeline(g, pb, lay, texel, vec_out, out_map.step_x)
         dset = DescriptorSet(pipe, [source, weights, self.bias, output])
         plan.keep.append(dset)
-        blocks = -(-self.cout_g // self.mb)
-        groups = grid(ctx, lay.tiles_w * g.out[1] * g.out[0] * blocks, ls,
-                                   g.n * g.group, "x (conv output size)")
-        push = _PUSH_ROWS.pack(g.cin_g, g.cout_g, g.group, blocks, lay.pd, lay.ph, lay.pw4, *pads,
-                               g.kernel[0], g.kernel[1], g.strides[0], g.strides[1],
+        push = self._rows_push(g, lay, out_map, lay.pad or (0, 0, 0))
+        groups = self._rows_groups(g, lay)
+        return lambda cmd: cmd.dispatch(pipe, dset, push, groups)
+
+    def gate_steps(self, plan: Plan, g: Geometry, pb: int, lay: _Padded, states: tuple[Buffer, Buffer],
+                   gates: Buffer, cell: Buffer, output: Buffer, recurrent: Activation):
+        """The recurrent convolution of a ConvLSTM2D time step with the gates fused into its store
+        (conv_rows_lstm, see conv_rows.comp): this kernel's weights are ``[4F, F, kh, kw]``, output
+        channel ``4 * filter + gate`` (i, f, c, o), its activation the cell activation and
+        ``recurrent`` the gates'.  ``g``: the 2-D, one-group, stride-1 convolution of the hidden
+        state ``[N, F, H, W]``; ``lay``: the padded layout (:meth:`padded_layout`) of both
+        ``states`` buffers, whose padding the caller keeps at zero; ``gates``: ``[N, T, 4F, H, W]``;
+        ``cell``: ``[N, F, H, W]``.  Returns the recorder ``step(cmd, src, gx_n, gx_off, y_n, y_off,
+        has_state)`` of one step reading ``states[src]`` and writing ``states[1 - src]``, the cell
+        state, and h_t at ``output[n * y_n + y_off]`` (floats; ``gates`` likewise at ``gx_n``,
+        ``gx_off``)."""
+        if self.mb % 4 or self.group != 1 or lay.pad is not None:
+            raise VkconvError("gate_steps needs whole filters per register tile, one group and a padded input")
+        texel = self._use_texel([lay.nbytes], [self.weights])
+        pipe, weights = self._rows_pipeline(g, pb, lay, texel, False, 1, recurrent)
+        sets = [DescriptorSet(pipe, [states[i], weights, gates, output, cell, states[1 - i]]) for i in (0, 1)]
+        plan.keep += sets
+        groups = self._rows_groups(g, lay)
+        hw = g.out[1] * g.out[2]
+
+        def step(cmd: CommandBuffer, src: int, gx_n: int, gx_off: int, y_n: int, y_off: int,
+                 has_state: bool) -> None:
+            out_map = OutputMap(hw, y_off, hw, g.out[2], 1)
+            push = self._rows_push(g, lay, out_map, g.pad_begin) + _PUSH_GATES.pack(
+                gx_n, gx_off, y_n, int(has_state), recurrent.a, recurrent.b)
+            cmd.dispatch(pipe, sets[src], push, groups)
+        return step
+
+    def pack(self, plan: Plan, geo: Geometry, lay: _Padded, x: Buffer):
+        """The padded copy (``lay``) of ``x`` kept by ``plan``, and the recorder of the pass that
+        fills it, padding included (it ends with a barrier)."""
+        return self._pack(plan, geo, lay, self._use_texel([lay.nbytes], [self.weights]), x)
+
+    def padded_layout(self, geo: Geometry) -> tuple[int, _Padded]:
+        """(PB, the zero-padded row-aligned input layout) of ``geo``, never read in place."""
+        pb = choose_pb(self.mb, geo.out[2], self.tune)
+        return pb, _padded(geo, pb)
+
+    def _rows_pipeline(self, g: Geometry, pb: int, lay: _Padded, texel: bool, vec_out: bool, step_x: int,
+                       recurrent: Activation | None = None):
+        """The conv_rows pipeline (conv_rows_lstm with a ``recurrent`` activation) and the weights
+        buffer it binds."""
+        kind = TEXEL4 if texel else STORAGE
+        weights, weight_kind = self.weights.binding(texel)
+        pads = lay.pad or (0, 0, 0)
+        spec: tuple = (self.tune.local_size, 1, 1, self.act, self.mb, pb, g.kernel[2], g.strides[2],
+                       g.dilations[2], int(vec_out), int(lay.pad is not None), -pads[2] % 4, step_x)
+        name, push_size = "conv_rows", _PUSH_ROWS.size
+        kinds: tuple[str, ...] = (kind, weight_kind, STORAGE, STORAGE)
+        if recurrent is not None:
+            name, kinds = "conv_rows_lstm", kinds + (STORAGE, STORAGE)
+            spec, push_size = spec + (recurrent.kind,), push_size + _PUSH_GATES.size
+        pipe = get_pipeline(self.ctx, name if texel else name + "_ssbo", kinds, push_size, spec)
+        return pipe, weights
+
+    def _rows_push(self, g: Geometry, lay: _Padded, out_map: OutputMap, pads) -> bytes:
+        return _PUSH_ROWS.pack(g.cin_g, g.cout_g, g.group, -(-self.cout_g // self.mb), lay.pd, lay.ph, lay.pw4,
+                               *pads, g.kernel[0], g.kernel[1], g.strides[0], g.strides[1],
                                g.dilations[0], g.dilations[1], *g.out, lay.tiles_w,
                                self.act.a, self.act.b, out_map.plane, out_map.offset, out_map.step_z,
                                out_map.step_y)
-        return lambda cmd: cmd.dispatch(pipe, dset, push, groups)
+
+    def _rows_groups(self, g: Geometry, lay: _Padded):
+        blocks = -(-self.cout_g // self.mb)
+        return grid(self.ctx, lay.tiles_w * g.out[1] * g.out[0] * blocks, self.tune.local_size,
+                    g.n * g.group, "x (conv output size)")
 
 
 class DepthwiseKernel(_PaddedInputKernel):
@@ -557,44 +613,49 @@ class WinogradKernel(_PaddedInputKernel):
         return all(n <= self.ctx.info.max_storage_buffer_range for n in self._sizes(geo, self._layout(geo)))
 
     def plan(self, geo: Geometry) -> ConvPlan:
+        plan = ConvPlan(self.ctx, geo.x_shape, geo.y_shape)
+        with closed_on_error(plan):
+            plan.record(self.record(plan, geo, plan.inputs[0], plan.outputs[0]))
+        return plan
+
+    def record(self, plan: Plan, geo: Geometry, x: Buffer, y: Buffer):
+        """Bind input ``x`` (a texel-capable buffer of ``geo.x_shape``) and output ``y`` in ``plan``
+        (which keeps the scratch buffers and descriptor sets); the recorder of the four passes."""
         ctx, ls = self.ctx, self.tune.local_size
         lay = self._layout(geo)
         sizes = self._sizes(geo, lay)
-        plan = ConvPlan(ctx, geo.x_shape, geo.y_shape)
-        with closed_on_error(plan):
-            texel = self._use_texel(sizes, [self.gemm.weights])
-            padded, pack = self._pack(plan, geo, lay.padded, texel, plan.inputs[0])
-            v = Buffer(ctx, sizes[1], texel=True, name="winograd transformed input")
-            m = Buffer(ctx, sizes[2], texel=True, name="winograd transformed output")
-            plan.keep += [v, m]
-            kind = TEXEL4 if texel else STORAGE
-            suffix = "" if texel else "_ssbo"
-            pipe_in = get_pipeline(ctx, "conv_winograd_in" + suffix, (kind, STORAGE),
-                                       _PUSH_WINOGRAD_IN.size, (ls, 1, 1))
-            pipe_out = get_pipeline(ctx, "conv_winograd_out" + suffix, (kind, STORAGE, STORAGE),
-                                        _PUSH_WINOGRAD_OUT.size,
-                                        (ls, 1, 1, self.act, 0, 0, 0, 0, 0, int(geo.out[2] % 4 == 0)))
-            set_in = DescriptorSet(pipe_in, [padded, v])
-            set_out = DescriptorSet(pipe_out, [m, self.bias, plan.outputs[0]])
-            plan.keep += [set_in, set_out]
-            tile_rows = geo.n * lay.tiles_h
-            groups_in = grid(ctx, geo.cin_g * tile_rows, ls, 1, "x (winograd input tiles)")
-            groups_out = grid(ctx, self.cout * tile_rows, ls, 1, "x (winograd output tiles)")
-            push_in = _PUSH_WINOGRAD_IN.pack(geo.cin_g, lay.tiles_h, lay.tiles_q, lay.padded.ph,
-                                             lay.padded.pw4, lay.ntp)
-            push_out = _PUSH_WINOGRAD_OUT.pack(self.cout, lay.tiles_h, lay.tiles_q, *geo.out[1:], lay.ntp,
-                                               self.act.a, self.act.b)
-            gemm = self.gemm.rows_dispatch(plan, lay.gemm, lay.pb, lay.gemm_lay, v, m, texel)
+        texel = self._use_texel(sizes, [self.gemm.weights])
+        padded, pack = self._pack(plan, geo, lay.padded, texel, x)
+        v = Buffer(ctx, sizes[1], texel=True, name="winograd transformed input")
+        m = Buffer(ctx, sizes[2], texel=True, name="winograd transformed output")
+        plan.keep += [v, m]
+        kind = TEXEL4 if texel else STORAGE
+        suffix = "" if texel else "_ssbo"
+        pipe_in = get_pipeline(ctx, "conv_winograd_in" + suffix, (kind, STORAGE), _PUSH_WINOGRAD_IN.size,
+                               (ls, 1, 1))
+        pipe_out = get_pipeline(ctx, "conv_winograd_out" + suffix, (kind, STORAGE, STORAGE),
+                                _PUSH_WINOGRAD_OUT.size,
+                                (ls, 1, 1, self.act, 0, 0, 0, 0, 0, int(geo.out[2] % 4 == 0)))
+        set_in = DescriptorSet(pipe_in, [padded, v])
+        set_out = DescriptorSet(pipe_out, [m, self.bias, y])
+        plan.keep += [set_in, set_out]
+        tile_rows = geo.n * lay.tiles_h
+        groups_in = grid(ctx, geo.cin_g * tile_rows, ls, 1, "x (winograd input tiles)")
+        groups_out = grid(ctx, self.cout * tile_rows, ls, 1, "x (winograd output tiles)")
+        push_in = _PUSH_WINOGRAD_IN.pack(geo.cin_g, lay.tiles_h, lay.tiles_q, lay.padded.ph,
+                                         lay.padded.pw4, lay.ntp)
+        push_out = _PUSH_WINOGRAD_OUT.pack(self.cout, lay.tiles_h, lay.tiles_q, *geo.out[1:], lay.ntp,
+                                           self.act.a, self.act.b)
+        gemm = self.gemm.rows_dispatch(plan, lay.gemm, lay.pb, lay.gemm_lay, v, m, texel)
 
-            def body(cmd: CommandBuffer) -> None:
-                pack(cmd)
-                cmd.dispatch(pipe_in, set_in, push_in, groups_in)
-                cmd.barrier()
-                gemm(cmd)
-                cmd.barrier()
-                cmd.dispatch(pipe_out, set_out, push_out, groups_out)
-            plan.record(body)
-        return plan
+        def body(cmd: CommandBuffer) -> None:
+            pack(cmd)
+            cmd.dispatch(pipe_in, set_in, push_in, groups_in)
+            cmd.barrier()
+            gemm(cmd)
+            cmd.barrier()
+            cmd.dispatch(pipe_out, set_out, push_out, groups_out)
+        return body
 
     def close(self) -> None:
         self.gemm.close()
