@@ -53,6 +53,7 @@ from vkconv import __version__
 from vkconv.onnx.model import value_dims
 from vkconv.ops.conv.selection import Candidate
 from vkconv.ops.conv_transpose import TransposeCandidate
+from vkconv.ops.deform_conv import DeformCandidate
 from vkconv.ops.tune import budget_ms
 from vkconv.runtime.context import DeviceInfo, choose_device, get_context, list_devices
 from vkconv.runtime.errors import VkconvError

@@ -2,8 +2,8 @@
 
 ``read_net(model, tune=True)`` hands ``tune`` to every convolution, transposed convolution and
 deformable convolution of the net (layer mode: each ``vkconv.Conv`` / ``vkconv.ConvTranspose`` /
-``vkconv.DeformConv`` layer's op; subgraph mode: those inside each device-resident group), and :func:`conv_ops` lists them for ``vkconv tune`` and
-``vkconv run --debug``.
+``vkconv.DeformConv`` layer's op; subgraph mode: those inside each device-resident group), and
+:func:`conv_ops` lists them for ``vkconv tune`` and ``vkconv run --debug``.
 """
 from __future__ import annotations
 
