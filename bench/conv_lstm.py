@@ -83,17 +83,6 @@ def bench_conv_transpose(runs: int) -> None:
 LSTM_CASES = [("t10-32-64-40", 1, 10, 32, 40, 64), ("t10-64-64-32-n2", 2, 10, 64, 32, 64)]
 
 
-def _interleaved_ms(fns: dict, runs: int) -> dict:
-    """Median ms of each of ``fns`` (name -> callable), timed in turns after a warm-up call each."""
-    samples: dict = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(runs):
-        for name, fn in fns.items():
-            samples[name] += report.times(fn, warmup=0, repeat=1)
-    return {name: report.median_ms(t) for name, t in samples.items()}
-
-
 def _keras_layer(filters: int, weights: list, shape: tuple):
     """Keras' ConvLSTM2D (torch backend) with ``weights``, built for ``shape`` (N, T, H, W, C), or
     None when keras is not importable."""
@@ -133,7 +122,7 @@ def _efficiency_case(name: str, n: int, t: int, c: int, side: int, f: int, *, ru
             fns["keras"] = lambda: keras_fn(xk)
             diff = np.abs(np.moveaxis(op(x), 2, -1) - keras_fn(xk)).max()
         for _ in range(rounds):
-            ms = _interleaved_ms(fns, runs)
+            ms = report.interleaved_ms(fns, runs)
             effs.append(ms["dense"] / ms["lstm"])
             lstm_ms.append(ms["lstm"])
             dense_ms.append(ms["dense"])

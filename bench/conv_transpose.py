@@ -70,18 +70,6 @@ CASES = [
 ]
 
 
-def interleaved_ms(fns: dict, runs: int) -> dict:
-    """Median ms of each of ``fns`` (name -> callable), timed in turns (one call of each per turn
-    after a warm-up call), so that a load change on the shared machine hits all of them alike."""
-    samples: dict = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(runs):
-        for name, fn in fns.items():
-            samples[name] += report.times(fn, warmup=0, repeat=1)
-    return {name: report.median_ms(t) for name, t in samples.items()}
-
-
 def bench_round(cases: list[Case], runs: int) -> list[dict]:
     rows = []
     for case in cases:
@@ -101,7 +89,7 @@ def bench_round(cases: list[Case], runs: int) -> list[dict]:
             outs = {method: op(x) for method, op in ops.items()}
             row = {"case": case.name}
             fns = {f"{m}_ms": (lambda op=op, x=x: op(x)) for m, op in ops.items()}
-            row |= interleaved_ms(fns | {"dense_ms": lambda conv=conv, xd=xd: conv(xd)}, runs)
+            row |= report.interleaved_ms(fns | {"dense_ms": lambda conv=conv, xd=xd: conv(xd)}, runs)
         finally:
             for op in ops.values():
                 op.close()
@@ -159,7 +147,7 @@ def bench_ncnn(case: Case, runs: int) -> dict | None:
     with vkconv.ConvTranspose(w, b, strides=case.s, pads=case.p, output_padding=case.output_padding,
                               method="phases") as op:
         y, ours = forward()[None], op(x)
-        ms = interleaved_ms({"ncnn": forward, "phases": lambda: op(x)}, runs)
+        ms = report.interleaved_ms({"ncnn": forward, "phases": lambda: op(x)}, runs)
     net.clear()
     diff = float(np.abs(y - ours).max())
     return {"ncnn_ms": ms["ncnn"], "phases_ms": ms["phases"], "diff": diff,

@@ -35,6 +35,18 @@ def median_ms(samples: Sequence[float]) -> float:
     return 1e3 * statistics.median(samples)
 
 
+def interleaved_ms(fns: Mapping[str, Callable[[], object]], runs: int) -> dict[str, float]:
+    """Median ms of each of ``fns`` (name -> callable), timed in turns (one call of each per turn
+    after a warm-up call each), so that a load change on a shared machine hits all of them alike."""
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(runs):
+        for name, fn in fns.items():
+            samples[name] += times(fn, warmup=0, repeat=1)
+    return {name: median_ms(t) for name, t in samples.items()}
+
+
 def write_jsonl(path: Path, records: Iterable[Mapping[str, Any]]) -> Path:
     """One JSON object per line, each naming the Vulkan device and driver it was measured on
     (speeds differ between drivers of one device); the folder is created if needed."""
