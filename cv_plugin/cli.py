@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import statistics
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -54,6 +55,7 @@ from vkconv.onnx.model import value_dims
 from vkconv.ops.conv.selection import Candidate
 from vkconv.ops.conv_transpose import TransposeCandidate
 from vkconv.ops.deform_conv import DeformCandidate
+from vkconv.ops.launch import LaunchCandidate, launch_signature, tune_launch
 from vkconv.ops.tune import budget_ms
 from vkconv.runtime.context import DeviceInfo, choose_device, get_context, list_devices
 from vkconv.runtime.errors import VkconvError
@@ -392,11 +394,20 @@ def cmd_tune(args: argparse.Namespace) -> int:
     with _read_net(model, feeds, args, tune=False) as net:
         _header(args.model, model, net.report)
         _forward(net, feeds, names)  # builds every convolution at its input shape
-        convs = [(key, conv, shape) for key, conv in tuning.conv_ops(net.state) for shape in conv.choices()]
+        # (layer, input shape, cache key, tune it): each convolution's shapes, then (subgraph mode)
+        # the launch shapes of the loop kernels, one per (kernel, count bucket)
+        jobs: list[tuple[str, tuple[int, ...], str, Callable[[], object]]] = [
+            (key, shape, conv.signature(shape), functools.partial(conv.autotune, shape, budget))
+            for key, conv in tuning.conv_ops(net.state) for shape in conv.choices()]
+        for key, op in tuning.loop_ops(net.state):
+            launch = op.last_launch
+            if launch is None:  # a global pool, a transpose that is a copy: no loop kernel
+                continue
+            jobs.append((key, launch.in_shapes[0], launch_signature(launch.kernel, launch.items),
+                         functools.partial(tune_launch, op, launch.in_shapes, budget)))
         rows, start, skipped = [], time.perf_counter(), 0
-        for i, (key, conv, shape) in enumerate(convs, 1):
-            print(f"\rtune [{i}/{len(convs)}] {key[:40]:40s} x{list(shape)}", end="", file=sys.stderr, flush=True)
-            signature = conv.signature(shape)
+        for i, (key, shape, signature, tune) in enumerate(jobs, 1):
+            print(f"\rtune [{i}/{len(jobs)}] {key[:40]:40s} x{list(shape)}", end="", file=sys.stderr, flush=True)
             entry = cache.get(signature)
             if entry is not None:
                 rows.append((key, shape, entry, "cache"))
@@ -404,21 +415,23 @@ def cmd_tune(args: argparse.Namespace) -> int:
                     and time.perf_counter() - start > args.time_limit:  # one shape at least
                 skipped += 1
             else:
-                conv.autotune(shape, budget)
+                tune()
                 entry = cache.get(signature)
-                assert entry is not None  # autotune stored it
+                assert entry is not None  # the tuner stored it
                 rows.append((key, shape, entry, "tuner"))
         print(file=sys.stderr)
         spent = time.perf_counter() - start
     _tune_table(rows, spent, budget, cache.path)
     if skipped:
-        print(f"{skipped} convolutions not tuned: --time-limit {args.time_limit:g} s reached (run again to go on)")
+        print(f"{skipped} layers not tuned: --time-limit {args.time_limit:g} s reached (run again to go on)")
     return 0
 
 
 def _tune_table(rows: list[tuple[str, tuple[int, ...], dict, str]], spent: float, budget: float, path: Path) -> None:
     """Before (heuristic) / after (tuned) per layer, from the cache entries (device ms)."""
     def label(record: dict) -> str:  # a ConvTranspose's candidates name their method, a DeformConv's its op
+        if "local" in record:  # a loop kernel's launch shape
+            return LaunchCandidate.from_json(record).label()
         if record.get("op") == "DeformConv":
             return DeformCandidate.from_json(record).label()
         return (TransposeCandidate.from_json(record) if "method" in record else Candidate.from_json(record)).label()
@@ -434,7 +447,7 @@ def _tune_table(rows: list[tuple[str, tuple[int, ...], dict, str]], spent: float
               f"{h_ms:8.3f}  {label(entry['candidate'])[:30]:<30} {t_ms:8.3f}  {h_ms / t_ms:7.2f}  {source}")
     ratio = before / after if after else float("nan")
     print(f"  {'sum':<{width}}  {'':<18}  {'':<30} {before:8.3f}  {'':<30} {after:8.3f}  {ratio:7.2f}")
-    print(f"{len(rows)} convolutions; tuning took {spent:.1f} s (budget {budget:.0f} ms per shape); "
+    print(f"{len(rows)} layers; tuning took {spent:.1f} s (budget {budget:.0f} ms per shape); "
           f"device ms from the tuner's timings; cache {path}")
 
 
@@ -554,7 +567,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "tuning cache ($VKCONV_CACHE_DIR, else $XDG_CACHE_HOME/vkconv, else ~/.cache/vkconv), "
                     "which read_net and vkconv.Conv use from then on (VKCONV_TUNE=0 ignores it). Shapes the "
                     "cache already has are reported from it. Prints a before (heuristic) / after (tuned) "
-                    "table per layer.")
+                    "table per layer. With --mode subgraph the launch shapes (workgroup size x count) of the "
+                    "subgraphs' elementwise, pool, resize and transpose kernels are tuned too, one per kernel "
+                    "and power-of-two item count.")
     tune.add_argument("model", nargs="?", metavar="MODEL.onnx", help="the ONNX model (optional with --clear)")
     _add_input_shape(tune)
     _add_mode(tune, "load the model as in `vkconv run --mode` (the convolutions and shapes are the same)")

@@ -341,7 +341,7 @@ def test_cli_tune_then_run_uses_the_cache(monkeypatch, tmp_path, capsys):
                      "--input-shape", "x=1,3,10,14"]) == 0  # the first shape only
     out = capsys.readouterr().out
     assert len([line for line in out.splitlines() if line.strip().startswith("conv")]) == 1
-    assert "2 convolutions not tuned: --time-limit 0 s reached" in out
+    assert "2 layers not tuned: --time-limit 0 s reached" in out
     assert cli.main(["tune", str(path), "--input-shape", "y=1,3,8,8"]) == 1
     assert "'y' is not an input of the model" in capsys.readouterr().err
 

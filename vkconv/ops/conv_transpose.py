@@ -47,11 +47,11 @@ from vkconv.kernels.tiling import Tuning, fitting_tile, tuning
 from vkconv.ops.base import WeightedOp
 from vkconv.ops.conv.kernels import ConvPlan, Geometry, Kernel, OutputMap, RowsKernel, make_kernel, pack_bias_blocks
 from vkconv.ops.conv.selection import register_tiles, select
+from vkconv.ops.launch import heuristic_launch
 from vkconv.ops.tune import Choice, TimedPlan, TuneResult, budget_ms, cache_entry, search, tune_mode
 from vkconv.runtime.buffer import Buffer
 from vkconv.runtime.command import CommandBuffer
 from vkconv.runtime.context import Context
-from vkconv.runtime.dispatch import LOOP_LOCAL, looped_grid
 from vkconv.runtime.errors import VkconvError
 from vkconv.runtime.pipeline import DescriptorSet, get_pipeline
 from vkconv.runtime.plan import Plan, closed_on_error
@@ -421,13 +421,14 @@ class ConvTranspose(WeightedOp):
             vec4 = geo.size[2] % 4 == 0
             lanes = 4 * out[2] // geo.size[2] if vec4 else 1  # 4 columns of each column-tap plane
             total = math.prod(y_shape) // lanes
-            local = self.ctx.local_size(LOOP_LOCAL)
+            launch = heuristic_launch(self.ctx, "conv_transpose_shuffle")  # not tuned: a GEMM's tail
+            local = launch.local
             pipe = get_pipeline(self.ctx, "conv_transpose_shuffle", 2, _SHUFFLE_PUSH.size,
                                      (local, 1, 1, 0, *((1,) * (3 - self.nd) + self.strides), int(vec4)))
             dset = DescriptorSet(pipe, [columns, plan.outputs[0]])
             plan.keep.append(dset)
             push = _SHUFFLE_PUSH.pack(*magic(out[2] // lanes), *magic(out[1]), *magic(out[0]), *geo.size, *out, total)
-            groups = looped_grid(self.ctx, total, local)
+            groups = launch.groups(self.ctx, total)
 
             def body(cmd: CommandBuffer) -> None:
                 gemm(cmd)

@@ -22,10 +22,10 @@ from vkconv.kernels.activation import (
     check_program,
 )
 from vkconv.kernels.divide import magic
+from vkconv.ops.launch import LoopLaunch
 from vkconv.runtime.buffer import Buffer
 from vkconv.runtime.command import CommandBuffer
 from vkconv.runtime.context import Context, get_context
-from vkconv.runtime.dispatch import LOOP_LOCAL, looped_grid
 from vkconv.runtime.pipeline import DescriptorSet, get_pipeline
 
 MAX_RANK = 5
@@ -112,7 +112,7 @@ def collapse(out: Shape, in_shapes: Sequence[Shape]) -> tuple[list[int], list[li
     return extents, merged
 
 
-class Elementwise:
+class Elementwise(LoopLaunch):
     """A fused chain of elementwise ops on float32 tensors of rank <= 5 with ONNX broadcasting: one
     dispatch (``shaders/elementwise.comp``) reads each input once and writes the output once.
 
@@ -170,16 +170,17 @@ class Elementwise:
             extents[4] //= 4
         inner = extents[1] * extents[2] * extents[3] * extents[4]
         magics = [v for d in extents[2:] for v in magic(d)]
-        local = self.ctx.local_size(LOOP_LOCAL)
+        name = "elementwise_vec4" if vec4 else "elementwise"
+        launch = self.loop_launch(name, inner, in_shapes)
+        local = launch.local
         spec: list[int | float] = [local, 1, 1, 0, self.n_inputs, len(self.program), axes, 0]
         for k in range(MAX_INSTRUCTIONS):
             ins = self.program[k] if k < len(self.program) else Instruction(0, 0, 0)
             spec += ins.constants()
-        pipe = get_pipeline(self.ctx, "elementwise_vec4" if vec4 else "elementwise", MAX_INPUTS + 1, _PUSH.size,
-                            tuple(spec))
+        pipe = get_pipeline(self.ctx, name, MAX_INPUTS + 1, _PUSH.size, tuple(spec))
         bufs = list(inputs[:self.n_inputs]) + [inputs[0]] * (MAX_INPUTS - self.n_inputs) + [outputs[0]]
         dset = DescriptorSet(pipe, bufs)
-        groups = looped_grid(self.ctx, inner, local)
+        groups = launch.groups(self.ctx, inner)
         cmd.dispatch(pipe, dset, _PUSH.pack(*magics, *extents, *[v for s in strides for v in s], inner),
                      (groups[0], 1, min(extents[0], self.ctx.info.max_workgroup_count[2])))
         return [dset]

@@ -13,10 +13,11 @@ from collections.abc import Sequence
 from vkconv.kernels import shapes
 from vkconv.kernels.divide import magic
 from vkconv.ops.elementwise import Shape, checked_sizes
+from vkconv.ops.launch import LoopLaunch
 from vkconv.runtime.buffer import Buffer
 from vkconv.runtime.command import CommandBuffer
 from vkconv.runtime.context import Context, get_context
-from vkconv.runtime.dispatch import LOOP_LOCAL, looped_grid
+from vkconv.runtime.dispatch import LOOP_LOCAL
 from vkconv.runtime.pipeline import DescriptorSet, get_pipeline
 
 _KINDS = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool")
@@ -24,7 +25,7 @@ _CPU_GLOBAL_LOCAL = 32  # invocations per plane of a global pool on a CPU device
 _PUSH = struct.Struct("<4I15i")
 
 
-class Pool:
+class Pool(LoopLaunch):
     """ONNX pooling ``kind`` with its attributes (ONNX names and defaults) for 4-D NCHW input.
 
     ``pads`` are ONNX ``(top, left, bottom, right)`` (or one int / two ints, symmetric);
@@ -86,25 +87,26 @@ class Pool:
         x_shape, total = checked_sizes(self.kind, in_shapes[0], out)
         kernel, strides, dilations, pads, out_hw = self._geometry(x_shape)
         mode = 0 if "Max" in self.kind else (2 if self.count_include_pad else 1)
-        local = self.ctx.local_size(LOOP_LOCAL)
         # windows that tile each row exactly along W: 4 outputs per invocation from aligned vec4s
         vec4 = (not self.is_global and kernel[1] == strides[1] and dilations[1] == 1 and pads[1] == 0
                 and x_shape[3] % 4 == 0 and out_hw[1] % 4 == 0 and out_hw[1] * strides[1] <= x_shape[3])
+        name = "pool_global" if self.is_global else "pool_vec4" if vec4 else "pool"
+        lanes = 4 if vec4 else 1
+        launch = None if self.is_global else self.loop_launch(name, total // lanes, in_shapes)
+        local = self.ctx.local_size(LOOP_LOCAL) if launch is None else launch.local
         if self.is_global:  # the shared-memory reduction halves the workgroup: a power of two
             if self.ctx.info.type == "cpu":
                 # barriers dominate there: 32 invocations per plane took 0.13-0.24x the time of 128
                 # on GlobalAveragePool 512x14x14 (Mesa 22.3 and 25.0; docs/PERFORMANCE.md)
                 local = min(local, _CPU_GLOBAL_LOCAL)
             local = 1 << (local.bit_length() - 1)
-        name = "pool_global" if self.is_global else "pool_vec4" if vec4 else "pool"
         spec: tuple[int, ...] = (local, 1, 1, 0, mode) + ((strides[1],) if vec4 else ())  # S: pool_vec4 only
-        lanes = 4 if vec4 else 1
         pipe = get_pipeline(self.ctx, name, 2, _PUSH.size, spec)
         dset = DescriptorSet(pipe, [inputs[0], outputs[0]])
         push = _PUSH.pack(*magic(out_hw[1] // lanes), *magic(out_hw[0]), *x_shape[2:], *out_hw, *kernel, *strides,
                           *dilations, *pads[:2], *pads[2:], total // lanes)
         # global pools: one workgroup per plane (the output has one element per plane)
-        groups = (min(total, self.ctx.info.max_workgroup_count[0]), 1, 1) if self.is_global \
-            else looped_grid(self.ctx, total // lanes, local)
+        groups = (min(total, self.ctx.info.max_workgroup_count[0]), 1, 1) if launch is None \
+            else launch.groups(self.ctx, total // lanes)
         cmd.dispatch(pipe, dset, push, groups)
         return [dset]

@@ -17,10 +17,10 @@ import numpy as np
 from vkconv.kernels import shapes
 from vkconv.kernels.divide import magic
 from vkconv.ops.elementwise import Shape, checked_sizes
+from vkconv.ops.launch import LoopLaunch
 from vkconv.runtime.buffer import Buffer
 from vkconv.runtime.command import CommandBuffer
 from vkconv.runtime.context import Context, get_context
-from vkconv.runtime.dispatch import LOOP_LOCAL, looped_grid
 from vkconv.runtime.pipeline import DescriptorSet, get_pipeline
 from vkconv.runtime.transfer import upload_constant
 
@@ -67,7 +67,7 @@ def axis_table(linear: bool, coord_mode: str, nearest_mode: str, scale: float, i
     return idx, wts
 
 
-class Resize:
+class Resize(LoopLaunch):
     """ONNX ``Resize`` (or ``Upsample``) of the two spatial axes of NCHW input.
 
     Exactly one of ``scales`` (4 floats, N and C ones equal to 1) and ``sizes`` (4 ints, N and C
@@ -141,9 +141,10 @@ class Resize:
         # uploaded once, in front of the next submit (this command buffer's first)
         index = upload_constant(self.ctx, np.concatenate([t[0].reshape(-1) for t in tables]), "resize indices")
         weight = upload_constant(self.ctx, np.concatenate([t[1] for t in tables]), "resize weights")
-        local = self.ctx.local_size(LOOP_LOCAL)
+        launch = self.loop_launch("resize", total // lanes, in_shapes)
+        local = launch.local
         pipe = get_pipeline(self.ctx, "resize", 4, _PUSH.size, (local, 1, 1, 0, int(linear), fh, fw, int(vec4)))
         dset = DescriptorSet(pipe, [inputs[0], index, weight, outputs[0]])
         cmd.dispatch(pipe, dset, _PUSH.pack(*magic(out[3] // lanes), *magic(out[2]), *x_shape[2:], *out[2:],
-                                            total // lanes), looped_grid(self.ctx, total // lanes, local))
+                                            total // lanes), launch.groups(self.ctx, total // lanes))
         return [dset, index, weight]

@@ -9,16 +9,16 @@ from collections.abc import Sequence
 
 from vkconv.kernels.divide import magic
 from vkconv.ops.elementwise import MAX_RANK, Shape, element_count
+from vkconv.ops.launch import LoopLaunch
 from vkconv.runtime.buffer import Buffer
 from vkconv.runtime.command import CommandBuffer
 from vkconv.runtime.context import Context, get_context
-from vkconv.runtime.dispatch import CPU_TRANSPOSE_GROUPS, LOOP_LOCAL, looped_grid
 from vkconv.runtime.pipeline import DescriptorSet, get_pipeline
 
 _PUSH = struct.Struct("<8I5i5ii")
 
 
-class Transpose:
+class Transpose(LoopLaunch):
     """ONNX ``Transpose`` of a float32 tensor of rank <= 5: output axis ``i`` is input axis
     ``perm[i]``; ``perm`` None reverses the axes (the ONNX default).  A permutation that only
     moves size-1 axes, or keeps the memory order, is one buffer copy (no shader)."""
@@ -66,9 +66,10 @@ class Transpose:
             return []
         padded = [(1, 0)] * (5 - len(axes)) + axes
         extents, strides = [e for e, _ in padded], [s for _, s in padded]
-        local = self.ctx.local_size(LOOP_LOCAL)
+        launch = self.loop_launch("transpose", total, in_shapes)
+        local = launch.local
         pipe = get_pipeline(self.ctx, "transpose", 2, _PUSH.size, (local, 1, 1, 0, len(axes)))
         dset = DescriptorSet(pipe, [inputs[0], outputs[0]])
         push = _PUSH.pack(*[v for e in extents[1:] for v in magic(e)], *extents, *strides, total)
-        cmd.dispatch(pipe, dset, push, looped_grid(self.ctx, total, local, CPU_TRANSPOSE_GROUPS))
+        cmd.dispatch(pipe, dset, push, launch.groups(self.ctx, total))
         return [dset]

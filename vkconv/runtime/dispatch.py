@@ -15,6 +15,7 @@ LOOP_LOCAL = 128
 # on elementwise and pool layers of 0.8-3.2 M elements, on both Mesa 22.3 and 25.0 lavapipe; 4096 or
 # no cap 1.0-1.2x (docs/PERFORMANCE.md, "Elementwise and pool launch shapes").  Transpose is the
 # exception (its scattered reads took 1.14-1.18x the time with 256 on Mesa 25.0): it keeps 1024.
+# These are the heuristic (vkconv.ops.launch.heuristic_launch); a tuned launch shape replaces it.
 CPU_LOOP_GROUPS = 256
 CPU_TRANSPOSE_GROUPS = 1024
 
@@ -35,9 +36,9 @@ def grid(ctx: Context, invocations: int, local: int, z: int = 1, what: str = "")
     return gx, gy, z
 
 
-def looped_grid(ctx: Context, count: int, local: int, cpu_groups: int = CPU_LOOP_GROUPS) -> tuple[int, int, int]:
-    """Workgroups for a grid-stride loop over ``count`` items: capped at ``cpu_groups`` on CPU
-    devices, where each workgroup has a fixed start-up cost and longer loops per invocation
-    measured faster, and at the x limit elsewhere; the shaders loop over the rest."""
-    cap = cpu_groups if ctx.info.type == "cpu" else ctx.info.max_workgroup_count[0]
-    return (max(1, min(-(-count // local), cap)), 1, 1)
+def looped_grid(ctx: Context, count: int, local: int, cap: int = 0) -> tuple[int, int, int]:
+    """Workgroups of ``local`` invocations for a grid-stride loop over ``count`` items: enough to
+    cover them, at most ``cap`` (0: the device's x limit), at least one; the shaders loop over
+    the rest."""
+    limit = ctx.info.max_workgroup_count[0]
+    return (max(1, min(-(-count // local), min(cap, limit) if cap else limit)), 1, 1)
