@@ -3,8 +3,8 @@
 ``read_net(model, tune=True)`` hands ``tune`` to every convolution, transposed convolution and
 deformable convolution of the net (layer mode: each ``vkconv.Conv`` / ``vkconv.ConvTranspose`` /
 ``vkconv.DeformConv`` layer's op; subgraph mode: those inside each device-resident group, and the
-groups' loop kernels), and
-:func:`conv_ops` lists them for ``vkconv tune`` and ``vkconv run --debug``; :func:`loop_ops` lists
+groups' loop kernels), and :func:`conv_ops` lists them for ``vkconv tune`` and ``vkconv run
+--debug``; :func:`loop_ops` lists
 the loop kernels (elementwise, pool, resize, transpose) of the subgraphs, whose launch shapes
 ``vkconv tune`` measures too (:mod:`vkconv.ops.launch`).
 """
@@ -35,8 +35,8 @@ TUNABLE = (vkconv.Conv, vkconv.ConvTranspose, vkconv.DeformConv)
 
 
 def conv_ops(state: NetState) -> list[tuple[str, vkconv.Conv | vkconv.ConvTranspose | vkconv.DeformConv]]:
-    """(name, op) of every ``vkconv.Conv``, ``vkconv.ConvTranspose`` and ``vkconv.DeformConv`` the net has built so far
-    (layer mode builds them at the first forward), in the net's order; a subgraph's are named
+    """(name, op) of every ``vkconv.Conv``, ``vkconv.ConvTranspose`` and ``vkconv.DeformConv`` the net
+    has built so far (layer mode builds them at the first forward), in the net's order; a subgraph's are named
     ``group/node``.  Each has ``choices()``, ``signature()``, ``autotune()`` and ``tune_mode``."""
     found: list[tuple[str, vkconv.Conv | vkconv.ConvTranspose | vkconv.DeformConv]] = []
     for key, op in state.ops.items():
