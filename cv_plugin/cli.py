@@ -53,6 +53,7 @@ from cv_plugin.subgraph import MODES
 from vkconv import __version__
 from vkconv.onnx.model import value_dims
 from vkconv.ops.conv.selection import Candidate
+from vkconv.ops.conv_lstm import ConvLSTMCandidate
 from vkconv.ops.conv_transpose import TransposeCandidate
 from vkconv.ops.deform_conv import DeformCandidate
 from vkconv.ops.launch import LaunchCandidate, launch_signature, tune_launch
@@ -429,11 +430,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def _tune_table(rows: list[tuple[str, tuple[int, ...], dict, str]], spent: float, budget: float, path: Path) -> None:
     """Before (heuristic) / after (tuned) per layer, from the cache entries (device ms)."""
-    def label(record: dict) -> str:  # a ConvTranspose's candidates name their method, a DeformConv's its op
+    def label(record: dict) -> str:  # a ConvTranspose's candidates name their method, the others' their op
         if "local" in record:  # a loop kernel's launch shape
             return LaunchCandidate.from_json(record).label()
         if record.get("op") == "DeformConv":
             return DeformCandidate.from_json(record).label()
+        if record.get("op") == "ConvLSTM2D":
+            return ConvLSTMCandidate.from_json(record).label()
         return (TransposeCandidate.from_json(record) if "method" in record else Candidate.from_json(record)).label()
 
     width = max([len("layer")] + [len(r[0][:48]) for r in rows])

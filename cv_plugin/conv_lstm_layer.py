@@ -25,6 +25,7 @@ class ConvLSTMOp(layers.Op):
 
     input_names = ("X", "kernel", "recurrent_kernel", "bias", "h0", "c0")
     required = 4
+    tune: bool | str | None = None  # read_net(tune=...), handed to the vkconv op it builds
 
     def __init__(self, params: dict, constants: list[np.ndarray]):
         super().__init__(params, constants)
@@ -48,7 +49,7 @@ class ConvLSTMOp(layers.Op):
         bias = bias.reshape(-1)
         state = tuple(a for a in arrays[4:6] if a is not None) or None  # h0, c0 omitted: zeros
         if self.lstm is None:
-            self.lstm = vkconv.ConvLSTM2D(kernel, recurrent, bias, **self.options)
+            self.lstm = vkconv.ConvLSTM2D(kernel, recurrent, bias, tune=self.tune, **self.options)
         elif self.runtime_weights and not all(_same(a, b) for a, b in zip((kernel, recurrent, bias),
                                                                             self._src)):
             self.lstm.set_weights(kernel, recurrent, bias)

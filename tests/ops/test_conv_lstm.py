@@ -7,7 +7,7 @@ Tolerance: max abs diff <= 1e-4 x max|expected| (tests/oracles.assert_close).
 """
 from __future__ import annotations
 
-import dataclasses
+import functools
 import os
 
 import numpy as np
@@ -23,6 +23,8 @@ import vkconv.ops.conv_lstm as conv_lstm_module
 from cv_plugin.keras import next_frame_model, randomize_weights, to_onnx
 from vkconv.graph import Graph
 from vkconv.onnx import unsupported_reason
+from vkconv.ops.conv.selection import Candidate
+from vkconv.ops.conv_lstm import ConvLSTMCandidate
 
 REL = 1e-4
 # Keras 3.15 on numpy 2 warns inside its own variable conversions; nothing here can act on it.
@@ -94,17 +96,23 @@ def test_cell_activations(activation):
 
 
 # Register tiles (MB output channels = MB / 4 whole filters, PB pixels) of the implicit-GEMM
-# kernel both convolutions run on; the device's tables pick one per layer.
+# kernel both convolutions run on; the device's tables pick one per layer (every tile the tuner
+# may pick: tests/ops/test_conv_lstm_tune.py).
 FORCED_TILES = [(4, 4), (8, 8), (16, 16), (16, 8)]
+
+
+def _forced(tile=None, family=None):
+    step = None if tile is None else Candidate("implicit_gemm", *tile)
+    inp = None if family is None and tile is None else Candidate(family or "implicit_gemm", *(tile or (0, 0)))
+    return ConvLSTMCandidate(step, inp)
 
 
 @pytest.mark.parametrize("tile", FORCED_TILES, ids=lambda t: f"mb{t[0]}-pb{t[1]}")
 def test_every_register_tile(tile, monkeypatch):
     """Each register tile, with filters that do not fill the last block, odd frame sizes (H*W
     not a multiple of 4, widths not a multiple of PB) and an initial state."""
-    tuning = conv_lstm_module.tuning
-    monkeypatch.setattr(conv_lstm_module, "tuning",
-                        lambda ctx, fp16: dataclasses.replace(tuning(ctx, fp16), mb=tile[0], pb=tile[1]))
+    monkeypatch.setattr(conv_lstm_module, "ConvLSTM2D",
+                        functools.partial(vkconv.ConvLSTM2D, candidate=_forced(tile)))
     for return_sequences in (True, False):
         _run_case((2, 3, 3, (7, 9), 9, (3, 3), (3, 3)),
                   dict(return_sequences=return_sequences, initial_state=True), None, seed=1)
@@ -112,16 +120,16 @@ def test_every_register_tile(tile, monkeypatch):
 
 
 @pytest.mark.parametrize("family", ["winograd", "implicit_gemm"])
-def test_input_convolution_families(family, monkeypatch):
+def test_input_convolution_families(family):
     """The input convolution on each kernel family it may take (Winograd where a Conv of its shape
     would: 64 input channels, 3x3, stride 1), odd frame sizes, batch 2, an initial state."""
-    if family == "implicit_gemm":
-        monkeypatch.setattr(conv_lstm_module, "select", lambda geo, device_type: "implicit_gemm")
     shape = (2, 2, 64, (17, 15), 9, (3, 3), (3, 3))
     x, k, u, b, state = _arrays(6, *shape, state_hw=shape[3])
-    with vkconv.ConvLSTM2D(k, u, b) as op:
+    with vkconv.ConvLSTM2D(k, u, b, tune=False) as heuristic:
+        assert heuristic.choice_for(x.shape, True).candidate.input.kernel == "winograd"
+    with vkconv.ConvLSTM2D(k, u, b, candidate=_forced(family=family)) as op:
         got = op(x, state)
-        assert {name for role, name, _ in op._kernels if role == "input"} == {family}
+        assert {cand.kernel for role, cand in op._kernels if role == "input"} == {family}
     assert_close(got, reference(x, k, u, b, initial_state=state), REL)
 
 

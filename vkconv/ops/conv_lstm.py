@@ -26,11 +26,20 @@ gate i, f, c or o of a filter: a register tile of MB (a multiple of 4) channels 
 filters.  h_t is written twice, into the output and into one of two zero-padded, row-aligned
 state buffers (the layout the kernel reads without a pack pass) taking turns as the next step's
 input; the cell state stays in a device buffer.
+
+The step's register tile and local size and the input convolution's family and tile are one
+:class:`ConvLSTMCandidate` per (input shape, initial state or not): forced, from the tuning cache,
+measured by the tuner (:func:`vkconv.ops.tune.search`, each candidate timed as one whole forward)
+or from the heuristics (the tables' tile, lowered for a small step by
+:func:`~vkconv.kernels.tiling.parallel_tuning`), as :class:`vkconv.Conv` chooses its kernel.
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -39,11 +48,15 @@ from vkconv.kernels.activation import Activation
 from vkconv.kernels.tiling import parallel_tuning, tuning
 from vkconv.ops.base import DeviceOp
 from vkconv.ops.conv.kernels import Geometry, RowsKernel, WinogradKernel
-from vkconv.ops.conv.selection import select
+from vkconv.ops.conv.selection import Candidate, eligible, local_sizes, register_tiles, resolve, select
+from vkconv.ops.tune import Choice, TimedPlan, TuneResult, budget_ms, cache_entry, search, tune_mode
 from vkconv.runtime.buffer import Buffer
 from vkconv.runtime.context import Context
 from vkconv.runtime.plan import Plan, closed_on_error
 from vkconv.runtime.transfer import upload_constant
+from vkconv.runtime.tunecache import cache_for
+
+log = logging.getLogger(__name__)
 
 _SIGMOID, _HARD_SIGMOID = Activation.parse("Sigmoid").kind, Activation.parse("HardSigmoid").kind
 
@@ -132,6 +145,54 @@ class _Geometry:
         return (self.n, self.steps, *state) if return_sequences else (self.n, *state)
 
 
+INPUT_FAMILIES = ("winograd", "implicit_gemm")  # the input convolution's kernel families
+
+
+@dataclass(frozen=True)
+class ConvLSTMCandidate:
+    """One way to run a ConvLSTM2D shape (None, or a field of 0 / None: chosen by the heuristics,
+    as without tuning), as :class:`~vkconv.ops.conv.selection.Candidate` s of the two convolutions.
+
+    ``step``: the recurrent step's kernel (``implicit_gemm``: its MB x PB register tile, MB a
+    multiple of 4 so that a tile holds whole filters, and its local size); ``input``: the input
+    convolution's family (``winograd`` or ``implicit_gemm``), register tile and local size.
+    """
+
+    step: Candidate | None = None
+    input: Candidate | None = None
+
+    def __post_init__(self):
+        if self.step is not None and self.step.kernel != "implicit_gemm":
+            raise ValueError(f"candidate: the recurrent step runs on implicit_gemm, got {self.step.label()!r}")
+        if self.input is not None and self.input.kernel not in INPUT_FAMILIES:
+            raise ValueError(f"candidate: the input convolution runs on {' or '.join(INPUT_FAMILIES)}, "
+                             f"got {self.input.label()!r}")
+
+    def label(self) -> str:
+        """Short text for tables and logs: the step's tile and local size, then the input
+        convolution's family and tile, e.g. ``lstm 4x8 ls64 + winograd 16x16``."""
+        step = "" if self.step is None else dataclasses.replace(self.step, texel=None).label()
+        parts = ["lstm", step.removeprefix("implicit_gemm").strip()]
+        if self.input is not None:
+            family = "igemm" if self.input.kernel == "implicit_gemm" else self.input.kernel
+            tile = f" {self.input.mb}x{self.input.pb}" if self.input.mb or self.input.pb else ""
+            parts.append(f"+ {family}{tile}")
+        return " ".join(p for p in parts if p)
+
+    def to_json(self) -> dict:
+        record: dict = {"op": "ConvLSTM2D"}
+        record |= {k: c.to_json() for k, c in (("step", self.step), ("input", self.input)) if c is not None}
+        return record
+
+    @classmethod
+    def from_json(cls, record: object) -> ConvLSTMCandidate:
+        """The candidate :meth:`to_json` wrote; ValueError for anything else."""
+        if not isinstance(record, dict) or record.get("op") != "ConvLSTM2D":
+            raise ValueError(f"not a ConvLSTM2D candidate: {record!r}")
+        step, inp = (None if record.get(k) is None else Candidate.from_json(record[k]) for k in ("step", "input"))
+        return cls(step, inp)
+
+
 class ConvLSTM2D(DeviceOp):
     """A ConvLSTM2D layer whose weights stay on the device; call it with ``[N, T, C, H, W]``.
 
@@ -139,11 +200,19 @@ class ConvLSTM2D(DeviceOp):
     activation, ``recurrent_activation``: ``"sigmoid"`` or ``"hard_sigmoid"`` (Keras 3's,
     ``relu6(x + 3) / 6``) or ``("HardSigmoid", alpha, beta)``; see :func:`keras_activation`.
     The first call at a new input shape records a command buffer; later calls reuse it.
+
+    How a shape runs (the recurrent step's register tile and local size, the input convolution's
+    family and register tile: a :class:`ConvLSTMCandidate`) is, as for :class:`vkconv.Conv`:
+    forced by ``candidate`` (what it leaves None / 0 is chosen by the heuristics); else from the
+    tuning cache (``VKCONV_TUNE=cache``, the default, or ``1``); else measured now when ``tune`` is
+    True (or ``VKCONV_TUNE=1``) and stored in the cache; else the heuristics.
+    :meth:`choice_for` says which candidate runs a shape and where the choice came from.
     """
 
     def __init__(self, kernel: np.ndarray, recurrent_kernel: np.ndarray, bias: np.ndarray | None = None,
                  *, padding: str = "same", strides=1, dilation=1, return_sequences: bool = True,
-                 activation="tanh", recurrent_activation="sigmoid", ctx: Context | None = None):
+                 activation="tanh", recurrent_activation="sigmoid", ctx: Context | None = None,
+                 tune: bool | str | None = None, candidate: ConvLSTMCandidate | None = None):
         kernel = shapes.as_float32("kernel", kernel, 4)
         if str(padding).lower() not in ("same", "valid"):
             raise ValueError(f"padding: expected 'same' or 'valid', got {padding!r}")
@@ -156,11 +225,17 @@ class ConvLSTM2D(DeviceOp):
         if self.recurrent_activation.kind not in (_SIGMOID, _HARD_SIGMOID):
             raise ValueError(f"recurrent_activation: expected sigmoid or hard_sigmoid, got "
                              f"{recurrent_activation!r}")
+        self.tune_mode = tune_mode(tune)
+        self.forced = candidate
         super().__init__(ctx)
+        # fp32 weights even under VKCONV_FP16=1: the rounding would compound over the time steps.
+        self.tuning = tuning(self.ctx, fp16=False)
         # The two convolutions' gate-major weights (ONNX layout lifted to 3-D), bias and activation,
-        # and their kernels by family and register-tile bound (:meth:`_kernel`), uploaded on first use.
+        # and their kernels by role and resolved candidate (:meth:`_kernel`), uploaded on first use.
         self._weights: dict[str, tuple[np.ndarray, np.ndarray | None, Activation]] = {}
-        self._kernels: dict[tuple[str, str, int], RowsKernel | WinogradKernel] = {}
+        self._kernels: dict[tuple[str, Candidate], RowsKernel | WinogradKernel] = {}
+        self._choices: dict[tuple[tuple[int, ...], bool], Choice[ConvLSTMCandidate]] = {}
+        self._last_state: dict[tuple[int, ...], bool] = {}  # input shape -> with_state, as last run
         self.kernel_shape: tuple[int, ...] | None = None
         self.recurrent_shape: tuple[int, ...] | None = None
         self.set_weights(kernel, recurrent_kernel, bias)
@@ -251,29 +326,248 @@ class ConvLSTM2D(DeviceOp):
             return self._plan(x_shape, geo, with_state)
 
     def _plan(self, x_shape: tuple[int, ...], geo: _Geometry, with_state: bool) -> Plan:
-        return self._plans.get((x_shape, with_state), lambda: self._build_plan(geo, with_state))
+        self._last_state[x_shape] = with_state
 
-    def _kernel(self, role: str, geo: Geometry) -> RowsKernel | WinogradKernel:
-        """The ``"input"`` or ``"recurrent"`` convolution for ``geo``: the input convolution on
-        Winograd where :func:`~vkconv.ops.conv.selection.select` says it pays (as a ``vkconv.Conv``
-        of its shape would) and its buffers fit, else both on the implicit GEMM with the tables'
-        register tile, or a smaller one that spreads a small dispatch over the device
-        (:func:`parallel_tuning`; a layer's sizes depend on its input shape)."""
-        # fp32 weights even under VKCONV_FP16=1: the rounding would compound over the time steps.
-        tune = parallel_tuning(tuning(self.ctx, fp16=False), math.prod(geo.y_shape))
-        w, b, act = self._weights[role]
-        if role == "input" and select(geo, self.ctx.info.type) == "winograd":
-            winograd = self._kernels.get((role, "winograd", 0))
-            if winograd is None:
-                winograd = self._kernels[role, "winograd", 0] = WinogradKernel(self.ctx, w, b, 1, act, tune)
-            if winograd.fits(geo):
-                return winograd
-        key = (role, "implicit_gemm", tune.max_tile)
-        if key not in self._kernels:
-            self._kernels[key] = RowsKernel(self.ctx, w, b, 1, act, tune)
-        return self._kernels[key]
+        def build() -> Plan:
+            return self._build_plan(geo, with_state, self._choice(x_shape, with_state).candidate)
+        return self._plans.get((x_shape, with_state), build)
 
-    def _build_plan(self, geo: _Geometry, with_state: bool) -> Plan:
+    # -- kernel choice -------------------------------------------------------------------------
+    def choice_for(self, x_shape: Sequence[int], with_state: bool | None = None) -> Choice[ConvLSTMCandidate]:
+        """The candidate a call with ``x`` of ``x_shape`` (and an initial state or not; None: as
+        this op last ran that shape, else without) runs and where it came from: ``forced``,
+        ``cache``, ``tuner`` or ``heuristic`` (with ``tune`` on, a shape the cache lacks is tuned
+        here).  ValueError if a forced candidate cannot run it."""
+        x_shape = tuple(int(s) for s in x_shape)
+        self._geometry(x_shape)
+        with self._lock:
+            return self._choice(x_shape, self._state(x_shape, with_state))
+
+    def choices(self) -> dict[tuple[int, ...], Choice[ConvLSTMCandidate]]:
+        """Input shape -> choice, for every shape this op has chosen for (the state variant it
+        last ran; ``vkconv tune`` and ``vkconv run --debug`` list these)."""
+        with self._lock:
+            return {x: c for (x, s), c in self._choices.items() if self._last_state.get(x, False) == s}
+
+    def signature(self, x_shape: Sequence[int], with_state: bool | None = None) -> str:
+        """The tuning cache's key for ``x`` of ``x_shape`` with an initial state or not (None: as
+        in :meth:`choice_for`): everything the candidates' speed depends on."""
+        x_shape = tuple(int(s) for s in x_shape)
+        self._geometry(x_shape)
+        return self._signature(x_shape, self._state(x_shape, with_state))
+
+    def _state(self, x_shape: tuple[int, ...], with_state: bool | None) -> bool:
+        return self._last_state.get(x_shape, False) if with_state is None else bool(with_state)
+
+    def _signature(self, x_shape: tuple[int, ...], with_state: bool) -> str:
+        def t(v) -> str:
+            return ",".join(map(str, v))
+        assert self.kernel_shape is not None and self.recurrent_shape is not None  # set in __init__
+        return (f"ConvLSTM2D x={t(x_shape)} k={t(self.kernel_shape)} rk={t(self.recurrent_shape)} "
+                f"pad={self.padding} s={t(self.strides)} d={t(self.dilation)} "
+                f"seq={int(self.return_sequences)} state={int(with_state)} texel={int(self.tuning.texel)}")
+
+    def _choice(self, x_shape: tuple[int, ...], with_state: bool) -> Choice[ConvLSTMCandidate]:
+        choice = self._choices.get((x_shape, with_state))
+        if choice is None:
+            choice = self._choices[(x_shape, with_state)] = self._choose(x_shape, with_state)
+            log.debug("conv_lstm %s x%s state=%d: %s", self.kernel_shape, x_shape, with_state, choice)
+        return choice
+
+    def _choose(self, x_shape: tuple[int, ...], with_state: bool) -> Choice[ConvLSTMCandidate]:
+        convs = self._convs(self._geometry(x_shape))
+        if self.forced is not None:
+            cand = self._resolve(self.forced, convs)
+            reason = self._unusable(cand, convs)
+            if reason is not None:
+                raise ValueError(f"candidate: {cand.label()!r} cannot run x of shape {x_shape}: {reason}")
+            return Choice(cand, "forced")
+        if self.tune_mode != "0":
+            cached = self._cached(x_shape, with_state, convs)
+            if cached is not None:
+                return Choice(cached, "cache")
+            if self.tune_mode == "1":
+                return Choice(self._autotune(x_shape, with_state, budget_ms()).best, "tuner")
+        return Choice(self._resolve(ConvLSTMCandidate(), convs), "heuristic")
+
+    def _convs(self, geo: _Geometry) -> tuple[Geometry, Geometry]:
+        """The input convolution (all N*T frames, into ``[N*T, 4F, H', W']``) and the recurrent
+        one (h_{t-1} ``[N, F, H', W']`` "same"-padded, into ``[N, 4F, H', W']``)."""
+        assert self.kernel_shape is not None and self.recurrent_shape is not None  # set in __init__
+        frames, f = geo.n * geo.steps, self.filters
+        input_geo = Geometry.lift((frames, geo.cin, *geo.in_hw), (4 * f, geo.cin, *self.kernel_shape[:2]), 1,
+                                  self.strides, self.dilation, geo.pads, (frames, 4 * f, *geo.out_hw))
+        rk = self.recurrent_shape[:2]
+        rpads = shapes.resolve_auto_pad("SAME_UPPER", geo.out_hw, rk, (1, 1), (1, 1))
+        assert rpads is not None  # None only for NOTSET
+        rec_geo = Geometry.lift((geo.n, f, *geo.out_hw), (4 * f, f, *rk), 1, (1, 1), (1, 1), rpads,
+                                (geo.n, 4 * f, *geo.out_hw))
+        return input_geo, rec_geo
+
+    def _resolve_conv(self, cand: Candidate, geo: Geometry, max_tile: int | None = None) -> Candidate:
+        """``cand`` resolved for ``geo``; a tile it leaves open is the tables' within ``max_tile``,
+        by default the device's bound lowered for a small dispatch (:func:`parallel_tuning`)."""
+        base = dataclasses.replace(self.tuning, local_size=cand.local_size or self.tuning.local_size)
+        if max_tile is None:
+            base = parallel_tuning(base, math.prod(geo.y_shape))
+        else:
+            base = dataclasses.replace(base, max_tile=max_tile)
+        return resolve(self.ctx, cand, geo, base)
+
+    def _resolve(self, cand: ConvLSTMCandidate, convs: tuple[Geometry, Geometry]) -> ConvLSTMCandidate:
+        """``cand`` with every choice it leaves to the heuristics filled in: the step on the tables'
+        tile, lowered for a small step (a time step's dispatch spread over the device); the input
+        convolution on Winograd where :func:`~vkconv.ops.conv.selection.select` says it pays (as a
+        ``vkconv.Conv`` of its shape would) and its buffers fit, else on the implicit GEMM."""
+        input_geo, rec_geo = convs
+        step = self._resolve_conv(cand.step or Candidate("implicit_gemm"), rec_geo)
+        inp = cand.input
+        if inp is None:
+            inp = Candidate("implicit_gemm")
+            if select(input_geo, self.ctx.info.type) == "winograd":
+                winograd = self._resolve_conv(Candidate("winograd"), input_geo)
+                if self._kernel("input", winograd).fits(input_geo):
+                    inp = winograd
+        return ConvLSTMCandidate(step, self._resolve_conv(inp, input_geo))
+
+    def _unusable(self, cand: ConvLSTMCandidate, convs: tuple[Geometry, Geometry]) -> str | None:
+        """Why resolved candidate ``cand`` cannot run the shape of ``convs`` here (None if it can)."""
+        sizes = local_sizes(self.ctx, "implicit_gemm")
+        for role, name, c, geo in (("recurrent", "step", cand.step, convs[1]),
+                                   ("input", "input convolution", cand.input, convs[0])):
+            assert c is not None  # resolved
+            if c.kernel == "winograd" and eligible("winograd", geo) is not None:
+                return f"{name}: winograd {eligible('winograd', geo)}"
+            if c.local_size not in sizes:
+                return f"{name}: local size {c.local_size} is not one of {sizes} here"
+            tiles = register_tiles(c.kernel, self.tuning)
+            if (c.mb, c.pb) not in tiles:
+                return f"{name}: register tile {c.mb}x{c.pb} is not one of {tiles} here"
+            if not self._kernel(role, c).fits(geo):
+                return f"{name}: {c.kernel}'s buffers exceed the device's maxStorageBufferRange"
+        return None
+
+    def _cached(self, x_shape: tuple[int, ...], with_state: bool,
+                convs: tuple[Geometry, Geometry]) -> ConvLSTMCandidate | None:
+        """The cache's candidate for this shape, if it can run here (a corrupt entry, or one
+        written under other limits, is ignored with a log line)."""
+        key = self._signature(x_shape, with_state)
+        entry = cache_for(self.ctx).get(key)
+        if entry is None:
+            return None
+        try:
+            cand = self._resolve(ConvLSTMCandidate.from_json(entry.get("candidate")), convs)
+        except (ValueError, TypeError) as exc:
+            log.warning("tuning cache entry for %s ignored: %s", key, exc)
+            return None
+        reason = self._unusable(cand, convs)
+        if reason is not None:
+            log.warning("tuning cache entry for %s ignored: %s", key, reason)
+            return None
+        return cand
+
+    def autotune(self, x_shape: Sequence[int], budget: float | None = None,
+                 with_state: bool | None = None) -> TuneResult[ConvLSTMCandidate]:
+        """Measure the candidates for ``x`` of ``x_shape`` (with an initial state or not; None: as
+        in :meth:`choice_for`) now, whatever the cache holds and ``tune`` says; store the fastest
+        in the tuning cache and use it from the next call on.  ``budget``: ms of wall time
+        (default ``VKCONV_TUNE_BUDGET_MS``, else 2000)."""
+        x_shape = tuple(int(s) for s in x_shape)
+        self._geometry(x_shape)
+        limit = budget_ms(budget)
+        with self._lock:
+            state = self._state(x_shape, with_state)
+            result = self._autotune(x_shape, state, limit)
+            self._choices[(x_shape, state)] = Choice(result.best, "tuner")
+            self._plans.drop((x_shape, state))
+        return result
+
+    def _autotune(self, x_shape: tuple[int, ...], with_state: bool, limit: float) -> TuneResult[ConvLSTMCandidate]:
+        """:func:`vkconv.ops.tune.search` over this shape's candidates, each timed as one whole
+        forward (input convolution and every time step) on seeded random inputs; each candidate's
+        output must match the heuristic choice's (a wrong one is never chosen).  Stages: the step's
+        tile as the parallel bound would pick it under each cap (small tiles spread a small step
+        over the device), the input convolution's family, the step's local size, the input
+        convolution's tile, then the step's other tiles by the tables' speed."""
+        geo = self._geometry(x_shape)
+        convs = self._convs(geo)
+        input_geo, rec_geo = convs
+        rng = np.random.default_rng(0)
+        arrays = [rng.standard_normal(x_shape, dtype=np.float32)]
+        if with_state:
+            arrays += [rng.standard_normal((geo.n, self.filters, *geo.out_hw), dtype=np.float32) for _ in range(2)]
+        reference: list[np.ndarray] = []
+        before = set(self._kernels)
+        baseline = self._resolve(ConvLSTMCandidate(), convs)
+
+        def measure(cand: ConvLSTMCandidate) -> TimedPlan | None:
+            if self._unusable(cand, convs) is not None:
+                return None
+            plan = self._build_plan(geo, with_state, cand)
+            try:
+                y = plan.run(arrays)[0]
+                if not reference:
+                    reference.append(y)
+                elif not np.allclose(y, reference[0], rtol=0,
+                                     atol=1e-3 * max(float(np.abs(reference[0]).max()), 1e-6)):
+                    raise ValueError(f"{cand.label()} gave a different result from {baseline.label()}")
+                return TimedPlan(self.ctx, plan)
+            except BaseException:
+                plan.close()
+                raise
+
+        def step(best: ConvLSTMCandidate, c: Candidate) -> ConvLSTMCandidate:
+            return dataclasses.replace(best, step=c)
+
+        def step_caps(best: ConvLSTMCandidate) -> list[ConvLSTMCandidate]:
+            assert best.step is not None  # resolved
+            # nearest to the best tile's size first: the budget may stop the walk part way
+            area = best.step.mb * best.step.pb
+            caps = [16 << i for i in range(8) if 16 << i < self.tuning.max_tile] + [self.tuning.max_tile]
+            caps.sort(key=lambda cap: abs(math.log2(cap / area)))
+            ls = best.step.local_size
+            return [step(best, self._resolve_conv(Candidate("implicit_gemm", local_size=ls), rec_geo, cap))
+                    for cap in caps]
+
+        def families(best: ConvLSTMCandidate) -> list[ConvLSTMCandidate]:
+            return [dataclasses.replace(best, input=self._resolve_conv(Candidate(name), input_geo))
+                    for name in INPUT_FAMILIES if eligible(name, input_geo) is None]
+
+        def step_sizes(best: ConvLSTMCandidate) -> list[ConvLSTMCandidate]:
+            assert best.step is not None  # resolved
+            return [step(best, dataclasses.replace(best.step, local_size=n))
+                    for n in local_sizes(self.ctx, "implicit_gemm")]
+
+        def input_tiles(best: ConvLSTMCandidate) -> list[ConvLSTMCandidate]:
+            assert best.input is not None  # resolved
+            return [dataclasses.replace(best, input=dataclasses.replace(best.input, mb=mb, pb=pb))
+                    for mb, pb in register_tiles(best.input.kernel, self.tuning)[:6]]
+
+        def step_tiles(best: ConvLSTMCandidate) -> list[ConvLSTMCandidate]:
+            assert best.step is not None  # resolved
+            return [step(best, dataclasses.replace(best.step, mb=mb, pb=pb))
+                    for mb, pb in register_tiles("implicit_gemm", self.tuning)[:6]]
+
+        result = search(baseline, [step_caps, families, step_sizes, input_tiles, step_tiles], measure, limit)
+        keep = {("recurrent", result.best.step), ("input", result.best.input)}
+        for key in set(self._kernels) - before - keep:  # the losers' packed weights
+            self._kernels.pop(key).close()
+        cache_for(self.ctx).put(self._signature(x_shape, with_state),
+                                cache_entry(result, ConvLSTMCandidate.to_json, limit))
+        return result
+
+    def _kernel(self, role: str, cand: Candidate) -> RowsKernel | WinogradKernel:
+        """The ``"input"`` or ``"recurrent"`` convolution's kernel for resolved candidate ``cand``
+        (built on first use)."""
+        kernel = self._kernels.get((role, cand))
+        if kernel is None:
+            w, b, act = self._weights[role]
+            cls = WinogradKernel if cand.kernel == "winograd" else RowsKernel
+            kernel = self._kernels[role, cand] = cls(self.ctx, w, b, 1, act, cand.tuning(self.tuning))
+        return kernel
+
+    def _build_plan(self, geo: _Geometry, with_state: bool, cand: ConvLSTMCandidate) -> Plan:
+        """The plan that runs resolved candidate ``cand``."""
         n, steps, f = geo.n, geo.steps, self.filters
         plan = Plan(self.ctx, [], [("conv_lstm output", geo.output(self.return_sequences))])
         with closed_on_error(plan):  # a buffer past the device's limits, or too many workgroups
@@ -284,28 +578,21 @@ class ConvLSTM2D(DeviceOp):
             for name, shape in inputs:
                 plan.inputs.append(Buffer(self.ctx, 4 * math.prod(shape), staged=True, texel=True, name=name))
                 plan.input_shapes.append(shape)
-            self._record(plan, geo, with_state)
+            self._record(plan, geo, with_state, cand)
         return plan
 
-    def _record(self, plan: Plan, geo: _Geometry, with_state: bool) -> None:
+    def _record(self, plan: Plan, geo: _Geometry, with_state: bool, cand: ConvLSTMCandidate) -> None:
         ctx, n, steps, f = self.ctx, geo.n, geo.steps, self.filters
-        assert self.kernel_shape is not None and self.recurrent_shape is not None  # set in __init__
+        assert cand.input is not None and cand.step is not None  # resolved
         hw = geo.out_hw[0] * geo.out_hw[1]
         y = plan.outputs[0]
         gx = Buffer(ctx, 4 * n * steps * 4 * f * hw, name="conv_lstm input gates")
         cell = Buffer(ctx, 4 * n * f * hw, name="conv_lstm cell state")
         plan.keep += [gx, cell]
-        frames = n * steps
-        input_geo = Geometry.lift((frames, geo.cin, *geo.in_hw), (4 * f, geo.cin, *self.kernel_shape[:2]), 1,
-                                  self.strides, self.dilation, geo.pads, (frames, 4 * f, *geo.out_hw))
-        input_conv = self._kernel("input", input_geo).record(plan, input_geo, plan.inputs[0], gx)
+        input_geo, rec_geo = self._convs(geo)
+        input_conv = self._kernel("input", cand.input).record(plan, input_geo, plan.inputs[0], gx)
 
-        rk = self.recurrent_shape[:2]
-        rpads = shapes.resolve_auto_pad("SAME_UPPER", geo.out_hw, rk, (1, 1), (1, 1))
-        assert rpads is not None  # None only for NOTSET
-        state_shape = (n, f, *geo.out_hw)
-        rec_geo = Geometry.lift(state_shape, (4 * f, f, *rk), 1, (1, 1), (1, 1), rpads, (n, 4 * f, *geo.out_hw))
-        recurrent = self._kernel("recurrent", rec_geo)
+        recurrent = self._kernel("recurrent", cand.step)
         assert isinstance(recurrent, RowsKernel)  # only the input convolution may take Winograd
         pb, lay = recurrent.padded_layout(rec_geo)
         # Two state buffers taking turns; their padding must read as zeros, and nothing but the
