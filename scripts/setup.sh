@@ -19,5 +19,5 @@ fi
 
 python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
-.venv/bin/python -m pip install -q -e '.[test,keras,bench]'
+.venv/bin/python -m pip install -q -e '.[test,keras,bench,spconv]'
 .venv/bin/python -m vkconv info
