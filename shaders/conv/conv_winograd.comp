@@ -1,7 +1,9 @@
 #version 450
 // Winograd F(4x4, 3x3) convolution transforms for 3x3 stride-1 undilated 2-D convolutions
 // ("winograd" path). Host code: vkconv/ops/conv/kernels.py, which runs, in one command buffer:
-//   conv_pack       input zero-padded, rows aligned so that tile columns start on vec4s;
+//   conv_pack       input zero-padded, rows aligned so that tile columns start on vec4s (not
+//                     when the input's width is a multiple of 4 and pad_w <= 4: MASKED reads it in
+//                     place, rows and vec4s outside the image read as zeros);
 //   WINOGRAD_IN       V[a][ci][t] = (B^T d B)[a] for every 6x6 input tile d (36 values a);
 //   conv_rows       M[a] = U[a] x V[a], 36 GEMMs run as one grouped 1x1 convolution, with
 //                     U[a] = (G g G^T)[a] transformed on the host (float64) at weight load;
@@ -34,11 +36,19 @@ layout(std430, binding = 0) readonly buffer Source { vec4 src[]; };
 
 #ifdef WINOGRAD_IN
 layout(std430, binding = 1) writeonly buffer Transformed { vec4 v[]; };
+// MASKED: the input itself (width a multiple of 4), its pads masked; PADW: zeros before each row.
+layout(constant_id = 10) const bool MASKED = false;
+layout(constant_id = 11) const int PADW = 0;  // 0..4
+// A strip of 4 tiles (padded columns 16q .. 16q+19) in MASKED: the vec4s from input column
+// 16q - 4 (16q when PADW == 0) on, element e of the strip at SKEW + e.
+const int SKEW = MASKED && PADW > 0 ? 4 - PADW : 0;
+const int STRIP = MASKED && PADW > 0 ? 6 : 5;
 
 layout(push_constant) uniform Params {
     int channels, tiles_h, tiles_q;  // tiles_q: groups of 4 tiles along a row
-    int ph, pw4;                     // padded input (conv_pack layout)
+    int ph, pw4;                     // padded input (conv_pack layout); MASKED: the input's
     int ntp;                         // tiles per transformed plane: n * tiles_h * 4 * tiles_q
+    int pad_h;                       // MASKED: zero rows above the image
 } p;
 
 // B^T applied to 6 values (each a vec4 over 4 tiles).
@@ -63,19 +73,29 @@ void main()
     const int ci = (id / p.tiles_h) % p.channels;
     const int n = id / (p.tiles_h * p.channels);
     const int plane4 = p.ntp / 4;
-    const int src_row = ((n * p.channels + ci) * p.ph + 4 * ty) * p.pw4;
+    const int iy0 = MASKED ? 4 * ty - p.pad_h : 4 * ty;
+    const int src_row = ((n * p.channels + ci) * p.ph + iy0) * p.pw4 - (STRIP - 5);
     const int dst_row = (ci * p.ntp + (n * p.tiles_h + ty) * 4 * p.tiles_q) / 4;
+    // MASKED: which of the 6 rows lie in the image (the others read as zeros)
+    bool row_in[6];
+    [[unroll]] for (int i = 0; i < 6; ++i) row_in[i] = !MASKED || uint(iy0 + i) < uint(p.ph);
 
     for (int q = 0; q < p.tiles_q; ++q) {
-        // Rows 4ty .. 4ty+5, columns 16q .. 16q+19 of the padded plane: 6 x 5 aligned vec4s.
+        // Rows 4ty .. 4ty+5, columns 16q .. 16q+19 of the padded plane: 6 x 5 aligned vec4s
+        // (MASKED: 6 x STRIP vec4s of the input, those outside it zeros).
         vec4 d[6][6];  // d[row][col], each a vec4 over the 4 tiles
         [[unroll]] for (int i = 0; i < 6; ++i) {
-            vec4 s[5];
-            [[unroll]] for (int k = 0; k < 5; ++k) s[k] = LOAD(src_row + i * p.pw4 + 4 * q + k);
+            vec4 s[STRIP];
+            [[unroll]] for (int k = 0; k < STRIP; ++k) {
+                const int col = 4 * q + k - (STRIP - 5);  // vec4 column in the (MASKED: input) row
+                const bool inside = row_in[i] && (!MASKED || uint(col) < uint(p.pw4));
+                const int at = src_row + i * p.pw4 + 4 * q + k;
+                s[k] = inside ? LOAD(MASKED ? (inside ? at : 0) : at) : vec4(0.0);  // never out of range
+            }
             [[unroll]] for (int c = 0; c < 6; ++c) {
                 // Tile j starts at column 4j: element 4j + c of the strip.
-                d[i][c] = vec4(s[c >> 2][c & 3], s[(4 + c) >> 2][c & 3], s[(8 + c) >> 2][c & 3],
-                               s[(12 + c) >> 2][c & 3]);
+                d[i][c] = vec4(s[(SKEW + c) >> 2][(SKEW + c) & 3], s[(SKEW + 4 + c) >> 2][(SKEW + c) & 3],
+                               s[(SKEW + 8 + c) >> 2][(SKEW + c) & 3], s[(SKEW + 12 + c) >> 2][(SKEW + c) & 3]);
             }
         }
         [[unroll]] for (int c = 0; c < 6; ++c) {

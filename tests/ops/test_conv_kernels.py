@@ -144,6 +144,11 @@ CASES = {
         Case((1, 64, 14, 14), 64, (3, 3), pads=(1, 1, 1, 1), activation=("Clip", 0.0, 6.0)),
         Case((1, 2, 3, 3), 1, (3, 3)),
         Case((1, 512, 8, 8), 32, (3, 3), pads=(1, 1, 1, 1)),  # the transform error grows with C_in
+        # widths that are multiples of 4: read in place, the pads masked (pad_w 0..4), no pack pass
+        Case((2, 9, 13, 20), 6, (3, 3), pads=(1, 1, 2, 3), activation="Relu"),
+        Case((1, 7, 10, 8), 5, (3, 3)),
+        Case((2, 4, 7, 12), 3, (3, 3), pads=(3, 4, 0, 1)),
+        Case((1, 4, 6, 4), 4, (3, 3), pads=(2, 5, 1, 0)),  # pad_w 5: the padded copy
     ],
     "direct": [
         Case((2, 6, 9, 11), 4, (3, 2), (2, 1), (1, 0, 0, 1), (1, 2), 2, "Relu"),
@@ -201,6 +206,21 @@ def test_storage_buffers_replace_texels_past_the_texel_limit():
         _run(case, "implicit_gemm", seed=3, ctx=ctx)
         names = {key[0] for key in ctx.pipelines}
         assert names == {"conv_pack_ssbo", "conv_rows_ssbo"}, names
+
+
+@pytest.mark.parametrize("mode", ["texel", "ssbo"])
+def test_winograd_reads_inputs_of_whole_vec4_rows_in_place(mode, monkeypatch):
+    """Widths that are multiples of 4 (pad_w <= 4) skip the pack pass; the others keep it."""
+    monkeypatch.setenv("VKCONV_CONV_TEXEL", "1" if mode == "texel" else "0")
+    suffix = "" if mode == "texel" else "_ssbo"
+    for case, packs in ((Case((2, 64, 9, 28), 32, (3, 3), pads=(1, 1, 1, 1)), False),
+                        (Case((1, 64, 9, 10), 32, (3, 3), pads=(1, 1, 1, 1)), True),
+                        (Case((1, 64, 9, 8), 32, (3, 3), pads=(0, 5, 0, 0)), True)):
+        with Context() as ctx:
+            _run(case, "winograd", seed=7, ctx=ctx)
+            names = {key[0] for key in ctx.pipelines}
+            assert ("conv_pack" + suffix in names or "conv_pack" in names) == packs, (case, names)
+            assert "conv_winograd_in" + suffix in names
 
 
 # -- kernel choice ----------------------------------------------------------------------------

@@ -548,7 +548,7 @@ class DepthwiseKernel(_PaddedInputKernel):
 # Winograd F(4x4, 3x3): y = A^T [ (G g G^T) . (B^T d B) ] A over 6x6 input / 4x4 output tiles.
 _WINOGRAD_G = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
                         [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]])
-_PUSH_WINOGRAD_IN = struct.Struct("<6i")
+_PUSH_WINOGRAD_IN = struct.Struct("<7i")
 _PUSH_WINOGRAD_OUT = struct.Struct("<6i2f")
 
 
@@ -557,7 +557,8 @@ class _WinogradLayout:
     tiles_h: int
     tiles_q: int      # groups of 4 tiles along a row
     ntp: int          # tiles per transformed plane (all images): n * tiles_h * 4 * tiles_q
-    padded: _Padded   # the input copy the input transform reads
+    padded: _Padded   # the input copy the input transform reads (in_place: the input's dims)
+    in_place: bool    # the input transform reads the input itself, its pads masked (no pack pass)
     gemm: Geometry    # the 36 GEMMs as one grouped 1x1 convolution over ntp pixels
     pb: int
     gemm_lay: _Padded
@@ -592,21 +593,29 @@ class WinogradKernel(_PaddedInputKernel):
     def _layout(self, geo: Geometry) -> _WinogradLayout:
         tiles_h, tiles_q, ntp = winograd_tiles(geo)
         h, w = geo.size[1:]
-        # Tile rows start at padded row 4 ty and column 4 tx (the image sits at the pads), and the
-        # last group of 4 tiles reads 6 rows x 5 vec4s.
-        ph = max(h + geo.pad_begin[1] + geo.pad_end[1], 4 * tiles_h + 2)
-        pw4 = max(-(-(w + geo.pad_begin[2] + geo.pad_end[2]) // 4), 4 * tiles_q + 1)
-        padded = _Padded(geo.n * geo.cin_g, 1, ph, pw4, tiles_q)
+        # Rows of whole vec4s are read in place, the pads masked by the input transform (it reads
+        # a strip of 4 tiles as vec4s from 4 columns before it, so pad_w <= 4): no pack pass.
+        in_place = w % 4 == 0 and geo.pad_begin[2] <= 4
+        if in_place:
+            padded = _Padded(geo.n * geo.cin_g, 1, h, w // 4, tiles_q, geo.pad_begin)
+        else:
+            # Tile rows start at padded row 4 ty and column 4 tx (the image sits at the pads), and
+            # the last group of 4 tiles reads 6 rows x 5 vec4s.
+            ph = max(h + geo.pad_begin[1] + geo.pad_end[1], 4 * tiles_h + 2)
+            pw4 = max(-(-(w + geo.pad_begin[2] + geo.pad_end[2]) // 4), 4 * tiles_q + 1)
+            padded = _Padded(geo.n * geo.cin_g, 1, ph, pw4, tiles_q)
         one = (1, 1, 1)
         gemm = Geometry(1, 36, geo.cin_g, self.cout, (1, 1, ntp), one, one, one, (0, 0, 0), (0, 0, 0),
                         (1, 1, ntp), geo.x_shape, geo.y_shape)
         pb = choose_pb(self.gemm.mb, ntp, self.tune)
         gemm_lay = _Padded(36 * geo.cin_g, 1, 1, ntp // 4, -(-ntp // pb))
-        return _WinogradLayout(tiles_h, tiles_q, ntp, padded, gemm, pb, gemm_lay)
+        return _WinogradLayout(tiles_h, tiles_q, ntp, padded, in_place, gemm, pb, gemm_lay)
 
     def _sizes(self, geo: Geometry, lay: _WinogradLayout) -> list[int]:
-        """Bytes of the padded input, transformed input (with GEMM slack) and GEMM output."""
-        return [lay.padded.nbytes, 4 * 36 * geo.cin_g * lay.ntp + RowsKernel.slack(lay.pb, lay.gemm_lay),
+        """Bytes of the padded input (in place: the input), transformed input (with GEMM slack) and
+        GEMM output."""
+        source = 4 * math.prod(geo.x_shape) if lay.in_place else lay.padded.nbytes
+        return [source, 4 * 36 * geo.cin_g * lay.ntp + RowsKernel.slack(lay.pb, lay.gemm_lay),
                 4 * 36 * self.cout * lay.ntp]
 
     def fits(self, geo: Geometry) -> bool:
@@ -625,14 +634,18 @@ class WinogradKernel(_PaddedInputKernel):
         lay = self._layout(geo)
         sizes = self._sizes(geo, lay)
         texel = self._use_texel(sizes, [self.gemm.weights])
-        padded, pack = self._pack(plan, geo, lay.padded, texel, x)
+        if lay.in_place:
+            padded, pack = x, None
+        else:
+            padded, pack = self._pack(plan, geo, lay.padded, texel, x)
         v = Buffer(ctx, sizes[1], texel=True, name="winograd transformed input")
         m = Buffer(ctx, sizes[2], texel=True, name="winograd transformed output")
         plan.keep += [v, m]
         kind = TEXEL4 if texel else STORAGE
         suffix = "" if texel else "_ssbo"
         pipe_in = get_pipeline(ctx, "conv_winograd_in" + suffix, (kind, STORAGE), _PUSH_WINOGRAD_IN.size,
-                               (ls, 1, 1))
+                               (ls, 1, 1, 0, 0, 0, 0, 0, 0, 0, int(lay.in_place),
+                                geo.pad_begin[2] if lay.in_place else 0))
         pipe_out = get_pipeline(ctx, "conv_winograd_out" + suffix, (kind, STORAGE, STORAGE),
                                 _PUSH_WINOGRAD_OUT.size,
                                 (ls, 1, 1, self.act, 0, 0, 0, 0, 0, int(geo.out[2] % 4 == 0)))
@@ -643,13 +656,14 @@ class WinogradKernel(_PaddedInputKernel):
         groups_in = grid(ctx, geo.cin_g * tile_rows, ls, 1, "x (winograd input tiles)")
         groups_out = grid(ctx, self.cout * tile_rows, ls, 1, "x (winograd output tiles)")
         push_in = _PUSH_WINOGRAD_IN.pack(geo.cin_g, lay.tiles_h, lay.tiles_q, lay.padded.ph,
-                                         lay.padded.pw4, lay.ntp)
+                                         lay.padded.pw4, lay.ntp, geo.pad_begin[1] if lay.in_place else 0)
         push_out = _PUSH_WINOGRAD_OUT.pack(self.cout, lay.tiles_h, lay.tiles_q, *geo.out[1:], lay.ntp,
                                            self.act.a, self.act.b)
         gemm = self.gemm.rows_dispatch(plan, lay.gemm, lay.pb, lay.gemm_lay, v, m, texel)
 
         def body(cmd: CommandBuffer) -> None:
-            pack(cmd)
+            if pack is not None:
+                pack(cmd)
             cmd.dispatch(pipe_in, set_in, push_in, groups_in)
             cmd.barrier()
             gemm(cmd)
