@@ -49,7 +49,7 @@ from vkconv.kernels.tiling import parallel_tuning, tuning
 from vkconv.ops.base import DeviceOp
 from vkconv.ops.conv.kernels import Geometry, RowsKernel, WinogradKernel
 from vkconv.ops.conv.selection import Candidate, eligible, local_sizes, register_tiles, resolve, select
-from vkconv.ops.tune import Choice, TimedPlan, TuneResult, budget_ms, cache_entry, search, tune_mode
+from vkconv.ops.tune import Choice, TimedPlan, TuneResult, budget_ms, cache_entry, measured_choice, search, tune_mode
 from vkconv.runtime.buffer import Buffer
 from vkconv.runtime.context import Context
 from vkconv.runtime.plan import Plan, closed_on_error
@@ -382,13 +382,9 @@ class ConvLSTM2D(DeviceOp):
             if reason is not None:
                 raise ValueError(f"candidate: {cand.label()!r} cannot run x of shape {x_shape}: {reason}")
             return Choice(cand, "forced")
-        if self.tune_mode != "0":
-            cached = self._cached(x_shape, with_state, convs)
-            if cached is not None:
-                return Choice(cached, "cache")
-            if self.tune_mode == "1":
-                return Choice(self._autotune(x_shape, with_state, budget_ms()).best, "tuner")
-        return Choice(self._resolve(ConvLSTMCandidate(), convs), "heuristic")
+        return measured_choice(self.tune_mode, lambda: self._cached(x_shape, with_state, convs),
+                               lambda: self._autotune(x_shape, with_state, budget_ms()).best,
+                               lambda: self._resolve(ConvLSTMCandidate(), convs))
 
     def _convs(self, geo: _Geometry) -> tuple[Geometry, Geometry]:
         """The input convolution (all N*T frames, into ``[N*T, 4F, H', W']``) and the recurrent

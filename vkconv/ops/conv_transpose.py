@@ -48,7 +48,7 @@ from vkconv.ops.base import WeightedOp
 from vkconv.ops.conv.kernels import ConvPlan, Geometry, Kernel, OutputMap, RowsKernel, make_kernel, pack_bias_blocks
 from vkconv.ops.conv.selection import register_tiles, select
 from vkconv.ops.launch import heuristic_launch
-from vkconv.ops.tune import Choice, TimedPlan, TuneResult, budget_ms, cache_entry, search, tune_mode
+from vkconv.ops.tune import Choice, TimedPlan, TuneResult, budget_ms, cache_entry, measured_choice, search, tune_mode
 from vkconv.runtime.buffer import Buffer
 from vkconv.runtime.command import CommandBuffer
 from vkconv.runtime.context import Context
@@ -541,13 +541,9 @@ class ConvTranspose(WeightedOp):
             return Choice(self.forced, "forced")
         if self.method != "auto":
             return Choice(self._heuristic(x_shape, y_shape), "forced")
-        if self.tune_mode != "0":
-            cached = self._cached(x_shape, y_shape)
-            if cached is not None:
-                return Choice(cached, "cache")
-            if self.tune_mode == "1":
-                return Choice(self._autotune(x_shape, y_shape, budget_ms()).best, "tuner")
-        return Choice(self._heuristic(x_shape, y_shape), "heuristic")
+        return measured_choice(self.tune_mode, lambda: self._cached(x_shape, y_shape),
+                               lambda: self._autotune(x_shape, y_shape, budget_ms()).best,
+                               lambda: self._heuristic(x_shape, y_shape))
 
     def _heuristic(self, x_shape, y_shape) -> TransposeCandidate:
         """The rule of :meth:`method_for` (with ``method="phases"``: the phases on any device)."""

@@ -71,7 +71,7 @@ from vkconv.kernels.tiling import Tuning, choose_mb, choose_pb, tuning
 from vkconv.ops.base import WeightedOp
 from vkconv.ops.conv.kernels import RowsKernel
 from vkconv.ops.conv.selection import local_sizes, register_tiles, texel_choices
-from vkconv.ops.tune import Choice, TimedPlan, TuneResult, budget_ms, cache_entry, search, tune_mode
+from vkconv.ops.tune import Choice, TimedPlan, TuneResult, budget_ms, cache_entry, measured_choice, search, tune_mode
 from vkconv.runtime.buffer import Buffer
 from vkconv.runtime.command import CommandBuffer
 from vkconv.runtime.context import Context, vk
@@ -331,13 +331,9 @@ class DeformConv(WeightedOp):
             if reason is not None:
                 raise ValueError(f"candidate: {cand.label()!r} cannot run x of shape {x_shape}: {reason}")
             return Choice(cand, "forced")
-        if self.tune_mode != "0":
-            cached = self._cached(x_shape, has_mask, out_hw)
-            if cached is not None:
-                return Choice(cached, "cache")
-            if self.tune_mode == "1":
-                return Choice(self._autotune(x_shape, has_mask, budget_ms()).best, "tuner")
-        return Choice(self._resolve(DeformCandidate(), out_hw), "heuristic")
+        return measured_choice(self.tune_mode, lambda: self._cached(x_shape, has_mask, out_hw),
+                               lambda: self._autotune(x_shape, has_mask, budget_ms()).best,
+                               lambda: self._resolve(DeformCandidate(), out_hw))
 
     def _resolve(self, cand: DeformCandidate, out_hw: int) -> DeformCandidate:
         """``cand`` with every choice it leaves to the heuristics filled in as they make it for

@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from vkconv.ops.tune import Choice, TimedPlan, TuneResult, budget_ms, cache_entry, search, tune_mode
+from vkconv.ops.tune import Choice, TimedPlan, TuneResult, budget_ms, cache_entry, measured_choice, search, tune_mode
 from vkconv.runtime.context import Context
 from vkconv.runtime.dispatch import CPU_LOOP_GROUPS, CPU_TRANSPOSE_GROUPS, LOOP_LOCAL, looped_grid
 from vkconv.runtime.plan import Plan
@@ -116,14 +116,8 @@ class LoopLaunch:
     def _launch_choice(self, kernel: str, count: int, in_shapes: Sequence[Shape]) -> Choice[LaunchCandidate]:
         if self.launch is not None:
             return Choice(self.launch, "forced")
-        mode = tune_mode(self.tune)
-        if mode != "0":
-            cached = cached_launch(self.ctx, kernel, count)
-            if cached is not None:
-                return Choice(cached, "cache")
-            if mode == "1":
-                return Choice(tune_launch(self, in_shapes).best, "tuner")
-        return Choice(heuristic_launch(self.ctx, kernel), "heuristic")
+        return measured_choice(tune_mode(self.tune), lambda: cached_launch(self.ctx, kernel, count),
+                               lambda: tune_launch(self, in_shapes).best, lambda: heuristic_launch(self.ctx, kernel))
 
 
 def cached_launch(ctx: Context, kernel: str, count: int) -> LaunchCandidate | None:

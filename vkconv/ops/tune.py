@@ -102,6 +102,21 @@ class Choice(Generic[L]):
         return f"{self.candidate.label()} ({self.source})"
 
 
+def measured_choice(mode: str, cached: Callable[[], L | None], tuned: Callable[[], L],
+                    heuristic: Callable[[], L]) -> Choice[L]:
+    """The rule every tunable op follows once no candidate is forced: under tuning ``mode``
+    (:func:`tune_mode`) ``"cache"`` or ``"1"`` the cache's candidate when ``cached()`` has one;
+    under ``"1"`` a shape the cache lacks is tuned (``tuned()``, which stores its result); else
+    ``heuristic()``.  Each is called only when the rule gets to it."""
+    if mode != "0":
+        hit = cached()
+        if hit is not None:
+            return Choice(hit, "cache")
+        if mode == "1":
+            return Choice(tuned(), "tuner")
+    return Choice(heuristic(), "heuristic")
+
+
 class TimedPlan:
     """A built, warmed plan whose dispatches :meth:`once` times on the device (an op's ``measure``
     for :func:`search` returns one)."""

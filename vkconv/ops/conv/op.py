@@ -26,7 +26,7 @@ from vkconv.kernels.tiling import tuning
 from vkconv.ops.base import WeightedOp
 from vkconv.ops.conv.kernels import KERNELS, Geometry, Kernel, make_kernel
 from vkconv.ops.conv.selection import Candidate, eligible, local_sizes, resolve, search_plan, select, tile_shapes
-from vkconv.ops.tune import Choice, TimedPlan, TuneResult, budget_ms, cache_entry, search, tune_mode
+from vkconv.ops.tune import Choice, TimedPlan, TuneResult, budget_ms, cache_entry, measured_choice, search, tune_mode
 from vkconv.runtime.context import Context
 from vkconv.runtime.plan import Plan
 from vkconv.runtime.tunecache import cache_for
@@ -163,13 +163,8 @@ class Conv(WeightedOp):
             if reason is not None:
                 raise ValueError(f"kernel: {self.forced.label()!r} cannot run x of shape {geo.x_shape}: {reason}")
             return Choice(self._resolve(self.forced, geo), "forced")
-        if self.tune_mode != "0":
-            cached = self._cached(geo)
-            if cached is not None:
-                return Choice(cached, "cache")
-            if self.tune_mode == "1":
-                return Choice(self._autotune(geo, budget_ms()).best, "tuner")
-        return Choice(self._heuristic(geo), "heuristic")
+        return measured_choice(self.tune_mode, lambda: self._cached(geo),
+                               lambda: self._autotune(geo, budget_ms()).best, lambda: self._heuristic(geo))
 
     def _resolve(self, cand: Candidate, geo: Geometry) -> Candidate:
         return resolve(self.ctx, cand, geo, self.tuning)
