@@ -49,7 +49,17 @@ from vkconv.kernels.tiling import parallel_tuning, tuning
 from vkconv.ops.base import DeviceOp
 from vkconv.ops.conv.kernels import Geometry, RowsKernel, WinogradKernel
 from vkconv.ops.conv.selection import Candidate, eligible, local_sizes, register_tiles, resolve, select
-from vkconv.ops.tune import Choice, TimedPlan, TuneResult, budget_ms, cache_entry, measured_choice, search, tune_mode
+from vkconv.ops.tune import (
+    Agreement,
+    Choice,
+    TimedPlan,
+    TuneResult,
+    budget_ms,
+    cache_entry,
+    measured_choice,
+    search,
+    tune_mode,
+)
 from vkconv.runtime.buffer import Buffer
 from vkconv.runtime.context import Context
 from vkconv.runtime.plan import Plan, closed_on_error
@@ -492,25 +502,14 @@ class ConvLSTM2D(DeviceOp):
         arrays = [rng.standard_normal(x_shape, dtype=np.float32)]
         if with_state:
             arrays += [rng.standard_normal((geo.n, self.filters, *geo.out_hw), dtype=np.float32) for _ in range(2)]
-        reference: list[np.ndarray] = []
         before = set(self._kernels)
         baseline = self._resolve(ConvLSTMCandidate(), convs)
+        agreement = Agreement(baseline.label(), 1e-3)
 
         def measure(cand: ConvLSTMCandidate) -> TimedPlan | None:
             if self._unusable(cand, convs) is not None:
                 return None
-            plan = self._build_plan(geo, with_state, cand)
-            try:
-                y = plan.run(arrays)[0]
-                if not reference:
-                    reference.append(y)
-                elif not np.allclose(y, reference[0], rtol=0,
-                                     atol=1e-3 * max(float(np.abs(reference[0]).max()), 1e-6)):
-                    raise ValueError(f"{cand.label()} gave a different result from {baseline.label()}")
-                return TimedPlan(self.ctx, plan)
-            except BaseException:
-                plan.close()
-                raise
+            return agreement.timed(self.ctx, self._build_plan(geo, with_state, cand), arrays, cand.label())
 
         def step(best: ConvLSTMCandidate, c: Candidate) -> ConvLSTMCandidate:
             return dataclasses.replace(best, step=c)

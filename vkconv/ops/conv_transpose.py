@@ -48,7 +48,17 @@ from vkconv.ops.base import WeightedOp
 from vkconv.ops.conv.kernels import ConvPlan, Geometry, Kernel, OutputMap, RowsKernel, make_kernel, pack_bias_blocks
 from vkconv.ops.conv.selection import register_tiles, select
 from vkconv.ops.launch import heuristic_launch
-from vkconv.ops.tune import Choice, TimedPlan, TuneResult, budget_ms, cache_entry, measured_choice, search, tune_mode
+from vkconv.ops.tune import (
+    Agreement,
+    Choice,
+    TimedPlan,
+    TuneResult,
+    budget_ms,
+    cache_entry,
+    measured_choice,
+    search,
+    tune_mode,
+)
 from vkconv.runtime.buffer import Buffer
 from vkconv.runtime.command import CommandBuffer
 from vkconv.runtime.context import Context
@@ -612,24 +622,13 @@ class ConvTranspose(WeightedOp):
         fastest, on seeded random data; each candidate's output must match the heuristic choice's
         (a wrong one is never chosen)."""
         x = np.random.default_rng(0).standard_normal(x_shape, dtype=np.float32)
-        reference: list[np.ndarray] = []
         gemm_before, phases_before = set(self._gemm), set(self._phase_kernels)
 
         def measure(cand: TransposeCandidate) -> TimedPlan | None:
             runs = self._runs(cand, x_shape, y_shape)
             if runs is None:
                 return None
-            plan = self._build(cand, runs, x_shape, y_shape)
-            try:
-                y = plan.run([x])[0]
-                if not reference:
-                    reference.append(y)
-                elif not np.allclose(y, reference[0], rtol=0, atol=1e-3 * max(float(np.abs(reference[0]).max()), 1e-6)):
-                    raise ValueError(f"{cand.label()} gave a different result from {baseline.label()}")
-                return TimedPlan(self.ctx, plan)
-            except BaseException:
-                plan.close()
-                raise
+            return agreement.timed(self.ctx, self._build(cand, runs, x_shape, y_shape), [x], cand.label())
 
         def methods(best: TransposeCandidate) -> list[TransposeCandidate]:
             return [TransposeCandidate(m) for m in RUN_METHODS if m != best.method]
@@ -642,6 +641,7 @@ class ConvTranspose(WeightedOp):
             return 3.0 if cand.method == "gather" and self.ctx.info.type == "cpu" else 1.0
 
         baseline = self._heuristic(x_shape, y_shape)
+        agreement = Agreement(baseline.label(), 1e-3)
         result = search(baseline, [methods, tiles], measure, limit, prior)
         best = result.best
         for key in set(self._gemm) - gemm_before:  # the losers' weights

@@ -71,7 +71,17 @@ from vkconv.kernels.tiling import Tuning, choose_mb, choose_pb, tuning
 from vkconv.ops.base import WeightedOp
 from vkconv.ops.conv.kernels import RowsKernel
 from vkconv.ops.conv.selection import local_sizes, register_tiles, texel_choices
-from vkconv.ops.tune import Choice, TimedPlan, TuneResult, budget_ms, cache_entry, measured_choice, search, tune_mode
+from vkconv.ops.tune import (
+    Agreement,
+    Choice,
+    TimedPlan,
+    TuneResult,
+    budget_ms,
+    cache_entry,
+    measured_choice,
+    search,
+    tune_mode,
+)
 from vkconv.runtime.buffer import Buffer
 from vkconv.runtime.command import CommandBuffer
 from vkconv.runtime.context import Context, vk
@@ -409,26 +419,16 @@ class DeformConv(WeightedOp):
                   rng.uniform(-3, 3, self.offset_shape(x_shape)).astype(np.float32)]
         if has_mask:
             arrays.append(rng.uniform(0, 1, self.mask_shape(x_shape)).astype(np.float32))
-        reference: list[np.ndarray] = []
         before = set(self._gemms)
         tol = 1e-2 if self.tuning.fp16 else 1e-3
         baseline = self._resolve(DeformCandidate(), out_hw)
+        agreement = Agreement(baseline.label(), tol)
 
         def measure(cand: DeformCandidate) -> TimedPlan | None:
             if self._unusable(cand) is not None:
                 return None
-            plan = self._build_plan(x_shape, y_shape, has_mask, cand)
-            try:
-                y = plan.run(arrays)[0]
-                if not reference:
-                    reference.append(y)
-                elif not np.allclose(y, reference[0], rtol=0,
-                                     atol=tol * max(float(np.abs(reference[0]).max()), 1e-6)):
-                    raise ValueError(f"{cand.label()} gave a different result from {baseline.label()}")
-                return TimedPlan(self.ctx, plan)
-            except BaseException:
-                plan.close()
-                raise
+            return agreement.timed(self.ctx, self._build_plan(x_shape, y_shape, has_mask, cand), arrays,
+                                   cand.label())
 
         def tiles(best: DeformCandidate) -> list[DeformCandidate]:
             return [dataclasses.replace(best, mb=mb, pb=pb) for mb, pb in self._tiles()[:6]]

@@ -29,6 +29,8 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
+import numpy as np
+
 from vkconv.runtime.context import Context
 from vkconv.runtime.errors import VkconvError
 from vkconv.runtime.plan import Plan
@@ -100,6 +102,33 @@ class Choice(Generic[L]):
 
     def __str__(self) -> str:
         return f"{self.candidate.label()} ({self.source})"
+
+
+class Agreement:
+    """What every candidate must compute before it may be timed: the first output checked (the
+    baseline's, which :func:`search` measures first) is the reference, and a later one that differs
+    from it by more than ``tol`` times its largest magnitude raises ValueError naming both, so a
+    candidate that computes something else never wins."""
+
+    def __init__(self, baseline: str, tol: float):
+        self.baseline, self.tol = baseline, tol
+        self.reference: np.ndarray | None = None
+
+    def check(self, y: np.ndarray, label: str) -> None:
+        if self.reference is None:
+            self.reference = y
+        elif not np.allclose(y, self.reference, rtol=0,
+                             atol=self.tol * max(float(np.abs(self.reference).max()), 1e-6)):
+            raise ValueError(f"{label} gave a different result from {self.baseline}")
+
+    def timed(self, ctx: Context, plan: Plan, inputs: Sequence[np.ndarray], label: str) -> TimedPlan:
+        """``plan`` run once on ``inputs`` and checked, then ready to time; closed if it fails."""
+        try:
+            self.check(plan.run(list(inputs))[0], label)
+            return TimedPlan(ctx, plan)
+        except BaseException:
+            plan.close()
+            raise
 
 
 def measured_choice(mode: str, cached: Callable[[], L | None], tuned: Callable[[], L],

@@ -26,7 +26,17 @@ from vkconv.kernels.tiling import tuning
 from vkconv.ops.base import WeightedOp
 from vkconv.ops.conv.kernels import KERNELS, Geometry, Kernel, make_kernel
 from vkconv.ops.conv.selection import Candidate, eligible, local_sizes, resolve, search_plan, select, tile_shapes
-from vkconv.ops.tune import Choice, TimedPlan, TuneResult, budget_ms, cache_entry, measured_choice, search, tune_mode
+from vkconv.ops.tune import (
+    Agreement,
+    Choice,
+    TimedPlan,
+    TuneResult,
+    budget_ms,
+    cache_entry,
+    measured_choice,
+    search,
+    tune_mode,
+)
 from vkconv.runtime.context import Context
 from vkconv.runtime.plan import Plan
 from vkconv.runtime.tunecache import cache_for
@@ -219,7 +229,6 @@ class Conv(WeightedOp):
         """:func:`vkconv.ops.tune.search` over this shape's candidates on seeded random data; each
         candidate's output must match the heuristic choice's (a wrong one is never chosen)."""
         x = np.random.default_rng(0).standard_normal(geo.x_shape, dtype=np.float32)
-        reference: list[np.ndarray] = []
         before = set(self._kernels)
         tol = 1e-2 if self.tuning.fp16 else 1e-3
 
@@ -227,19 +236,10 @@ class Conv(WeightedOp):
             kernel = self._kernel(cand)
             if not kernel.fits(geo):
                 return None
-            plan = kernel.plan(geo)
-            try:
-                y = plan.run([x])[0]
-                if not reference:
-                    reference.append(y)
-                elif not np.allclose(y, reference[0], rtol=0, atol=tol * max(float(np.abs(reference[0]).max()), 1e-6)):
-                    raise ValueError(f"{cand.label()} gave a different result from {baseline.label()}")
-                return TimedPlan(self.ctx, plan)
-            except BaseException:
-                plan.close()
-                raise
+            return agreement.timed(self.ctx, kernel.plan(geo), [x], cand.label())
 
         baseline = self._heuristic(geo)
+        agreement = Agreement(baseline.label(), tol)
         stages, prior = search_plan(self.ctx, geo, self.tuning)
         result = search(baseline, stages, measure, limit, prior)
         for cand in set(self._kernels) - before - {result.best}:  # the losers' weights

@@ -21,7 +21,7 @@ import numpy as np
 from vkconv.kernels.activation import Activation
 from vkconv.ops.sparse.device import Recording, lease, release, texel_capable
 from vkconv.ops.sparse.rulebook import Rulebook
-from vkconv.ops.tune import TuneResult, budget_ms, search
+from vkconv.ops.tune import Agreement, TuneResult, budget_ms, search
 from vkconv.runtime.buffer import Buffer
 from vkconv.runtime.context import Context
 from vkconv.runtime.pipeline import STORAGE, TEXEL1, TEXEL4, texel_fits
@@ -184,18 +184,17 @@ def tune_tile(rb: Rulebook, features: np.ndarray, w: PackedWeights, act: Activat
     ctx = w.weight.ctx
     limit = budget_ms(budget)
     baseline = choose_tile(ctx, w.coutp)
+    agreement = Agreement(str(baseline), 1e-4)
     cands = tile_candidates(ctx, w.coutp)
-    reference: list[np.ndarray] = []
 
     def measure(tile: Tile) -> _TimedTile:
         timed = _TimedTile(rb, features, w, act, inverse, tile)
         assert timed.out is not None
-        if not reference:
-            reference.append(timed.out)
-        elif not np.allclose(timed.out, reference[0], rtol=0,
-                             atol=1e-4 * max(float(np.abs(reference[0]).max()), 1e-6)):
+        try:
+            agreement.check(timed.out, f"tile {tile}")
+        except ValueError:
             timed.close()
-            raise ValueError(f"tile {tile} gave a different result from {baseline}")
+            raise
         return timed
 
     def rows_stage(best: Tile) -> list[Tile]:
