@@ -14,10 +14,19 @@
 // multiplications than direct convolution; its float32 error is about 1e-5 x max|y| at 512 input
 // channels (vkconv/ops/conv/kernels.py states the test tolerance).
 //
+//
+// TILE_M = 6 (the winograd63 variants): F(6x6, 3x3) over 8x8 input tiles, interpolation points
+// 0, +-1, +-2, +-1/2 and infinity (as ncnn's winograd63); 64 GEMMs, 1.78 multiplications per
+// output instead of 2.25. Everything below is written for an M x M output tile, N = M + 2.
+//
 // variant: conv_winograd_in -DWINOGRAD_IN=1 -DTEXEL=1
 // variant: conv_winograd_in_ssbo -DWINOGRAD_IN=1
 // variant: conv_winograd_out -DWINOGRAD_OUT=1 -DTEXEL=1
 // variant: conv_winograd_out_ssbo -DWINOGRAD_OUT=1
+// variant: conv_winograd63_in -DWINOGRAD_IN=1 -DTEXEL=1 -DTILE_M=6
+// variant: conv_winograd63_in_ssbo -DWINOGRAD_IN=1 -DTILE_M=6
+// variant: conv_winograd63_out -DWINOGRAD_OUT=1 -DTEXEL=1 -DTILE_M=6
+// variant: conv_winograd63_out_ssbo -DWINOGRAD_OUT=1 -DTILE_M=6
 #extension GL_EXT_samplerless_texture_functions : require  // textureBuffer: SPIR-V 1.6 forbids sampled Buffer images
 #extension GL_GOOGLE_include_directive : require
 #extension GL_EXT_control_flow_attributes : require
@@ -25,6 +34,14 @@
 
 layout(local_size_x_id = 0, local_size_y = 1, local_size_z = 1) in;
 #include "grid.glsl"  // after the local size: it reads gl_WorkGroupSize
+
+#ifndef TILE_M
+#define TILE_M 4
+#endif
+const int M = TILE_M;      // output tile
+const int N = TILE_M + 2;  // input tile
+// vec4s holding a strip of 4 horizontally adjacent input tiles (3M + N values from a vec4 start)
+const int S = (3 * TILE_M + TILE_M + 2 + 3) / 4;
 
 #ifdef TEXEL
 layout(binding = 0) uniform textureBuffer src;
@@ -39,10 +56,10 @@ layout(std430, binding = 1) writeonly buffer Transformed { vec4 v[]; };
 // MASKED: the input itself (width a multiple of 4), its pads masked; PADW: zeros before each row.
 layout(constant_id = 10) const bool MASKED = false;
 layout(constant_id = 11) const int PADW = 0;  // 0..4
-// A strip of 4 tiles (padded columns 16q .. 16q+19) in MASKED: the vec4s from input column
-// 16q - 4 (16q when PADW == 0) on, element e of the strip at SKEW + e.
+// A strip of 4 tiles (padded columns 4Mq .. 4Mq + 4S - 1) in MASKED: the vec4s from input column
+// 4Mq - 4 (4Mq when PADW == 0) on, element e of the strip at SKEW + e.
 const int SKEW = MASKED && PADW > 0 ? 4 - PADW : 0;
-const int STRIP = MASKED && PADW > 0 ? 6 : 5;
+const int STRIP = MASKED && PADW > 0 ? S + 1 : S;
 
 layout(push_constant) uniform Params {
     int channels, tiles_h, tiles_q;  // tiles_q: groups of 4 tiles along a row
@@ -51,8 +68,25 @@ layout(push_constant) uniform Params {
     int pad_h;                       // MASKED: zero rows above the image
 } p;
 
+#if TILE_M == 6
+// B^T applied to 8 values (each a vec4 over 4 tiles).
+void bt(inout vec4 d[N])
+{
+    const vec4 r0 = d[0] - d[6] + 5.25 * (d[4] - d[2]);
+    const vec4 r7 = d[7] - d[1] + 5.25 * (d[3] - d[5]);
+    vec4 t1 = d[2] + d[6] - 4.25 * d[4], t2 = d[1] + d[5] - 4.25 * d[3];
+    const vec4 r1 = t1 + t2, r2 = t1 - t2;
+    t1 = 0.25 * d[2] - 1.25 * d[4] + d[6];
+    t2 = 0.5 * d[1] - 2.5 * d[3] + 2.0 * d[5];
+    const vec4 r3 = t1 + t2, r4 = t1 - t2;
+    t1 = 4.0 * d[2] - 5.0 * d[4] + d[6];
+    t2 = 2.0 * d[1] - 2.5 * d[3] + 0.5 * d[5];
+    const vec4 r5 = t1 + t2, r6 = t1 - t2;
+    d[0] = r0; d[1] = r1; d[2] = r2; d[3] = r3; d[4] = r4; d[5] = r5; d[6] = r6; d[7] = r7;
+}
+#else
 // B^T applied to 6 values (each a vec4 over 4 tiles).
-void bt(inout vec4 d[6])
+void bt(inout vec4 d[N])
 {
     const vec4 r0 = 4.0 * d[0] - 5.0 * d[2] + d[4];
     const vec4 r1 = -4.0 * (d[1] + d[2]) + d[3] + d[4];
@@ -62,6 +96,7 @@ void bt(inout vec4 d[6])
     const vec4 r5 = 4.0 * d[1] - 5.0 * d[3] + d[5];
     d[0] = r0; d[1] = r1; d[2] = r2; d[3] = r3; d[4] = r4; d[5] = r5;
 }
+#endif
 
 void main()
 {
@@ -73,40 +108,42 @@ void main()
     const int ci = (id / p.tiles_h) % p.channels;
     const int n = id / (p.tiles_h * p.channels);
     const int plane4 = p.ntp / 4;
-    const int iy0 = MASKED ? 4 * ty - p.pad_h : 4 * ty;
-    const int src_row = ((n * p.channels + ci) * p.ph + iy0) * p.pw4 - (STRIP - 5);
+    const int iy0 = MASKED ? M * ty - p.pad_h : M * ty;
+    const int src_row = ((n * p.channels + ci) * p.ph + iy0) * p.pw4 - (STRIP - S);
     const int dst_row = (ci * p.ntp + (n * p.tiles_h + ty) * 4 * p.tiles_q) / 4;
-    // MASKED: which of the 6 rows lie in the image (the others read as zeros)
-    bool row_in[6];
-    [[unroll]] for (int i = 0; i < 6; ++i) row_in[i] = !MASKED || uint(iy0 + i) < uint(p.ph);
+    // MASKED: which of the N rows lie in the image (the others read as zeros)
+    bool row_in[N];
+    [[unroll]] for (int i = 0; i < N; ++i) row_in[i] = !MASKED || uint(iy0 + i) < uint(p.ph);
 
     for (int q = 0; q < p.tiles_q; ++q) {
-        // Rows 4ty .. 4ty+5, columns 16q .. 16q+19 of the padded plane: 6 x 5 aligned vec4s
-        // (MASKED: 6 x STRIP vec4s of the input, those outside it zeros).
-        vec4 d[6][6];  // d[row][col], each a vec4 over the 4 tiles
-        [[unroll]] for (int i = 0; i < 6; ++i) {
+        // Rows M ty .. M ty + N - 1, columns 4Mq .. 4Mq + 4S - 1 of the padded plane: N x S
+        // aligned vec4s (MASKED: N x STRIP vec4s of the input, those outside it zeros).
+        vec4 d[N][N];  // d[row][col], each a vec4 over the 4 tiles
+        [[unroll]] for (int i = 0; i < N; ++i) {
             vec4 s[STRIP];
             [[unroll]] for (int k = 0; k < STRIP; ++k) {
-                const int col = 4 * q + k - (STRIP - 5);  // vec4 column in the (MASKED: input) row
+                const int col = M * q + k - (STRIP - S);  // vec4 column in the (MASKED: input) row
                 const bool inside = row_in[i] && (!MASKED || uint(col) < uint(p.pw4));
-                const int at = src_row + i * p.pw4 + 4 * q + k;
+                const int at = src_row + i * p.pw4 + M * q + k;
                 s[k] = inside ? LOAD(MASKED ? (inside ? at : 0) : at) : vec4(0.0);  // never out of range
             }
-            [[unroll]] for (int c = 0; c < 6; ++c) {
-                // Tile j starts at column 4j: element 4j + c of the strip.
-                d[i][c] = vec4(s[(SKEW + c) >> 2][(SKEW + c) & 3], s[(SKEW + 4 + c) >> 2][(SKEW + c) & 3],
-                               s[(SKEW + 8 + c) >> 2][(SKEW + c) & 3], s[(SKEW + 12 + c) >> 2][(SKEW + c) & 3]);
+            [[unroll]] for (int c = 0; c < N; ++c) {
+                // Tile j starts at column Mj: element Mj + c of the strip.
+                d[i][c] = vec4(s[(SKEW + c) >> 2][(SKEW + c) & 3],
+                               s[(SKEW + M + c) >> 2][(SKEW + M + c) & 3],
+                               s[(SKEW + 2 * M + c) >> 2][(SKEW + 2 * M + c) & 3],
+                               s[(SKEW + 3 * M + c) >> 2][(SKEW + 3 * M + c) & 3]);
             }
         }
-        [[unroll]] for (int c = 0; c < 6; ++c) {
-            vec4 col[6];
-            [[unroll]] for (int i = 0; i < 6; ++i) col[i] = d[i][c];
+        [[unroll]] for (int c = 0; c < N; ++c) {
+            vec4 col[N];
+            [[unroll]] for (int i = 0; i < N; ++i) col[i] = d[i][c];
             bt(col);
-            [[unroll]] for (int i = 0; i < 6; ++i) d[i][c] = col[i];
+            [[unroll]] for (int i = 0; i < N; ++i) d[i][c] = col[i];
         }
-        [[unroll]] for (int i = 0; i < 6; ++i) {
+        [[unroll]] for (int i = 0; i < N; ++i) {
             bt(d[i]);
-            [[unroll]] for (int k = 0; k < 6; ++k) v[dst_row + q + (i * 6 + k) * p.channels * plane4] = d[i][k];
+            [[unroll]] for (int k = 0; k < N; ++k) v[dst_row + q + (i * N + k) * p.channels * plane4] = d[i][k];
         }
     }
 }
@@ -124,8 +161,23 @@ layout(push_constant) uniform Params {
     float act_a, act_b;
 } p;
 
+#if TILE_M == 6
+// A^T applied to 8 values (each a vec4 over 4 tiles).
+void at(vec4 m[N], out vec4 o[M])
+{
+    const vec4 s12 = m[1] + m[2], d12 = m[1] - m[2];
+    const vec4 s34 = m[3] + m[4], d34 = m[3] - m[4];
+    const vec4 s56 = m[5] + m[6], d56 = m[5] - m[6];
+    o[0] = m[0] + s12 + s34 + s56;
+    o[1] = d12 + 2.0 * d34 + 0.5 * d56;
+    o[2] = s12 + 4.0 * s34 + 0.25 * s56;
+    o[3] = d12 + 8.0 * d34 + 0.125 * d56;
+    o[4] = s12 + 16.0 * s34 + 0.0625 * s56;
+    o[5] = d12 + 32.0 * d34 + 0.03125 * d56 + m[7];
+}
+#else
 // A^T applied to 6 values (each a vec4 over 4 tiles).
-void at(vec4 m[6], out vec4 o[4])
+void at(vec4 m[N], out vec4 o[M])
 {
     const vec4 s12 = m[1] + m[2], d12 = m[1] - m[2];
     const vec4 s34 = m[3] + m[4], d34 = m[3] - m[4];
@@ -134,6 +186,7 @@ void at(vec4 m[6], out vec4 o[4])
     o[2] = s12 + 4.0 * s34;
     o[3] = d12 + 8.0 * d34 + m[5];
 }
+#endif
 
 void main()
 {
@@ -146,31 +199,37 @@ void main()
     const int plane4 = p.ntp / 4;
     const int src_row = (co * p.ntp + (n * p.tiles_h + ty) * 4 * p.tiles_q) / 4;
     const float b = bias[co];
-    const int rows = min(4, p.out_h - 4 * ty);
-    const int y_row = ((n * p.channels + co) * p.out_h + 4 * ty) * p.out_w;
+    const int rows = min(M, p.out_h - M * ty);
+    const int y_row = ((n * p.channels + co) * p.out_h + M * ty) * p.out_w;
 
     for (int q = 0; q < p.tiles_q; ++q) {
-        vec4 t[4][6];  // (A^T M)[i][col]
-        [[unroll]] for (int c = 0; c < 6; ++c) {
-            vec4 m[6];
-            [[unroll]] for (int i = 0; i < 6; ++i) m[i] = LOAD(src_row + q + (i * 6 + c) * p.channels * plane4);
-            vec4 o[4];
+        vec4 t[M][N];  // (A^T M)[i][col]
+        [[unroll]] for (int c = 0; c < N; ++c) {
+            vec4 m[N];
+            [[unroll]] for (int i = 0; i < N; ++i) m[i] = LOAD(src_row + q + (i * N + c) * p.channels * plane4);
+            vec4 o[M];
             at(m, o);
-            [[unroll]] for (int i = 0; i < 4; ++i) t[i][c] = o[i];
+            [[unroll]] for (int i = 0; i < M; ++i) t[i][c] = o[i];
         }
-        [[unroll]] for (int i = 0; i < 4; ++i) {
+        [[unroll]] for (int i = 0; i < M; ++i) {
             if (i >= rows) break;
-            vec4 o[4];  // o[k][j]: column k of tile j
+            vec4 o[M];  // o[k][j]: column k of tile j
             at(t[i], o);
             const int yrow = y_row + i * p.out_w;
+            // The 4M values of this row of the 4 tiles, from column 4Mq on.
+            float raw[4 * M];
             [[unroll]] for (int j = 0; j < 4; ++j) {
-                const int ox = 16 * q + 4 * j;
-                const vec4 r = activate4(vec4(o[0][j], o[1][j], o[2][j], o[3][j]) + b, p.act_a, p.act_b);
+                [[unroll]] for (int k = 0; k < M; ++k) raw[M * j + k] = o[k][j];
+            }
+            const int ox = 4 * M * q;
+            [[unroll]] for (int k = 0; k < M; ++k) {
+                const vec4 r = activate4(vec4(raw[4 * k], raw[4 * k + 1], raw[4 * k + 2], raw[4 * k + 3]) + b,
+                                         p.act_a, p.act_b);
                 if (VEC_OUT) {
-                    if (ox < p.out_w) y[(yrow + ox) >> 2] = r;
+                    if (ox + 4 * k < p.out_w) y[(yrow + ox) / 4 + k] = r;
                 } else {
-                    [[unroll]] for (int k = 0; k < 4; ++k) {
-                        if (ox + k < p.out_w) y[(yrow + ox + k) >> 2][(yrow + ox + k) & 3] = r[k];
+                    [[unroll]] for (int e = 0; e < 4; ++e) {
+                        if (ox + 4 * k + e < p.out_w) y[(yrow + ox + 4 * k + e) >> 2][(yrow + ox + 4 * k + e) & 3] = r[e];
                     }
                 }
             }

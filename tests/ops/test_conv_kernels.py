@@ -3,8 +3,9 @@
 Each case runs one kernel (``kernel=``) in both operand modes (uniform texel buffers, and storage
 buffers via ``VKCONV_CONV_TEXEL=0``) and compares with onnxruntime's CPU ``Conv`` followed by the
 ONNX activation node.  Tolerance: max abs difference <= 1e-4 x max|expected| for every path,
-Winograd F(4x4, 3x3) included (its float32 transform error is about 1e-5 of that scale at 512
-input channels and far less at the channel counts here).  Sizes are chosen so that the register
+Winograd F(4x4, 3x3) and F(6x6, 3x3) included (their float32 transform errors are about 1e-5 and
+2e-5 of that scale at 512 input channels against a float64 direct convolution, less at the channel
+counts here).  Sizes are chosen so that the register
 tiles have partial last blocks (channels not multiples of 4/8/16, widths not multiples of the pixel
 tile, image sizes not multiples of 4).  The ONNX Conv3d conformance models run through
 ``vkconv.conv``; a context with ``VKCONV_LIMITS=mobile`` checks every kernel under a 128-invocation,
@@ -150,6 +151,20 @@ CASES = {
         Case((2, 4, 7, 12), 3, (3, 3), pads=(3, 4, 0, 1)),
         Case((1, 4, 6, 4), 4, (3, 3), pads=(2, 5, 1, 0)),  # pad_w 5: the padded copy
     ],
+    "winograd63": [  # F(6x6, 3x3): 8x8 input tiles, groups of 4 tiles (24 columns) along a row
+        Case((1, 5, 9, 11), 7, (3, 3), pads=(1, 1, 1, 1)),
+        Case((2, 16, 25, 37), 20, (3, 3), pads=(0, 1, 2, 0), activation="Relu"),
+        Case((1, 3, 30, 50), 4, (3, 3), pads=(1, 1, 1, 1), activation=("LeakyRelu", 0.1)),
+        Case((1, 64, 14, 14), 64, (3, 3), pads=(1, 1, 1, 1), activation=("Clip", 0.0, 6.0)),
+        Case((1, 2, 3, 3), 1, (3, 3)),
+        Case((1, 512, 8, 8), 32, (3, 3), pads=(1, 1, 1, 1)),  # the transform error grows with C_in
+        # widths that are multiples of 4: read in place, the pads masked (pad_w 0..4), no pack pass
+        Case((2, 9, 13, 28), 6, (3, 3), pads=(1, 1, 2, 3), activation="Relu"),
+        Case((1, 7, 10, 8), 5, (3, 3)),
+        Case((2, 4, 7, 12), 3, (3, 3), pads=(3, 4, 0, 1)),
+        Case((1, 4, 6, 4), 4, (3, 3), pads=(2, 5, 1, 0)),  # pad_w 5: the padded copy
+        Case((2, 6, 26, 48), 5, (3, 3), pads=(2, 2, 2, 2), activation="Tanh"),  # 2 groups of 4 tiles
+    ],
     "direct": [
         Case((2, 6, 9, 11), 4, (3, 2), (2, 1), (1, 0, 0, 1), (1, 2), 2, "Relu"),
         Case((1, 5, 13), 7, (3,), pads=(1, 2)),
@@ -210,17 +225,18 @@ def test_storage_buffers_replace_texels_past_the_texel_limit():
 
 @pytest.mark.parametrize("mode", ["texel", "ssbo"])
 def test_winograd_reads_inputs_of_whole_vec4_rows_in_place(mode, monkeypatch):
-    """Widths that are multiples of 4 (pad_w <= 4) skip the pack pass; the others keep it."""
+    """Widths that are multiples of 4 (pad_w <= 4) skip the pack pass; the others keep it (F(4,3), F(6,3))."""
     monkeypatch.setenv("VKCONV_CONV_TEXEL", "1" if mode == "texel" else "0")
     suffix = "" if mode == "texel" else "_ssbo"
     for case, packs in ((Case((2, 64, 9, 28), 32, (3, 3), pads=(1, 1, 1, 1)), False),
                         (Case((1, 64, 9, 10), 32, (3, 3), pads=(1, 1, 1, 1)), True),
                         (Case((1, 64, 9, 8), 32, (3, 3), pads=(0, 5, 0, 0)), True)):
-        with Context() as ctx:
-            _run(case, "winograd", seed=7, ctx=ctx)
-            names = {key[0] for key in ctx.pipelines}
-            assert ("conv_pack" + suffix in names or "conv_pack" in names) == packs, (case, names)
-            assert "conv_winograd_in" + suffix in names
+        for kernel in ("winograd", "winograd63"):
+            with Context() as ctx:
+                _run(case, kernel, seed=7, ctx=ctx)
+                names = {key[0] for key in ctx.pipelines}
+                assert ("conv_pack" + suffix in names or "conv_pack" in names) == packs, (case, names)
+                assert "conv_" + kernel + "_in" + suffix in names
 
 
 # -- kernel choice ----------------------------------------------------------------------------
@@ -228,6 +244,8 @@ _SELECTION = [
     (Case((1, 32, 20, 20), 32, (3, 3), pads=(1, 1, 1, 1), group=32), "depthwise"),
     (Case((1, 32, 20, 20), 64, (1, 1)), "gemm1x1"),
     (Case((1, 64, 20, 20), 64, (3, 3), pads=(1, 1, 1, 1)), "winograd"),
+    (Case((1, 64, 112, 112), 64, (3, 3), pads=(1, 1, 1, 1)), "winograd63"),
+    (Case((1, 64, 56, 56), 64, (3, 3), pads=(1, 1, 1, 1)), "winograd"),
     (Case((1, 3, 20, 20), 16, (3, 3), pads=(1, 1, 1, 1)), "implicit_gemm"),
     (Case((1, 32, 20, 20), 64, (3, 3), (2, 2), (1, 1, 1, 1)), "implicit_gemm"),
     (Case((1, 32, 20, 20), 64, (1, 1), (2, 2)), "implicit_gemm"),
@@ -268,7 +286,7 @@ def test_bad_kernel_requests_name_the_argument():
     x, w, b = CASES["implicit_gemm"][3].arrays(2)
     with pytest.raises(ValueError, match="^kernel: unknown 'fast'"):
         vkconv.Conv(w, b, kernel="fast")
-    for kernel in ("gemm1x1", "depthwise", "winograd"):
+    for kernel in ("gemm1x1", "depthwise", "winograd", "winograd63"):
         with vkconv.Conv(w, b, strides=2, kernel=kernel) as op:
             with pytest.raises(ValueError, match=f"^kernel: '{kernel}' cannot run"):
                 op(x)
@@ -332,7 +350,7 @@ def test_conv3d_conformance(name, kernel, conformance, monkeypatch):
 FP16_REL = 2e-3
 
 
-@pytest.mark.parametrize("kernel", ["implicit_gemm", "gemm1x1", "depthwise", "winograd"])
+@pytest.mark.parametrize("kernel", ["implicit_gemm", "gemm1x1", "depthwise", "winograd", "winograd63"])
 def test_fp16_weights_match_within_the_stated_tolerance(kernel, monkeypatch):
     """Winograd keeps fp32 weights (its transform magnifies their rounding) and the fp32 tolerance."""
     if not vkconv.get_context().info.fp16_texel:
@@ -345,7 +363,7 @@ def test_fp16_weights_match_within_the_stated_tolerance(kernel, monkeypatch):
     with vkconv.Conv(w, b, activation=case.activation, kernel=kernel, fp16=True, **g) as op:
         y = op(x)
         kern = op._kernel(op.choice_for(x.shape).candidate)
-        if kernel == "winograd":
+        if kernel in ("winograd", "winograd63"):
             assert kern.gemm.weights.half is None
             assert_close(y, expected, REL, f"{kernel} {case}")
             return

@@ -60,7 +60,7 @@ def test_unknown_profile_is_refused(monkeypatch):
         Context()
 
 
-@pytest.mark.parametrize("kernel", ["implicit_gemm", "winograd", "direct", "gemm1x1", "depthwise"])
+@pytest.mark.parametrize("kernel", ["implicit_gemm", "winograd", "winograd63", "direct", "gemm1x1", "depthwise"])
 def test_conv_build_and_calls_one_submit_each(discrete, kernel):
     """Building uploads nothing on its own: the weights ride in the first call's submit."""
     rng = np.random.default_rng(4)

@@ -430,7 +430,7 @@ class ConvLSTM2D(DeviceOp):
         inp = cand.input
         if inp is None:
             inp = Candidate("implicit_gemm")
-            if select(input_geo, self.ctx.info.type) == "winograd":
+            if select(input_geo, self.ctx.info.type) in ("winograd", "winograd63"):  # F(4,3) for both
                 winograd = self._resolve_conv(Candidate("winograd"), input_geo)
                 if self._kernel("input", winograd).fits(input_geo):
                     inp = winograd

@@ -175,7 +175,7 @@ def transpose_candidates(ctx: Context) -> list[TransposeCandidate]:
 def _tile(kernel: str, cand: TransposeCandidate) -> tuple[int, int]:
     """``cand``'s register tile as dense kernel ``kernel`` takes it: the rows kernels' (MB, PB);
     none for the others (a single phase on ``depthwise`` or ``tiled``, whose tiles are their own)."""
-    return (cand.mb, cand.pb) if kernel in ("implicit_gemm", "gemm1x1", "winograd") else (0, 0)
+    return (cand.mb, cand.pb) if kernel in ("implicit_gemm", "gemm1x1", "winograd", "winograd63") else (0, 0)
 
 
 def default_method() -> str:

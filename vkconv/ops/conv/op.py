@@ -64,12 +64,13 @@ class Conv(WeightedOp):
     ``auto_pad`` (``NOTSET``, ``SAME_UPPER``, ``SAME_LOWER``, ``VALID``) overrides ``pads`` per input
     shape, as in ONNX.  The first call at a new input shape records a command buffer; later calls
     at that shape reuse it (one submit each, no Vulkan object created).  ``kernel`` forces a kernel
-    (``"direct"``, ``"implicit_gemm"``, ``"gemm1x1"``, ``"depthwise"``, ``"winograd"``, ``"tiled"``; default
-    ``VKCONV_CONV_KERNEL`` or ``"auto"``), or a whole :class:`~vkconv.ops.conv.selection.Candidate`
-    (register tile, local size, reads); a forced kernel that cannot run a shape raises ValueError.
+    (``"direct"``, ``"implicit_gemm"``, ``"gemm1x1"``, ``"depthwise"``, ``"winograd"``,
+    ``"winograd63"``, ``"tiled"``; default ``VKCONV_CONV_KERNEL`` or ``"auto"``), or a whole
+    :class:`~vkconv.ops.conv.selection.Candidate` (register tile, local size, reads); a forced
+    kernel that cannot run a shape raises ValueError.
     ``fp16=True`` (default: ``VKCONV_FP16=1``) keeps the weights of the texel-buffer kernels
-    (implicit_gemm, gemm1x1, depthwise; not winograd, whose transform would magnify the rounding) as
-    float16 — half the weight memory and bandwidth;
+    (implicit_gemm, gemm1x1, depthwise; not winograd or winograd63, whose transforms would magnify
+    the rounding) as float16 — half the weight memory and bandwidth;
     inputs, outputs and arithmetic stay float32, so results differ from fp32 weights by the weights'
     rounding (about 5e-4 relative each).
     ``tune``: True measures the candidates of each new input shape the tuning cache lacks (within

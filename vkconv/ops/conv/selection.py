@@ -29,7 +29,7 @@ def eligible(name: str, geo: Geometry) -> str | None:
         return "needs a 1x1 kernel, stride 1 and no padding"
     if name == "depthwise" and not (geo.cin_g == 1 and geo.group > 1):
         return "needs group == input channels (> 1)"
-    if name == "winograd" and not (geo.winograd_shape and geo.group == 1):
+    if name in ("winograd", "winograd63") and not (geo.winograd_shape and geo.group == 1):
         return "needs a 3x3 2-D kernel, stride 1, dilation 1, group 1"
     return None
 
@@ -47,7 +47,7 @@ def select(geo: Geometry, device_type: str = "cpu") -> str:
     if eligible("gemm1x1", geo) is None:
         return "gemm1x1"
     if eligible("winograd", geo) is None and winograd_pays(geo):
-        return "winograd"
+        return "winograd63" if winograd63_pays(geo) else "winograd"
     return "tiled" if device_type in GPU_TYPES else "implicit_gemm"
 
 
@@ -59,6 +59,16 @@ def winograd_pays(geo: Geometry) -> bool:
     tiles = winograd_tiles(geo)[2]
     return (geo.cin_g >= 64 and geo.cout_g >= 32
             and 36 * tiles <= 0.5 * 9 * geo.n * geo.out[1] * geo.out[2])
+
+
+def winograd63_pays(geo: Geometry) -> bool:
+    """F(6x6, 3x3) instead of F(4x4, 3x3) (where Winograd pays) on images of at least 112 x 112 whose
+    tile grids give it at most 0.9 x F(4,3)'s multiplications.  Measured on both lavapipe drivers
+    (docs/PERFORMANCE.md): 0.84-0.92 x F(4,3)'s time on VGG-16 at 224 and 112 (product ratio 0.86),
+    1.02-1.03 x at 56 (0.95), 1.5-1.8 x at 28 and 14, where the groups of 4 tiles along a row pad
+    the 6x6 tile grid most."""
+    return (min(geo.out[1], geo.out[2]) >= 112
+            and 64 * winograd_tiles(geo, 6)[2] <= 0.9 * 36 * winograd_tiles(geo)[2])
 
 
 
@@ -135,7 +145,7 @@ def register_tiles(name: str, base: Tuning) -> list[tuple[int, int]]:
     lavapipe speed (fastest first); ``(0, PB)`` for ``depthwise``; none for the others."""
     if name == "depthwise":
         return [(0, pb) for pb in _DEPTHWISE_PB]
-    if name in ("implicit_gemm", "gemm1x1", "winograd"):
+    if name in ("implicit_gemm", "gemm1x1", "winograd", "winograd63"):
         tiles = sorted(ROWS_SPEED, key=lambda t: -ROWS_SPEED[t])
         return [(mb, pb) for mb, pb in tiles if mb * pb <= base.max_tile]
     return []
@@ -185,9 +195,10 @@ def resolve(ctx: Context, cand: Candidate, geo: Geometry, base: Tuning) -> Candi
     for ``geo``: what actually runs (and what the tuner and the cache compare)."""
     tune = cand.tuning(base)
     name, mb, pb = cand.kernel, 0, 0
-    if name in ("implicit_gemm", "gemm1x1", "winograd"):
+    if name in ("implicit_gemm", "gemm1x1", "winograd", "winograd63"):
         mb = choose_mb(geo.cout_g, tune)
-        width = {"implicit_gemm": geo.out[2], "gemm1x1": math.prod(geo.size)}.get(name) or winograd_tiles(geo)[2]
+        width = ({"implicit_gemm": geo.out[2], "gemm1x1": math.prod(geo.size)}.get(name)
+                 or winograd_tiles(geo, 6 if name == "winograd63" else 4)[2])
         pb = choose_pb(mb, width, tune)
     elif name == "depthwise":
         pb = choose_pb(0, geo.out[2], tune, DEPTHWISE_TILES)
