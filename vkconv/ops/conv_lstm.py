@@ -56,6 +56,7 @@ from vkconv.ops.tune import (
     TuneResult,
     budget_ms,
     cache_entry,
+    cached_candidate,
     measured_choice,
     search,
     tune_mode,
@@ -457,20 +458,9 @@ class ConvLSTM2D(DeviceOp):
                 convs: tuple[Geometry, Geometry]) -> ConvLSTMCandidate | None:
         """The cache's candidate for this shape, if it can run here (a corrupt entry, or one
         written under other limits, is ignored with a log line)."""
-        key = self._signature(x_shape, with_state)
-        entry = cache_for(self.ctx).get(key)
-        if entry is None:
-            return None
-        try:
-            cand = self._resolve(ConvLSTMCandidate.from_json(entry.get("candidate")), convs)
-        except (ValueError, TypeError) as exc:
-            log.warning("tuning cache entry for %s ignored: %s", key, exc)
-            return None
-        reason = self._unusable(cand, convs)
-        if reason is not None:
-            log.warning("tuning cache entry for %s ignored: %s", key, reason)
-            return None
-        return cand
+        return cached_candidate(self.ctx, self._signature(x_shape, with_state),
+                                lambda record: self._resolve(ConvLSTMCandidate.from_json(record), convs),
+                                lambda cand: self._unusable(cand, convs))
 
     def autotune(self, x_shape: Sequence[int], budget: float | None = None,
                  with_state: bool | None = None) -> TuneResult[ConvLSTMCandidate]:

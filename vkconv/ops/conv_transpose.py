@@ -55,6 +55,7 @@ from vkconv.ops.tune import (
     TuneResult,
     budget_ms,
     cache_entry,
+    cached_candidate,
     measured_choice,
     search,
     tune_mode,
@@ -568,19 +569,9 @@ class ConvTranspose(WeightedOp):
 
     def _cached(self, x_shape, y_shape) -> TransposeCandidate | None:
         """The cache's candidate for this shape, if it can run here."""
-        signature = self._signature(x_shape, y_shape)
-        entry = cache_for(self.ctx).get(signature)
-        if entry is None:
-            return None
-        try:
-            cand = TransposeCandidate.from_json(entry.get("candidate"))
-        except (ValueError, TypeError) as exc:
-            log.warning("tuning cache entry for %s ignored: %s", signature, exc)
-            return None
-        if self._runs(cand, x_shape, y_shape) is None:
-            log.warning("tuning cache entry for %s ignored: %s cannot run it here", signature, cand.label())
-            return None
-        return cand
+        return cached_candidate(self.ctx, self._signature(x_shape, y_shape), TransposeCandidate.from_json,
+                                lambda cand: None if self._runs(cand, x_shape, y_shape) is not None
+                                else "its path does not apply or its buffers do not fit")
 
     def _runs(self, cand: TransposeCandidate, x_shape, y_shape) -> tuple | None:
         """What :meth:`_build_plan` takes to run ``cand`` at this shape: ``(GEMM geometry,)``,

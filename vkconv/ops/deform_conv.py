@@ -78,6 +78,7 @@ from vkconv.ops.tune import (
     TuneResult,
     budget_ms,
     cache_entry,
+    cached_candidate,
     measured_choice,
     search,
     tune_mode,
@@ -375,20 +376,9 @@ class DeformConv(WeightedOp):
     def _cached(self, x_shape: tuple[int, ...], has_mask: bool, out_hw: int) -> DeformCandidate | None:
         """The cache's candidate for this shape, if it can run here (a corrupt entry, or one
         written under other limits, is ignored with a log line)."""
-        key = self._signature(x_shape, has_mask)
-        entry = cache_for(self.ctx).get(key)
-        if entry is None:
-            return None
-        try:
-            cand = self._resolve(DeformCandidate.from_json(entry.get("candidate")), out_hw)
-        except (ValueError, TypeError) as exc:
-            log.warning("tuning cache entry for %s ignored: %s", key, exc)
-            return None
-        reason = self._unusable(cand)
-        if reason is not None:
-            log.warning("tuning cache entry for %s ignored: %s", key, reason)
-            return None
-        return cand
+        return cached_candidate(self.ctx, self._signature(x_shape, has_mask),
+                                lambda record: self._resolve(DeformCandidate.from_json(record), out_hw),
+                                self._unusable)
 
     def autotune(self, x_shape: Sequence[int], budget: float | None = None,
                  has_mask: bool | None = None) -> TuneResult[DeformCandidate]:

@@ -21,7 +21,17 @@ from typing import NamedTuple
 
 import numpy as np
 
-from vkconv.ops.tune import Choice, TimedPlan, TuneResult, budget_ms, cache_entry, measured_choice, search, tune_mode
+from vkconv.ops.tune import (
+    Choice,
+    TimedPlan,
+    TuneResult,
+    budget_ms,
+    cache_entry,
+    cached_candidate,
+    measured_choice,
+    search,
+    tune_mode,
+)
 from vkconv.runtime.context import Context
 from vkconv.runtime.dispatch import CPU_LOOP_GROUPS, CPU_TRANSPOSE_GROUPS, LOOP_LOCAL, looped_grid
 from vkconv.runtime.plan import Plan
@@ -122,19 +132,9 @@ class LoopLaunch:
 
 def cached_launch(ctx: Context, kernel: str, count: int) -> LaunchCandidate | None:
     """The cache's launch shape for ``kernel`` at ``count`` items, if it is valid on this device."""
-    signature = launch_signature(kernel, count)
-    entry = cache_for(ctx).get(signature)
-    if entry is None:
-        return None
-    try:
-        cand = LaunchCandidate.from_json(entry.get("candidate"))
-    except (ValueError, TypeError, AttributeError) as exc:
-        log.warning("tuning cache entry for %s ignored: %s", signature, exc)
-        return None
-    if cand.local != ctx.local_size(cand.local):
-        log.warning("tuning cache entry for %s ignored: %d invocations do not fit here", signature, cand.local)
-        return None
-    return cand
+    return cached_candidate(ctx, launch_signature(kernel, count), LaunchCandidate.from_json,
+                            lambda cand: None if cand.local == ctx.local_size(cand.local)
+                            else f"{cand.local} invocations per workgroup do not fit")
 
 
 def _run_plan(op: LoopLaunch, in_shapes: Sequence[Shape], arrays: Sequence[np.ndarray]) -> tuple[Plan, np.ndarray]:

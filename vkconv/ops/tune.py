@@ -35,6 +35,7 @@ from vkconv.runtime.context import Context
 from vkconv.runtime.errors import VkconvError
 from vkconv.runtime.plan import Plan
 from vkconv.runtime.timestamps import Stopwatch
+from vkconv.runtime.tunecache import cache_for
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +222,27 @@ def search(baseline: C, stages: Sequence[Callable[[C], Sequence[C]]], measure: C
     log.debug("tuned in %.2f s: %s %.3f ms (baseline %s %.3f ms), %d trials", result.seconds, result.best,
               result.best_ms, baseline, base_ms, len(result.trials))
     return result
+
+
+def cached_candidate(ctx: Context, key: str, parse: Callable[[object], C],
+                     unusable: Callable[[C], str | None]) -> C | None:
+    """The tuning cache's candidate under ``key`` (its record parsed by ``parse``, e.g. a candidate
+    class's ``from_json``), or None: when the cache has none, and when the record is corrupt or
+    cannot run here (written under other limits or by another vkconv, ``unusable`` says why),
+    which is logged once and ignored."""
+    entry = cache_for(ctx).get(key)
+    if entry is None:
+        return None
+    try:
+        cand = parse(entry.get("candidate"))
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        log.warning("tuning cache entry for %s ignored: %s", key, exc)
+        return None
+    reason = unusable(cand)
+    if reason is not None:
+        log.warning("tuning cache entry for %s ignored: %s cannot run here: %s", key, cand, reason)
+        return None
+    return cand
 
 
 def cache_entry(result: TuneResult, to_json: Callable[[C], dict], limit: float) -> dict:

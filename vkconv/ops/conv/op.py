@@ -33,6 +33,7 @@ from vkconv.ops.tune import (
     TuneResult,
     budget_ms,
     cache_entry,
+    cached_candidate,
     measured_choice,
     search,
     tune_mode,
@@ -187,19 +188,8 @@ class Conv(WeightedOp):
     def _cached(self, geo: Geometry) -> Candidate | None:
         """The cache's candidate for ``geo``, if it can run here (a cache written under other limits
         or by another vkconv may hold one that cannot: it is ignored)."""
-        entry = cache_for(self.ctx).get(self._signature(geo))
-        if entry is None:
-            return None
-        try:
-            cand = Candidate.from_json(entry.get("candidate"))
-        except (ValueError, TypeError) as exc:
-            log.warning("tuning cache entry for %s ignored: %s", self._signature(geo), exc)
-            return None
-        reason = self._unusable(cand, geo)
-        if reason is not None:
-            log.warning("tuning cache entry for %s ignored: %s %s", self._signature(geo), cand.label(), reason)
-            return None
-        return cand
+        return cached_candidate(self.ctx, self._signature(geo), Candidate.from_json,
+                                lambda cand: self._unusable(cand, geo))
 
     def _unusable(self, cand: Candidate, geo: Geometry) -> str | None:
         """Why ``cand`` cannot run ``geo`` on this device (None if it can)."""

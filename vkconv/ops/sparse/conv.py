@@ -21,7 +21,7 @@ import numpy as np
 from vkconv.kernels.activation import Activation
 from vkconv.ops.sparse.device import Recording, lease, release, texel_capable
 from vkconv.ops.sparse.rulebook import Rulebook
-from vkconv.ops.tune import Agreement, TuneResult, budget_ms, search
+from vkconv.ops.tune import Agreement, TuneResult, budget_ms, cached_candidate, search
 from vkconv.runtime.buffer import Buffer
 from vkconv.runtime.context import Context
 from vkconv.runtime.pipeline import STORAGE, TEXEL1, TEXEL4, texel_fits
@@ -117,21 +117,13 @@ def layer_signature(rb: Rulebook, w: PackedWeights, inverse: bool) -> str:
 
 def cached_tile(ctx: Context, key: str, coutp: int) -> Tile | None:
     """The tuning cache's tile for ``key``, if it can run here (else None, logged)."""
-    entry = cache_for(ctx).get(key)
-    if entry is None:
-        return None
-    try:
-        tile = Tile(**entry["candidate"])
+    def parse(record) -> Tile:
+        tile = Tile(**record)
         if not all(isinstance(v, int) for v in dataclasses.astuple(tile)):
             raise TypeError(f"{tile}: expected whole numbers and booleans")
-    except (KeyError, TypeError) as exc:
-        log.warning("tuning cache entry for %s ignored: %s", key, exc)
-        return None
-    reason = tile_fits(ctx, tile, coutp)
-    if reason is not None:
-        log.warning("tuning cache entry for %s ignored: %s", key, reason)
-        return None
-    return tile
+        return tile
+
+    return cached_candidate(ctx, key, parse, lambda tile: tile_fits(ctx, tile, coutp))
 
 
 class _TimedTile:
