@@ -71,7 +71,6 @@ def winograd63_pays(geo: Geometry) -> bool:
             and 64 * winograd_tiles(geo, 6)[2] <= 0.9 * 36 * winograd_tiles(geo)[2])
 
 
-
 @dataclass(frozen=True)
 class Candidate:
     """One way to run a convolution: a kernel family and the launch choices it leaves open
