@@ -24,6 +24,21 @@ def _destroy(ctx: Context, handles: list) -> None:
     ctx.track("fence", -1)
 
 
+def _memory_barrier(src: int, dst: int):
+    """A ``VkMemoryBarrier*`` made once and passed as is: the ``vulkan`` module's keyword
+    constructors cost about 9 us a struct, paid on every barrier of every recording otherwise."""
+    return vk.ffi.new("VkMemoryBarrier*", {"sType": vk.VK_STRUCTURE_TYPE_MEMORY_BARRIER,
+                                           "srcAccessMask": src, "dstAccessMask": dst})
+
+
+_ALL_ACCESS = (vk.VK_ACCESS_SHADER_WRITE_BIT | vk.VK_ACCESS_SHADER_READ_BIT
+               | vk.VK_ACCESS_TRANSFER_WRITE_BIT | vk.VK_ACCESS_TRANSFER_READ_BIT)
+_BARRIER = _memory_barrier(_ALL_ACCESS, _ALL_ACCESS)
+_HOST_BARRIER = _memory_barrier(vk.VK_ACCESS_SHADER_WRITE_BIT | vk.VK_ACCESS_TRANSFER_WRITE_BIT,
+                                vk.VK_ACCESS_HOST_READ_BIT)
+_WORK_STAGES = vk.VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT | vk.VK_PIPELINE_STAGE_TRANSFER_BIT
+
+
 class CommandBuffer:
     """A primary command buffer and its fence.  ``submit()`` blocks until the device is done."""
 
@@ -71,7 +86,7 @@ class CommandBuffer:
             return
         v.vkCmdBindPipeline(self.handle, v.VK_PIPELINE_BIND_POINT_COMPUTE, pipeline.handle)
         v.vkCmdBindDescriptorSets(self.handle, v.VK_PIPELINE_BIND_POINT_COMPUTE, pipeline.layout,
-                                  0, 1, [dset.handle], 0, None)
+                                  0, 1, dset.handles, 0, None)
         if pipeline.push_size:
             if len(push) != pipeline.push_size:
                 raise VkconvError(f"{pipeline.name}: {len(push)} push-constant bytes, "
@@ -85,22 +100,12 @@ class CommandBuffer:
 
     def barrier(self) -> None:
         """Make every earlier shader or transfer write visible to later shaders and transfers."""
-        v = vk
-        stages = v.VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT | v.VK_PIPELINE_STAGE_TRANSFER_BIT
-        access = (v.VK_ACCESS_SHADER_WRITE_BIT | v.VK_ACCESS_SHADER_READ_BIT
-                  | v.VK_ACCESS_TRANSFER_WRITE_BIT | v.VK_ACCESS_TRANSFER_READ_BIT)
-        barrier = v.VkMemoryBarrier(srcAccessMask=access, dstAccessMask=access)
-        v.vkCmdPipelineBarrier(self.handle, stages, stages, 0, 1, [barrier], 0, None, 0, None)
+        vk.vkCmdPipelineBarrier(self.handle, _WORK_STAGES, _WORK_STAGES, 0, 1, _BARRIER, 0, None, 0, None)
 
     def host_barrier(self) -> None:
         """Make device writes visible to the host after the fence (needed before mapped reads)."""
-        v = vk
-        barrier = v.VkMemoryBarrier(
-            srcAccessMask=v.VK_ACCESS_SHADER_WRITE_BIT | v.VK_ACCESS_TRANSFER_WRITE_BIT,
-            dstAccessMask=v.VK_ACCESS_HOST_READ_BIT)
-        v.vkCmdPipelineBarrier(self.handle,
-                               v.VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT | v.VK_PIPELINE_STAGE_TRANSFER_BIT,
-                               v.VK_PIPELINE_STAGE_HOST_BIT, 0, 1, [barrier], 0, None, 0, None)
+        vk.vkCmdPipelineBarrier(self.handle, _WORK_STAGES, vk.VK_PIPELINE_STAGE_HOST_BIT, 0, 1, _HOST_BARRIER,
+                                0, None, 0, None)
 
     def copy(self, src, dst, size: int) -> None:
         region = vk.VkBufferCopy(srcOffset=0, dstOffset=0, size=size)

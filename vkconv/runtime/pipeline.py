@@ -32,6 +32,8 @@ TEXEL4 = "texel4"
 TEXEL4H = "texel4h"  # RGBA16F view: texelFetch still gives vec4 number i, stored as 4 halves
 TEXEL1 = "texel1"
 _TEXEL_BYTES = {TEXEL4: 16, TEXEL4H: 8, TEXEL1: 4}
+_TEXEL_FORMATS = {TEXEL4: vk.VK_FORMAT_R32G32B32A32_SFLOAT, TEXEL4H: vk.VK_FORMAT_R16G16B16A16_SFLOAT,
+                  TEXEL1: vk.VK_FORMAT_R32_SFLOAT}
 
 
 def binding_kinds(bindings) -> tuple[str, ...]:
@@ -160,51 +162,67 @@ def _destroy_set(ctx: Context, handles: dict) -> None:
 
 class DescriptorSet:
     """``buffers`` bound, in order, to the bindings of ``pipeline``; owns its own small pool and the
-    buffer views of its texel bindings."""
+    buffer views of its texel bindings.
+
+    The Vulkan structs are filled as raw cffi arrays: the ``vulkan`` module's keyword constructors
+    cost about 9 us a struct, which made a set 0.14-0.25 ms of host time (measured), most of a
+    sparse convolution's per-call overhead (it binds four sets per call)."""
 
     def __init__(self, pipeline: Pipeline, buffers: list[Buffer]):
         if len(buffers) != pipeline.n_buffers:
             raise VkconvError(f"{pipeline.name} takes {pipeline.n_buffers} buffers, got {len(buffers)}")
         v, ctx = vk, pipeline.ctx
+        ffi = v.ffi
         self.ctx, self.buffers = ctx, list(buffers)
         self._h: dict = {"views": []}
         self._finalizer = weakref.finalize(self, _destroy_set, ctx, self._h)
         kinds = pipeline.kinds
-        types = sorted({_descriptor_type(k) for k in kinds})
-        sizes = [v.VkDescriptorPoolSize(type=t, descriptorCount=sum(_descriptor_type(k) == t for k in kinds))
-                 for t in types]
-        pool_info = v.VkDescriptorPoolCreateInfo(maxSets=1, poolSizeCount=len(sizes), pPoolSizes=sizes)
-        self._h["pool"] = v.vkCreateDescriptorPool(ctx.device, pool_info, None)
-        ctx.track("descriptor_pool", 1)
-        alloc = v.VkDescriptorSetAllocateInfo(descriptorPool=self._h["pool"], descriptorSetCount=1,
-                                              pSetLayouts=[pipeline.set_layout])
-        self.handle = v.vkAllocateDescriptorSets(ctx.device, alloc)[0]
-        infos, writes = [], []  # infos keeps the structs alive until the update
+        n = len(kinds)
         for i, (kind, buf) in enumerate(zip(kinds, buffers)):
             if kind == STORAGE:
-                info = v.VkDescriptorBufferInfo(buffer=buf.buffer, offset=0, range=buf.size)
-                infos.append(info)
-                writes.append(v.VkWriteDescriptorSet(dstSet=self.handle, dstBinding=i, descriptorCount=1,
-                                                     descriptorType=_descriptor_type(kind), pBufferInfo=[info]))
                 continue
             if not buf.texel:
                 raise VkconvError(f"{pipeline.name}: binding {i} is a texel buffer, but {buf.name} was "
                                   "not created with texel=True")
-            texel = _TEXEL_BYTES[kind]
             if not texel_fits(ctx, buf.size, kind):
-                raise VkconvError(f"{buf.name}: {buf.size // texel} texels exceed the device's "
+                raise VkconvError(f"{buf.name}: {buf.size // _TEXEL_BYTES[kind]} texels exceed the device's "
                                   f"maxTexelBufferElements ({ctx.info.max_texel_buffer_elements})")
-            formats = {TEXEL4: v.VK_FORMAT_R32G32B32A32_SFLOAT, TEXEL4H: v.VK_FORMAT_R16G16B16A16_SFLOAT,
-                       TEXEL1: v.VK_FORMAT_R32_SFLOAT}
-            view_info = v.VkBufferViewCreateInfo(buffer=buf.buffer, format=formats[kind], offset=0,
-                                                 range=buf.size // texel * texel)
-            view = v.vkCreateBufferView(ctx.device, view_info, None)
-            self._h["views"].append(view)
+        types = sorted({_descriptor_type(k) for k in kinds})
+        sizes = ffi.new("VkDescriptorPoolSize[]", len(types))
+        for size, t in zip(sizes, types):
+            size.type, size.descriptorCount = t, sum(_descriptor_type(k) == t for k in kinds)
+        pool_info = ffi.new("VkDescriptorPoolCreateInfo*", {
+            "sType": v.VK_STRUCTURE_TYPE_DESCRIPTOR_POOL_CREATE_INFO, "maxSets": 1,
+            "poolSizeCount": len(types), "pPoolSizes": sizes})
+        self._h["pool"] = v.vkCreateDescriptorPool(ctx.device, pool_info, None)
+        ctx.track("descriptor_pool", 1)
+        layouts = ffi.new("VkDescriptorSetLayout[]", [pipeline.set_layout])
+        alloc = ffi.new("VkDescriptorSetAllocateInfo*", {
+            "sType": v.VK_STRUCTURE_TYPE_DESCRIPTOR_SET_ALLOCATE_INFO, "descriptorPool": self._h["pool"],
+            "descriptorSetCount": 1, "pSetLayouts": layouts})
+        self.handle = v.vkAllocateDescriptorSets(ctx.device, alloc)[0]
+        self.handles = ffi.new("VkDescriptorSet[]", [self.handle])  # what vkCmdBindDescriptorSets takes
+        infos = ffi.new("VkDescriptorBufferInfo[]", n)
+        views = ffi.new("VkBufferView[]", n)
+        writes = ffi.new("VkWriteDescriptorSet[]", n)
+        view_info = ffi.new("VkBufferViewCreateInfo*", {"sType": v.VK_STRUCTURE_TYPE_BUFFER_VIEW_CREATE_INFO})
+        for i, (kind, buf) in enumerate(zip(kinds, buffers)):
+            write = writes[i]
+            write.sType = v.VK_STRUCTURE_TYPE_WRITE_DESCRIPTOR_SET
+            write.dstSet, write.dstBinding, write.descriptorCount = self.handle, i, 1
+            write.descriptorType = _descriptor_type(kind)
+            if kind == STORAGE:
+                infos[i].buffer, infos[i].offset, infos[i].range = buf.buffer, 0, buf.size
+                write.pBufferInfo = infos + i
+                continue
+            texel = _TEXEL_BYTES[kind]
+            view_info.buffer, view_info.format = buf.buffer, _TEXEL_FORMATS[kind]
+            view_info.offset, view_info.range = 0, buf.size // texel * texel
+            views[i] = v.vkCreateBufferView(ctx.device, view_info, None)
+            self._h["views"].append(views[i])
             ctx.track("buffer_view", 1)
-            writes.append(v.VkWriteDescriptorSet(dstSet=self.handle, dstBinding=i, descriptorCount=1,
-                                                 descriptorType=_descriptor_type(kind),
-                                                 pTexelBufferView=[view]))
-        v.vkUpdateDescriptorSets(ctx.device, len(writes), writes, 0, None)
+            write.pTexelBufferView = views + i
+        v.vkUpdateDescriptorSets(ctx.device, n, writes, 0, None)
         ctx.adopt(self)
 
     def close(self) -> None:
