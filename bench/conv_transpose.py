@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""ConvTranspose benchmark: vkconv's gather kernel vs its stride-phase decomposition, each next to a
+"""ConvTranspose benchmark: vkconv's three paths (the gather kernel, one convolution per stride
+phase, one sub-pixel convolution and a shuffle; each forced), what ``method="auto"`` picks, next to a
 dense 3x3 ``vkconv.Conv`` of comparable work forced to ``kernel="implicit_gemm"`` (the dense conv's
 raw arithmetic rate), and ncnn's Vulkan Deconvolution (fp32) where ``import ncnn`` works.
 
@@ -7,8 +8,9 @@ GFLOP/s = 2 x MACs of the direct formulation (every input pixel times every tap)
 numpy in and out.  The dense conv has the layer's channels and a 3x3 kernel over a square image
 (side a multiple of 4) of about the same MACs.  ``--rounds`` repeats the whole set; each round's
 ratios come from that round's own medians (the machine is shared: compare within a round), and the
-summary is the median over rounds.  Within a case the three are timed in turns (gather, phases,
-dense, gather, ...), so that load changes hit all three alike.
+summary is the median over rounds.  Within a case they are timed in turns (gather, phases,
+subpixel, dense, gather, ...), so that load changes hit all alike; a path that cannot run a case
+shows as "-".
 
     python bench/conv_transpose.py [--runs 5] [--rounds 3] [--cases k4s2p1-128-64-56,...]
 """
@@ -29,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 import vkconv  # noqa: E402
 from cv_plugin.bench import report  # noqa: E402
+from vkconv.ops.conv_transpose import TransposeCandidate  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,9 @@ CASES = [
 ]
 
 
+PATHS = ("gather", "phases", "subpixel")
+
+
 def bench_round(cases: list[Case], runs: int) -> list[dict]:
     rows = []
     for case in cases:
@@ -80,34 +86,38 @@ def bench_round(cases: list[Case], runs: int) -> list[dict]:
         side = case.dense_side()
         xd = rng.standard_normal((case.batch, case.cin) + (side,) * case.nd).astype(np.float32)
         wd = (rng.standard_normal((case.cout, case.cin) + (3,) * case.nd) / 20).astype(np.float32)
-        ops = {method: vkconv.ConvTranspose(w, b, strides=case.s, pads=case.p, output_padding=case.output_padding,
-                                            method=method) for method in ("gather", "phases")}
+        kw = dict(strides=case.s, pads=case.p, output_padding=case.output_padding)
+        ops = {path: vkconv.ConvTranspose(w, b, method=TransposeCandidate(path), **kw) for path in PATHS}
+        auto = vkconv.ConvTranspose(w, b, **kw)
         conv = vkconv.Conv(wd, b, pads=1, kernel="implicit_gemm")
         try:
-            for method, op in ops.items():
-                assert op.method_for(x.shape) == method, (case, method)
-            outs = {method: op(x) for method, op in ops.items()}
-            row = {"case": case.name}
+            outs = {}
+            for path, op in list(ops.items()):
+                try:
+                    outs[path] = op(x)
+                except ValueError:  # the path does not apply to this case
+                    ops.pop(path).close()
+            row = {"case": case.name, "auto": auto.choice_for(x.shape).candidate.label()}
             fns = {f"{m}_ms": (lambda op=op, x=x: op(x)) for m, op in ops.items()}
             row |= report.interleaved_ms(fns | {"dense_ms": lambda conv=conv, xd=xd: conv(xd)}, runs)
         finally:
-            for op in ops.values():
+            for op in (*ops.values(), auto, conv):
                 op.close()
-            conv.close()
-        row["diff"] = float(np.abs(outs["phases"] - outs["gather"]).max() / np.abs(outs["gather"]).max())
+        row["diff"] = max(float(np.abs(y - outs["gather"]).max() / np.abs(outs["gather"]).max())
+                          for y in outs.values())
         dense_macs = case.batch * side ** case.nd * case.cin * case.cout * 3 ** case.nd
         row["dense_gflops"] = 2e-6 * dense_macs / row["dense_ms"]
-        for method in ("gather", "phases"):
-            row[f"{method}_gflops"] = 2e-6 * case.macs / row[f"{method}_ms"]
-            row[f"{method}_eff"] = row[f"{method}_gflops"] / row["dense_gflops"]
+        for path in ops:
+            row[f"{path}_gflops"] = 2e-6 * case.macs / row[f"{path}_ms"]
+            row[f"{path}_eff"] = row[f"{path}_gflops"] / row["dense_gflops"]
         rows.append(row)
     return rows
 
 
 def bench_ncnn(case: Case, runs: int) -> dict | None:
-    """ncnn's Vulkan Deconvolution (fp32) on ``case`` (2-D) and vkconv's phases, timed in turns: median
-    ms of each and the max |difference| (absolute and over max |y|), or None (with a note) when ncnn
-    cannot run."""
+    """ncnn's Vulkan Deconvolution (fp32) on ``case`` (2-D) and vkconv (``method="auto"``, heuristics or
+    the tuning cache), timed in turns: median ms of each and the max |difference| (absolute and over
+    max |y|), or None (with a note) when ncnn cannot run."""
     try:
         import ncnn
     except ImportError as exc:
@@ -144,13 +154,13 @@ def bench_ncnn(case: Case, runs: int) -> dict | None:
             raise RuntimeError(f"ncnn extract failed ({ret})")
         return np.array(out)
 
-    with vkconv.ConvTranspose(w, b, strides=case.s, pads=case.p, output_padding=case.output_padding,
-                              method="phases") as op:
+    with vkconv.ConvTranspose(w, b, strides=case.s, pads=case.p, output_padding=case.output_padding) as op:
         y, ours = forward()[None], op(x)
-        ms = report.interleaved_ms({"ncnn": forward, "phases": lambda: op(x)}, runs)
+        path = op.choice_for(x.shape).candidate.label()
+        ms = report.interleaved_ms({"ncnn": forward, "vkconv": lambda: op(x)}, runs)
     net.clear()
     diff = float(np.abs(y - ours).max())
-    return {"ncnn_ms": ms["ncnn"], "phases_ms": ms["phases"], "diff": diff,
+    return {"ncnn_ms": ms["ncnn"], "vkconv_ms": ms["vkconv"], "path": path, "diff": diff,
             "rel_diff": diff / float(np.abs(ours).max()), "device": ncnn.get_gpu_device(0).info().device_name()}
 
 
@@ -165,28 +175,32 @@ def main() -> int:
     ctx = vkconv.get_context()
     print(f"device: {ctx.info.name} ({ctx.info.type}), Vulkan {ctx.info.api_version}")
     rounds = []
+
+    def cell(row: dict, path: str) -> str:
+        return (f"{row[path + '_ms']:7.1f} ({row[path + '_eff']:.2f})" if path + "_ms" in row else f"{'-':>14s}")
+
     for r in range(args.rounds):
         rows = bench_round(cases, args.runs)
         rounds.append(rows)
         for row in rows:
-            print(f"round {r}: {row['case']:22s} gather {row['gather_ms']:7.1f} ms ({row['gather_eff']:.2f})  "
-                  f"phases {row['phases_ms']:7.1f} ms ({row['phases_eff']:.2f})  dense {row['dense_gflops']:5.1f} "
-                  f"GFLOP/s  diff {row['diff']:.1e}", flush=True)
-    print("\nmedians over rounds (efficiency = GFLOP/s / dense implicit-GEMM 3x3 conv's GFLOP/s, same round)")
-    print(f"{'case':22s} {'gather ms':>9s} {'eff':>5s} {'phases ms':>9s} {'eff':>5s} {'speedup':>7s} "
-          f"{'dense GF/s':>10s}")
+            paths = "  ".join(f"{p} {cell(row, p)}" for p in PATHS)
+            print(f"round {r}: {row['case']:22s} {paths}  dense {row['dense_gflops']:5.1f} GFLOP/s  "
+                  f"auto {row['auto']}  diff {row['diff']:.1e}", flush=True)
+    print("\nmedians over rounds, ms (efficiency = GFLOP/s / dense implicit-GEMM 3x3 conv's GFLOP/s, same round);"
+          " auto: what method=\"auto\" runs (heuristics; a tuned cache may differ)")
+    print(f"{'case':22s} " + " ".join(f"{p:>14s}" for p in PATHS) + f" {'dense GF/s':>10s}  auto")
     for i, case in enumerate(cases):
-        col = {key: statistics.median(rows[i][key] for rows in rounds) for key in rounds[0][i] if key != "case"}
-        speedup = statistics.median(rows[i]["gather_ms"] / rows[i]["phases_ms"] for rows in rounds)
-        print(f"{case.name:22s} {col['gather_ms']:9.1f} {col['gather_eff']:5.2f} {col['phases_ms']:9.1f} "
-              f"{col['phases_eff']:5.2f} {speedup:7.2f} {col['dense_gflops']:10.1f}")
+        col = {key: statistics.median(rows[i][key] for rows in rounds)
+               for key in rounds[0][i] if key not in ("case", "auto")}
+        print(f"{case.name:22s} " + " ".join(cell(col, p) for p in PATHS)
+              + f" {col['dense_gflops']:10.1f}  {rounds[-1][i]['auto']}")
     if not args.no_ncnn:
         main_case = CASES[0]
         res = bench_ncnn(main_case, args.runs)
         if res is not None:
             print(f"\nncnn Vulkan Deconvolution fp32 on {res['device']}, {main_case.name}: {res['ncnn_ms']:.1f} ms; "
-                  f"vkconv phases {res['phases_ms']:.1f} ms ({res['phases_ms'] / res['ncnn_ms']:.2f}x ncnn's time), "
-                  f"max |diff| {res['diff']:.1e} ({res['rel_diff']:.1e} of max |y|)")
+                  f"vkconv ({res['path']}) {res['vkconv_ms']:.1f} ms ({res['vkconv_ms'] / res['ncnn_ms']:.2f}x ncnn's "
+                  f"time), max |diff| {res['diff']:.1e} ({res['rel_diff']:.1e} of max |y|)")
     return 0
 
 

@@ -7,7 +7,9 @@
 //   WINOGRAD_IN       V[a][ci][t] = (B^T d B)[a] for every 6x6 input tile d (36 values a);
 //   conv_rows       M[a] = U[a] x V[a], 36 GEMMs run as one grouped 1x1 convolution, with
 //                     U[a] = (G g G^T)[a] transformed on the host (float64) at weight load;
-//   WINOGRAD_OUT      y = A^T M A + bias, activation, for every 4x4 output tile.
+//   WINOGRAD_OUT      y = A^T M A + bias, activation, for every 4x4 output tile (PH x PW > 1: the
+//                     sub-pixel convolution of a transposed one, each channel's plane stored
+//                     straight into its phase of the layer's output, see below).
 // Tiles are numbered t = (n * tiles_h + ty) * tiles_w4 + tx with tiles_w4 = 4 * tiles_q. Each
 // invocation handles one row of tiles, 4 horizontally adjacent tiles at a time, so transformed
 // values move as vec4s over 4 tiles (lavapipe pays per load/store instruction, not per byte). F(4,3) does 4x fewer
@@ -153,12 +155,19 @@ void main()
 layout(std430, binding = 1) readonly buffer Bias { float bias[]; };
 layout(std430, binding = 2) writeonly buffer Output { vec4 y[]; };
 layout(constant_id = 9) const bool VEC_OUT = false;  // out_w % 4 == 0: whole tile rows as vec4s
+// The strides of a transposed convolution run as its sub-pixel convolution
+// (vkconv/ops/conv_transpose.py): channel c = co * PH * PW + rh * PW + rw holds phase (rh, rw) of
+// output channel co, and its pixel (oy, ox) goes to pixel (oy * PH + rh, ox * PW + rw) of the
+// layer's y_h x y_w output (none past its edge), so no shuffle pass follows.  1 x 1: a plain store.
+layout(constant_id = 10) const int PH = 1;
+layout(constant_id = 11) const int PW = 1;
 
 layout(push_constant) uniform Params {
     int channels, tiles_h, tiles_q;
     int out_h, out_w;
     int ntp;
     float act_a, act_b;
+    int y_h, y_w;  // the stored output's size: out_h x out_w, or the transposed convolution's
 } p;
 
 #if TILE_M == 6
@@ -201,6 +210,10 @@ void main()
     const float b = bias[co];
     const int rows = min(M, p.out_h - M * ty);
     const int y_row = ((n * p.channels + co) * p.out_h + M * ty) * p.out_w;
+    // PH x PW > 1: this channel is phase (rh, rw) of the stored plane y_plane
+    const int phase = co % (PH * PW);
+    const int rh = phase / PW, rw = phase - rh * PW;
+    const int y_plane = ((n * p.channels + co - phase) / (PH * PW)) * p.y_h * p.y_w;
 
     for (int q = 0; q < p.tiles_q; ++q) {
         vec4 t[M][N];  // (A^T M)[i][col]
@@ -222,10 +235,19 @@ void main()
                 [[unroll]] for (int k = 0; k < M; ++k) raw[M * j + k] = o[k][j];
             }
             const int ox = 4 * M * q;
+            const int sy = (M * ty + i) * PH + rh;  // PH x PW > 1: the stored row
             [[unroll]] for (int k = 0; k < M; ++k) {
                 const vec4 r = activate4(vec4(raw[4 * k], raw[4 * k + 1], raw[4 * k + 2], raw[4 * k + 3]) + b,
                                          p.act_a, p.act_b);
-                if (VEC_OUT) {
+                if (PH * PW > 1) {
+                    [[unroll]] for (int e = 0; e < 4; ++e) {
+                        const int sx = (ox + 4 * k + e) * PW + rw;
+                        if (ox + 4 * k + e < p.out_w && sy < p.y_h && sx < p.y_w) {
+                            const int at = y_plane + sy * p.y_w + sx;
+                            y[at >> 2][at & 3] = r[e];
+                        }
+                    }
+                } else if (VEC_OUT) {
                     if (ox + 4 * k < p.out_w) y[(yrow + ox) / 4 + k] = r;
                 } else {
                     [[unroll]] for (int e = 0; e < 4; ++e) {

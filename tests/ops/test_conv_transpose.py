@@ -23,6 +23,7 @@ from onnx import helper, numpy_helper
 from oracles import assert_close, onnx_reference, onnxruntime_reference
 
 import vkconv
+from vkconv.ops.conv_transpose import TransposeCandidate
 
 CT = importlib.import_module("vkconv.ops.conv_transpose")  # the module; vkconv.conv_transpose is the function
 
@@ -255,13 +256,14 @@ def test_decoder_shapes_against_onnxruntime(k, s, p, a):
     ((1, 24, 20, 20), (2, 2), 1, "Sigmoid"),   # PP-OCR's head shape, scaled down
     ((1, 3, 9), (3,), 1, None),                # 1-D, 3 taps
     ((1, 4, 3, 4, 5), (2, 1, 3), 1, "Tanh"),   # 3-D, unequal strides
-    ((1, 5, 4, 4), (1, 1), 1, None),           # 1x1 stride 1: a plain 1x1 GEMM
+    ((1, 5, 4, 4), (1, 1), 1, None),           # 1x1 stride 1: one phase, a plain 1x1 GEMM
     ((1, 2, 3, 8), (1, 3), 1, None),           # vec4 reads of 3 column-tap planes
     ((2, 2, 2, 3, 4), (2, 2, 2), 1, "Relu"),   # 3-D, vec4
 ])
 def test_kernel_equal_to_stride_runs_as_gemm(x_shape, k, group, act):
-    """kernel == stride, no padding: the 1x1 GEMM + shuffle path (vec4 shuffle when the input width is
-    a multiple of 4), against onnxruntime."""
+    """kernel == stride, no padding: the sub-pixel convolution is a 1x1 GEMM, then the shuffle (vec4
+    shuffle when the input width is a multiple of 4; all strides 1: the phases' one 1x1 GEMM, no
+    shuffle), against onnxruntime."""
     rng = np.random.default_rng(len(x_shape) + sum(k))
     x = rng.standard_normal(x_shape).astype(np.float32)
     w = (rng.standard_normal((x_shape[1], 3, *k)) / 3).astype(np.float32)
@@ -270,11 +272,14 @@ def test_kernel_equal_to_stride_runs_as_gemm(x_shape, k, group, act):
     expected = {None: expected, "Relu": np.maximum(expected, 0), "Sigmoid": 1 / (1 + np.exp(-expected)),
                 "Tanh": np.tanh(expected)}[act]
     with vkconv.ConvTranspose(w, b, strides=k, group=group, activation=act) as op:
-        assert op.method_for(x.shape) == "gemm"
+        one_phase = all(v == 1 for v in k)
+        assert op.method_for(x.shape) == ("phases" if one_phase else "subpixel")
         assert_close(op(x), expected)
         assert_close(op(x), expected)  # replayed
+        kernels = op._phase_kernels if one_phase else op._subpixel_kernels
+        assert [key[0] for key in kernels] == ["gemm1x1"]
         pads_given = vkconv.ConvTranspose(w, b, strides=k, pads=[1] * (2 * len(k)), group=group)
-        assert pads_given.method_for(x.shape) != "gemm"
+        assert pads_given.method_for(x.shape) != "subpixel"
         pads_given.close()
 
 
@@ -313,9 +318,11 @@ PHASE_CASES = [  # x shape, w shape [C_in, C_out/g, *k], strides, pads, output_p
 ]
 
 
+@pytest.mark.parametrize("path", ["phases", "subpixel"])
 @pytest.mark.parametrize("x_shape, w_shape, s, pads, a, group, d", PHASE_CASES)
-def test_phases_against_onnxruntime_and_gather(x_shape, w_shape, s, pads, a, group, d):
-    """The stride-phase path against onnxruntime (explicit pads) and against the gather kernel."""
+def test_phases_against_onnxruntime_and_gather(x_shape, w_shape, s, pads, a, group, d, path):
+    """Both stride-phase paths (one convolution per phase; the sub-pixel convolution and its
+    shuffle), forced, against onnxruntime (explicit pads) and against the gather kernel."""
     rng = np.random.default_rng(sum(x_shape) + sum(w_shape))
     nd = len(x_shape) - 2
     x = rng.standard_normal(x_shape).astype(np.float32)
@@ -326,18 +333,40 @@ def test_phases_against_onnxruntime_and_gather(x_shape, w_shape, s, pads, a, gro
                  group=group)
     expected = onnxruntime_reference("ConvTranspose", {"x": x, "w": w, "b": b}, attrs)
     kwargs = dict(strides=s, pads=pads, output_padding=a, group=group, dilations=d, activation="Relu")
-    with vkconv.ConvTranspose(w, b, method="phases", **kwargs) as op:
-        assert op.method_for(x.shape) == "phases"
+    with vkconv.ConvTranspose(w, b, method=TransposeCandidate(path), **kwargs) as op:
+        assert op.method_for(x.shape) == path
         actual = op(x)
         assert_close(actual, np.maximum(expected, 0))
         assert_close(op(x), actual)  # replayed
         assert op._gather is None  # the gather kernel's weight copy is made only where it runs
-        if all(v == 1 for v in per_axis[0]):  # one phase: the kernel a Conv of this shape takes
+        if path == "phases" and all(v == 1 for v in per_axis[0]):  # the kernel a Conv of this shape takes
             (name, *_), = op._phase_kernels
             assert name == ("depthwise" if w_shape[1] == 1 else "winograd")
     with vkconv.ConvTranspose(w, b, method="gather", **kwargs) as op:
         assert op.method_for(x.shape) == "gather"
         assert_close(actual, op(x), what="phases vs gather")
+
+
+@pytest.mark.parametrize("cin, cout, k, s, p, size, path", [
+    (64, 32, 4, 2, 1, (13, 11), "subpixel"),  # 4 phases x 2.25 = 9 multiplications per output of 16 taps
+    (64, 16, 4, 2, 1, (8, 12), "subpixel"),   # input width % 4 == 0: vec4 shuffle
+    (64, 64, 5, 3, 1, (9, 10), "phases"),     # 9 phases x 2.25 = 20.25 of 25: the phases
+])
+def test_auto_takes_the_subpixel_winograd_where_it_saves_multiplications(monkeypatch, cin, cout, k, s, p, size, path):
+    """The heuristic rule's Winograd case on a CPU device, against onnxruntime (Winograd's float32
+    error is about 1e-5 x max|y|, inside the suite's 1e-4), batch 2 and odd sizes."""
+    monkeypatch.setenv("VKCONV_TUNE", "0")
+    rng = np.random.default_rng(cin + k)
+    x = rng.standard_normal((2, cin, *size)).astype(np.float32)
+    w = (rng.standard_normal((cin, cout, k, k)) / 8).astype(np.float32)
+    b = rng.standard_normal(cout).astype(np.float32)
+    expected = onnxruntime_reference("ConvTranspose", {"x": x, "w": w, "b": b}, dict(strides=[s, s], pads=[p] * 4))
+    with vkconv.ConvTranspose(w, b, strides=s, pads=p) as op:
+        if vkconv.get_context().info.type == "cpu":
+            assert op.method_for(x.shape) == path
+        assert_close(op(x), expected)
+        if op.method_for(x.shape) == "subpixel":
+            assert [key[0] for key in op._subpixel_kernels] == ["winograd"]
 
 
 def test_phases_with_output_shape_and_auto_pad():
@@ -358,7 +387,7 @@ def test_phases_with_output_shape_and_auto_pad():
 
 @pytest.mark.parametrize("k, s, d, method", [
     (4, 2, 1, "phases"), (3, 2, 1, "phases"), (5, 3, 2, "phases"), (3, 1, 2, "phases"),
-    (2, 2, 1, "gemm"),      # kernel == stride: the 1x1 GEMM and the tap shuffle
+    (2, 2, 1, "subpixel"),  # kernel == stride: the sub-pixel convolution is a 1x1 GEMM
     (3, 2, 2, "gather"),    # dilation and stride share a factor: odd phases get no tap
     (2, 3, 1, "gather"),    # kernel shorter than the stride: a phase with no tap
 ])
@@ -373,13 +402,13 @@ def test_method_choice(monkeypatch, k, s, d, method):
     monkeypatch.setenv("VKCONV_TUNE", "0")  # the heuristic rule, whatever a tuning cache holds
     with vkconv.ConvTranspose(w, strides=s, dilations=d) as op:  # auto
         assert op.method == "auto"
-        assert op.method_for(x_shape) == (method if ctx.info.type == "cpu" or method == "gemm" else "gather")
+        assert op.method_for(x_shape) == (method if ctx.info.type == "cpu" or method == "subpixel" else "gather")
         assert op.choice_for(x_shape).source == "heuristic"
-    # on a GPU, auto keeps the gather kernel wherever the GEMM does not apply (a new op: an op
-    # chooses once per input shape)
+    # on a GPU, auto keeps the gather kernel wherever the sub-pixel rule does not apply (a new op:
+    # an op chooses once per input shape)
     monkeypatch.setattr(ctx, "info", dataclasses.replace(ctx.info, type="discrete"))
     with vkconv.ConvTranspose(w, strides=s, dilations=d) as op:
-        assert op.method_for(x_shape) == ("gemm" if method == "gemm" else "gather")
+        assert op.method_for(x_shape) == ("subpixel" if method == "subpixel" else "gather")
     monkeypatch.undo()
     monkeypatch.setenv("VKCONV_CONVT_METHOD", "gather")
     with vkconv.ConvTranspose(w, strides=s, dilations=d) as op:

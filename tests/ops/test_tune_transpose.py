@@ -58,11 +58,13 @@ class Layer:
 
 LAYERS = {
     # widths 12 and 13: phases of unequal widths (output padding), partial register tiles
-    "k4s2p1": Layer((1, 8, 12, 13), 20, 4, 2, 1, methods=("phases", "gather")),
-    "k3s2p1a1": Layer((2, 6, 7, 9), 12, 3, 2, 1, 1, methods=("phases", "gather")),
-    "k2s2": Layer((1, 12, 5, 7), 8, 2, 2, methods=("gemm", "phases", "gather")),
-    # stride 1: one phase, on the kernel a Conv of its shape takes
-    "k3s1p1": Layer((1, 8, 9, 10), 12, 3, 1, 1, methods=("phases", "gather")),
+    "k4s2p1": Layer((1, 8, 12, 13), 20, 4, 2, 1, methods=("subpixel", "phases", "gather")),
+    "k3s2p1a1": Layer((2, 6, 7, 9), 12, 3, 2, 1, 1, methods=("subpixel", "phases", "gather")),
+    "k2s2": Layer((1, 12, 5, 7), 8, 2, 2, methods=("subpixel", "phases", "gather")),
+    # stride 1: one phase, on the kernel a Conv of its shape takes (the sub-pixel: and a shuffle)
+    "k3s1p1": Layer((1, 8, 9, 10), 12, 3, 1, 1, methods=("subpixel", "phases", "gather")),
+    # the sub-pixel convolution on Winograd (the heuristic's choice on CPU devices)
+    "k4s2p1-64": Layer((1, 64, 8, 10), 32, 4, 2, 1, methods=("subpixel", "phases", "gather")),
 }
 
 

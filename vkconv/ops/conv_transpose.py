@@ -5,24 +5,31 @@ Layouts: input ``x`` is NCW, NCHW or NCDHW; weights ``w`` are ``[C_in, C_out / g
 (ONNX's, the transpose of Conv's); bias ``b`` is ``[C_out]``; the output is ``[N, C_out, *out]``;
 all float32.  1-D and 2-D inputs run as 3-D ones with unit leading spatial dims.
 
-A layer whose kernel equals its stride, with no dilation, padding or output padding (the 2x2
-stride-2 upsamplers of PP-OCR and U-Net), writes every output from exactly one tap per input
-channel: it runs as a 1x1 GEMM to ``C_out * taps`` channels (the conv kernels' ``gemm1x1``) and a
-pass that moves each tap's plane into place (``shaders/conv/conv_transpose_shuffle.comp``), which on
-lavapipe measured 2-4x faster than the gather kernel on those layers.
+Two paths run a layer on the dense convolution kernels, both built on the stride-phase
+decomposition: along an axis of stride ``s``, the outputs ``o = q * s + r`` of phase ``r`` take
+only the taps ``k`` with ``k * d = r + pad_begin (mod s)``, which for ``gcd(s, d) == 1`` are
+``k0, k0 + s, ...``, and read inputs ``q + c - d * t`` for tap ``k0 + s * t``: an ordinary stride-1
+convolution (dilation ``d``) of the input with that sub-kernel flipped.
 
-Any other layer runs by the stride-phase (sub-pixel) decomposition (``method="phases"``): along an
-axis of stride ``s``, the outputs ``o = q * s + r`` of phase ``r`` take only the taps ``k`` with
-``k * d = r + pad_begin (mod s)``, which for ``gcd(s, d) == 1`` are ``k0, k0 + s, ...``, and read
-inputs ``q + c - d * t`` for tap ``k0 + s * t``: an ordinary stride-1 convolution (dilation ``d``)
-of the input with that sub-kernel flipped.  Each of the ``prod(strides)`` phases runs on the dense
-convolution's implicit-GEMM kernel (``conv_rows``) and stores its pixels straight into every
-``s``-th output (a strided store), so there is no scratch output and no interleave pass; with all
-strides 1 the one phase takes the kernel a ``Conv`` of its shape would.  A layer the decomposition
-does not cover runs on the gather kernel (``shaders/conv/conv_transpose.comp``): a dilation sharing a
-factor with its stride (some residues then get no taps), a kernel shorter than its stride where a
-phase gets no tap, or no input channels.  docs/PERFORMANCE.md has the measurements behind
-``method="auto"``.
+* ``phases``: each of the ``prod(strides)`` phases runs on the dense convolution's implicit-GEMM
+  kernel (``conv_rows``) and stores its pixels straight into every ``s``-th output (a strided
+  store), so there is no scratch output and no interleave pass; with all strides 1 the one phase
+  takes the kernel a ``Conv`` of its shape would.
+* ``subpixel``: all phases as one stride-1 convolution.  Phase ``r`` reads inputs that all lie in
+  one window ``q - B .. q - B + K - 1`` (``B`` the largest phase begin pad, ``K`` spanning every
+  phase's taps), so a convolution with that ``K``-wide kernel and ``C_out * prod(strides)`` output
+  channels (channel ``co * P + r``: the phase's taps at their places in the window, zeros
+  elsewhere) computes every phase at once, and a shuffle pass
+  (``shaders/conv/conv_transpose_shuffle.comp``) moves each phase's plane into place (the
+  depth-to-space of ESPCN).  A kernel equal to its stride (the 2x2 stride-2 upsamplers of PP-OCR
+  and U-Net) makes it a 1x1 GEMM, 2-4x faster than the gather kernel on lavapipe; the 4x4 stride-2
+  pad-1 upsampler makes it a 3x3 convolution, which the Winograd kernels run with 0.56x the phases'
+  multiplications despite the window's zeros.
+
+A layer the decomposition does not cover runs on the gather kernel
+(``shaders/conv/conv_transpose.comp``): a dilation sharing a factor with its stride (some residues
+then get no taps), a kernel shorter than its stride where a phase gets no tap, or no input
+channels.  docs/PERFORMANCE.md has the measurements behind ``method="auto"``.
 
 With ``method="auto"`` the path (and the dense kernels' register tile) of each input shape comes,
 as for :class:`vkconv.Conv`, from the tuning cache, the tuner (``tune=True`` / ``VKCONV_TUNE=1``:
@@ -45,7 +52,16 @@ from vkconv.kernels import shapes
 from vkconv.kernels.divide import magic
 from vkconv.kernels.tiling import Tuning, fitting_tile, tuning
 from vkconv.ops.base import WeightedOp
-from vkconv.ops.conv.kernels import ConvPlan, Geometry, Kernel, OutputMap, RowsKernel, make_kernel, pack_bias_blocks
+from vkconv.ops.conv.kernels import (
+    ConvPlan,
+    Geometry,
+    Kernel,
+    OutputMap,
+    RowsKernel,
+    WinogradKernel,
+    make_kernel,
+    pack_bias_blocks,
+)
 from vkconv.ops.conv.selection import register_tiles, select
 from vkconv.ops.launch import heuristic_launch
 from vkconv.ops.tune import (
@@ -79,9 +95,10 @@ _SHUFFLE_PUSH = struct.Struct("<6I7i")
 TILES = ((4, 1), (4, 2), (8, 1), (8, 2), (8, 4), (8, 8))
 _INT32_MAX = 2**31 - 1
 METHODS = ("auto", "gather", "phases")
-RUN_METHODS = ("gemm", "phases", "gather")  # what runs a shape (method_for's answers)
-# The dense kernel family whose register tiles a path's candidates take.
-_ROWS_FAMILY = {"gemm": "gemm1x1", "phases": "implicit_gemm"}
+RUN_METHODS = ("subpixel", "phases", "gather")  # what runs a shape (method_for's answers)
+# The dense kernel family whose register tiles a path's candidates take (the rows kernels share
+# one tile table, whichever of them the sub-pixel convolution selects).
+_ROWS_FAMILY = {"subpixel": "implicit_gemm", "phases": "implicit_gemm"}
 _TUNED_TILES = 6  # register tiles the tuner tries per path: the fastest of the speed table
 
 
@@ -129,8 +146,8 @@ def axis_phases(size: int, out: int, k: int, s: int, d: int,
 
 @dataclass(frozen=True)
 class TransposeCandidate:
-    """One way to run a ConvTranspose shape: ``method`` (``gemm``, ``phases`` or ``gather``, see
-    :meth:`ConvTranspose.method_for`) and, for ``gemm`` and ``phases``, the dense kernels' ``mb`` x
+    """One way to run a ConvTranspose shape: ``method`` (``subpixel``, ``phases`` or ``gather``, see
+    :meth:`ConvTranspose.method_for`) and, for ``subpixel`` and ``phases``, the dense kernels' ``mb`` x
     ``pb`` register tile (output channels x pixels per invocation; 0: the heuristics' choice, as in
     :class:`vkconv.ops.conv.selection.Candidate`).  The gather kernel's tile follows the device."""
 
@@ -162,8 +179,8 @@ class TransposeCandidate:
 
 
 def transpose_candidates(ctx: Context) -> list[TransposeCandidate]:
-    """Every candidate the tuner may time on this device: each path, and the GEMM's and the
-    phases' register tiles (the fastest :data:`_TUNED_TILES` of the dense kernels' speed table
+    """Every candidate the tuner may time on this device: each path, and the sub-pixel
+    convolution's and the phases' register tiles (the fastest :data:`_TUNED_TILES` of the dense kernels' speed table
     within the device's accumulator bound).  Which can run a shape, :meth:`ConvTranspose.choice_for`
     finds out."""
     base = tuning(ctx, False)
@@ -229,8 +246,9 @@ class ConvTranspose(WeightedOp):
     below the stride on each axis.  The first call at a new input shape records a
     command buffer; later calls at that shape reuse it (one submit each).
 
-    ``method``: ``"phases"`` (the stride-phase decomposition on the dense convolution kernels, or
-    the 1x1 GEMM where kernel == stride; the gather kernel where neither applies), ``"gather"`` (the
+    ``method``: ``"phases"`` (the stride-phase decomposition on the dense convolution kernels: the
+    sub-pixel convolution where the heuristic rule of :meth:`method_for` takes it, else one
+    convolution per phase; the gather kernel where the decomposition does not apply), ``"gather"`` (the
     gather kernel always) or ``"auto"``; None reads ``VKCONV_CONVT_METHOD``, default ``auto``; a
     :class:`TransposeCandidate` forces a path and register tile (ValueError for a shape it cannot
     run).
@@ -280,9 +298,9 @@ class ConvTranspose(WeightedOp):
         self._w: np.ndarray | None = None  # the host weights and bias (None once closed)
         self._b: np.ndarray | None = None
         self._gather: tuple[Buffer, Buffer] | None = None  # the gather kernel's packed weights, bias
-        # The 1x1 GEMM of the kernel == stride path and the phases' dense kernels, made on first use,
-        # by register tile ((mb, pb); (0, 0) the heuristics') and, for the phases, (name, k0, taps).
-        self._gemm: dict[tuple[int, int], Kernel] = {}
+        # The sub-pixel convolution's and the phases' dense kernels, made on first use, by (kernel
+        # name, register tile ((mb, pb); (0, 0) the heuristics')) and, for the phases, (k0, taps).
+        self._subpixel_kernels: dict[tuple, Kernel] = {}
         self._phase_kernels: dict[tuple, Kernel] = {}
         self._choices: dict[tuple[int, ...], Choice[TransposeCandidate]] = {}  # by input shape
         self.set_weights(w, b)
@@ -386,63 +404,105 @@ class ConvTranspose(WeightedOp):
                                  f"exceed the device's maxComputeWorkGroupCount {limit}")
         return push, groups
 
-    def _gemm_geometry(self, x_shape, y_shape, cand: TransposeCandidate) -> Geometry | None:
-        """The 1x1 GEMM (lifted to 3-D) of the kernel == stride path for this input, None when the
-        layer is not of that kind or ``cand``'s GEMM does not fit the device."""
-        kernel = self.weight_shape[2:]
-        if self.weight_shape[0] == 0 or tuple(kernel) != self.strides or any(d != 1 for d in self.dilations) \
-                or any(self.resolved_pads(x_shape)) \
-                or tuple(y_shape[2:]) != tuple(i * s for i, s in zip(x_shape[2:], self.strides)):
+    def _subpixel(self, x_shape, y_shape) -> tuple[Geometry, tuple] | None:
+        """The sub-pixel convolution of this layer at this input (lifted to 3-D; output
+        ``[N, C_out * P, *J]``, ``J`` the outputs of phase 0 per axis) and the key of its weights
+        (window ``K``, begin pad ``B`` and the phases' ``(k0, taps, c)`` per axis); None where the
+        phases do not apply or some residue has no output (an output shorter than the stride)."""
+        if self.weight_shape[0] == 0:
             return None
-        taps = math.prod(kernel)
-        x5 = tuple(x_shape[:2]) + (1,) * (3 - self.nd) + tuple(x_shape[2:])
-        cout = self.weight_shape[1] * self.group
-        one, zero = (1, 1, 1), (0,) * 6
-        geo = Geometry.lift(x5, (cout * taps, x_shape[1] // self.group, 1, 1, 1), self.group, one, one, zero,
-                            (x5[0], cout * taps, *x5[2:]))
-        return geo if self._gemm_kernel(cand).fits(geo) else None
+        pads = self.resolved_pads(x_shape)
+        size3 = _lift3(x_shape[2:], 1, self.nd)
+        window, begin, out, pad_end, axes = [], [], [], [], []
+        for n, args in enumerate(zip(size3, _lift3(y_shape[2:], 1, self.nd),
+                                     _lift3(self.weight_shape[2:], 1, self.nd), _lift3(self.strides, 1, self.nd),
+                                     _lift3(self.dilations, 1, self.nd), _lift3(pads[:self.nd], 0, self.nd))):
+            phases = axis_phases(*args)
+            stride, dil = args[3], args[4]
+            if phases is None or len(phases) != stride:
+                return None
+            # phase (r, count, k0, taps, conv begin, conv end) reads inputs q + c - d * t
+            c = [dil * (taps - 1) - b for _, _, _, taps, b, _ in phases]
+            b_max = max(b for *_, b, _ in phases)
+            window.append(max(c) + b_max + 1)
+            begin.append(b_max)
+            out.append(phases[0][1])
+            pad_end.append(out[-1] - size3[n] - b_max + window[-1] - 1)
+            axes.append(tuple((k0, taps, ci) for (_, _, k0, taps, _, _), ci in zip(phases, c)))
+        x5 = tuple(x_shape[:2]) + tuple(size3)
+        cout_p = self.weight_shape[1] * self.group * math.prod(self.strides)
+        geo = Geometry.lift(x5, (cout_p, x_shape[1] // self.group, *window), self.group, (1, 1, 1), (1, 1, 1),
+                            (*begin, *pad_end), (x5[0], cout_p, *out))
+        return geo, (tuple(window), tuple(begin), tuple(axes))
 
     def _tuning(self, cand: TransposeCandidate) -> Tuning:
         """The dense kernels' launch choices: fp32 weights, ``cand``'s register tile."""
         return dataclasses.replace(tuning(self.ctx, False), mb=cand.mb, pb=cand.pb)
 
-    def _gemm_kernel(self, cand: TransposeCandidate) -> Kernel:
-        key = (cand.mb, cand.pb)
-        if key not in self._gemm:
-            # w [C_in, C_out/g, *k] -> [g, C_out/g, taps, C_in/g]: output channel (co, tap) of the GEMM
-            cin, cout_g, *kernel = self.weight_shape
-            taps, cin_g = math.prod(kernel), cin // self.group
-            w2 = self._host_weights().reshape(self.group, cin_g, cout_g, taps).transpose(0, 2, 3, 1)
-            b2 = None if self._b is None else np.repeat(self._b, taps)
-            self._gemm[key] = make_kernel("gemm1x1", self.ctx, w2.reshape(-1, cin_g, 1, 1, 1), b2, self.group,
-                                          self.activation, self._tuning(cand))
-        return self._gemm[key]
+    def _subpixel_kernel(self, geo: Geometry, key: tuple, cand: TransposeCandidate) -> Kernel:
+        """The dense kernel of the sub-pixel convolution: the one a ``Conv`` of its shape would
+        take (``implicit_gemm`` where its pads crop), with ``cand``'s register tile.  Weights
+        ``[C_out * P, C_in/g, *K]``: phase ``r`` of output channel ``co`` is channel ``co * P + r``
+        (``r`` numbered (rd, rh, rw) row-major, as the shuffle reads it), tap ``k0 + s * t`` at
+        window place ``B + c - d * t``."""
+        name = select(geo, self.ctx.info.type) if min(geo.pad_begin + geo.pad_end) >= 0 else "implicit_gemm"
+        kernel_key = (name, *_tile(name, cand), key)
+        kernel = self._subpixel_kernels.get(kernel_key)
+        if kernel is None:
+            window, begin, axes = key
+            cin, cout_g = self.weight_shape[:2]
+            cin_g = cin // self.group
+            s = _lift3(self.strides, 1, self.nd)
+            d = _lift3(self.dilations, 1, self.nd)
+            w5 = self._host_weights().reshape(self.group, cin_g, cout_g, *_lift3(self.weight_shape[2:], 1, self.nd))
+            wu = np.zeros((self.group, cout_g, math.prod(s), cin_g, *window), np.float32)
+            for r in itertools.product(*(range(si) for si in s)):
+                phase = (r[0] * s[1] + r[1]) * s[2] + r[2]
+                (k0d, td, cd), (k0h, th, ch), (k0w, tw, cw) = (axes[a][r[a]] for a in range(3))
+                for t in itertools.product(range(td), range(th), range(tw)):
+                    k = (k0d + s[0] * t[0], k0h + s[1] * t[1], k0w + s[2] * t[2])
+                    u = tuple(begin[a] + (cd, ch, cw)[a] - d[a] * t[a] for a in range(3))
+                    wu[:, :, phase, :, u[0], u[1], u[2]] = w5[:, :, :, k[0], k[1], k[2]].transpose(0, 2, 1)
+            bias = None if self._b is None else np.repeat(self._b, math.prod(s))
+            kernel = self._subpixel_kernels[kernel_key] = make_kernel(
+                name, self.ctx, wu.reshape(-1, cin_g, *window), bias, self.group, self.activation,
+                self._tuning(TransposeCandidate(cand.method, *_tile(name, cand))))
+        return kernel
 
-    def _build_gemm_plan(self, geo: Geometry, cand: TransposeCandidate, x_shape, y_shape) -> Plan:
-        """The GEMM's plan, its output kept as scratch and ``y`` in its place, re-recorded with the
-        shuffle pass after the GEMM."""
-        plan = self._gemm_kernel(cand).plan(geo)
+    def _build_subpixel_plan(self, geo: Geometry, kernel: Kernel, y_shape) -> Plan:
+        """The sub-pixel convolution's plan.  A Winograd kernel stores each phase straight into ``y``
+        from its output transform; any other kernel's output is kept as scratch and ``y`` takes its
+        place, the plan re-recorded with the shuffle pass after the convolution."""
+        if isinstance(kernel, WinogradKernel):  # 2-D: phases (rh, rw) of a 3x3 window
+            plan = ConvPlan(self.ctx, geo.x_shape, y_shape)
+            with closed_on_error(plan):
+                phases = (*self.strides[-2:], *y_shape[-2:])
+                plan.record(kernel.record(plan, geo, plan.inputs[0], plan.outputs[0], phases))
+            return plan
+        plan = kernel.plan(geo)
         with closed_on_error(plan):
-            columns, gemm = plan.outputs[0], plan.body
-            assert gemm is not None
+            columns, conv = plan.outputs[0], plan.body
+            assert conv is not None
             plan.keep.append(columns)
             plan.outputs[0] = Buffer(self.ctx, 4 * math.prod(y_shape), staged=True, name="conv_transpose output")
             plan.output_shapes[0] = tuple(y_shape)
             out = (1,) * (3 - self.nd) + tuple(y_shape[2:])
-            vec4 = geo.size[2] % 4 == 0
-            lanes = 4 * out[2] // geo.size[2] if vec4 else 1  # 4 columns of each column-tap plane
+            strides = (1,) * (3 - self.nd) + self.strides
+            # 4 columns of each column-phase plane at a time where the phase planes tile the output
+            vec4 = geo.out[2] % 4 == 0 and out[2] == geo.out[2] * strides[2]
+            lanes = 4 * strides[2] if vec4 else 1
             total = math.prod(y_shape) // lanes
-            launch = heuristic_launch(self.ctx, "conv_transpose_shuffle")  # not tuned: a GEMM's tail
+            launch = heuristic_launch(self.ctx, "conv_transpose_shuffle")  # not tuned: a convolution's tail
             local = launch.local
             pipe = get_pipeline(self.ctx, "conv_transpose_shuffle", 2, _SHUFFLE_PUSH.size,
-                                     (local, 1, 1, 0, *((1,) * (3 - self.nd) + self.strides), int(vec4)))
+                                (local, 1, 1, 0, *strides, int(vec4)))
             dset = DescriptorSet(pipe, [columns, plan.outputs[0]])
             plan.keep.append(dset)
-            push = _SHUFFLE_PUSH.pack(*magic(out[2] // lanes), *magic(out[1]), *magic(out[0]), *geo.size, *out, total)
+            push = _SHUFFLE_PUSH.pack(*magic(out[2] // lanes), *magic(out[1]), *magic(out[0]), *geo.out, *out, total)
             groups = launch.groups(self.ctx, total)
 
             def body(cmd: CommandBuffer) -> None:
-                gemm(cmd)
+                conv(cmd)
                 cmd.barrier()
                 cmd.dispatch(pipe, dset, push, groups)
             plan.record(body)
@@ -504,12 +564,14 @@ class ConvTranspose(WeightedOp):
         return kernel
 
     def method_for(self, x_shape) -> str:
-        """The path taken for inputs of ``x_shape``: ``"gemm"`` (kernel == stride: a 1x1 GEMM and a
-        shuffle), ``"phases"`` or ``"gather"``.  The heuristic rule (``method="auto"`` without a
-        tuned choice) takes the GEMM wherever it applies and the phases on CPU devices, where they
-        measured faster than the gather kernel on every layer tried (docs/PERFORMANCE.md); on other
-        devices, where the phases were not measured yet, the gather kernel.  :meth:`choice_for`
-        gives the register tile too, and where the choice came from."""
+        """The path taken for inputs of ``x_shape``: ``"subpixel"`` (one convolution to every phase,
+        then a shuffle), ``"phases"`` (one convolution per phase) or ``"gather"``.  The heuristic
+        rule (``method="auto"`` without a tuned choice) takes the sub-pixel convolution where it is
+        a 1x1 GEMM (kernel == stride) or runs on a Winograd kernel (:meth:`_subpixel_pays`), else
+        the phases on CPU devices, where they measured faster than the gather kernel on every layer
+        tried (docs/PERFORMANCE.md); on other devices, where the phases were not measured yet, the
+        gather kernel.  :meth:`choice_for` gives the register tile too, and where the choice came
+        from."""
         return self.choice_for(x_shape).candidate.method
 
     def choice_for(self, x_shape) -> Choice[TransposeCandidate]:
@@ -558,14 +620,41 @@ class ConvTranspose(WeightedOp):
 
     def _heuristic(self, x_shape, y_shape) -> TransposeCandidate:
         """The rule of :meth:`method_for` (with ``method="phases"``: the phases on any device)."""
-        tried = {"gather": (), "phases": ("gemm", "phases")}.get(self.method)
+        tried = {"gather": (), "phases": ("subpixel", "phases")}.get(self.method)
         if tried is None:  # auto
-            tried = ("gemm", "phases") if self.ctx.info.type == "cpu" else ("gemm",)
+            tried = ("subpixel", "phases") if self.ctx.info.type == "cpu" else ("subpixel",)
         for method in tried:
             cand = TransposeCandidate(method)
+            if method == "subpixel" and not self._subpixel_pays(x_shape, y_shape):
+                continue
             if self._runs(cand, x_shape, y_shape) is not None:
                 return cand
         return TransposeCandidate("gather")
+
+    def _subpixel_pays(self, x_shape, y_shape) -> bool:
+        """Whether the heuristic rule takes the sub-pixel convolution (never with all strides 1): where
+        it is a 1x1 GEMM (kernel == stride, no pads: no zeros in its window), and where a Winograd
+        kernel runs it (a 3x3 window) with at most 0.6x the multiplications of the phases' direct
+        convolutions (``P`` phases x 2.25 or 1.78 per output against the phases' taps).  Measured
+        on lavapipe (docs/PERFORMANCE.md): k4 s2 p1 (0.56x) ran in 0.83-0.97x the phases' time
+        from 64 to 512 channels; k5 s3 p1 (0.81x, nine phases) in 1.4-1.6x; windows with zeros on
+        the implicit-GEMM kernel in 1.2-2.4x."""
+        found = self._subpixel(x_shape, y_shape)
+        if found is None:
+            return False
+        geo, (_, _, axes) = found
+        if math.prod(self.strides) == 1:
+            return False  # one phase: the phases path runs the same convolution, with no shuffle
+        if geo.pointwise:
+            return True
+        if min(geo.pad_begin + geo.pad_end) < 0:
+            return False
+        name = select(geo, self.ctx.info.type)
+        if name not in ("winograd", "winograd63"):
+            return False
+        per_output = 64 / 36 if name == "winograd63" else 36 / 16
+        taps = math.prod(sum(t for _, t, _ in axis) for axis in axes)
+        return math.prod(self.strides) * per_output <= 0.6 * taps
 
     def _cached(self, x_shape, y_shape) -> TransposeCandidate | None:
         """The cache's candidate for this shape, if it can run here."""
@@ -574,15 +663,19 @@ class ConvTranspose(WeightedOp):
                                 else "its path does not apply or its buffers do not fit")
 
     def _runs(self, cand: TransposeCandidate, x_shape, y_shape) -> tuple | None:
-        """What :meth:`_build_plan` takes to run ``cand`` at this shape: ``(GEMM geometry,)``,
-        ``(phase runs,)`` (each a (phase, geometry, kernel) triple) or ``()`` for the gather kernel;
+        """What :meth:`_build_plan` takes to run ``cand`` at this shape: ``(geometry, kernel)`` of the
+        sub-pixel convolution, ``(phase runs,)`` (each a (phase, geometry, kernel) triple) or ``()``
+        for the gather kernel;
         None where ``cand`` cannot run it (its path does not apply, or its scratch buffers would
         not fit the device)."""
         if cand.method == "gather":
             return ()
-        if cand.method == "gemm":
-            gemm = self._gemm_geometry(x_shape, y_shape, cand)
-            return None if gemm is None else (gemm,)
+        if cand.method == "subpixel":
+            found = self._subpixel(x_shape, y_shape)
+            if found is None:
+                return None
+            kernel = self._subpixel_kernel(*found, cand)
+            return (found[0], kernel) if kernel.fits(found[0]) else None
         phases = self._phases(x_shape, y_shape)
         if phases is None:
             return None
@@ -613,7 +706,7 @@ class ConvTranspose(WeightedOp):
         fastest, on seeded random data; each candidate's output must match the heuristic choice's
         (a wrong one is never chosen)."""
         x = np.random.default_rng(0).standard_normal(x_shape, dtype=np.float32)
-        gemm_before, phases_before = set(self._gemm), set(self._phase_kernels)
+        subpixel_before, phases_before = set(self._subpixel_kernels), set(self._phase_kernels)
 
         def measure(cand: TransposeCandidate) -> TimedPlan | None:
             runs = self._runs(cand, x_shape, y_shape)
@@ -635,9 +728,9 @@ class ConvTranspose(WeightedOp):
         agreement = Agreement(baseline.label(), 1e-3)
         result = search(baseline, [methods, tiles], measure, limit, prior)
         best = result.best
-        for key in set(self._gemm) - gemm_before:  # the losers' weights
-            if best.method != "gemm" or key != (best.mb, best.pb):
-                self._gemm.pop(key).close()
+        for key in set(self._subpixel_kernels) - subpixel_before:  # the losers' weights
+            if best.method != "subpixel" or key[1:3] != _tile(key[0], best):
+                self._subpixel_kernels.pop(key).close()
         for phase_key in set(self._phase_kernels) - phases_before:
             if best.method != "phases" or phase_key[3:] != _tile(phase_key[0], best):
                 self._phase_kernels.pop(phase_key).close()
@@ -677,8 +770,8 @@ class ConvTranspose(WeightedOp):
 
     def _build(self, cand: TransposeCandidate, runs: tuple, x_shape, y_shape) -> Plan:
         """The plan of ``cand`` from :meth:`_runs`' result."""
-        if cand.method == "gemm":
-            return self._build_gemm_plan(runs[0], cand, x_shape, y_shape)
+        if cand.method == "subpixel":
+            return self._build_subpixel_plan(runs[0], runs[1], y_shape)
         if cand.method == "phases":
             return self._build_phase_plan(runs[0], x_shape, y_shape)
         push, groups = self._dispatch_geometry(x_shape, y_shape)
@@ -692,9 +785,9 @@ class ConvTranspose(WeightedOp):
     # -- lifetime ------------------------------------------------------------------------------
     def _release(self) -> None:
         self._plans.clear()
-        for buf in (*(self._gather or ()), *self._gemm.values(), *self._phase_kernels.values()):
+        for buf in (*(self._gather or ()), *self._subpixel_kernels.values(), *self._phase_kernels.values()):
             buf.close()
-        self._gemm.clear()
+        self._subpixel_kernels.clear()
         self._phase_kernels.clear()
         self._gather = None
         self._w = self._b = None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import weakref
 
@@ -24,19 +25,19 @@ def _destroy(ctx: Context, handles: list) -> None:
     ctx.track("fence", -1)
 
 
-def _memory_barrier(src: int, dst: int):
-    """A ``VkMemoryBarrier*`` made once and passed as is: the ``vulkan`` module's keyword
-    constructors cost about 9 us a struct, paid on every barrier of every recording otherwise."""
-    return vk.ffi.new("VkMemoryBarrier*", {"sType": vk.VK_STRUCTURE_TYPE_MEMORY_BARRIER,
-                                           "srcAccessMask": src, "dstAccessMask": dst})
-
-
-_ALL_ACCESS = (vk.VK_ACCESS_SHADER_WRITE_BIT | vk.VK_ACCESS_SHADER_READ_BIT
-               | vk.VK_ACCESS_TRANSFER_WRITE_BIT | vk.VK_ACCESS_TRANSFER_READ_BIT)
-_BARRIER = _memory_barrier(_ALL_ACCESS, _ALL_ACCESS)
-_HOST_BARRIER = _memory_barrier(vk.VK_ACCESS_SHADER_WRITE_BIT | vk.VK_ACCESS_TRANSFER_WRITE_BIT,
-                                vk.VK_ACCESS_HOST_READ_BIT)
-_WORK_STAGES = vk.VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT | vk.VK_PIPELINE_STAGE_TRANSFER_BIT
+@functools.cache
+def _memory_barrier(host: bool):
+    """The ``VkMemoryBarrier*`` of :meth:`CommandBuffer.barrier` (``host``: of ``host_barrier``),
+    made once and passed as is: the ``vulkan`` module's keyword constructors cost about 9 us a
+    struct, paid on every barrier of every recording otherwise."""
+    v = vk
+    if host:
+        src, dst = v.VK_ACCESS_SHADER_WRITE_BIT | v.VK_ACCESS_TRANSFER_WRITE_BIT, v.VK_ACCESS_HOST_READ_BIT
+    else:
+        src = dst = (v.VK_ACCESS_SHADER_WRITE_BIT | v.VK_ACCESS_SHADER_READ_BIT
+                     | v.VK_ACCESS_TRANSFER_WRITE_BIT | v.VK_ACCESS_TRANSFER_READ_BIT)
+    return v.ffi.new("VkMemoryBarrier*", {"sType": v.VK_STRUCTURE_TYPE_MEMORY_BARRIER,
+                                          "srcAccessMask": src, "dstAccessMask": dst})
 
 
 class CommandBuffer:
@@ -100,11 +101,13 @@ class CommandBuffer:
 
     def barrier(self) -> None:
         """Make every earlier shader or transfer write visible to later shaders and transfers."""
-        vk.vkCmdPipelineBarrier(self.handle, _WORK_STAGES, _WORK_STAGES, 0, 1, _BARRIER, 0, None, 0, None)
+        stages = vk.VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT | vk.VK_PIPELINE_STAGE_TRANSFER_BIT
+        vk.vkCmdPipelineBarrier(self.handle, stages, stages, 0, 1, _memory_barrier(False), 0, None, 0, None)
 
     def host_barrier(self) -> None:
         """Make device writes visible to the host after the fence (needed before mapped reads)."""
-        vk.vkCmdPipelineBarrier(self.handle, _WORK_STAGES, vk.VK_PIPELINE_STAGE_HOST_BIT, 0, 1, _HOST_BARRIER,
+        stages = vk.VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT | vk.VK_PIPELINE_STAGE_TRANSFER_BIT
+        vk.vkCmdPipelineBarrier(self.handle, stages, vk.VK_PIPELINE_STAGE_HOST_BIT, 0, 1, _memory_barrier(True),
                                 0, None, 0, None)
 
     def copy(self, src, dst, size: int) -> None:

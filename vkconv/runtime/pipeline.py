@@ -32,8 +32,9 @@ TEXEL4 = "texel4"
 TEXEL4H = "texel4h"  # RGBA16F view: texelFetch still gives vec4 number i, stored as 4 halves
 TEXEL1 = "texel1"
 _TEXEL_BYTES = {TEXEL4: 16, TEXEL4H: 8, TEXEL1: 4}
-_TEXEL_FORMATS = {TEXEL4: vk.VK_FORMAT_R32G32B32A32_SFLOAT, TEXEL4H: vk.VK_FORMAT_R16G16B16A16_SFLOAT,
-                  TEXEL1: vk.VK_FORMAT_R32_SFLOAT}
+# format names, looked up when a view is made (the module imports without a Vulkan loader)
+_TEXEL_FORMATS = {TEXEL4: "VK_FORMAT_R32G32B32A32_SFLOAT", TEXEL4H: "VK_FORMAT_R16G16B16A16_SFLOAT",
+                  TEXEL1: "VK_FORMAT_R32_SFLOAT"}
 
 
 def binding_kinds(bindings) -> tuple[str, ...]:
@@ -216,7 +217,7 @@ class DescriptorSet:
                 write.pBufferInfo = infos + i
                 continue
             texel = _TEXEL_BYTES[kind]
-            view_info.buffer, view_info.format = buf.buffer, _TEXEL_FORMATS[kind]
+            view_info.buffer, view_info.format = buf.buffer, getattr(v, _TEXEL_FORMATS[kind])
             view_info.offset, view_info.range = 0, buf.size // texel * texel
             views[i] = v.vkCreateBufferView(ctx.device, view_info, None)
             self._h["views"].append(views[i])

@@ -556,7 +556,7 @@ _WINOGRAD63_G = np.array([[1, 0, 0], [-2 / 9, -2 / 9, -2 / 9], [-2 / 9, 2 / 9, -
                           [1 / 90, 1 / 45, 2 / 45], [1 / 90, -1 / 45, 2 / 45],
                           [32 / 45, 16 / 45, 8 / 45], [32 / 45, -16 / 45, 8 / 45], [0, 0, 1]])
 _PUSH_WINOGRAD_IN = struct.Struct("<7i")
-_PUSH_WINOGRAD_OUT = struct.Struct("<6i2f")
+_PUSH_WINOGRAD_OUT = struct.Struct("<6i2f2i")
 
 
 @dataclass(frozen=True)
@@ -644,10 +644,15 @@ class WinogradKernel(_PaddedInputKernel):
             plan.record(self.record(plan, geo, plan.inputs[0], plan.outputs[0]))
         return plan
 
-    def record(self, plan: Plan, geo: Geometry, x: Buffer, y: Buffer):
+    def record(self, plan: Plan, geo: Geometry, x: Buffer, y: Buffer,
+               phases: tuple[int, int, int, int] | None = None):
         """Bind input ``x`` (a texel-capable buffer of ``geo.x_shape``) and output ``y`` in ``plan``
-        (which keeps the scratch buffers and descriptor sets); the recorder of the four passes."""
+        (which keeps the scratch buffers and descriptor sets); the recorder of the four passes.
+        ``phases`` ``(sh, sw, h, w)``: this is a transposed convolution's sub-pixel convolution,
+        channel ``co * sh * sw + rh * sw + rw`` phase ``(rh, rw)`` of output channel ``co`` of the
+        ``h x w`` output ``y`` (shaders/conv/conv_winograd.comp stores it there)."""
         ctx, ls = self.ctx, self.tune.local_size
+        sh, sw, y_h, y_w = phases or (1, 1, *geo.out[1:])
         lay = self._layout(geo)
         sizes = self._sizes(geo, lay)
         texel = self._use_texel(sizes, [self.gemm.weights])
@@ -666,7 +671,7 @@ class WinogradKernel(_PaddedInputKernel):
                                 geo.pad_begin[2] if lay.in_place else 0))
         pipe_out = get_pipeline(ctx, shader + "_out" + suffix, (kind, STORAGE, STORAGE),
                                 _PUSH_WINOGRAD_OUT.size,
-                                (ls, 1, 1, self.act, 0, 0, 0, 0, 0, int(geo.out[2] % 4 == 0)))
+                                (ls, 1, 1, self.act, 0, 0, 0, 0, 0, int(geo.out[2] % 4 == 0), sh, sw))
         set_in = DescriptorSet(pipe_in, [padded, v])
         set_out = DescriptorSet(pipe_out, [m, self.bias, y])
         plan.keep += [set_in, set_out]
@@ -676,7 +681,7 @@ class WinogradKernel(_PaddedInputKernel):
         push_in = _PUSH_WINOGRAD_IN.pack(geo.cin_g, lay.tiles_h, lay.tiles_q, lay.padded.ph,
                                          lay.padded.pw4, lay.ntp, geo.pad_begin[1] if lay.in_place else 0)
         push_out = _PUSH_WINOGRAD_OUT.pack(self.cout, lay.tiles_h, lay.tiles_q, *geo.out[1:], lay.ntp,
-                                           self.act.a, self.act.b)
+                                           self.act.a, self.act.b, y_h, y_w)
         gemm = self.gemm.rows_dispatch(plan, lay.gemm, lay.pb, lay.gemm_lay, v, m, texel)
 
         def body(cmd: CommandBuffer) -> None:
