@@ -19,8 +19,9 @@ convolution (dilation ``d``) of the input with that sub-kernel flipped.
   one window ``q - B .. q - B + K - 1`` (``B`` the largest phase begin pad, ``K`` spanning every
   phase's taps), so a convolution with that ``K``-wide kernel and ``C_out * prod(strides)`` output
   channels (channel ``co * P + r``: the phase's taps at their places in the window, zeros
-  elsewhere) computes every phase at once, and a shuffle pass
-  (``shaders/conv/conv_transpose_shuffle.comp``) moves each phase's plane into place (the
+  elsewhere) computes every phase at once; a Winograd kernel's output transform stores each phase
+  straight into place, after any other kernel a shuffle pass
+  (``shaders/conv/conv_transpose_shuffle.comp``) moves each phase's plane there (the
   depth-to-space of ESPCN).  A kernel equal to its stride (the 2x2 stride-2 upsamplers of PP-OCR
   and U-Net) makes it a 1x1 GEMM, 2-4x faster than the gather kernel on lavapipe; the 4x4 stride-2
   pad-1 upsampler makes it a 3x3 convolution, which the Winograd kernels run with 0.56x the phases'
@@ -634,11 +635,13 @@ class ConvTranspose(WeightedOp):
     def _subpixel_pays(self, x_shape, y_shape) -> bool:
         """Whether the heuristic rule takes the sub-pixel convolution (never with all strides 1): where
         it is a 1x1 GEMM (kernel == stride, no pads: no zeros in its window), and where a Winograd
-        kernel runs it (a 3x3 window) with at most 0.6x the multiplications of the phases' direct
-        convolutions (``P`` phases x 2.25 or 1.78 per output against the phases' taps).  Measured
-        on lavapipe (docs/PERFORMANCE.md): k4 s2 p1 (0.56x) ran in 0.83-0.97x the phases' time
-        from 64 to 512 channels; k5 s3 p1 (0.81x, nine phases) in 1.4-1.6x; windows with zeros on
-        the implicit-GEMM kernel in 1.2-2.4x."""
+        kernel runs it (a 3x3 window) for at most 4 phases (strides up to 2) with at most 0.6x the
+        multiplications of the phases' direct convolutions (``P`` phases x 2.25 or 1.78 per output
+        against the phases' taps).  Measured on lavapipe, in turns with the phases
+        (docs/PERFORMANCE.md): k4 s2 p1 (0.56x) and k5 s2 p2 (0.36x) in 0.77-0.96x their time from
+        64 to 512 channels; with 9 phases the output transform over 9 C_out channels decides (k5 s3
+        p1 0.87-0.95x, k6 s3 p1 1.06x), which the rule leaves to the tuner; windows with zeros on
+        the implicit-GEMM kernel took 1.2-2.4x."""
         found = self._subpixel(x_shape, y_shape)
         if found is None:
             return False
@@ -652,9 +655,10 @@ class ConvTranspose(WeightedOp):
         name = select(geo, self.ctx.info.type)
         if name not in ("winograd", "winograd63"):
             return False
+        phases = math.prod(self.strides)
         per_output = 64 / 36 if name == "winograd63" else 36 / 16
         taps = math.prod(sum(t for _, t, _ in axis) for axis in axes)
-        return math.prod(self.strides) * per_output <= 0.6 * taps
+        return phases <= 4 and phases * per_output <= 0.6 * taps
 
     def _cached(self, x_shape, y_shape) -> TransposeCandidate | None:
         """The cache's candidate for this shape, if it can run here."""
