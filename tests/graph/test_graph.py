@@ -98,6 +98,31 @@ def test_se_block_and_conv_transpose():
         assert_close(g({"x": x})["y"], _ort(model, {"x": x})[0], 1e-4)
 
 
+def test_conv_transpose_sub_pixel_winograd_in_a_graph():
+    """A k4 s2 p1 upsampler wide enough for the sub-pixel Winograd path (its output transform writes
+    the phases into the layer's output) between device tensors: one submit, against onnxruntime."""
+    rng = np.random.default_rng(4)
+    f = lambda *s: (rng.standard_normal(s) * 0.1).astype(np.float32)  # noqa: E731
+    inits = {"w": f(64, 64, 3, 3), "wt": f(64, 32, 4, 4), "bt": f(32)}
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("ConvTranspose", ["r", "wt", "bt"], ["t"], strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["t"], ["y"])]
+    model = _model(nodes, [("x", [1, 64, "h", "w"])], ["y"], inits)
+    ctx = vkconv.get_context()
+    with Graph(model.graph) as g:
+        for shape in ((1, 64, 12, 16), (1, 64, 13, 11)):  # vec4-wide input, odd sizes
+            x = rng.standard_normal(shape).astype(np.float32)
+            submits = ctx.stats["submits"]
+            got = g({"x": x})["y"]
+            assert ctx.stats["submits"] == submits + 1
+            assert_close(got, _ort(model, {"x": x})[0], 1e-4)
+            op = next(step.op for _, step, _ in g.steps if getattr(step, "op", None) is not None
+                      and isinstance(step.op, vkconv.ConvTranspose))
+            if ctx.info.type == "cpu":
+                assert op.method_for(shape) == "subpixel"
+
+
 def test_buffers_are_reused_by_liveness():
     # 12 same-shape steps (activations between 1x1 max pools, so that no two fuse) need 2
     # intermediate buffers, not 11
