@@ -352,6 +352,7 @@ def test_phases_against_onnxruntime_and_gather(x_shape, w_shape, s, pads, a, gro
     (64, 16, 4, 2, 1, (8, 12), "subpixel"),   # input width % 4 == 0: vec4 shuffle
     (64, 64, 5, 3, 1, (9, 10), "phases"),     # 9 phases: left to the tuner
     (64, 32, 5, 2, 2, (15, 20), "subpixel"),  # taps 3 and 2 per axis: 9 of 25
+    (64, 16, 4, 2, 1, (112, 114), "subpixel"),  # >= 112: Winograd F(6,3)
 ])
 def test_auto_takes_the_subpixel_winograd_where_it_saves_multiplications(monkeypatch, cin, cout, k, s, p, size, path):
     """The heuristic rule's Winograd case on a CPU device, against onnxruntime (Winograd's float32
@@ -367,7 +368,8 @@ def test_auto_takes_the_subpixel_winograd_where_it_saves_multiplications(monkeyp
             assert op.method_for(x.shape) == path
         assert_close(op(x), expected)
         if op.method_for(x.shape) == "subpixel":
-            assert [key[0] for key in op._subpixel_kernels] == ["winograd"]
+            (name, *_), = op._subpixel_kernels
+            assert name == ("winograd63" if min(size) >= 112 else "winograd")
 
 
 def test_phases_with_output_shape_and_auto_pad():
