@@ -2,7 +2,8 @@
 """ConvTranspose benchmark: vkconv's three paths (the gather kernel, one convolution per stride
 phase, one sub-pixel convolution and a shuffle; each forced), what ``method="auto"`` picks, next to a
 dense 3x3 ``vkconv.Conv`` of comparable work forced to ``kernel="implicit_gemm"`` (the dense conv's
-raw arithmetic rate), and ncnn's Vulkan Deconvolution (fp32) where ``import ncnn`` works.
+raw arithmetic rate); then OpenCV's own CPU ConvTranspose (``cv2.dnn``) on the 2-D cases and ncnn's
+Vulkan Deconvolution (fp32) on the first, each where it imports.
 
 GFLOP/s = 2 x MACs of the direct formulation (every input pixel times every tap) / median time,
 numpy in and out.  The dense conv has the layer's channels and a 3x3 kernel over a square image
@@ -164,12 +165,57 @@ def bench_ncnn(case: Case, runs: int) -> dict | None:
             "rel_diff": diff / float(np.abs(ours).max()), "device": ncnn.get_gpu_device(0).info().device_name()}
 
 
+def bench_opencv(cases: list[Case], runs: int, rounds: int) -> list[dict]:
+    """OpenCV's own CPU ConvTranspose (``cv2.dnn`` on a one-node ONNX model, its default CPU backend
+    and threads) and vkconv (``method="auto"``) on each 2-D case: medians over ``rounds`` of the
+    median of ``runs`` calls each, the two timed in blocks (OpenCV's worker threads keep spinning
+    after a call, which would slow a vkconv call right after it), and the max |difference| over
+    max |y|.  Empty (with a note) where cv2 does not import."""
+    try:
+        import cv2
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError as exc:
+        print(f"OpenCV: skipped ({exc})")
+        return []
+    rows = []
+    for case in (c for c in cases if c.nd == 2):
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal(case.x_shape).astype(np.float32)
+        w = (rng.standard_normal((case.cin, case.cout, case.k, case.k)) / 20).astype(np.float32)
+        b = rng.standard_normal(case.cout).astype(np.float32)
+        with vkconv.ConvTranspose(w, b, strides=case.s, pads=case.p, output_padding=case.output_padding) as op:
+            node = helper.make_node("ConvTranspose", ["x", "w", "b"], ["y"], strides=[case.s] * 2,
+                                    pads=[case.p] * 4, output_padding=[case.output_padding] * 2)
+            graph = helper.make_graph(
+                [node], "convt", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+                [helper.make_tensor_value_info("y", TensorProto.FLOAT, op.output_shape(x.shape))],
+                [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+            net = cv2.dnn.readNetFromONNX(np.frombuffer(model.SerializeToString(), np.uint8))
+
+            def cv_forward(net=net, x=x) -> np.ndarray:
+                net.setInput(x)
+                return net.forward()
+
+            ours, theirs = op(x), cv_forward()
+            cv_ms, vk_ms = [], []
+            for _ in range(rounds):
+                cv_ms.append(report.median_ms(report.times(cv_forward, 1, runs)))
+                vk_ms.append(report.median_ms(report.times(lambda op=op, x=x: op(x), 1, runs)))
+            path = op.choice_for(x.shape).candidate.label()
+        rows.append({"case": case.name, "opencv_ms": statistics.median(cv_ms), "vkconv_ms": statistics.median(vk_ms),
+                     "path": path, "rel_diff": float(np.abs(ours - theirs).max() / np.abs(theirs).max()),
+                     "opencv": cv2.__version__})
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5, help="timed calls per measurement (median)")
     parser.add_argument("--rounds", type=int, default=3, help="repeats of the whole set")
     parser.add_argument("--cases", default="", help="comma-separated case names (default: all)")
     parser.add_argument("--no-ncnn", action="store_true")
+    parser.add_argument("--no-opencv", action="store_true")
     args = parser.parse_args()
     cases = [c for c in CASES if not args.cases or c.name in args.cases.split(",")]
     ctx = vkconv.get_context()
@@ -194,6 +240,15 @@ def main() -> int:
                for key in rounds[0][i] if key not in ("case", "auto")}
         print(f"{case.name:22s} " + " ".join(cell(col, p) for p in PATHS)
               + f" {col['dense_gflops']:10.1f}  {rounds[-1][i]['auto']}")
+    if not args.no_opencv:
+        rows = bench_opencv(cases, args.runs, args.rounds)
+        if rows:
+            print(f"\nOpenCV {rows[0]['opencv']} CPU ConvTranspose (cv2.dnn, its default threads) against vkconv "
+                  "(auto), blocks of calls, medians over rounds:")
+            for row in rows:
+                print(f"{row['case']:22s} OpenCV {row['opencv_ms']:7.1f} ms  vkconv ({row['path']}) "
+                      f"{row['vkconv_ms']:7.1f} ms  ({row['vkconv_ms'] / row['opencv_ms']:.2f}x OpenCV's time)  "
+                      f"diff {row['rel_diff']:.1e} of max |y|")
     if not args.no_ncnn:
         main_case = CASES[0]
         res = bench_ncnn(main_case, args.runs)
