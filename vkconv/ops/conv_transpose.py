@@ -440,13 +440,17 @@ class ConvTranspose(WeightedOp):
         """The dense kernels' launch choices: fp32 weights, ``cand``'s register tile."""
         return dataclasses.replace(tuning(self.ctx, False), mb=cand.mb, pb=cand.pb)
 
+    def _subpixel_family(self, geo: Geometry) -> str:
+        """The dense kernel family of the sub-pixel convolution ``geo``: the one a ``Conv`` of its
+        shape would take, ``implicit_gemm`` where its pads crop."""
+        return select(geo, self.ctx.info.type) if min(geo.pad_begin + geo.pad_end) >= 0 else "implicit_gemm"
+
     def _subpixel_kernel(self, geo: Geometry, key: tuple, cand: TransposeCandidate) -> Kernel:
-        """The dense kernel of the sub-pixel convolution: the one a ``Conv`` of its shape would
-        take (``implicit_gemm`` where its pads crop), with ``cand``'s register tile.  Weights
-        ``[C_out * P, C_in/g, *K]``: phase ``r`` of output channel ``co`` is channel ``co * P + r``
-        (``r`` numbered (rd, rh, rw) row-major, as the shuffle reads it), tap ``k0 + s * t`` at
-        window place ``B + c - d * t``."""
-        name = select(geo, self.ctx.info.type) if min(geo.pad_begin + geo.pad_end) >= 0 else "implicit_gemm"
+        """The dense kernel of the sub-pixel convolution (:meth:`_subpixel_family`) with ``cand``'s
+        register tile.  Weights ``[C_out * P, C_in/g, *K]``: phase ``r`` of output channel ``co`` is
+        channel ``co * P + r`` (``r`` numbered (rd, rh, rw) row-major, as the Winograd store and the
+        shuffle read it), tap ``k0 + s * t`` at window place ``B + c - d * t``."""
+        name = self._subpixel_family(geo)
         kernel_key = (name, *_tile(name, cand), key)
         kernel = self._subpixel_kernels.get(kernel_key)
         if kernel is None:
@@ -566,7 +570,7 @@ class ConvTranspose(WeightedOp):
 
     def method_for(self, x_shape) -> str:
         """The path taken for inputs of ``x_shape``: ``"subpixel"`` (one convolution to every phase,
-        then a shuffle), ``"phases"`` (one convolution per phase) or ``"gather"``.  The heuristic
+        each stored into place), ``"phases"`` (one convolution per phase) or ``"gather"``.  The heuristic
         rule (``method="auto"`` without a tuned choice) takes the sub-pixel convolution where it is
         a 1x1 GEMM (kernel == stride) or runs on a Winograd kernel (:meth:`_subpixel_pays`), else
         the phases on CPU devices, where they measured faster than the gather kernel on every layer
@@ -650,9 +654,7 @@ class ConvTranspose(WeightedOp):
             return False  # one phase: the phases path runs the same convolution, with no shuffle
         if geo.pointwise:
             return True
-        if min(geo.pad_begin + geo.pad_end) < 0:
-            return False
-        name = select(geo, self.ctx.info.type)
+        name = self._subpixel_family(geo)
         if name not in ("winograd", "winograd63"):
             return False
         phases = math.prod(self.strides)
