@@ -348,11 +348,12 @@ def test_phases_against_onnxruntime_and_gather(x_shape, w_shape, s, pads, a, gro
 
 
 @pytest.mark.parametrize("cin, cout, k, s, p, size, path", [
-    (64, 32, 4, 2, 1, (13, 11), "subpixel"),  # 4 phases x 2.25 = 9 multiplications per output of 16 taps
-    (64, 16, 4, 2, 1, (8, 12), "subpixel"),   # input width % 4 == 0: vec4 shuffle
-    (64, 64, 5, 3, 1, (9, 10), "phases"),     # 9 phases: left to the tuner
-    (64, 32, 5, 2, 2, (15, 20), "subpixel"),  # taps 3 and 2 per axis: 9 of 25
-    (64, 16, 4, 2, 1, (112, 114), "subpixel"),  # >= 112: Winograd F(6,3)
+    (128, 32, 4, 2, 1, (13, 11), "subpixel"),  # 4 phases x 2.25 = 9 multiplications per output of 16 taps
+    (128, 16, 4, 2, 1, (8, 12), "subpixel"),   # input width % 4 == 0
+    (64, 32, 4, 2, 1, (13, 11), "phases"),     # 64 input channels: the phases
+    (128, 64, 5, 3, 1, (9, 10), "phases"),     # 9 phases: left to the tuner
+    (128, 32, 5, 2, 2, (15, 20), "subpixel"),  # taps 3 and 2 per axis: 9 of 25
+    (128, 16, 4, 2, 1, (112, 114), "subpixel"),  # >= 112: Winograd F(6,3)
 ])
 def test_auto_takes_the_subpixel_winograd_where_it_saves_multiplications(monkeypatch, cin, cout, k, s, p, size, path):
     """The heuristic rule's Winograd case on a CPU device, against onnxruntime (Winograd's float32

@@ -639,13 +639,14 @@ class ConvTranspose(WeightedOp):
     def _subpixel_pays(self, x_shape, y_shape) -> bool:
         """Whether the heuristic rule takes the sub-pixel convolution (never with all strides 1): where
         it is a 1x1 GEMM (kernel == stride, no pads: no zeros in its window), and where a Winograd
-        kernel runs it (a 3x3 window) for at most 4 phases (strides up to 2) with at most 0.6x the
-        multiplications of the phases' direct convolutions (``P`` phases x 2.25 or 1.78 per output
-        against the phases' taps).  Measured on lavapipe, in turns with the phases
-        (docs/PERFORMANCE.md): k4 s2 p1 (0.56x) and k5 s2 p2 (0.36x) in 0.77-0.96x their time from
-        64 to 512 channels; with 9 phases the output transform over 9 C_out channels decides (k5 s3
-        p1 0.87-0.95x, k6 s3 p1 1.06x), which the rule leaves to the tuner; windows with zeros on
-        the implicit-GEMM kernel took 1.2-2.4x."""
+        kernel runs it (a 3x3 window) from 128 input channels on, for at most 4 phases (strides up
+        to 2), with at most 0.6x the multiplications of the phases' direct convolutions (``P``
+        phases x 2.25 or 1.78 per output against the phases' taps).  Measured on lavapipe, in turns
+        with the phases (docs/PERFORMANCE.md): k4 s2 p1 and k5 s2 p2 (0.56x and 0.36x the
+        multiplications) in 0.77-0.98x their time from 128 to 512 input channels, but 0.73-1.06x at
+        64-96 (the transforms, over P x C_out output channels, weigh against a short GEMM); with 9
+        phases the output transform decides (k5 s3 p1 0.87-0.95x, k6 s3 p1 1.06x), which the rule
+        leaves to the tuner; windows with zeros on the implicit-GEMM kernel took 1.2-2.4x."""
         found = self._subpixel(x_shape, y_shape)
         if found is None:
             return False
@@ -660,7 +661,7 @@ class ConvTranspose(WeightedOp):
         phases = math.prod(self.strides)
         per_output = 64 / 36 if name == "winograd63" else 36 / 16
         taps = math.prod(sum(t for _, t, _ in axis) for axis in axes)
-        return phases <= 4 and phases * per_output <= 0.6 * taps
+        return geo.cin_g >= 128 and phases <= 4 and phases * per_output <= 0.6 * taps
 
     def _cached(self, x_shape, y_shape) -> TransposeCandidate | None:
         """The cache's candidate for this shape, if it can run here."""
