@@ -410,17 +410,14 @@ class ConvTranspose(WeightedOp):
         ``[N, C_out * P, *J]``, ``J`` the outputs of phase 0 per axis) and the key of its weights
         (window ``K``, begin pad ``B`` and the phases' ``(k0, taps, c)`` per axis); None where the
         phases do not apply or some residue has no output (an output shorter than the stride)."""
-        if self.weight_shape[0] == 0:
+        per_axis = self._axis_phases(x_shape, y_shape)
+        if per_axis is None:
             return None
-        pads = self.resolved_pads(x_shape)
         size3 = _lift3(x_shape[2:], 1, self.nd)
         window, begin, out, pad_end, axes = [], [], [], [], []
-        for n, args in enumerate(zip(size3, _lift3(y_shape[2:], 1, self.nd),
-                                     _lift3(self.weight_shape[2:], 1, self.nd), _lift3(self.strides, 1, self.nd),
-                                     _lift3(self.dilations, 1, self.nd), _lift3(pads[:self.nd], 0, self.nd))):
-            phases = axis_phases(*args)
-            stride, dil = args[3], args[4]
-            if phases is None or len(phases) != stride:
+        for phases, size, stride, dil in zip(per_axis, size3, _lift3(self.strides, 1, self.nd),
+                                             _lift3(self.dilations, 1, self.nd)):
+            if len(phases) != stride:
                 return None
             # phase (r, count, k0, taps, conv begin, conv end) reads inputs q + c - d * t
             c = [dil * (taps - 1) - b for _, _, _, taps, b, _ in phases]
@@ -428,7 +425,7 @@ class ConvTranspose(WeightedOp):
             window.append(max(c) + b_max + 1)
             begin.append(b_max)
             out.append(phases[0][1])
-            pad_end.append(out[-1] - size3[n] - b_max + window[-1] - 1)
+            pad_end.append(out[-1] - size - b_max + window[-1] - 1)
             axes.append(tuple((k0, taps, ci) for (_, _, k0, taps, _, _), ci in zip(phases, c)))
         x5 = tuple(x_shape[:2]) + tuple(size3)
         cout_p = self.weight_shape[1] * self.group * math.prod(self.strides)
@@ -513,9 +510,9 @@ class ConvTranspose(WeightedOp):
             plan.record(body)
         return plan
 
-    def _phases(self, x_shape, y_shape) -> list[Phase] | None:
-        """The stride phases of this layer at this input (all axes' combinations), None where the
-        decomposition does not apply (:func:`axis_phases`, or no input channels)."""
+    def _axis_phases(self, x_shape, y_shape) -> list[list[tuple[int, int, int, int, int, int]]] | None:
+        """:func:`axis_phases` of each axis (D, H, W) of this layer at this input; None where the
+        decomposition does not apply to an axis, or the layer has no input channels."""
         if self.weight_shape[0] == 0:
             return None
         pads = self.resolved_pads(x_shape)
@@ -527,6 +524,14 @@ class ConvTranspose(WeightedOp):
             if phases is None:
                 return None
             axes.append(phases)
+        return axes
+
+    def _phases(self, x_shape, y_shape) -> list[Phase] | None:
+        """The stride phases of this layer at this input (all axes' combinations), None where the
+        decomposition does not apply (:meth:`_axis_phases`)."""
+        axes = self._axis_phases(x_shape, y_shape)
+        if axes is None:
+            return None
         combos = []
         for combo in itertools.product(*axes):
             r, count, k0, taps, begin, end = (tuple(int(v) for v in values) for values in zip(*combo))
