@@ -54,6 +54,12 @@ class Case:
     def x_shape(self) -> tuple[int, ...]:
         return (self.batch, self.cin) + (self.size,) * self.nd
 
+    def arrays(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The case's input, weights (ONNX's ``[C_in, C_out, *k]``) and bias, drawn from ``rng``."""
+        x = rng.standard_normal(self.x_shape).astype(np.float32)
+        w = (rng.standard_normal((self.cin, self.cout) + (self.k,) * self.nd) / 20).astype(np.float32)
+        return x, w, rng.standard_normal(self.cout).astype(np.float32)
+
     @property
     def macs(self) -> int:
         return math.prod(self.x_shape) * self.cout * self.k ** self.nd
@@ -81,9 +87,7 @@ def bench_round(cases: list[Case], runs: int) -> list[dict]:
     rows = []
     for case in cases:
         rng = np.random.default_rng(0)
-        x = rng.standard_normal(case.x_shape).astype(np.float32)
-        w = (rng.standard_normal((case.cin, case.cout) + (case.k,) * case.nd) / 20).astype(np.float32)
-        b = rng.standard_normal(case.cout).astype(np.float32)
+        x, w, b = case.arrays(rng)
         side = case.dense_side()
         xd = rng.standard_normal((case.batch, case.cin) + (side,) * case.nd).astype(np.float32)
         wd = (rng.standard_normal((case.cout, case.cin) + (3,) * case.nd) / 20).astype(np.float32)
@@ -127,10 +131,7 @@ def bench_ncnn(case: Case, runs: int) -> dict | None:
     if ncnn.get_gpu_count() < 1:
         print("ncnn: skipped, it sees no Vulkan device")
         return None
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal(case.x_shape).astype(np.float32)
-    w = (rng.standard_normal((case.cin, case.cout, case.k, case.k)) / 20).astype(np.float32)
-    b = rng.standard_normal(case.cout).astype(np.float32)
+    x, w, b = case.arrays(np.random.default_rng(0))
     with tempfile.TemporaryDirectory() as tmp:
         # ncnn's Deconvolution takes its weights as [C_out][C_in][kh][kw] (onnx2ncnn transposes ONNX's).
         Path(tmp, "m.param").write_text(
@@ -179,10 +180,7 @@ def bench_opencv(cases: list[Case], runs: int, rounds: int) -> list[dict]:
         return []
     rows = []
     for case in (c for c in cases if c.nd == 2):
-        rng = np.random.default_rng(0)
-        x = rng.standard_normal(case.x_shape).astype(np.float32)
-        w = (rng.standard_normal((case.cin, case.cout, case.k, case.k)) / 20).astype(np.float32)
-        b = rng.standard_normal(case.cout).astype(np.float32)
+        x, w, b = case.arrays(np.random.default_rng(0))
         with vkconv.ConvTranspose(w, b, strides=case.s, pads=case.p, output_padding=case.output_padding) as op:
             node = helper.make_node("ConvTranspose", ["x", "w", "b"], ["y"], strides=[case.s] * 2,
                                     pads=[case.p] * 4, output_padding=[case.output_padding] * 2)
