@@ -10,12 +10,18 @@
 //   WINOGRAD_OUT      y = A^T M A + bias, activation, for every 4x4 output tile (PH x PW > 1: the
 //                     sub-pixel convolution of a transposed one, each channel's plane stored
 //                     straight into its phase of the layer's output, see below).
-// Tiles are numbered t = (n * tiles_h + ty) * tiles_w4 + tx with tiles_w4 = 4 * tiles_q. Each
-// invocation handles one row of tiles, 4 horizontally adjacent tiles at a time, so transformed
-// values move as vec4s over 4 tiles (lavapipe pays per load/store instruction, not per byte). F(4,3) does 4x fewer
-// multiplications than direct convolution; its float32 error is about 1e-5 x max|y| at 512 input
-// channels (vkconv/ops/conv/kernels.py states the test tolerance).
-//
+// Tiles are numbered t = (n * tiles_h + ty) * pitch + tx, pitch = tiles_w rounded up to even
+// (planes of ntp values, the count rounded up to 4), so the GEMMs do almost no work on padding
+// tiles: rows padded to groups of 4 tiles made a 56-wide image's 14 tile columns 16, 1/8 more GEMM
+// work. Each transform invocation handles one row of tiles, 4 at a time, so transformed values
+// move as vec4s over 4 tiles (lavapipe pays per load/store instruction, not per byte): the input
+// transform reads a row's strip of 4 horizontally adjacent tiles as aligned vec4s and stores them
+// as two vec2s (a row starts at an even tile number: measured as fast as a vec4 store, where 4
+// scalar stores took 1.8x as long); the output transform loads the aligned vec4s of 4 consecutive
+// tile numbers that cover its row, those of neighbouring rows included, and stores only its own
+// tiles, a pair at a time. F(4,3) does 4x fewer multiplications than direct convolution; its
+// float32 error is about 1e-5 x max|y| at 512 input channels (vkconv/ops/conv/kernels.py states
+// the test tolerance).
 //
 // TILE_M = 6 (the winograd63 variants): F(6x6, 3x3) over 8x8 input tiles, interpolation points
 // 0, +-1, +-2, +-1/2 and infinity (as ncnn's winograd63); 64 GEMMs, 1.78 multiplications per
@@ -54,7 +60,7 @@ layout(std430, binding = 0) readonly buffer Source { vec4 src[]; };
 #endif
 
 #ifdef WINOGRAD_IN
-layout(std430, binding = 1) writeonly buffer Transformed { vec4 v[]; };
+layout(std430, binding = 1) writeonly buffer Transformed { vec2 v[]; };
 // MASKED: the input itself (width a multiple of 4), its pads masked; PADW: zeros before each row.
 layout(constant_id = 10) const bool MASKED = false;
 layout(constant_id = 11) const int PADW = 0;  // 0..4
@@ -64,9 +70,11 @@ const int SKEW = MASKED && PADW > 0 ? 4 - PADW : 0;
 const int STRIP = MASKED && PADW > 0 ? S + 1 : S;
 
 layout(push_constant) uniform Params {
-    int channels, tiles_h, tiles_q;  // tiles_q: groups of 4 tiles along a row
+    int channels, tiles_h, pitch;
+    int tiles_q;                     // groups of 4 tiles along a row: ceil(tiles_w / 4)
+    int tile_rows;                   // n * tiles_h
     int ph, pw4;                     // padded input (conv_pack layout); MASKED: the input's
-    int ntp;                         // tiles per transformed plane: n * tiles_h * 4 * tiles_q
+    int ntp;                         // values per transformed plane: tile_rows * tiles_w rounded up to 4
     int pad_h;                       // MASKED: zero rows above the image
 } p;
 
@@ -105,14 +113,13 @@ void main()
     // One invocation per row of tiles, looping over its groups of 4 tiles: the divisions that
     // locate the row (scalarized on lavapipe) are paid once per row.
     const int id = flat_invocation();
-    if (id >= p.ntp / (4 * p.tiles_q) * p.channels) return;
+    if (id >= p.tile_rows * p.channels) return;
     const int ty = id % p.tiles_h;
     const int ci = (id / p.tiles_h) % p.channels;
     const int n = id / (p.tiles_h * p.channels);
-    const int plane4 = p.ntp / 4;
     const int iy0 = MASKED ? M * ty - p.pad_h : M * ty;
     const int src_row = ((n * p.channels + ci) * p.ph + iy0) * p.pw4 - (STRIP - S);
-    const int dst_row = (ci * p.ntp + (n * p.tiles_h + ty) * 4 * p.tiles_q) / 4;
+    const int dst_row = (ci * p.ntp + (n * p.tiles_h + ty) * p.pitch) / 2;
     // MASKED: which of the N rows lie in the image (the others read as zeros)
     bool row_in[N];
     [[unroll]] for (int i = 0; i < N; ++i) row_in[i] = !MASKED || uint(iy0 + i) < uint(p.ph);
@@ -145,7 +152,11 @@ void main()
         }
         [[unroll]] for (int i = 0; i < N; ++i) {
             bt(d[i]);
-            [[unroll]] for (int k = 0; k < N; ++k) v[dst_row + q + (i * N + k) * p.channels * plane4] = d[i][k];
+            [[unroll]] for (int k = 0; k < N; ++k) {
+                const int at = dst_row + 2 * q + (i * N + k) * p.channels * (p.ntp / 2);
+                v[at] = d[i][k].xy;
+                if (4 * q + 2 < p.pitch) v[at + 1] = d[i][k].zw;
+            }
         }
     }
 }
@@ -154,7 +165,7 @@ void main()
 #ifdef WINOGRAD_OUT
 layout(std430, binding = 1) readonly buffer Bias { float bias[]; };
 layout(std430, binding = 2) writeonly buffer Output { vec4 y[]; };
-layout(constant_id = 9) const bool VEC_OUT = false;  // out_w % 4 == 0: whole tile rows as vec4s
+layout(constant_id = 9) const bool VEC_OUT = false;  // out_w % 4 == 0: F(4,3) stores a tile row as a vec4
 // The strides of a transposed convolution run as its sub-pixel convolution
 // (vkconv/ops/conv_transpose.py): channel c = co * PH * PW + rh * PW + rw holds phase (rh, rw) of
 // output channel co, and its pixel (oy, ox) goes to pixel (oy * PH + rh, ox * PW + rw) of the
@@ -163,7 +174,8 @@ layout(constant_id = 10) const int PH = 1;
 layout(constant_id = 11) const int PW = 1;
 
 layout(push_constant) uniform Params {
-    int channels, tiles_h, tiles_q;
+    int channels, tiles_h, tiles_w, pitch;
+    int tile_rows;  // n * tiles_h
     int out_h, out_w;
     int ntp;
     float act_a, act_b;
@@ -199,14 +211,17 @@ void at(vec4 m[N], out vec4 o[M])
 
 void main()
 {
-    // One invocation per row of tiles, looping over its groups of 4 tiles (see WINOGRAD_IN).
+    // One invocation per row of tiles (see WINOGRAD_IN), looping over the aligned groups of 4
+    // tile numbers that hold its tiles: lane j of group g is tile 4g + j, column tx = 4g + j - first
+    // of this row when 0 <= tx < tiles_w; lanes of the rows before and after are computed and dropped.
     const int id = flat_invocation();
-    if (id >= p.ntp / (4 * p.tiles_q) * p.channels) return;
+    if (id >= p.tile_rows * p.channels) return;
     const int ty = id % p.tiles_h;
     const int co = (id / p.tiles_h) % p.channels;
     const int n = id / (p.tiles_h * p.channels);
     const int plane4 = p.ntp / 4;
-    const int src_row = (co * p.ntp + (n * p.tiles_h + ty) * 4 * p.tiles_q) / 4;
+    const int first = (n * p.tiles_h + ty) * p.pitch;
+    const int m0 = co * plane4;
     const float b = bias[co];
     const int rows = min(M, p.out_h - M * ty);
     const int y_row = ((n * p.channels + co) * p.out_h + M * ty) * p.out_w;
@@ -215,43 +230,51 @@ void main()
     const int rh = phase / PW, rw = phase - rh * PW;
     const int y_plane = ((n * p.channels + co - phase) / (PH * PW)) * p.y_h * p.y_w;
 
-    for (int q = 0; q < p.tiles_q; ++q) {
+    for (int g = first >> 2; g <= (first + p.tiles_w - 1) >> 2; ++g) {
         vec4 t[M][N];  // (A^T M)[i][col]
         [[unroll]] for (int c = 0; c < N; ++c) {
             vec4 m[N];
-            [[unroll]] for (int i = 0; i < N; ++i) m[i] = LOAD(src_row + q + (i * N + c) * p.channels * plane4);
+            [[unroll]] for (int i = 0; i < N; ++i) m[i] = LOAD(m0 + g + (i * N + c) * p.channels * plane4);
             vec4 o[M];
             at(m, o);
             [[unroll]] for (int i = 0; i < M; ++i) t[i][c] = o[i];
         }
+        const int tx0 = 4 * g - first;  // column of lane 0's tile (negative: the row before)
         [[unroll]] for (int i = 0; i < M; ++i) {
             if (i >= rows) break;
             vec4 o[M];  // o[k][j]: column k of tile j
             at(t[i], o);
             const int yrow = y_row + i * p.out_w;
-            // The 4M values of this row of the 4 tiles, from column 4Mq on.
-            float raw[4 * M];
-            [[unroll]] for (int j = 0; j < 4; ++j) {
-                [[unroll]] for (int k = 0; k < M; ++k) raw[M * j + k] = o[k][j];
-            }
-            const int ox = 4 * M * q;
             const int sy = (M * ty + i) * PH + rh;  // PH x PW > 1: the stored row
-            [[unroll]] for (int k = 0; k < M; ++k) {
-                const vec4 r = activate4(vec4(raw[4 * k], raw[4 * k + 1], raw[4 * k + 2], raw[4 * k + 3]) + b,
-                                         p.act_a, p.act_b);
-                if (PH * PW > 1) {
-                    [[unroll]] for (int e = 0; e < 4; ++e) {
-                        const int sx = (ox + 4 * k + e) * PW + rw;
-                        if (ox + 4 * k + e < p.out_w && sy < p.y_h && sx < p.y_w) {
-                            const int at = y_plane + sy * p.y_w + sx;
-                            y[at >> 2][at & 3] = r[e];
-                        }
+            [[unroll]] for (int k = 0; k < M; ++k) o[k] = activate4(o[k] + b, p.act_a, p.act_b);
+            // Two pairs of tiles: rows start at even tile numbers, so a pair is all this row's or
+            // not at all (past an odd tiles_w only its columns past out_w, which are not stored),
+            // and every lane runs the same stores (rows before, in and after the loop alike).
+            [[unroll]] for (int h = 0; h < 2; ++h) {
+                const int ox = M * (tx0 + 2 * h);  // the pair's first column
+                if (uint(tx0 + 2 * h) >= uint(p.tiles_w)) continue;
+                float raw[2 * M];  // the pair's 2M consecutive values of this output row
+                [[unroll]] for (int j = 0; j < 2; ++j) {
+                    [[unroll]] for (int k = 0; k < M; ++k) raw[M * j + k] = o[k][2 * h + j];
+                }
+                if (PH * PW == 1 && VEC_OUT) {
+                    // ox is a multiple of 4 (M even, the pair's tile even): M / 2 aligned vec4s
+                    [[unroll]] for (int k = 0; k < M / 2; ++k) {
+                        if (ox + 4 * k < p.out_w)
+                            y[(yrow + ox) / 4 + k] = vec4(raw[4 * k], raw[4 * k + 1], raw[4 * k + 2], raw[4 * k + 3]);
                     }
-                } else if (VEC_OUT) {
-                    if (ox + 4 * k < p.out_w) y[(yrow + ox) / 4 + k] = r;
-                } else {
-                    [[unroll]] for (int e = 0; e < 4; ++e) {
-                        if (ox + 4 * k + e < p.out_w) y[(yrow + ox + 4 * k + e) >> 2][(yrow + ox + 4 * k + e) & 3] = r[e];
+                    continue;
+                }
+                [[unroll]] for (int e = 0; e < 2 * M; ++e) {
+                    if (ox + e >= p.out_w) break;
+                    if (PH * PW > 1) {
+                        const int sx = (ox + e) * PW + rw;
+                        if (sy < p.y_h && sx < p.y_w) {
+                            const int at = y_plane + sy * p.y_w + sx;
+                            y[at >> 2][at & 3] = raw[e];
+                        }
+                    } else {
+                        y[(yrow + ox + e) >> 2][(yrow + ox + e) & 3] = raw[e];
                     }
                 }
             }

@@ -151,7 +151,7 @@ CASES = {
         Case((2, 4, 7, 12), 3, (3, 3), pads=(3, 4, 0, 1)),
         Case((1, 4, 6, 4), 4, (3, 3), pads=(2, 5, 1, 0)),  # pad_w 5: the padded copy
     ],
-    "winograd63": [  # F(6x6, 3x3): 8x8 input tiles, groups of 4 tiles (24 columns) along a row
+    "winograd63": [  # F(6x6, 3x3): 8x8 input tiles, 4 tiles (24 columns) per group along a row
         Case((1, 5, 9, 11), 7, (3, 3), pads=(1, 1, 1, 1)),
         Case((2, 16, 25, 37), 20, (3, 3), pads=(0, 1, 2, 0), activation="Relu"),
         Case((1, 3, 30, 50), 4, (3, 3), pads=(1, 1, 1, 1), activation=("LeakyRelu", 0.1)),

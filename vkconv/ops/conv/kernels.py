@@ -555,15 +555,16 @@ _WINOGRAD_G = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6,
 _WINOGRAD63_G = np.array([[1, 0, 0], [-2 / 9, -2 / 9, -2 / 9], [-2 / 9, 2 / 9, -2 / 9],
                           [1 / 90, 1 / 45, 2 / 45], [1 / 90, -1 / 45, 2 / 45],
                           [32 / 45, 16 / 45, 8 / 45], [32 / 45, -16 / 45, 8 / 45], [0, 0, 1]])
-_PUSH_WINOGRAD_IN = struct.Struct("<7i")
-_PUSH_WINOGRAD_OUT = struct.Struct("<6i2f2i")
+_PUSH_WINOGRAD_IN = struct.Struct("<9i")
+_PUSH_WINOGRAD_OUT = struct.Struct("<8i2f2i")
 
 
 @dataclass(frozen=True)
 class _WinogradLayout:
     tiles_h: int
-    tiles_q: int      # groups of 4 tiles along a row
-    ntp: int          # tiles per transformed plane (all images): n * tiles_h * 4 * tiles_q
+    tiles_w: int
+    pitch: int        # tile numbers per row of tiles: tiles_w rounded up to even
+    ntp: int          # values per transformed plane: n * tiles_h * pitch rounded up to 4
     padded: _Padded   # the input copy the input transform reads (in_place: the input's dims)
     in_place: bool    # the input transform reads the input itself, its pads masked (no pack pass)
     gemm: Geometry    # the 36 GEMMs as one grouped 1x1 convolution over ntp pixels
@@ -571,10 +572,13 @@ class _WinogradLayout:
     gemm_lay: _Padded
 
 
-def winograd_tiles(geo: Geometry, m: int = 4) -> tuple[int, int, int]:
-    """(tile rows, groups of 4 tiles along a row, tiles per transformed plane) of F(m x m, 3x3)."""
-    tiles_h, tiles_q = -(-geo.out[1] // m), -(-geo.out[2] // (4 * m))
-    return tiles_h, tiles_q, geo.n * tiles_h * 4 * tiles_q
+def winograd_tiles(geo: Geometry, m: int = 4) -> tuple[int, int, int, int]:
+    """(tile rows, tile columns, row pitch, values per transformed plane) of F(m x m, 3x3): the
+    tiles of all images numbered row by row, each row from an even number (the transforms move
+    pairs of tiles), the count rounded up to whole vec4s (shaders/conv/conv_winograd.comp)."""
+    tiles_h, tiles_w = -(-geo.out[1] // m), -(-geo.out[2] // m)
+    pitch = tiles_w + tiles_w % 2
+    return tiles_h, tiles_w, pitch, -(-geo.n * tiles_h * pitch // 4) * 4
 
 
 class WinogradKernel(_PaddedInputKernel):
@@ -607,7 +611,8 @@ class WinogradKernel(_PaddedInputKernel):
         self.buffers += [self.bias]
 
     def _layout(self, geo: Geometry) -> _WinogradLayout:
-        tiles_h, tiles_q, ntp = winograd_tiles(geo, self.m)
+        tiles_h, tiles_w, pitch, ntp = winograd_tiles(geo, self.m)
+        tiles_q = -(-tiles_w // 4)
         h, w = geo.size[1:]
         # Rows of whole vec4s are read in place, the pads masked by the input transform (it reads
         # a strip of 4 tiles as vec4s from 4 columns before it, so pad_w <= 4): no pack pass.
@@ -626,7 +631,7 @@ class WinogradKernel(_PaddedInputKernel):
                         (1, 1, ntp), geo.x_shape, geo.y_shape)
         pb = choose_pb(self.gemm.mb, ntp, self.tune)
         gemm_lay = _Padded(self.points * geo.cin_g, 1, 1, ntp // 4, -(-ntp // pb))
-        return _WinogradLayout(tiles_h, tiles_q, ntp, padded, in_place, gemm, pb, gemm_lay)
+        return _WinogradLayout(tiles_h, tiles_w, pitch, ntp, padded, in_place, gemm, pb, gemm_lay)
 
     def _sizes(self, geo: Geometry, lay: _WinogradLayout) -> list[int]:
         """Bytes of the padded input (in place: the input), transformed input (with GEMM slack) and
@@ -678,10 +683,12 @@ class WinogradKernel(_PaddedInputKernel):
         tile_rows = geo.n * lay.tiles_h
         groups_in = grid(ctx, geo.cin_g * tile_rows, ls, 1, "x (winograd input tiles)")
         groups_out = grid(ctx, self.cout * tile_rows, ls, 1, "x (winograd output tiles)")
-        push_in = _PUSH_WINOGRAD_IN.pack(geo.cin_g, lay.tiles_h, lay.tiles_q, lay.padded.ph,
-                                         lay.padded.pw4, lay.ntp, geo.pad_begin[1] if lay.in_place else 0)
-        push_out = _PUSH_WINOGRAD_OUT.pack(self.cout, lay.tiles_h, lay.tiles_q, *geo.out[1:], lay.ntp,
-                                           self.act.a, self.act.b, y_h, y_w)
+        # lay.padded.tiles_w: the input transform's strips of 4 tiles along a row
+        push_in = _PUSH_WINOGRAD_IN.pack(geo.cin_g, lay.tiles_h, lay.pitch, lay.padded.tiles_w, tile_rows,
+                                         lay.padded.ph, lay.padded.pw4, lay.ntp,
+                                         geo.pad_begin[1] if lay.in_place else 0)
+        push_out = _PUSH_WINOGRAD_OUT.pack(self.cout, lay.tiles_h, lay.tiles_w, lay.pitch, tile_rows,
+                                           *geo.out[1:], lay.ntp, self.act.a, self.act.b, y_h, y_w)
         gemm = self.gemm.rows_dispatch(plan, lay.gemm, lay.pb, lay.gemm_lay, v, m, texel)
 
         def body(cmd: CommandBuffer) -> None:

@@ -53,10 +53,10 @@ def select(geo: Geometry, device_type: str = "cpu") -> str:
 
 def winograd_pays(geo: Geometry) -> bool:
     """Winograd wins when the channel counts are large enough for its GEMMs to dominate the
-    transforms and the 36 GEMMs over the tile grid (padded to groups of 4 tiles along rows) do at
+    transforms and the 36 GEMMs over the tile grid (rows padded to an even tile count) do at
     most half the multiplications of a direct convolution.  Measured on lavapipe: 0.3-0.6x the
     implicit GEMM's time from 64 input channels on; ties or loses at 16-32 channels or 7x7 images."""
-    tiles = winograd_tiles(geo)[2]
+    tiles = winograd_tiles(geo)[3]
     return (geo.cin_g >= 64 and geo.cout_g >= 32
             and 36 * tiles <= 0.5 * 9 * geo.n * geo.out[1] * geo.out[2])
 
@@ -65,10 +65,10 @@ def winograd63_pays(geo: Geometry) -> bool:
     """F(6x6, 3x3) instead of F(4x4, 3x3) (where Winograd pays) on images of at least 112 x 112 whose
     tile grids give it at most 0.9 x F(4,3)'s multiplications.  Measured on both lavapipe drivers
     (docs/PERFORMANCE.md): 0.84-0.92 x F(4,3)'s time on VGG-16 at 224 and 112 (product ratio 0.86),
-    1.02-1.03 x at 56 (0.95), 1.5-1.8 x at 28 and 14, where the groups of 4 tiles along a row pad
-    the 6x6 tile grid most."""
+    1.02-1.05 x at 56 (0.91: its transforms cost more per tile), 1.06-1.11 x at 28 (1.02) and 1.8 x
+    at 14 (1.33), where rows of 3 tiles are padded to 4."""
     return (min(geo.out[1], geo.out[2]) >= 112
-            and 64 * winograd_tiles(geo, 6)[2] <= 0.9 * 36 * winograd_tiles(geo)[2])
+            and 64 * winograd_tiles(geo, 6)[3] <= 0.9 * 36 * winograd_tiles(geo)[3])
 
 
 @dataclass(frozen=True)
@@ -197,7 +197,7 @@ def resolve(ctx: Context, cand: Candidate, geo: Geometry, base: Tuning) -> Candi
     if name in ("implicit_gemm", "gemm1x1", "winograd", "winograd63"):
         mb = choose_mb(geo.cout_g, tune)
         width = ({"implicit_gemm": geo.out[2], "gemm1x1": math.prod(geo.size)}.get(name)
-                 or winograd_tiles(geo, 6 if name == "winograd63" else 4)[2])
+                 or winograd_tiles(geo, 6 if name == "winograd63" else 4)[3])
         pb = choose_pb(mb, width, tune)
     elif name == "depthwise":
         pb = choose_pb(0, geo.out[2], tune, DEPTHWISE_TILES)
