@@ -16,8 +16,8 @@
 // work. Each transform invocation handles one row of tiles, 4 at a time, so transformed values
 // move as vec4s over 4 tiles (lavapipe pays per load/store instruction, not per byte): the input
 // transform reads a row's strip of 4 horizontally adjacent tiles as aligned vec4s and stores them
-// as two vec2s (a row starts at an even tile number: measured as fast as a vec4 store, where 4
-// scalar stores took 1.8x as long); the output transform loads the aligned vec4s of 4 consecutive
+// as a vec4, or two vec2s where rows start at even tile numbers (4 scalar stores took 1.8x as
+// long as those); the output transform loads the aligned vec4s of 4 consecutive
 // tile numbers that cover its row, those of neighbouring rows included, and stores only its own
 // tiles, a pair at a time. F(4,3) does 4x fewer multiplications than direct convolution; its
 // float32 error is about 1e-5 x max|y| at 512 input channels (vkconv/ops/conv/kernels.py states
@@ -60,7 +60,12 @@ layout(std430, binding = 0) readonly buffer Source { vec4 src[]; };
 #endif
 
 #ifdef WINOGRAD_IN
-layout(std430, binding = 1) writeonly buffer Transformed { vec2 v[]; };
+// Rows of tiles start at multiples of 4 (pitch % 4 == 0): one vec4 store per value; else at even
+// tile numbers (PAIRS): two vec2 stores, which measured 1.1-1.2x the vec4 stores' time at 28^2 and
+// 14^2 (Mesa 22.3). The same binding seen both ways (Vulkan lets variables alias a binding).
+layout(std430, binding = 1) writeonly buffer Transformed { vec4 v[]; };
+layout(std430, binding = 1) writeonly buffer TransformedPairs { vec2 v2[]; };
+layout(constant_id = 12) const bool PAIRS = false;
 // MASKED: the input itself (width a multiple of 4), its pads masked; PADW: zeros before each row.
 layout(constant_id = 10) const bool MASKED = false;
 layout(constant_id = 11) const int PADW = 0;  // 0..4
@@ -119,7 +124,7 @@ void main()
     const int n = id / (p.tiles_h * p.channels);
     const int iy0 = MASKED ? M * ty - p.pad_h : M * ty;
     const int src_row = ((n * p.channels + ci) * p.ph + iy0) * p.pw4 - (STRIP - S);
-    const int dst_row = (ci * p.ntp + (n * p.tiles_h + ty) * p.pitch) / 2;
+    const int dst_row = ci * p.ntp + (n * p.tiles_h + ty) * p.pitch;  // in floats
     // MASKED: which of the N rows lie in the image (the others read as zeros)
     bool row_in[N];
     [[unroll]] for (int i = 0; i < N; ++i) row_in[i] = !MASKED || uint(iy0 + i) < uint(p.ph);
@@ -153,9 +158,13 @@ void main()
         [[unroll]] for (int i = 0; i < N; ++i) {
             bt(d[i]);
             [[unroll]] for (int k = 0; k < N; ++k) {
-                const int at = dst_row + 2 * q + (i * N + k) * p.channels * (p.ntp / 2);
-                v[at] = d[i][k].xy;
-                if (4 * q + 2 < p.pitch) v[at + 1] = d[i][k].zw;
+                const int at = dst_row + 4 * q + (i * N + k) * p.channels * p.ntp;
+                if (PAIRS) {
+                    v2[at / 2] = d[i][k].xy;
+                    if (4 * q + 2 < p.pitch) v2[at / 2 + 1] = d[i][k].zw;
+                } else {
+                    v[at / 4] = d[i][k];
+                }
             }
         }
     }

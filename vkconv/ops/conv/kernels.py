@@ -673,7 +673,7 @@ class WinogradKernel(_PaddedInputKernel):
         shader = "conv_winograd" if self.m == 4 else f"conv_winograd{self.m}3"
         pipe_in = get_pipeline(ctx, shader + "_in" + suffix, (kind, STORAGE), _PUSH_WINOGRAD_IN.size,
                                (ls, 1, 1, 0, 0, 0, 0, 0, 0, 0, int(lay.in_place),
-                                geo.pad_begin[2] if lay.in_place else 0))
+                                geo.pad_begin[2] if lay.in_place else 0, int(lay.pitch % 4 != 0)))
         pipe_out = get_pipeline(ctx, shader + "_out" + suffix, (kind, STORAGE, STORAGE),
                                 _PUSH_WINOGRAD_OUT.size,
                                 (ls, 1, 1, self.act, 0, 0, 0, 0, 0, int(geo.out[2] % 4 == 0), sh, sw))
