@@ -150,6 +150,10 @@ CASES = {
         Case((1, 7, 10, 8), 5, (3, 3)),
         Case((2, 4, 7, 12), 3, (3, 3), pads=(3, 4, 0, 1)),
         Case((1, 4, 6, 4), 4, (3, 3), pads=(2, 5, 1, 0)),  # pad_w 5: the padded copy
+        # rows of 14 tiles (pitch 14: rows start at even, not multiple-of-4 tile numbers) and of 7
+        # (pitch 8, one padding tile a row), batch 2: the output transform's groups span two rows
+        Case((2, 8, 24, 56), 8, (3, 3), pads=(1, 1, 1, 1), activation="Relu"),
+        Case((2, 8, 12, 28), 8, (3, 3), pads=(1, 1, 1, 1)),
     ],
     "winograd63": [  # F(6x6, 3x3): 8x8 input tiles, 4 tiles (24 columns) per group along a row
         Case((1, 5, 9, 11), 7, (3, 3), pads=(1, 1, 1, 1)),
@@ -164,6 +168,9 @@ CASES = {
         Case((2, 4, 7, 12), 3, (3, 3), pads=(3, 4, 0, 1)),
         Case((1, 4, 6, 4), 4, (3, 3), pads=(2, 5, 1, 0)),  # pad_w 5: the padded copy
         Case((2, 6, 26, 48), 5, (3, 3), pads=(2, 2, 2, 2), activation="Tanh"),  # 2 groups of 4 tiles
+        # rows of 10 tiles (pitch 10) and of 5 (pitch 6, one padding tile a row), batch 2
+        Case((2, 8, 24, 56), 8, (3, 3), pads=(1, 1, 1, 1), activation="Relu"),
+        Case((2, 8, 12, 28), 8, (3, 3), pads=(1, 1, 1, 1)),
     ],
     "direct": [
         Case((2, 6, 9, 11), 4, (3, 2), (2, 1), (1, 0, 0, 1), (1, 2), 2, "Relu"),

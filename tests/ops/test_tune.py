@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -248,6 +249,28 @@ def test_search_stops_at_the_budget_and_prunes_slow_candidates():
     assert [(t.candidate, t.note) for t in result.trials] == [
         ("base", "baseline"), ("slow", "pruned"), ("fast", ""), ("huge", "over budget"),
         ("fast", "rematch: baseline 10.000 ms")]
+
+
+def test_the_budget_counts_what_a_trial_costs_beyond_its_runs():
+    """Building and checking a candidate (here 40 ms each, its runs 1 ms) counts: with 100 ms, at
+    most two of ten candidates start (the runs alone would have let all ten start)."""
+    built: list[str] = []
+
+    class Slow:
+        def __init__(self, name):
+            built.append(name)
+            time.sleep(0.04)
+
+        def once(self):
+            return 1.0
+
+        def close(self):
+            pass
+
+    cands = [f"c{i}" for i in range(10)]
+    result = tune.search("base", [lambda best: cands], Slow, budget=100)
+    assert built[0] == "base" and 1 <= len(built) <= 3, built
+    assert [t.note for t in result.trials[len(built):]] == ["over budget"] * (11 - len(built))
 
 
 def test_a_winner_that_loses_the_rematch_leaves_the_baseline():
