@@ -55,17 +55,16 @@ from vkconv.ops.tune import (
     TimedPlan,
     TuneResult,
     budget_ms,
-    cache_entry,
     cached_candidate,
     measured_choice,
     search,
+    store_result,
     tune_mode,
 )
 from vkconv.runtime.buffer import Buffer
 from vkconv.runtime.context import Context
 from vkconv.runtime.plan import Plan, closed_on_error
 from vkconv.runtime.transfer import upload_constant
-from vkconv.runtime.tunecache import cache_for
 
 log = logging.getLogger(__name__)
 
@@ -537,8 +536,7 @@ class ConvLSTM2D(DeviceOp):
         keep = {("recurrent", result.best.step), ("input", result.best.input)}
         for key in set(self._kernels) - before - keep:  # the losers' packed weights
             self._kernels.pop(key).close()
-        cache_for(self.ctx).put(self._signature(x_shape, with_state),
-                                cache_entry(result, ConvLSTMCandidate.to_json, limit))
+        store_result(self.ctx, self._signature(x_shape, with_state), result, ConvLSTMCandidate.to_json, limit)
         return result
 
     def _kernel(self, role: str, cand: Candidate) -> RowsKernel | WinogradKernel:

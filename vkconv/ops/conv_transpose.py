@@ -71,10 +71,10 @@ from vkconv.ops.tune import (
     TimedPlan,
     TuneResult,
     budget_ms,
-    cache_entry,
     cached_candidate,
     measured_choice,
     search,
+    store_result,
     tune_mode,
 )
 from vkconv.runtime.buffer import Buffer
@@ -84,7 +84,6 @@ from vkconv.runtime.errors import VkconvError
 from vkconv.runtime.pipeline import DescriptorSet, get_pipeline
 from vkconv.runtime.plan import Plan, closed_on_error
 from vkconv.runtime.transfer import upload_constant
-from vkconv.runtime.tunecache import cache_for
 
 log = logging.getLogger(__name__)
 
@@ -746,8 +745,7 @@ class ConvTranspose(WeightedOp):
         for phase_key in set(self._phase_kernels) - phases_before:
             if best.method != "phases" or phase_key[3:] != _tile(phase_key[0], best):
                 self._phase_kernels.pop(phase_key).close()
-        entry = cache_entry(result, TransposeCandidate.to_json, limit)
-        cache_for(self.ctx).put(self._signature(x_shape, y_shape), entry)
+        store_result(self.ctx, self._signature(x_shape, y_shape), result, TransposeCandidate.to_json, limit)
         return result
 
     def _build_phase_plan(self, runs, x_shape, y_shape) -> Plan:

@@ -77,10 +77,10 @@ from vkconv.ops.tune import (
     TimedPlan,
     TuneResult,
     budget_ms,
-    cache_entry,
     cached_candidate,
     measured_choice,
     search,
+    store_result,
     tune_mode,
 )
 from vkconv.runtime.buffer import Buffer
@@ -90,7 +90,6 @@ from vkconv.runtime.dispatch import grid
 from vkconv.runtime.errors import VkconvError
 from vkconv.runtime.pipeline import STORAGE, TEXEL1, TEXEL4, DescriptorSet, get_pipeline, texel_fits
 from vkconv.runtime.plan import Plan, closed_on_error
-from vkconv.runtime.tunecache import cache_for
 
 log = logging.getLogger(__name__)
 
@@ -436,8 +435,7 @@ class DeformConv(WeightedOp):
         keep = result.best.tuning(self.tuning)
         for tune in set(self._gemms) - before - {keep}:  # the losers' packed weights
             self._gemms.pop(tune).close()
-        cache_for(self.ctx).put(self._signature(x_shape, has_mask),
-                                cache_entry(result, DeformCandidate.to_json, limit))
+        store_result(self.ctx, self._signature(x_shape, has_mask), result, DeformCandidate.to_json, limit)
         return result
 
     # -- chunks and plans ----------------------------------------------------------------------

@@ -26,16 +26,15 @@ from vkconv.ops.tune import (
     TimedPlan,
     TuneResult,
     budget_ms,
-    cache_entry,
     cached_candidate,
     measured_choice,
     search,
+    store_result,
     tune_mode,
 )
 from vkconv.runtime.context import Context
 from vkconv.runtime.dispatch import CPU_LOOP_GROUPS, CPU_TRANSPOSE_GROUPS, LOOP_LOCAL, looped_grid
 from vkconv.runtime.plan import Plan
-from vkconv.runtime.tunecache import cache_for
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +194,7 @@ def tune_launch(op: LoopLaunch, in_shapes: Sequence[Shape], budget: float | None
         result = search(baseline, [caps, locals_, caps], measure, limit)
     finally:
         op.launch, op.tune, op.last_launch = saved
-    cache_for(op.ctx).put(launch_signature(kernel, count), cache_entry(result, LaunchCandidate.to_json, limit))
+    store_result(op.ctx, launch_signature(kernel, count), result, LaunchCandidate.to_json, limit)
     log.debug("launch %s at %d items: %s %.3f ms (heuristic %.3f ms)", kernel, count, result.best.label(),
               result.best_ms, result.baseline_ms)
     return result

@@ -253,13 +253,16 @@ def cached_candidate(ctx: Context, key: str, parse: Callable[[object], C],
     return cand
 
 
-def cache_entry(result: TuneResult, to_json: Callable[[C], dict], limit: float) -> dict:
-    """The tuning cache's record of ``result`` (candidates as ``to_json`` writes them): the winner
-    and the heuristic choice with their device ms, and what the search cost."""
-    return {"candidate": to_json(result.best), "ms": round(result.best_ms, 4),
-            "heuristic": to_json(result.baseline), "heuristic_ms": round(result.baseline_ms, 4),
-            "trials": len(result.trials), "seconds": round(result.seconds, 3),
-            "budget_ms": limit, "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
+def store_result(ctx: Context, key: str, result: TuneResult[C], to_json: Callable[[C], object],
+                 limit: float) -> None:
+    """Put ``result`` in the tuning cache under ``key`` (candidates as ``to_json`` writes them, which
+    :func:`cached_candidate`'s ``parse`` reads back): the winner and the heuristic choice with their
+    device ms, and what the search cost."""
+    cache_for(ctx).put(key, {
+        "candidate": to_json(result.best), "ms": round(result.best_ms, 4),
+        "heuristic": to_json(result.baseline), "heuristic_ms": round(result.baseline_ms, 4),
+        "trials": len(result.trials), "seconds": round(result.seconds, 3),
+        "budget_ms": limit, "when": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
 
 def _confirm(result: TuneResult[C], measure: Callable[[C], Timed | None]) -> None:

@@ -32,15 +32,14 @@ from vkconv.ops.tune import (
     TimedPlan,
     TuneResult,
     budget_ms,
-    cache_entry,
     cached_candidate,
     measured_choice,
     search,
+    store_result,
     tune_mode,
 )
 from vkconv.runtime.context import Context
 from vkconv.runtime.plan import Plan
-from vkconv.runtime.tunecache import cache_for
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +234,7 @@ class Conv(WeightedOp):
         result = search(baseline, stages, measure, limit, prior)
         for cand in set(self._kernels) - before - {result.best}:  # the losers' weights
             self._kernels.pop(cand).close()
-        cache_for(self.ctx).put(self._signature(geo), cache_entry(result, Candidate.to_json, limit))
+        store_result(self.ctx, self._signature(geo), result, Candidate.to_json, limit)
         return result
 
     # -- execution -----------------------------------------------------------------------------

@@ -13,7 +13,6 @@ import dataclasses
 import logging
 import math
 import struct
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,13 +20,12 @@ import numpy as np
 from vkconv.kernels.activation import Activation
 from vkconv.ops.sparse.device import Recording, lease, release, texel_capable
 from vkconv.ops.sparse.rulebook import Rulebook
-from vkconv.ops.tune import Agreement, TuneResult, budget_ms, cached_candidate, search
+from vkconv.ops.tune import Agreement, TuneResult, budget_ms, cached_candidate, search, store_result
 from vkconv.runtime.buffer import Buffer
 from vkconv.runtime.context import Context
 from vkconv.runtime.pipeline import STORAGE, TEXEL1, TEXEL4, texel_fits
 from vkconv.runtime.timestamps import Timestamps
 from vkconv.runtime.transfer import upload_constant
-from vkconv.runtime.tunecache import cache_for
 
 log = logging.getLogger(__name__)
 
@@ -196,11 +194,7 @@ def tune_tile(rb: Rulebook, features: np.ndarray, w: PackedWeights, act: Activat
         return [t for t in cands if t.rows == best.rows or t.subgroup]
 
     result = search(baseline, [arrangement_stage, rows_stage], measure, limit)
-    cache_for(ctx).put(layer_signature(rb, w, inverse), {
-        "candidate": dataclasses.asdict(result.best), "ms": round(result.best_ms, 4),
-        "heuristic": dataclasses.asdict(result.baseline), "heuristic_ms": round(result.baseline_ms, 4),
-        "trials": len(result.trials), "seconds": round(result.seconds, 3), "budget_ms": limit,
-        "when": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    store_result(ctx, layer_signature(rb, w, inverse), result, dataclasses.asdict, limit)
     return result
 
 
