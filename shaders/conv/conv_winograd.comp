@@ -76,7 +76,6 @@ const int STRIP = MASKED && PADW > 0 ? S + 1 : S;
 
 layout(push_constant) uniform Params {
     int channels, tiles_h, pitch;
-    int tiles_q;                     // groups of 4 tiles along a row: ceil(tiles_w / 4)
     int tile_rows;                   // n * tiles_h
     int ph, pw4;                     // padded input (conv_pack layout); MASKED: the input's
     int ntp;                         // values per transformed plane: tile_rows * tiles_w rounded up to 4
@@ -129,7 +128,8 @@ void main()
     bool row_in[N];
     [[unroll]] for (int i = 0; i < N; ++i) row_in[i] = !MASKED || uint(iy0 + i) < uint(p.ph);
 
-    for (int q = 0; q < p.tiles_q; ++q) {
+    // Groups of 4 tiles along a row: ceil(pitch / 4) = ceil(tiles_w / 4), the pitch being even.
+    for (int q = 0; q < (p.pitch + 3) / 4; ++q) {
         // Rows M ty .. M ty + N - 1, columns 4Mq .. 4Mq + 4S - 1 of the padded plane: N x S
         // aligned vec4s (MASKED: N x STRIP vec4s of the input, those outside it zeros).
         vec4 d[N][N];  // d[row][col], each a vec4 over the 4 tiles

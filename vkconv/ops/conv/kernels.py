@@ -555,7 +555,7 @@ _WINOGRAD_G = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6,
 _WINOGRAD63_G = np.array([[1, 0, 0], [-2 / 9, -2 / 9, -2 / 9], [-2 / 9, 2 / 9, -2 / 9],
                           [1 / 90, 1 / 45, 2 / 45], [1 / 90, -1 / 45, 2 / 45],
                           [32 / 45, 16 / 45, 8 / 45], [32 / 45, -16 / 45, 8 / 45], [0, 0, 1]])
-_PUSH_WINOGRAD_IN = struct.Struct("<9i")
+_PUSH_WINOGRAD_IN = struct.Struct("<8i")
 _PUSH_WINOGRAD_OUT = struct.Struct("<8i2f2i")
 
 
@@ -683,9 +683,8 @@ class WinogradKernel(_PaddedInputKernel):
         tile_rows = geo.n * lay.tiles_h
         groups_in = grid(ctx, geo.cin_g * tile_rows, ls, 1, "x (winograd input tiles)")
         groups_out = grid(ctx, self.cout * tile_rows, ls, 1, "x (winograd output tiles)")
-        # lay.padded.tiles_w: the input transform's strips of 4 tiles along a row
-        push_in = _PUSH_WINOGRAD_IN.pack(geo.cin_g, lay.tiles_h, lay.pitch, lay.padded.tiles_w, tile_rows,
-                                         lay.padded.ph, lay.padded.pw4, lay.ntp,
+        push_in = _PUSH_WINOGRAD_IN.pack(geo.cin_g, lay.tiles_h, lay.pitch, tile_rows, lay.padded.ph,
+                                         lay.padded.pw4, lay.ntp,
                                          geo.pad_begin[1] if lay.in_place else 0)
         push_out = _PUSH_WINOGRAD_OUT.pack(self.cout, lay.tiles_h, lay.tiles_w, lay.pitch, tile_rows,
                                            *geo.out[1:], lay.ntp, self.act.a, self.act.b, y_h, y_w)
