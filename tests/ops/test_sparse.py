@@ -312,15 +312,17 @@ def test_results_are_bitwise_reproducible():
 # one and the odd ones never run on lavapipe unless forced), with and without the tap-mask
 # schedule, its storage-buffer variant, and the subgroup-shuffle kernel (cb None: one block of
 # coutp / subgroup size vec4s per lane; rows a multiple of the subgroup size: one or two rows read
-# per lane).
-TILES = [(2, 4, False, False, True, False), (1, 8, False, False, True, False), (8, 2, True, True, True, False),
-         (4, 1, True, True, True, False), (1, 1, True, False, True, False), (3, 2, True, True, False, False),
-         (1, 8, False, False, False, False), (16, 4, False, True, True, False),
-         (8, None, True, True, True, True), (16, None, True, False, True, True), (8, None, True, True, False, True)]
+# per lane); parts: the taps summed in that many ranges (3: one kernel plane each; 2: ranges that
+# split a plane), each range's rows sorted by its own taps.
+TILES = [(2, 4, False, False, True, False, 1), (1, 8, False, False, True, False, 2), (8, 2, True, True, True, False, 1),
+         (4, 1, True, True, True, False, 3), (1, 1, True, False, True, False, 1), (3, 2, True, True, False, False, 2),
+         (1, 8, False, False, False, False, 1), (16, 4, False, True, True, False, 3),
+         (8, None, True, True, True, True, 1), (16, None, True, False, True, True, 3),
+         (8, None, True, True, False, True, 2), (16, None, True, True, True, True, 2)]
 
 
-@pytest.mark.parametrize("rows,cb,share,scheduled,texel,subgroup", TILES)
-def test_every_tile_shape_matches_dense(monkeypatch, rows, cb, share, scheduled, texel, subgroup):
+@pytest.mark.parametrize("rows,cb,share,scheduled,texel,subgroup,parts", TILES)
+def test_every_tile_shape_matches_dense(monkeypatch, rows, cb, share, scheduled, texel, subgroup, parts):
     """SubM, strided and inverse convolutions with the tile forced: 6 input channels (not a whole
     vec4), 40 output channels (10 vec4, packed to 16, so some channel blocks hold no channel),
     against the dense references."""
@@ -333,15 +335,16 @@ def test_every_tile_shape_matches_dense(monkeypatch, rows, cb, share, scheduled,
             pytest.skip(f"{info.name}: no subgroup shuffles, or subgroups of more than 16 lanes")
         rows = max(rows, info.subgroup_size)
 
-    def tile(ctx, coutp):
+    def tile(ctx, coutp, planes):
         # up to 16 output channels the weights are packed to cout4 vec4s, which the block must divide
         if subgroup:  # the inverse convolution's 6 output channels (2 vec4s) cannot share a subgroup
-            return sparse_conv.Tile(rows, coutp // info.subgroup_size, True, True) if \
-                coutp % info.subgroup_size == 0 else sparse_conv.Tile(2, coutp, False)
-        return sparse_conv.Tile(rows, cb if coutp > 4 else coutp, share)
+            return sparse_conv.Tile(rows, coutp // info.subgroup_size, True, True, parts) if \
+                coutp % info.subgroup_size == 0 else sparse_conv.Tile(2, coutp, False, parts=parts)
+        return sparse_conv.Tile(rows, cb if coutp > 4 else coutp, share, parts=parts)
 
     monkeypatch.setattr(sparse_conv, "choose_tile", tile)
     monkeypatch.setattr(sparse_conv, "wants_schedule", lambda w, rb: scheduled)
+    scheduled = scheduled or parts > 1  # every range of several is taken in its own mask order
     if not texel:  # features uploaded as plain storage buffers: the kernel's storage variant
         monkeypatch.setattr(sparse_module, "texel_capable", lambda ctx: False)
     rng = np.random.default_rng(rows * 10 + (cb or 0))
@@ -371,10 +374,42 @@ def test_schedule_changes_no_bit():
     first = vkconv.subm_conv3d(st, w, indice_key="k")
     rb = first.indice_dict["k"]
     assert not rb.has_schedule()
-    rb.schedule()  # sorted now: every later layer of the key takes the rows in mask order
+    rb.schedule((0, 27))  # sorted now: every later layer of the key takes the rows in mask order
     again = vkconv.SparseTensor(st.features, st.indices, st.spatial_shape, 2)
     again.indice_dict["k"] = rb
     assert np.array_equal(vkconv.subm_conv3d(again, w, indice_key="k").features, first.features)
+
+
+@pytest.mark.parametrize("kernel,stride", [((5, 5, 5), 1), ((3, 3, 3), 2)])
+def test_tap_ranges_change_no_bit(monkeypatch, kernel, stride):
+    """Taps summed in ranges (one dispatch each, each with its own row order, partial sums carried
+    in the output) give bitwise the results of all taps at once, for SubM (a 5x5x5 kernel: 125
+    taps, four mask words, ranges that cross words), strided and inverse convolutions; and match
+    the dense reference."""
+    import vkconv.ops.sparse.conv as sparse_conv
+
+    rng = np.random.default_rng(31)
+    st = random_tensor(rng, 600, (11, 12, 13), 2, 12)
+    w = (rng.standard_normal((20, *kernel, 12)) / math.sqrt(12 * math.prod(kernel))).astype(np.float32)
+    wi = (rng.standard_normal((12, *kernel, 20)) / math.sqrt(20)).astype(np.float32)
+    b = rng.standard_normal(20).astype(np.float32)
+    results = {}
+    for parts in (1, 2, 3, kernel[0], 7):
+        monkeypatch.setattr(sparse_conv, "choose_tile",
+                            lambda ctx, coutp, planes, parts=parts: sparse_conv.Tile(8, 1, True, parts=parts))
+        if stride == 1:
+            out = vkconv.subm_conv3d(st, w, b, activation="Relu")
+            results[parts] = out.features
+        else:
+            down = vkconv.sparse_conv3d(st, w, b, stride=2, padding=1, indice_key="d")
+            up = vkconv.sparse_inverse_conv3d(down, wi, indice_key="d")
+            results[parts] = np.concatenate([down.features.ravel(), up.features.ravel()])
+    for parts, got in results.items():
+        assert np.array_equal(got, results[1]), f"{parts} ranges"
+    if stride == 1:
+        pad = tuple(k // 2 for k in kernel)
+        check_against_dense(out, activate(dense_conv3d(st.to_dense(), w, b, pad=pad), "Relu"),
+                            occupancy(st.indices, 2, st.spatial_shape))
 
 
 def test_buffer_pool_reuses_and_evicts(monkeypatch):
@@ -570,7 +605,7 @@ def test_every_tuner_candidate_matches_dense(monkeypatch):
     cands = sparse_conv.tile_candidates(vkconv.get_context(), 16)  # 36 channels: 9 vec4s, packed to 16
     assert len(cands) > 5
     for tile in cands:
-        monkeypatch.setattr(sparse_conv, "choose_tile", lambda ctx, coutp, tile=tile: tile)
+        monkeypatch.setattr(sparse_conv, "choose_tile", lambda ctx, coutp, planes, tile=tile: tile)
         check_against_dense(vkconv.subm_conv3d(st, w, b, activation="Relu", tune=False), expected, occ)
 
 
