@@ -411,8 +411,8 @@ SCHEDULE_BLOCK = 64
 
 
 def _schedule(rb: Rulebook, inverse: bool, taps: tuple[int, int]) -> Buffer:
-    """The rows of ``rb.tables(inverse)`` in the order of their mask bits of the taps ``[lo, hi)``
-    (the first 32; rows with equal bits keep their order), then blocks of
+    """The rows of ``rb.tables(inverse)`` in the Gray-code order of their mask bits of the taps
+    ``[lo, hi)`` (the first 32; rows with equal bits keep their order), then blocks of
     :data:`SCHEDULE_BLOCK` rows in a fixed pseudo-random order, uploaded as float32 row numbers
     (with the next submit)."""
     masks = rb.tables(inverse=inverse)[1]
@@ -424,6 +424,12 @@ def _schedule(rb: Rulebook, inverse: bool, taps: tuple[int, int]) -> Buffer:
     if first + 1 < rb.words:
         bits |= words[:, first + 1] << np.uint64(32 - shift)
     key = (bits & np.uint64((1 << min(hi - lo, 32)) - 1)).astype(np.uint32)
+    # In Gray-code order (the rank whose Gray code is the mask) neighbouring masks differ in one
+    # tap, so a tile that straddles two of them walks one tap more, not up to every tap (the scan
+    # cloud's strided layer, 16-row tiles, one plane per range: 1.10x the useful work, 1.16x in
+    # plain order)
+    for shift_by in (1, 2, 4, 8, 16):
+        key ^= key >> np.uint32(shift_by)
     # numpy's stable sort of 16-bit keys is a radix sort: two passes sort the 32-bit masks
     # 3-4x faster than one comparison sort
     order = np.argsort((key & 0xFFFF).astype(np.uint16), kind="stable")
