@@ -274,10 +274,11 @@ def record_conv(rec: Recording, rb: Rulebook, x: Buffer, w: PackedWeights, act: 
 
     ``x`` and the returned buffer are texel-capable on devices with texel buffers (features go
     from one layer to the next).  ``inverse``: run the rulebook backwards (spconv's
-    SparseInverseConv3d): outputs are the rulebook's input sites.  One dispatch computes every
-    output row, bias and activation included; a row without taps gets ``act(bias)``.  Rows are
-    taken in the rulebook's tap-mask order when it has one or the layer is wide enough to want
-    one (:func:`wants_schedule`); results do not depend on the order.  ``tile``: the register
+    SparseInverseConv3d): outputs are the rulebook's input sites.  One dispatch per range of taps
+    (``tile.parts``) computes every output row, the last adding bias and activation; a row
+    without taps gets ``act(bias)``.  Rows are taken in the rulebook's tap-mask order (per
+    range) when there are several ranges, when it has one, or when the layer is wide enough to
+    want one (:func:`wants_schedule`); results do not depend on the order or the ranges.  ``tile``: the register
     tile, else the tuning cache's for this layer shape (unless ``use_cache`` is False, see
     :func:`tune_tile`), else :func:`choose_tile`'s.
     """

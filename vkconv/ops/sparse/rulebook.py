@@ -405,8 +405,9 @@ def _invert(rb: Rulebook) -> tuple[Buffer, Buffer]:
     return inv_table, inv_masks
 
 
-# Rows per block of a schedule that keeps its place when the blocks are shuffled: a multiple of
-# every tile's row count (4-16 on lavapipe, the subgroup size or twice it on GPUs).
+# Rows per block of a schedule that stay together when the blocks are shuffled: a multiple of the
+# tiles' row counts (4-16 on lavapipe; 32 and 64 for 32-lane subgroups), so no tile straddles two
+# blocks (one that did would still be right, only walk more taps).
 SCHEDULE_BLOCK = 64
 
 
@@ -418,22 +419,24 @@ def _schedule(rb: Rulebook, inverse: bool, taps: tuple[int, int]) -> Buffer:
     masks = rb.tables(inverse=inverse)[1]
     ctx, n = masks.ctx, rb.n_in if inverse else rb.n_out
     lo, hi = taps
-    words = masks.read(np.uint32, (n, rb.words)).astype(np.uint64)
+    words = masks.read(np.uint32, (n, rb.words))
     first, shift = divmod(lo, 32)
-    bits = words[:, first] >> np.uint64(shift)
-    if first + 1 < rb.words:
-        bits |= words[:, first + 1] << np.uint64(32 - shift)
-    key = (bits & np.uint64((1 << min(hi - lo, 32)) - 1)).astype(np.uint32)
+    key = words[:, first] >> np.uint32(shift)
+    if shift and first + 1 < rb.words:
+        key |= words[:, first + 1] << np.uint32(32 - shift)
+    if hi - lo < 32:
+        key &= np.uint32((1 << (hi - lo)) - 1)
     # In Gray-code order (the rank whose Gray code is the mask) neighbouring masks differ in one
     # tap, so a tile that straddles two of them walks one tap more, not up to every tap (the scan
     # cloud's strided layer, 16-row tiles, one plane per range: 1.10x the useful work, 1.16x in
     # plain order)
     for shift_by in (1, 2, 4, 8, 16):
         key ^= key >> np.uint32(shift_by)
-    # numpy's stable sort of 16-bit keys is a radix sort: two passes sort the 32-bit masks
-    # 3-4x faster than one comparison sort
+    # numpy's stable sort of 16-bit keys is a radix sort: two passes sort 32-bit keys 3-4x faster
+    # than one comparison sort, and one pass does for a range of 16 taps or fewer (a plane of 9)
     order = np.argsort((key & 0xFFFF).astype(np.uint16), kind="stable")
-    order = order[np.argsort((key[order] >> 16).astype(np.uint16), kind="stable")]
+    if hi - lo > 16:
+        order = order[np.argsort((key[order] >> 16).astype(np.uint16), kind="stable")]
     # Sorted, the work per tile climbs with the mask along the schedule (rows without taps in the
     # range first), and lavapipe hands each of its threads one contiguous share of a dispatch's
     # workgroups: the thread with the light end idled (tap ranges of one kernel plane, 64
