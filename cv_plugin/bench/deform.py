@@ -78,7 +78,8 @@ class TimedDeformConv(DeformConv):
 
     def _build_plan(self, x_shape: tuple[int, ...], y_shape: tuple[int, ...], has_mask: bool,
                     cand: DeformCandidate) -> Plan:
-        # One timestamp at the start, after the pack and after each chunk's two stages.
+        # One timestamp at the start, after the pack and after each chunk's two stages (the fused
+        # method: one stage, no chunks).
         need = 2 + 2 * len(self.chunks(x_shape[0], y_shape[2] * y_shape[3], cand))
         if self.has_timestamps and (self._stamps is None or need > self._stamps.capacity):
             self._close_stamps()
@@ -269,14 +270,15 @@ def bench_case(c: int, size: int, og: int, *, runs: int, warmup: int, repeat: in
                                                            runs, warmup, op.stage_ms)
             r = {"vkconv": ours, "dense": dense_ms, "efficiency": efficiency,
                  **{f"dev_{k}": v for k, v in stages.items()}}
-            if stages:
+            if "sample" in stages:  # (the fused method samples inside its one stage)
                 r["sample_share"] = stages["sample"] / stages["total"]
             for peer, run in runners.items():
                 r[peer] = median_ms(run, runs, warmup)
                 r[f"{peer}_ratio"] = r[peer] / ours
             rounds.append(r)
+        label = op.choice_for(x.shape, True).candidate.label()
     med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
-    return {"name": f"{c}->{c} {size}x{size} og={og}", "channels": c, "size": size, "offset_group": og,
+    return {"name": f"{c}->{c} {size}x{size} og={og}", "label": label, "channels": c, "size": size, "offset_group": og,
             "flops": flops, "med": med, "diffs": diffs, "notes": notes, "peers": list(runners),
             "rounds": len(rounds)}
 
@@ -293,7 +295,7 @@ def _print_case(res: dict[str, Any]) -> None:
     m = res["med"]
     stages = "  ".join(f"{k[4:]} {v:.2f}" for k, v in m.items() if k.startswith("dev_"))
     share = f"  sampling {100 * m['sample_share']:.0f}%" if "sample_share" in m else ""
-    print(f"\n{res['name']}: {res['flops'] / 1e9:.3f} GFLOP")
+    print(f"\n{res['name']}: {res['flops'] / 1e9:.3f} GFLOP, {res['label']}")
     print(f"  {'vkconv':<12}{m['vkconv']:9.2f} ms {res['flops'] / m['vkconv'] / 1e6:7.1f} GFLOP/s"
           f"   on-device: {stages or 'no timestamps on this queue'}{share}")
     print(f"  {'dense 3x3':<12}{m['dense']:9.2f} ms {res['flops'] / m['dense'] / 1e6:7.1f} GFLOP/s"
@@ -329,7 +331,8 @@ def _print_summary(results: Sequence[dict[str, Any]]) -> None:
             + ("n/a (torchvision not importable)" if faster is None else
                f"{'PASS' if faster else 'FAIL'} ({m['torchvision_ratio']:.2f}x)")
             + f"; sampling under {SAMPLE_LIMIT:.0%} of device time: "
-            + ("n/a (no timestamps)" if under is None else
+            + ("n/a (" + ("no timestamps" if "dev_total" not in m else "no stage of its own: " + res["label"]) + ")"
+               if under is None else
                f"{'PASS' if under else 'FAIL'} ({m['sample_share']:.0%})")
             + f"; efficiency >= {EFFICIENCY_TARGET}: {'PASS' if efficient else 'FAIL'} ({m['efficiency']:.2f})")
     print("peer / vk = peer time / vkconv time, median over rounds (above 1: vkconv is faster)\n")
@@ -341,8 +344,8 @@ def _record(res: dict[str, Any]) -> dict[str, Any]:
     when vkconv is faster), the relative max differences from vkconv and the verdicts."""
     m = res["med"]
     faster, under, efficient = verdicts(m)
-    rec: dict[str, Any] = {"case": res["name"], "channels": res["channels"], "size": res["size"],
-                           "offset_group": res["offset_group"], "gflop": res["flops"] / 1e9,
+    rec: dict[str, Any] = {"case": res["name"], "method": res["label"], "channels": res["channels"],
+                           "size": res["size"], "offset_group": res["offset_group"], "gflop": res["flops"] / 1e9,
                            "rounds": res["rounds"], "vkconv_ms": m["vkconv"],
                            "gflops": res["flops"] / m["vkconv"] / 1e6, "dense_ms": m["dense"],
                            "dense_gflops": res["flops"] / m["dense"] / 1e6, "efficiency": m["efficiency"]}

@@ -1,5 +1,8 @@
 """vkconv.deform_conv / DeformConv against independent oracles.
 
+Every test runs twice: with the heuristic method (the fused kernel where it can run: conv groups of
+1 on a device with subgroup shuffles, as lavapipe) and with the columns method everywhere.
+
 Oracles: the ONNX conformance data, onnx.reference (tiny shapes: it loops in Python and divides
 by zero when H or W is 1), onnxruntime's CPU DeformConv (opset 19 and 22), ONNX Conv for the
 cases where a deformable conv reduces to a plain one, and tests/deform_reference.py (float64
@@ -17,9 +20,17 @@ from onnx import numpy_helper
 from oracles import assert_close, onnx_reference, onnxruntime_reference
 
 import vkconv
-from vkconv.ops.deform_conv import Chunk, DeformConv, deform_conv
+from vkconv.ops.deform_conv import Chunk, DeformCandidate, DeformConv, deform_conv
 
 REL = 1e-4
+COLUMNS = DeformCandidate(method="columns")
+
+
+@pytest.fixture(autouse=True, params=["heuristic", "columns"])
+def method(request, monkeypatch):
+    if request.param == "columns":
+        monkeypatch.setattr(DeformConv, "_heuristic_method", lambda self, local_size: "columns")
+    return request.param
 
 
 def _rand(rng, *shape, scale=1.0):
@@ -159,6 +170,9 @@ ORT_GRID = [
     dict(n=2, cin=32, cout=16, h=9, w=15, offset_group=2, mask=False, bias=False),
     dict(n=2, cin=12, cout=8, h=11, w=7, group=4, offset_group=3, strides=(2, 2), dilations=(2, 1),
          pads=(2, 1, 1, 1)),
+    # 136 outputs: two chunks of the fused kernel's output channels (8 lanes x 4 vec4s each)
+    dict(n=2, cin=16, cout=136, h=7, w=9, offset_group=2, strides=(2, 1)),
+    dict(n=2, cin=24, cout=72, h=10, w=6, offset_group=3, dilations=(1, 2), pads=(1, 2, 1, 2)),
 ]
 
 
@@ -288,7 +302,7 @@ def test_column_chunks_with_quad_offsets():
     """Chunks of 64 pixels of an image whose size is a multiple of 4: the sampling stage reads
     offsets and mask 4 pixels at a time, also in the last, partly padded tile of each chunk."""
     inputs, attrs = _problem(38, n=2, cin=8, cout=6, h=15, w=20, offset_group=2, scale=3.0)
-    with DeformConv(inputs["w"], inputs["b"], **attrs) as op:
+    with DeformConv(inputs["w"], inputs["b"], candidate=COLUMNS, **attrs) as op:
         op.column_budget = 8 * 9 * 4 * 64  # C_in/g x taps rows of 4 bytes per pixel
         chunks = op.chunks(2, 15 * 20)
         # 4 x 64 + 44 pixels per image; 44 pixels fill 3 tiles of 16, the last with one padding quad
@@ -299,7 +313,7 @@ def test_column_chunks_with_quad_offsets():
 
 def test_chunk_budget_too_small_is_refused():
     inputs, attrs = _problem(36)
-    with DeformConv(inputs["w"], inputs["b"], **attrs) as op:
+    with DeformConv(inputs["w"], inputs["b"], candidate=COLUMNS, **attrs) as op:
         op.column_budget = 1024
         with pytest.raises(vkconv.VkconvError, match="^w: 4 input channels per group x 3x3 taps"):
             op(inputs["x"], inputs["offset"], inputs["mask"])
@@ -317,6 +331,23 @@ def test_storage_buffer_fallback(h, w):
         names = {key[0] for key in ctx.pipelines}
     assert {"deform_conv_pack_ssbo", "deform_conv_sample_ssbo", "conv_rows_ssbo"} <= names, names
     assert not names & {"deform_conv_pack", "deform_conv_sample", "conv_rows"}, names
+    assert_close(got, _ref(inputs, attrs), rel=REL)
+
+
+@pytest.mark.parametrize("h, w", [(9, 7), (8, 8)])
+def test_fused_storage_buffer_fallback(method, h, w):
+    """The fused kernel's storage-buffer variant (texel buffers too small), conv groups of 1."""
+    inputs, attrs = _problem(39, n=2, cin=12, cout=20, h=h, w=w, offset_group=3)
+    if method == "columns":
+        pytest.skip("forces the fused method: once is enough")
+    with vkconv.Context() as ctx:
+        if not ctx.info.subgroup_shuffle:
+            pytest.skip(f"{ctx.info.name}: no subgroup shuffles, which the fused method needs")
+        ctx.info = dataclasses.replace(ctx.info, max_texel_buffer_elements=16)
+        with DeformConv(inputs["w"], inputs["b"], ctx=ctx, candidate=DeformCandidate(method="fused"), **attrs) as op:
+            got = op(inputs["x"], inputs["offset"], inputs["mask"])
+        names = {key[0] for key in ctx.pipelines}
+    assert {"deform_conv_pack_ssbo", "deform_conv_fused_ssbo"} <= names, names
     assert_close(got, _ref(inputs, attrs), rel=REL)
 
 

@@ -17,7 +17,7 @@ from oracles import assert_close, onnxruntime_reference
 
 import vkconv
 from vkconv.ops.conv.selection import local_sizes
-from vkconv.ops.deform_conv import DeformCandidate, DeformConv
+from vkconv.ops.deform_conv import METHODS, DeformCandidate, DeformConv
 from vkconv.ops.tune import Choice
 from vkconv.runtime.tunecache import TuneCache, cache_for, device_identity
 
@@ -76,17 +76,23 @@ CASES = {
 
 
 def sampled(op: DeformConv, x_shape) -> list[DeformCandidate]:
-    """Every register tile (at the heuristic local sizes and reads), every local size of either
-    stage and both read paths (at the heuristic tile): the tile, each local size and the read
-    path are independent specialization constants / bindings, so this covers each value of each
-    without the whole product."""
-    base = op.choice_for(x_shape).candidate
+    """For each method that can run the shape here: every register tile the tuner tries (at the
+    heuristic local sizes and reads), every local size of either stage and both read paths (at
+    the heuristic tile): the tile, each local size and the read path are independent
+    specialization constants / bindings, so this covers each value of each without the whole
+    product."""
+    out_hw = x_shape[2] * x_shape[3]
     sizes = local_sizes(op.ctx, "gemm1x1")
-    found = [dataclasses.replace(base, mb=mb, pb=pb) for mb, pb in op._tiles()]
-    found += [dataclasses.replace(base, gemm_local_size=n) for n in sizes]
-    found += [dataclasses.replace(base, sample_local_size=n) for n in sizes]
-    found += [dataclasses.replace(base, texel=t) for t in (True, False)]
-    return list(dict.fromkeys(found))
+    found = []
+    for method in METHODS:
+        base = op._resolve(DeformCandidate(method=method), out_hw)
+        if op._unusable(base) is not None:
+            continue
+        found += [dataclasses.replace(base, mb=mb, pb=pb) for mb, pb in op.method_tiles(method)]
+        found += [dataclasses.replace(base, gemm_local_size=n) for n in sizes]
+        found += [dataclasses.replace(base, sample_local_size=n) for n in sizes]
+        found += [dataclasses.replace(base, texel=t) for t in (True, False)]
+    return [c for c in dict.fromkeys(found) if op._unusable(c) is None]
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -113,14 +119,21 @@ def test_forced_candidate_fills_in_the_heuristics_and_refuses_what_cannot_run():
         op(*case.inputs())
     with case.op(candidate=DeformCandidate(mb=12, pb=12)) as op, pytest.raises(ValueError, match="register tile 12x12"):
         op.choice_for(case.x_shape)
+    with case.op(candidate=DeformCandidate(method="fused")) as op, \
+            pytest.raises(ValueError, match="conv groups of 1|no subgroup shuffles"):
+        op.choice_for(case.x_shape)
     with pytest.raises(ValueError, match="multiples of 4"):
         DeformCandidate(mb=6)
 
 
 def test_candidates_round_trip_through_json():
-    for cand in (DeformCandidate(), DeformCandidate(32, 16, 128, 32, False), DeformCandidate(texel=True)):
+    for cand in (DeformCandidate(), DeformCandidate(32, 16, 128, 32, False), DeformCandidate(texel=True),
+                 DeformCandidate(8, 16, 64, 64, True, "fused")):
         assert DeformCandidate.from_json(json.loads(json.dumps(cand.to_json()))) == cand
-    for bad in ({"kernel": "implicit_gemm"}, None, [1], {"op": "DeformConv", "mb": 6}):
+    # entries written before the fused method existed are the columns method's
+    assert DeformCandidate.from_json({"op": "DeformConv", "mb": 16}) == DeformCandidate(16, method="columns")
+    for bad in ({"kernel": "implicit_gemm"}, None, [1], {"op": "DeformConv", "mb": 6},
+                {"op": "DeformConv", "method": "im2col"}):
         with pytest.raises(ValueError):
             DeformCandidate.from_json(bad)
 

@@ -90,11 +90,15 @@ from vkconv.runtime.dispatch import grid
 from vkconv.runtime.errors import VkconvError
 from vkconv.runtime.pipeline import STORAGE, TEXEL1, TEXEL4, DescriptorSet, get_pipeline, texel_fits
 from vkconv.runtime.plan import Plan, closed_on_error
+from vkconv.runtime.transfer import upload_constant
 
 log = logging.getLogger(__name__)
 
 _PACK_PUSH = struct.Struct("<6i")
 _SAMPLE_PUSH = struct.Struct("<24i")
+_FUSED_PUSH = struct.Struct("<20i2f")
+METHODS = ("columns", "fused")
+_MAX_FUSED_VEC4 = 64  # accumulators per lane of the fused kernel (pixels x vec4s of output channels)
 _CHUNK_ALIGN = 32  # pixels: a multiple of every GEMM pixel tile (vkconv.kernels.tiling.ROWS_SPEED)
 # Offset groups of at most this many 4-channel blocks get the sampling stage's block loop unrolled
 # (specialization constants): 1.1x faster sampling at 4 blocks, no gain at 16, and 64 unrolled blocks
@@ -115,12 +119,16 @@ class Chunk:
 
 @dataclass(frozen=True)
 class DeformCandidate:
-    """One way to run a DeformConv shape (0 / None: chosen by the heuristics, as without tuning).
+    """One way to run a DeformConv shape (0 / None / "": chosen by the heuristics, as without tuning).
 
-    ``mb`` x ``pb``: the column GEMM's register tile (output channels x pixels per invocation);
-    ``gemm_local_size``: the GEMM's invocations per workgroup; ``sample_local_size``: the pack and
-    sampling stages'; ``texel``: every stage reads its operands through texel buffers where they
-    fit (True) or through storage buffers (False).
+    ``method``: ``"columns"`` (a sampling stage writes the GEMM operand, a GEMM multiplies it) or
+    ``"fused"`` (one kernel samples and multiplies, the lanes of a subgroup sharing the samples;
+    conv groups of 1 and devices with subgroup shuffles only).  ``mb`` x ``pb``: the register tile
+    (output channels x pixels per invocation) of the column GEMM, or of the fused kernel's lanes
+    (``pb``: the pixels a subgroup shares, 1 or 2 per lane); ``gemm_local_size``: the GEMM's (or
+    the fused kernel's) invocations per workgroup; ``sample_local_size``: the pack and sampling
+    stages'; ``texel``: every stage reads its operands through texel buffers where they fit (True)
+    or through storage buffers (False).
     """
 
     mb: int = 0
@@ -128,10 +136,13 @@ class DeformCandidate:
     gemm_local_size: int = 0
     sample_local_size: int = 0
     texel: bool | None = None
+    method: str = ""
 
     def __post_init__(self):
         if self.mb % 4 or self.pb % 4 or min(self.mb, self.pb, self.gemm_local_size, self.sample_local_size) < 0:
             raise ValueError(f"candidate: mb and pb must be multiples of 4 and local sizes >= 0, got {self}")
+        if self.method not in ("", *METHODS):
+            raise ValueError(f"candidate: method must be one of {METHODS}, got {self.method!r}")
 
     def tuning(self, base: Tuning) -> Tuning:
         """The GEMM's launch choices: ``base`` with this candidate's tile, local size and reads."""
@@ -140,8 +151,8 @@ class DeformCandidate:
                                    fp16=base.fp16 and texel, mb=self.mb, pb=self.pb)
 
     def label(self) -> str:
-        """Short text for tables and logs, e.g. ``deform 16x16 gemm-ls64 sample-ls64 texel``."""
-        parts = ["deform"]
+        """Short text for tables and logs, e.g. ``deform fused 8x16 gemm-ls64 sample-ls64 texel``."""
+        parts = ["deform"] + ([self.method] if self.method else [])
         if self.mb or self.pb:
             parts.append(f"{self.mb}x{self.pb}")
         if self.gemm_local_size:
@@ -153,7 +164,7 @@ class DeformCandidate:
         return " ".join(parts)
 
     def to_json(self) -> dict:
-        record: dict = {"op": "DeformConv"}
+        record: dict = {"op": "DeformConv", "method": self.method}
         record |= {k: v for k, v in (("mb", self.mb), ("pb", self.pb), ("gemm_local_size", self.gemm_local_size),
                                      ("sample_local_size", self.sample_local_size)) if v}
         if self.texel is not None:
@@ -166,10 +177,11 @@ class DeformCandidate:
         if not isinstance(record, dict) or record.get("op") != "DeformConv":
             raise ValueError(f"not a DeformConv candidate: {record!r}")
         texel = record.get("texel")
+        # (entries written before the fused method existed are the columns method's)
         return cls(mb=int(record.get("mb", 0)), pb=int(record.get("pb", 0)),
                    gemm_local_size=int(record.get("gemm_local_size", 0)),
                    sample_local_size=int(record.get("sample_local_size", 0)),
-                   texel=None if texel is None else bool(texel))
+                   texel=None if texel is None else bool(texel), method=str(record.get("method", "columns")))
 
 
 class DeformConv(WeightedOp):
@@ -204,6 +216,7 @@ class DeformConv(WeightedOp):
         # weights) per GEMM launch choice that has run.
         self._rows: tuple[np.ndarray, np.ndarray | None] | None = None
         self._gemms: dict[Tuning, RowsKernel] = {}
+        self._fused: dict[int, Buffer] = {}  # the fused kernel's packed weights, by vec4s per row
         self._choices: dict[tuple[tuple[int, ...], bool], Choice[DeformCandidate]] = {}
         self._last_mask: dict[tuple[int, ...], bool] = {}  # input shape -> mask or not, as last run
         self.set_weights(w, b)
@@ -350,10 +363,31 @@ class DeformConv(WeightedOp):
         ``out_hw`` output pixels per image: what runs (and what the tuner and the cache compare)."""
         base = self.tuning
         tune = cand.tuning(base)
+        texel = tune.texel if texel_choices("gemm1x1", base) else None
+        sample_ls = cand.sample_local_size or base.local_size
+        method = cand.method or self._heuristic_method(sample_ls)
+        if method == "fused":
+            mb, pb = cand.mb or self._fused_mb(), cand.pb or 2 * self.ctx.info.subgroup_size
+            return DeformCandidate(mb, pb, tune.local_size, sample_ls, texel, method)
         mb = choose_mb(self.weight_shape[0] // self.group, tune)
         pb = choose_pb(mb, out_hw, tune)
-        texel = tune.texel if texel_choices("gemm1x1", base) else None
-        return DeformCandidate(mb, pb, tune.local_size, cand.sample_local_size or base.local_size, texel)
+        return DeformCandidate(mb, pb, tune.local_size, sample_ls, texel, method)
+
+    def _heuristic_method(self, local_size: int) -> str:
+        """The fused kernel where it can run on a CPU device (lavapipe, 64-256 channels: 0.6-0.8x
+        the columns method's time, docs/PERFORMANCE.md), else the columns (GPUs: not measured on
+        one yet)."""
+        fused = DeformCandidate(self._fused_mb(), 2 * self.ctx.info.subgroup_size, self.tuning.local_size,
+                                local_size, method="fused")
+        return "fused" if self.ctx.info.type == "cpu" and self._unusable(fused) is None else "columns"
+
+    def _fused_mb(self) -> int:
+        """The fused kernel's output channels per lane: 4 vec4s where the subgroup's lanes still
+        all hold channels (from 128 channels on 8 lanes), else 2 (64), else 1; a subgroup whose
+        chunk overhangs C_out computes zeros there (16 at 64 channels: 1.7x the time of 8)."""
+        cout4 = -(-self.weight_shape[0] // 4)
+        sg = self.ctx.info.subgroup_size
+        return 4 * next((cb for cb in (4, 2) if cout4 >= cb * sg), 1)
 
     def _tiles(self) -> list[tuple[int, int]]:
         """The column GEMM's register tiles on this device, fastest first by the rows kernel's
@@ -362,14 +396,40 @@ class DeformConv(WeightedOp):
         6.6-20 s to compile cold on those drivers: not candidates; docs/PERFORMANCE.md.)"""
         return register_tiles("gemm1x1", self.tuning)
 
+    def method_tiles(self, method: str) -> list[tuple[int, int]]:
+        """The register tiles (``mb``, ``pb``) the tuner tries for ``method``: the column GEMM's 6
+        fastest, or the fused kernel's 4, 8 or 16 output channels x 1 or 2 pixels per lane."""
+        if method == "fused":
+            sg = self.ctx.info.subgroup_size
+            return [(mb, pb) for mb in (4, 8, 16) for pb in (sg, 2 * sg)]
+        return self._tiles()[:6]
+
     def _unusable(self, cand: DeformCandidate) -> str | None:
         """Why resolved candidate ``cand`` cannot run on this device (None if it can)."""
         sizes = local_sizes(self.ctx, "gemm1x1")
         for name, size in (("GEMM", cand.gemm_local_size), ("sampling", cand.sample_local_size)):
             if size not in sizes:
                 return f"{name} local size {size} is not one of {sizes} here"
+        if cand.method == "fused":
+            return self._fused_unusable(cand)
         if (cand.mb, cand.pb) not in self._tiles():
             return f"register tile {cand.mb}x{cand.pb} is not one of {self._tiles()} here"
+        return None
+
+    def _fused_unusable(self, cand: DeformCandidate) -> str | None:
+        """Why the fused kernel cannot run resolved candidate ``cand`` here (None if it can)."""
+        info = self.ctx.info
+        sg = info.subgroup_size
+        if not info.subgroup_shuffle:
+            return "the device has no subgroup shuffles"
+        if self.group != 1:
+            return f"the fused method runs conv groups of 1, not group={self.group}"
+        if cand.pb % sg or cand.pb // sg not in (1, 2):
+            return f"{cand.pb} pixels per subgroup of {sg} lanes: 1 or 2 per lane"
+        if cand.pb * cand.mb // 4 > _MAX_FUSED_VEC4:
+            return f"{cand.pb} x {cand.mb // 4} vec4 accumulators exceed {_MAX_FUSED_VEC4}"
+        if cand.gemm_local_size % sg:
+            return f"local size {cand.gemm_local_size} is not a multiple of the {sg}-lane subgroup"
         return None
 
     def _cached(self, x_shape: tuple[int, ...], has_mask: bool, out_hw: int) -> DeformCandidate | None:
@@ -399,8 +459,9 @@ class DeformConv(WeightedOp):
     def _autotune(self, x_shape: tuple[int, ...], has_mask: bool, limit: float) -> TuneResult[DeformCandidate]:
         """:func:`vkconv.ops.tune.search` over this shape's candidates on seeded random inputs
         (offsets of a few pixels, masks in [0, 1]); each candidate's output must match the
-        heuristic choice's (a wrong one is never chosen).  Stages: the GEMM's register tile, its
-        local size, the sampling stage's local size, texel or storage reads."""
+        heuristic choice's (a wrong one is never chosen).  Stages: the method, its register tile,
+        the GEMM's (or fused kernel's) local size, the pack and sampling stages' local size, texel or
+        storage reads."""
         y_shape = self.output_shape(x_shape)
         out_hw = y_shape[2] * y_shape[3]
         rng = np.random.default_rng(0)
@@ -419,8 +480,11 @@ class DeformConv(WeightedOp):
             return agreement.timed(self.ctx, self._build_plan(x_shape, y_shape, has_mask, cand), arrays,
                                    cand.label())
 
+        def methods(best: DeformCandidate) -> list[DeformCandidate]:
+            return [self._resolve(DeformCandidate(method=m), out_hw) for m in METHODS]
+
         def tiles(best: DeformCandidate) -> list[DeformCandidate]:
-            return [dataclasses.replace(best, mb=mb, pb=pb) for mb, pb in self._tiles()[:6]]
+            return [dataclasses.replace(best, mb=mb, pb=pb) for mb, pb in self.method_tiles(best.method)]
 
         def gemm_sizes(best: DeformCandidate) -> list[DeformCandidate]:
             return [dataclasses.replace(best, gemm_local_size=n) for n in local_sizes(self.ctx, "gemm1x1")]
@@ -431,7 +495,7 @@ class DeformConv(WeightedOp):
         def texels(best: DeformCandidate) -> list[DeformCandidate]:
             return [dataclasses.replace(best, texel=t) for t in texel_choices("gemm1x1", self.tuning)]
 
-        result = search(baseline, [tiles, gemm_sizes, sample_sizes, texels], measure, limit)
+        result = search(baseline, [methods, tiles, gemm_sizes, sample_sizes, texels], measure, limit)
         keep = result.best.tuning(self.tuning)
         for tune in set(self._gemms) - before - {keep}:  # the losers' packed weights
             self._gemms.pop(tune).close()
@@ -468,6 +532,8 @@ class DeformConv(WeightedOp):
     def _build_plan(self, x_shape: tuple[int, ...], y_shape: tuple[int, ...], has_mask: bool,
                     cand: DeformCandidate) -> Plan:
         """The plan that runs resolved candidate ``cand``."""
+        if cand.method == "fused":
+            return self._build_fused_plan(x_shape, y_shape, has_mask, cand)
         ctx, gemm = self.ctx, self._gemm(cand)
         texel = cand.texel is not False and self.tuning.texel
         n, cin, in_h, in_w = x_shape
@@ -480,26 +546,12 @@ class DeformConv(WeightedOp):
         first_geo, _, first = gemm.tiled_operand(chunks[0].images, chunks[0].pixels)
         # The GEMM writes [images][C_out][tiles * PB]: the output itself when that is all of it.
         whole = len(chunks) == 1 and first_geo.y_shape[2] * first_geo.y_shape[3] == out_hw
-        limit = ctx.info.max_workgroup_count
-        if og > limit[1] or n > limit[2]:
-            raise VkconvError(f"x: {n} images and {og} offset groups exceed the device's "
-                              f"maxComputeWorkGroupCount {limit}")
 
-        inputs = [("deform_conv input x", x_shape), ("deform_conv offset", self.offset_shape(x_shape))]
-        if has_mask:
-            inputs.append(("deform_conv mask", self.mask_shape(x_shape)))
         plan = Plan(ctx, [], [("deform_conv output", y_shape)])
         with closed_on_error(plan):
-            # Inputs that the shaders may read through texel-buffer views.
-            for name, shape in inputs:
-                plan.inputs.append(Buffer(ctx, 4 * math.prod(shape), staged=True, texel=True, name=name))
-                plan.input_shapes.append(tuple(shape))
-            x_buf, offset_buf = plan.inputs[:2]
-            mask_buf = plan.inputs[2] if has_mask else offset_buf  # never read when has_mask == 0
-            packed = Buffer(ctx, 16 * n * og * og_blocks * (in_h + 2) * (in_w + 2), texel=True,
-                            name="deform_conv packed input")
+            x_buf, offset_buf, mask_buf, packed, pack = self._pack_stage(plan, x_shape, has_mask, cand)
             columns = Buffer(ctx, first.nbytes, texel=True, name="deform_conv columns")
-            plan.keep += [packed, columns]
+            plan.keep.append(columns)
             scratch: Buffer | None = None
             if not whole:
                 scratch = Buffer(ctx, 4 * math.prod(first_geo.y_shape),
@@ -507,9 +559,6 @@ class DeformConv(WeightedOp):
                 plan.keep.append(scratch)
 
             ls = cand.sample_local_size
-            texel_x = texel and texel_fits(ctx, x_buf.size, TEXEL1)
-            pack = get_pipeline(ctx, "deform_conv_pack" if texel_x else "deform_conv_pack_ssbo",
-                                (TEXEL1 if texel_x else STORAGE, STORAGE), _PACK_PUSH.size, (ls, 1, 1))
             # Output sizes that are multiples of 4 read 4 pixels' offsets and mask as one vec4.
             quad = out_hw % 4 == 0
             per_pixel = TEXEL4 if quad else TEXEL1
@@ -521,12 +570,9 @@ class DeformConv(WeightedOp):
                                   (*kinds, STORAGE), _SAMPLE_PUSH.size,
                                   (ls, 1, 1, 0, og_blocks if unroll else 0, cin_og if unroll else 0, int(quad)))
             texel_g = texel and texel_fits(ctx, columns.size) and texel_fits(ctx, gemm.weights.size)
-            pack_set = DescriptorSet(pack, [x_buf, packed])
             sample_set = DescriptorSet(sample, [packed, offset_buf, mask_buf, columns])
-            plan.keep += [pack_set, sample_set]
+            plan.keep.append(sample_set)
 
-            pack_push = _PACK_PUSH.pack(cin, in_h, in_w, og, cin_og, og_blocks)
-            pack_groups = (min(-(-((in_h + 2) * (in_w + 2)) // ls), limit[0]), og, n)
             steps = []
             for c in chunks:
                 geo, pb, lay = gemm.tiled_operand(c.images, c.pixels)
@@ -546,9 +592,7 @@ class DeformConv(WeightedOp):
 
         def body(cmd: CommandBuffer) -> None:
             self._stage(cmd, "begin")
-            cmd.dispatch(pack, pack_set, pack_push, pack_groups)
-            cmd.barrier()
-            self._stage(cmd, "pack")
+            pack(cmd)
             for groups, push, multiply, place in steps:
                 cmd.dispatch(sample, sample_set, push, groups)
                 cmd.barrier()
@@ -563,6 +607,117 @@ class DeformConv(WeightedOp):
         with closed_on_error(plan):
             plan.record(body)
         return plan
+
+    def _pack_stage(self, plan: Plan, x_shape: tuple[int, ...], has_mask: bool, cand: DeformCandidate
+                    ) -> tuple[Buffer, Buffer, Buffer, Buffer, Callable[[CommandBuffer], None]]:
+        """Both methods' start: ``plan``'s input buffers (x, offset and, with ``has_mask``, mask),
+        the packed input (deform_conv_pack.comp) and the recorder of the pack stage and its
+        barrier.  Returns ``(x, offset, mask, packed, record)``; ``mask`` is the offset buffer
+        where there is no mask (bound, never read)."""
+        ctx = self.ctx
+        n, cin, in_h, in_w = x_shape
+        og = self.offset_group
+        cin_og = cin // og
+        og_blocks = -(-cin_og // 4)
+        limit = ctx.info.max_workgroup_count
+        if og > limit[1] or n > limit[2]:
+            raise VkconvError(f"x: {n} images and {og} offset groups exceed the device's "
+                              f"maxComputeWorkGroupCount {limit}")
+        inputs = [("deform_conv input x", x_shape), ("deform_conv offset", self.offset_shape(x_shape))]
+        if has_mask:
+            inputs.append(("deform_conv mask", self.mask_shape(x_shape)))
+        # Inputs that the shaders may read through texel-buffer views.
+        for name, shape in inputs:
+            plan.inputs.append(Buffer(ctx, 4 * math.prod(shape), staged=True, texel=True, name=name))
+            plan.input_shapes.append(tuple(shape))
+        x_buf, offset_buf = plan.inputs[:2]
+        mask_buf = plan.inputs[2] if has_mask else offset_buf  # never read when has_mask == 0
+        packed = Buffer(ctx, 16 * n * og * og_blocks * (in_h + 2) * (in_w + 2), texel=True,
+                        name="deform_conv packed input")
+        plan.keep.append(packed)
+        ls = cand.sample_local_size
+        texel_x = cand.texel is not False and self.tuning.texel and texel_fits(ctx, x_buf.size, TEXEL1)
+        pack = get_pipeline(ctx, "deform_conv_pack" if texel_x else "deform_conv_pack_ssbo",
+                            (TEXEL1 if texel_x else STORAGE, STORAGE), _PACK_PUSH.size, (ls, 1, 1))
+        pack_set = DescriptorSet(pack, [x_buf, packed])
+        plan.keep.append(pack_set)
+        push = _PACK_PUSH.pack(cin, in_h, in_w, og, cin_og, og_blocks)
+        groups = (min(-(-((in_h + 2) * (in_w + 2)) // ls), limit[0]), og, n)
+
+        def record(cmd: CommandBuffer) -> None:
+            cmd.dispatch(pack, pack_set, push, groups)
+            cmd.barrier()
+            self._stage(cmd, "pack")
+        return x_buf, offset_buf, mask_buf, packed, record
+
+    def _build_fused_plan(self, x_shape: tuple[int, ...], y_shape: tuple[int, ...], has_mask: bool,
+                          cand: DeformCandidate) -> Plan:
+        """The plan of the fused method (shaders/deform/deform_conv_fused.comp): pack, then one
+        dispatch that samples, multiplies and stores the output."""
+        ctx = self.ctx
+        n, cin, in_h, in_w = x_shape
+        _, cout, out_h, out_w = y_shape
+        kh, kw = self.weight_shape[2:]
+        og, out_hw = self.offset_group, out_h * out_w
+        og_blocks = -(-(cin // og) // 4)
+        sg = ctx.info.subgroup_size
+        cb = cand.mb // 4
+        chunk = sg * cb  # vec4s of output channels per subgroup
+        cout4 = -(-cout // 4)
+        coutp = -(-cout4 // chunk) * chunk
+        tiles = -(-out_hw // cand.pb)
+        weights = self._fused_weights(coutp)
+        texel = cand.texel is not False and self.tuning.texel
+
+        plan = Plan(ctx, [], [("deform_conv output", y_shape)])
+        with closed_on_error(plan):
+            x_buf, offset_buf, mask_buf, packed, pack = self._pack_stage(plan, x_shape, has_mask, cand)
+            texel_f = (texel and texel_fits(ctx, packed.size, TEXEL4) and texel_fits(ctx, weights.size, TEXEL4)
+                       and all(texel_fits(ctx, b.size, TEXEL1) for b in (offset_buf, mask_buf)))
+            kinds = (TEXEL4, TEXEL1, TEXEL1, TEXEL4, STORAGE) if texel_f else (STORAGE,) * 5
+            ls = cand.gemm_local_size
+            pipe = get_pipeline(ctx, "deform_conv_fused" if texel_f else "deform_conv_fused_ssbo", kinds,
+                                _FUSED_PUSH.size,
+                                (ls, 1, 1, self.activation, sg, cand.pb // sg, cb,
+                                 og_blocks if og_blocks <= _UNROLL_BLOCKS else 0))
+            dset = DescriptorSet(pipe, [packed, offset_buf, mask_buf, weights, plan.outputs[0]])
+            plan.keep.append(dset)
+            subgroups = n * tiles * (coutp // chunk)
+            groups = grid(ctx, -(-subgroups // (ls // sg)) * ls, ls, 1, "x (deform_conv fused)")
+            push = _FUSED_PUSH.pack(in_h, in_w, out_w, out_hw, kw, kh * kw, *self.strides, *self.pads[:2],
+                                    *self.dilations, og, og_blocks, cout, coutp, coutp // chunk, tiles, n,
+                                    int(has_mask), self.activation.a, self.activation.b)
+
+        def body(cmd: CommandBuffer) -> None:
+            self._stage(cmd, "begin")
+            pack(cmd)
+            cmd.dispatch(pipe, dset, push, groups)
+            cmd.barrier()
+            self._stage(cmd, "fused")
+
+        with closed_on_error(plan):
+            plan.record(body)
+        return plan
+
+    def _fused_weights(self, coutp: int) -> Buffer:
+        """The fused kernel's weights with rows of ``coutp`` vec4s (built on first use):
+        ``[tap][offset group][4-channel block][4][coutp]`` vec4, zero where a block or a row has
+        no channel, then the bias row."""
+        buf = self._fused.get(coutp)
+        if buf is None:
+            rows, b = self._open()
+            cout, cin, kh, kw = self.weight_shape  # conv groups of 1: C_in / group is C_in
+            taps, og = kh * kw, self.offset_group
+            cin_og = cin // og
+            blocks = -(-cin_og // 4)
+            packed = np.zeros((taps * og * blocks * 4 + 1, 4 * coutp), np.float32)
+            per_tap = rows.reshape(cout, taps, og, cin_og).transpose(1, 2, 3, 0)  # [tap][og][channel][C_out]
+            packed[:-1].reshape(taps, og, blocks * 4, 4 * coutp)[:, :, :cin_og, :cout] = per_tap
+            if b is not None:
+                packed[-1, :cout] = b
+            self.ctx.check()
+            buf = self._fused[coutp] = upload_constant(self.ctx, packed, "deform_conv fused weights", texel=True)
+        return buf
 
     @staticmethod
     def _placement(scratch: Buffer, output: Buffer, c: Chunk, cout: int, out_hw: int,
@@ -595,7 +750,8 @@ class DeformConv(WeightedOp):
 
     def _stage(self, cmd, name: str) -> None:
         """Recording hook, called at "begin" and after each stage's barrier ("pack", then "sample"
-        and "gemm" per chunk); cv_plugin.bench.deform.TimedDeformConv overrides it to write GPU timestamps."""
+        and "gemm" per chunk, or "fused"); cv_plugin.bench.deform.TimedDeformConv overrides it to
+        write GPU timestamps."""
 
     # -- lifetime ------------------------------------------------------------------------------
     def _release(self) -> None:
@@ -603,6 +759,9 @@ class DeformConv(WeightedOp):
         for gemm in self._gemms.values():
             gemm.close()
         self._gemms.clear()
+        for buf in self._fused.values():
+            buf.close()
+        self._fused.clear()
         self._rows = None
 
 
