@@ -24,36 +24,42 @@ channel that reads it: a broken offset predictor shows up instead of passing for
 ``+-Inf`` moves the point out of the image, so it samples 0.  NaN or Inf in ``x`` or ``mask``
 propagate by IEEE arithmetic; the mask multiplies the finished sample.
 
-Execution, recorded once per input shape and submitted once per call: ``deform_conv_pack``
-copies ``x`` into blocks of 4 channels of one offset group (vec4 per pixel) inside a one-pixel zero
-border; then, per chunk of images (or of one image's pixels), ``deform_conv_sample`` writes the
-masked bilinear samples ("columns": row ``tap * C_in/g + channel`` of its conv group's GEMM
-operand) and the dense convolution's GEMM (``conv_rows`` through
-:meth:`vkconv.ops.conv.kernels.RowsKernel.tiled_operand`) multiplies them by the weights reordered to
-``[C_out][tap][C_in/g]``, adding the bias and the fused activation.  The columns are tile-major,
-``[image][group][pixel tile][row][PB pixels]`` (PB: the GEMM's pixel tile), which made the sampling
-stage's stores 2x faster on lavapipe than one long row per channel.  A sampling invocation reads
-the offsets and mask of its 4 pixels once (as one vec4 each when the output size is a multiple of
-4), computes the 4 points' corners and weights once, and reuses them for every channel block of
-its offset group; the zero border lets it blend the 4 fetched corners without testing them.
-Operands are read through texel buffers where the device's ``maxTexelBufferElements`` allows, else
-(and with ``VKCONV_CONV_TEXEL=0``) through storage buffers.  Chunks keep the column buffer within
-``maxStorageBufferRange``; a chunk that is not the whole batch, or whose pixels do not fill whole
-GEMM tiles, is multiplied into a scratch output and copied into place.  The GEMM's register tile
-and local size, the pack and sampling stages' local size and the read path are one
-:class:`DeformCandidate` per input shape, forced, from the tuning cache, measured by the tuner or
-from the heuristics, as :class:`vkconv.Conv` chooses its kernel (:meth:`DeformConv.choice_for`).
+Execution, recorded once per input shape and submitted once per call, one of two methods (a
+:class:`DeformCandidate` per input shape, forced, from the tuning cache, measured by the tuner or from
+the heuristics, as :class:`vkconv.Conv` chooses its kernel: :meth:`DeformConv.choice_for`).  Both start
+with ``deform_conv_pack``, which copies ``x`` into blocks of 4 channels of one offset group (vec4 per
+pixel) inside a one-pixel zero border, so that the bilinear corners of 4 channels are 4 vec4 fetches
+with no per-corner test.
 
-Measured on lavapipe (2 shared cores, bench/deform.py; docs/PERFORMANCE.md has the table and the
-analysis): the GEMM runs at the dense 1x1 GEMM's rate; the sampling stage costs about 1.8 ns of
-one thread per sampled value, the column stores (a per-lane loop per store on Mesa 22.3) its
-largest part, so its share of the device time falls with C_out: about 10 % at 256 output
-channels, 17-20 % at 128, 28-38 % at 64 (the GEMM does only 2 * C_out FLOPs per sampled value).
-Against the dense 3x3 convolution of the same size (implicit GEMM; bench/deform.py's efficiency,
-the same on Mesa 22.3 and 25.0 within noise): 0.56-0.64 of its GFLOP/s at 64 channels, 0.69-0.79
-at 128 and 256.  The GEMM alone takes about 1.15x the dense conv's time: the dense kernel reuses
-each loaded input row for its 3 kernel columns, the columns have nothing to reuse (1.4x the
-texel fetches per FMA); the rest is the sampling stage.
+* ``fused`` (``deform_conv_fused.comp``; conv groups of 1 on devices with subgroup shuffles, the
+  heuristic on CPU devices): one dispatch samples and multiplies.  The lanes of a subgroup share a
+  tile of output pixels, each lane holding its own block of output channels; per (tap, offset
+  group) a lane sets up the corners of its own pixels, per 4-channel block samples them and hands
+  the samples to the other lanes by subgroup shuffles.  No sample is stored, and each is computed
+  once per chunk of ``subgroup size x mb`` output channels (once in all up to 64 output channels
+  on lavapipe's 8 lanes).  Bias and activation are fused into the store.
+* ``columns``: per chunk of images (or of one image's pixels), ``deform_conv_sample`` writes the
+  masked bilinear samples ("columns": row ``tap * C_in/g + channel`` of its conv group's GEMM
+  operand) and the dense convolution's GEMM (``conv_rows`` through
+  :meth:`vkconv.ops.conv.kernels.RowsKernel.tiled_operand`) multiplies them by the weights reordered
+  to ``[C_out][tap][C_in/g]``, adding the bias and the fused activation.  The columns are
+  tile-major, ``[image][group][pixel tile][row][PB pixels]`` (PB: the GEMM's pixel tile), which made
+  the sampling stage's stores 2x faster on lavapipe than one long row per channel.  A sampling
+  invocation reads the offsets and mask of its 4 pixels once (as one vec4 each when the output
+  size is a multiple of 4), computes the 4 points' corners and weights once, and reuses them for
+  every channel block of its offset group.  Chunks keep the column buffer within
+  ``maxStorageBufferRange``; a chunk that is not the whole batch, or whose pixels do not fill whole
+  GEMM tiles, is multiplied into a scratch output and copied into place.
+
+Operands are read through texel buffers where the device's ``maxTexelBufferElements`` allows, else
+(and with ``VKCONV_CONV_TEXEL=0``) through storage buffers.
+
+Measured on lavapipe (2 shared cores, bench/deform.py; docs/PERFORMANCE.md has the tables): against
+the dense 3x3 convolution of the same size (implicit GEMM; bench/deform.py's efficiency) the fused
+method reaches 0.83-0.87 of its GFLOP/s at 64 channels with one offset group, 0.75-0.80 with four,
+0.85-0.92 at 256 and 0.74-0.80 at 128 (Mesa 22.3 and 25.0); the columns method 0.48-0.57 at 64
+channels: its sampling stage stored every sample (every storage-buffer store is a per-lane loop on
+lavapipe), and its GEMM re-read them with none of the dense kernel's input reuse.
 """
 from __future__ import annotations
 
