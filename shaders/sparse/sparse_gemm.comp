@@ -19,15 +19,17 @@
 // range with its own schedule (rows sorted by their taps in that range): a tile then walks the
 // union of its rows' taps in one range only, which wastes far less on real clouds (30 k voxels of
 // a scan, 8-row tiles: 1.31x the useful work with one range, 1.02x with three, docs/PERFORMANCE.md).
-// A range after the first starts from the partial sums the previous one stored in y, and only the
-// last adds the bias and applies the activation, so every row still sums its taps in increasing
-// order: the results are bitwise those of one range.
+// A range other than the last takes only the rows that have taps in it (its schedule lists those
+// first, n_rows of them); a row starts from the partial sum an earlier range stored in y if it has
+// taps before tap_lo, else from 0, and only the last range, over every row, adds the bias and
+// applies the activation.  So every row still sums its taps in increasing order: the results are
+// bitwise those of one range.
 //
 // Buffers: features x [n_in][cin4] vec4; packed weights [kv][cin4 * 4][coutp] vec4 followed by the
 // bias row [coutp]; table [n_out][kv] float (the input row, a whole number below 2^24, written only
 // where the mask has the tap); masks [n_out][words] uint (bit t % 32 of word t / 32);
-// y [n_out][cout4]; schedule [n_out] float (output rows, whole numbers; bound but unread
-// without SCHEDULE).
+// y [n_out][cout4]; schedule [n_rows] float (output rows, whole numbers; bound but unread
+// without SCHEDULE, where n_rows = n_out).
 // The TEXEL variant reads features, weights, table and schedule through texel buffers
 // (vkconv/runtime/pipeline.py says why: on lavapipe a texel fetch is a gather, a storage-buffer load a
 // loop over the lanes). The loops over words, taps and input channels are do-while: lavapipe runs
@@ -84,15 +86,28 @@ layout(std430, binding = 5) readonly buffer Schedule { float schedule[]; };
 #define S(i) schedule[i]
 #endif
 layout(std430, binding = 3) readonly buffer Masks { uint masks[]; };
-layout(std430, binding = 4) buffer Output { vec4 y[]; };  // read back where tap_lo > 0
+layout(std430, binding = 4) buffer Output { vec4 y[]; };  // read back for rows an earlier range started
 
 layout(push_constant) uniform Params {
     int n_in, n_out, kv, words;
     int cin4, cout4, coutp;   // vec4s per input row, per output row, per packed weight row
     int tap_lo, tap_hi;       // the taps this dispatch sums (PARTS above)
+    int n_rows;               // the rows it computes: schedule entries, or n_out
     float act_a, act_b;
 } p;
 
+
+// Whether output row o (-1: none) has taps before tap_lo, whose partial sum an earlier range stored.
+bool started(int o)
+{
+    if (o < 0 || p.tap_lo == 0) return false;
+    uint before = 0u;
+    for (int wd = 0; wd <= (p.tap_lo - 1) / 32; ++wd) {
+        const int below = p.tap_lo - 32 * wd;
+        before |= masks[o * p.words + wd] & (below >= 32 ? ~0u : (1u << below) - 1u);
+    }
+    return before != 0u;
+}
 
 void main()
 {
@@ -101,15 +116,15 @@ void main()
     const int SLOTS = ROWS / SG;
     const int lane = int(gl_SubgroupInvocationID);
     const int first = (flat_group() * int(gl_NumSubgroups) + int(gl_SubgroupID)) * ROWS;
-    if (first >= p.n_out) return;  // the whole subgroup: its lanes share first
+    if (first >= p.n_rows) return;  // the whole subgroup: its lanes share first
     const int cb = lane * CB;
     // This lane's rows first + k * SG + lane (-1 past the last row or for a schedule entry out of
     // range), and every row of the tile, from the lanes that own them.
     int own[SLOTS];
     [[unroll]] for (int k = 0; k < SLOTS; ++k) {
         const int i = first + k * SG + lane;
-        own[k] = SCHEDULE != 0 ? int(S(min(i, p.n_out - 1))) : i;
-        own[k] = uint(own[k]) < uint(p.n_out) && i < p.n_out ? own[k] : -1;
+        own[k] = SCHEDULE != 0 ? int(S(min(i, p.n_rows - 1))) : i;
+        own[k] = uint(own[k]) < uint(p.n_out) && i < p.n_rows ? own[k] : -1;
     }
     int row[ROWS];
     [[unroll]] for (int r = 0; r < ROWS; ++r) row[r] = subgroupShuffle(own[r / SG], r % SG);
@@ -117,24 +132,32 @@ void main()
     const int blocks = p.coutp / CB;
     const int inv = flat_invocation();
     const int first = (SHARE != 0 ? inv / blocks : inv) * ROWS;
-    if (first >= p.n_out) return;
+    if (first >= p.n_rows) return;
     const int cb = (SHARE != 0 ? inv % blocks : int(gl_WorkGroupID.z)) * CB;
     // -1 past the last row (or for a schedule entry out of range); indices below use max(row, 0),
     // in range even where the row is unused
     int row[ROWS];
     [[unroll]] for (int r = 0; r < ROWS; ++r) {
-        const int i = min(first + r, p.n_out - 1);
+        const int i = min(first + r, p.n_rows - 1);
         row[r] = SCHEDULE != 0 ? int(S(i)) : i;
-        row[r] = uint(row[r]) < uint(p.n_out) && first + r < p.n_out ? row[r] : -1;
+        row[r] = uint(row[r]) < uint(p.n_out) && first + r < p.n_rows ? row[r] : -1;
     }
 #endif
 
-    // the partial sums of the taps before tap_lo (the previous range's dispatch stored them)
+    // Rows with taps before tap_lo start from the partial sum an earlier range stored in y.
+#if SUBGROUP
+    bool own_started[SLOTS];
+    [[unroll]] for (int k = 0; k < SLOTS; ++k) own_started[k] = started(own[k]);
+    bool begun[ROWS];
+    [[unroll]] for (int r = 0; r < ROWS; ++r) begun[r] = subgroupShuffle(own_started[r / SG], r % SG);
+#else
+    bool begun[ROWS];
+    [[unroll]] for (int r = 0; r < ROWS; ++r) begun[r] = started(row[r]);
+#endif
     vec4 acc[ROWS * CB];
     [[unroll]] for (int r = 0; r < ROWS; ++r)
         [[unroll]] for (int c = 0; c < CB; ++c)
-            acc[r * CB + c] = p.tap_lo > 0 && row[r] >= 0 && cb + c < p.cout4
-                ? y[max(row[r], 0) * p.cout4 + cb + c] : vec4(0.0);
+            acc[r * CB + c] = begun[r] && cb + c < p.cout4 ? y[max(row[r], 0) * p.cout4 + cb + c] : vec4(0.0);
     int word = p.tap_lo / 32;
     const int end_word = (p.tap_hi + 31) / 32;
     do {

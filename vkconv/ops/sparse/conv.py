@@ -29,8 +29,8 @@ from vkconv.runtime.transfer import upload_constant
 
 log = logging.getLogger(__name__)
 
-# n_in, n_out, kv, words, cin4, cout4, coutp, tap_lo, tap_hi, act_a, act_b
-_GEMM_PUSH = struct.Struct("<9i2f")
+# n_in, n_out, kv, words, cin4, cout4, coutp, tap_lo, tap_hi, n_rows, act_a, act_b
+_GEMM_PUSH = struct.Struct("<10i2f")
 _GATHER_PUSH = struct.Struct("<3i")
 
 
@@ -294,9 +294,12 @@ def record_conv(rec: Recording, rb: Rulebook, x: Buffer, w: PackedWeights, act: 
     ranges = tap_ranges(kv, min(tile.parts, kv))
     sort = len(ranges) > 1 or rb.has_schedule(inverse=inverse) or wants_schedule(w, rb)
     y = lease(ctx, 16 * n_out * w.cout4, "sparse conv output", staged=staged, texel=texel_capable(ctx))
-    tiles, blocks = -(-n_out // tile.rows), w.coutp // tile.cb
+    blocks = w.coutp // tile.cb
     for taps in ranges:
-        sched = rb.schedule(taps, inverse=inverse) if sort else None
+        sched, n_rows = rb.schedule(taps, inverse=inverse) if sort else (None, n_out)
+        if n_rows == 0:  # no row has taps in this range (and it is not the last)
+            continue
+        tiles = -(-n_rows // tile.rows)
         rows = sched or table  # bound either way; read only with a schedule
         texel = (x.texel and w.weight.texel and table.texel and rows.texel and texel_fits(ctx, x.size)
                  and texel_fits(ctx, w.weight.size) and texel_fits(ctx, table.size, TEXEL1)
@@ -304,7 +307,7 @@ def record_conv(rec: Recording, rb: Rulebook, x: Buffer, w: PackedWeights, act: 
         shader = "sparse_gemm_subgroup" if tile.subgroup else "sparse_gemm"
         shader, kinds = ((shader + "_texel", (TEXEL4, TEXEL4, TEXEL1, STORAGE, STORAGE, TEXEL1)) if texel
                          else (shader, None))
-        push = _GEMM_PUSH.pack(n_in, n_out, kv, rb.words, w.cin4, w.cout4, w.coutp, *taps, act.a, act.b)
+        push = _GEMM_PUSH.pack(n_in, n_out, kv, rb.words, w.cin4, w.cout4, w.coutp, *taps, n_rows, act.a, act.b)
         rec.dispatch(shader, [x, w.weight, table, masks, y, rows], push,
                      tiles * (blocks if tile.share else 1), kinds=kinds,
                      spec=(act.kind, tile.rows, tile.cb, int(tile.share), int(sched is not None),

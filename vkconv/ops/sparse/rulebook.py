@@ -171,7 +171,7 @@ class Rulebook:
         self.in_idx: Buffer | None = None
         self.out_idx: Buffer | None = None
         self._tables: dict[bool, tuple[Buffer, Buffer]] = {}
-        self._schedules: dict[tuple[bool, int, int], Buffer] = {}
+        self._schedules: dict[tuple[bool, int, int], tuple[Buffer, int]] = {}
 
     @property
     def n_in(self) -> int:
@@ -197,10 +197,11 @@ class Rulebook:
         """Whether rows of :meth:`tables` (``inverse``) have been sorted for some tap range."""
         return any(key[0] == inverse for key in self._schedules)
 
-    def schedule(self, taps: tuple[int, int], *, inverse: bool = False) -> Buffer:
+    def schedule(self, taps: tuple[int, int], *, inverse: bool = False) -> tuple[Buffer, int]:
         """The rows of :meth:`tables` sorted by their mask bits of the taps ``[lo, hi)`` (the first 32
-        of them), as float32 row numbers (``[n]``), so that the rows of a compute tile share their
-        taps in that range; sorted on the host the first time (a numpy radix sort of the
+        of them), as float32 row numbers, so that the rows of a compute tile share their taps in
+        that range, and how many there are: every row where the range ends the kernel, else only
+        the rows with taps in it.  Sorted on the host the first time (a numpy radix sort of the
         host-readable masks: about 10 ns per row)."""
         key = (inverse, *taps)
         if key not in self._schedules:
@@ -232,7 +233,7 @@ class Rulebook:
 
     def close(self) -> None:
         buffers = [self.in_idx, self.out_idx, *(b for pair in self._tables.values() for b in pair),
-                   *self._schedules.values()]
+                   *(buf for buf, _ in self._schedules.values())]
         for buf in buffers:
             if buf is not None:
                 release(buf)
@@ -405,17 +406,31 @@ def _invert(rb: Rulebook) -> tuple[Buffer, Buffer]:
     return inv_table, inv_masks
 
 
+def _has_taps(words: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Per row of mask ``words`` (``[n][words]`` uint32): whether any tap in ``[lo, hi)`` is set."""
+    found = np.zeros(len(words), bool)
+    for wd in range(lo // 32, (hi + 31) // 32):
+        bits = ~np.uint32(0)
+        if lo > 32 * wd:
+            bits &= ~np.uint32((1 << (lo - 32 * wd)) - 1)
+        if hi < 32 * (wd + 1):
+            bits &= np.uint32((1 << (hi - 32 * wd)) - 1)
+        found |= (words[:, wd] & bits) != 0
+    return found
+
+
 # Rows per block of a schedule that stay together when the blocks are shuffled: a multiple of the
 # tiles' row counts (4-16 on lavapipe; 32 and 64 for 32-lane subgroups), so no tile straddles two
 # blocks (one that did would still be right, only walk more taps).
 SCHEDULE_BLOCK = 64
 
 
-def _schedule(rb: Rulebook, inverse: bool, taps: tuple[int, int]) -> Buffer:
+def _schedule(rb: Rulebook, inverse: bool, taps: tuple[int, int]) -> tuple[Buffer, int]:
     """The rows of ``rb.tables(inverse)`` in the Gray-code order of their mask bits of the taps
-    ``[lo, hi)`` (the first 32; rows with equal bits keep their order), then blocks of
-    :data:`SCHEDULE_BLOCK` rows in a fixed pseudo-random order, uploaded as float32 row numbers
-    (with the next submit)."""
+    ``[lo, hi)`` (the first 32; rows with equal bits keep their order), without the rows that have
+    none unless the range ends the kernel, then blocks of :data:`SCHEDULE_BLOCK` rows in a fixed
+    pseudo-random order: ``(the rows as float32 row numbers, uploaded with the next submit, their
+    count)``.  (A range before the last has nothing to add to a row without taps in it.)"""
     masks = rb.tables(inverse=inverse)[1]
     ctx, n = masks.ctx, rb.n_in if inverse else rb.n_out
     lo, hi = taps
@@ -437,19 +452,22 @@ def _schedule(rb: Rulebook, inverse: bool, taps: tuple[int, int]) -> Buffer:
     order = np.argsort((key & 0xFFFF).astype(np.uint16), kind="stable")
     if hi - lo > 16:
         order = order[np.argsort((key[order] >> 16).astype(np.uint16), kind="stable")]
-    # Sorted, the work per tile climbs with the mask along the schedule (rows without taps in the
-    # range first), and lavapipe hands each of its threads one contiguous share of a dispatch's
-    # workgroups: the thread with the light end idled (tap ranges of one kernel plane, 64
-    # channels: 86-89 ms sorted, 60-66 shuffled).  Shuffled blocks give every share the same mix;
-    # the seed is fixed so that runs repeat their schedule (the results do not depend on it).
+    if hi < rb.geom.kv:
+        order = order[_has_taps(words, lo, hi)[order]]
+    n = len(order)
+    # Sorted, the work per tile climbs with the mask along the schedule, and lavapipe hands each
+    # of its threads one contiguous share of a dispatch's workgroups: the thread with the light end
+    # idled (tap ranges of one kernel plane, 64 channels: 86-89 ms sorted, 60-66 shuffled).
+    # Shuffled blocks give every share the same mix; the seed is fixed so that runs repeat their
+    # schedule (the results do not depend on it).
     blocks = n // SCHEDULE_BLOCK
     head = order[:blocks * SCHEDULE_BLOCK].reshape(blocks, SCHEDULE_BLOCK)
     order[:blocks * SCHEDULE_BLOCK] = head[np.random.default_rng(0).permutation(blocks)].reshape(-1)
     order = order.astype(np.float32)
-    buf = lease(ctx, order.nbytes, "rulebook schedule", staged=True, texel=texel_capable(ctx))
+    buf = lease(ctx, max(order.nbytes, 4), "rulebook schedule", staged=True, texel=texel_capable(ctx))
     try:
         upload(buf, order)
     except BaseException:
         release(buf)
         raise
-    return buf
+    return buf, n
