@@ -1,10 +1,10 @@
 #version 450
-// Output-stationary sparse convolution (vkconv/ops/sparse/conv.py): one dispatch computes every output
-// row o of a rulebook (vkconv/ops/sparse/rulebook.py) as
+// Output-stationary sparse convolution (vkconv/ops/sparse/conv.py): one dispatch (per range of taps,
+// PARTS below) computes every output row o of a rulebook (vkconv/ops/sparse/rulebook.py) as
 //     y[o] = act(bias + sum over the taps t set in mask[o], in increasing t: W[t]^T x[table[o][t]])
-// Each output row is summed in registers by one invocation and stored once: no read-modify-write,
-// no atomics, no separate bias / activation pass, and the additions happen in tap order, so the
-// results are bitwise reproducible whatever the schedule.
+// Each output row is summed in registers by one invocation (per range) and stored once (per
+// range): no atomics, no separate bias / activation pass, and the additions happen in tap order,
+// so the results are bitwise reproducible whatever the schedule.
 //
 // An invocation holds ROWS output rows x CB vec4s of output channels and walks the union of its
 // rows' taps, so the weights W[t] it reads serve every row of the tile; a row without tap t
@@ -19,8 +19,8 @@
 // range with its own schedule (rows sorted by their taps in that range): a tile then walks the
 // union of its rows' taps in one range only, which wastes far less on real clouds (30 k voxels of
 // a scan, 8-row tiles: 1.31x the useful work with one range, 1.02x with three, docs/PERFORMANCE.md).
-// A range other than the last takes only the rows that have taps in it (its schedule lists those
-// first, n_rows of them); a row starts from the partial sum an earlier range stored in y if it has
+// A range other than the last takes only the rows that have taps in it (its schedule lists only
+// those, n_rows of them); a row starts from the partial sum an earlier range stored in y if it has
 // taps before tap_lo, else from 0, and only the last range, over every row, adds the bias and
 // applies the activation.  So every row still sums its taps in increasing order: the results are
 // bitwise those of one range.
