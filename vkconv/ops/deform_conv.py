@@ -541,13 +541,13 @@ class DeformConv(WeightedOp):
         if cand.method == "fused":
             return self._build_fused_plan(x_shape, y_shape, has_mask, cand)
         ctx, gemm = self.ctx, self._gemm(cand)
-        texel = cand.texel is not False and self.tuning.texel
+        texel = self._texel(cand)
         n, cin, in_h, in_w = x_shape
         _, cout, out_h, out_w = y_shape
         kh, kw = self.weight_shape[2:]
         taps, og = kh * kw, self.offset_group
         cin_og, out_hw = cin // og, out_h * out_w
-        og_blocks = -(-cin_og // 4)  # packed blocks of 4 channels per offset group
+        og_blocks = self._og_blocks(cin)
         chunks = self.chunks(n, out_hw, cand)
         first_geo, _, first = gemm.tiled_operand(chunks[0].images, chunks[0].pixels)
         # The GEMM writes [images][C_out][tiles * PB]: the output itself when that is all of it.
@@ -614,6 +614,14 @@ class DeformConv(WeightedOp):
             plan.record(body)
         return plan
 
+    def _texel(self, cand: DeformCandidate) -> bool:
+        """Whether ``cand``'s stages read their operands through texel buffers (where they fit)."""
+        return cand.texel is not False and self.tuning.texel
+
+    def _og_blocks(self, cin: int) -> int:
+        """Packed 4-channel blocks per offset group for ``cin`` input channels (deform_conv_pack.comp)."""
+        return -(-(cin // self.offset_group) // 4)
+
     def _pack_stage(self, plan: Plan, x_shape: tuple[int, ...], has_mask: bool, cand: DeformCandidate
                     ) -> tuple[Buffer, Buffer, Buffer, Buffer, Callable[[CommandBuffer], None]]:
         """Both methods' start: ``plan``'s input buffers (x, offset and, with ``has_mask``, mask),
@@ -623,8 +631,7 @@ class DeformConv(WeightedOp):
         ctx = self.ctx
         n, cin, in_h, in_w = x_shape
         og = self.offset_group
-        cin_og = cin // og
-        og_blocks = -(-cin_og // 4)
+        og_blocks = self._og_blocks(cin)
         limit = ctx.info.max_workgroup_count
         if og > limit[1] or n > limit[2]:
             raise VkconvError(f"x: {n} images and {og} offset groups exceed the device's "
@@ -642,12 +649,12 @@ class DeformConv(WeightedOp):
                         name="deform_conv packed input")
         plan.keep.append(packed)
         ls = cand.sample_local_size
-        texel_x = cand.texel is not False and self.tuning.texel and texel_fits(ctx, x_buf.size, TEXEL1)
+        texel_x = self._texel(cand) and texel_fits(ctx, x_buf.size, TEXEL1)
         pack = get_pipeline(ctx, "deform_conv_pack" if texel_x else "deform_conv_pack_ssbo",
                             (TEXEL1 if texel_x else STORAGE, STORAGE), _PACK_PUSH.size, (ls, 1, 1))
         pack_set = DescriptorSet(pack, [x_buf, packed])
         plan.keep.append(pack_set)
-        push = _PACK_PUSH.pack(cin, in_h, in_w, og, cin_og, og_blocks)
+        push = _PACK_PUSH.pack(cin, in_h, in_w, og, cin // og, og_blocks)
         groups = (min(-(-((in_h + 2) * (in_w + 2)) // ls), limit[0]), og, n)
 
         def record(cmd: CommandBuffer) -> None:
@@ -665,7 +672,7 @@ class DeformConv(WeightedOp):
         _, cout, out_h, out_w = y_shape
         kh, kw = self.weight_shape[2:]
         og, out_hw = self.offset_group, out_h * out_w
-        og_blocks = -(-(cin // og) // 4)
+        og_blocks = self._og_blocks(cin)
         sg = ctx.info.subgroup_size
         cb = cand.mb // 4
         chunk = sg * cb  # vec4s of output channels per subgroup
@@ -673,7 +680,7 @@ class DeformConv(WeightedOp):
         coutp = -(-cout4 // chunk) * chunk
         tiles = -(-out_hw // cand.pb)
         weights = self._fused_weights(coutp)
-        texel = cand.texel is not False and self.tuning.texel
+        texel = self._texel(cand)
 
         plan = Plan(ctx, [], [("deform_conv output", y_shape)])
         with closed_on_error(plan):
@@ -715,7 +722,7 @@ class DeformConv(WeightedOp):
             cout, cin, kh, kw = self.weight_shape  # conv groups of 1: C_in / group is C_in
             taps, og = kh * kw, self.offset_group
             cin_og = cin // og
-            blocks = -(-cin_og // 4)
+            blocks = self._og_blocks(cin)
             packed = np.zeros((taps * og * blocks * 4 + 1, 4 * coutp), np.float32)
             per_tap = rows.reshape(cout, taps, og, cin_og).transpose(1, 2, 3, 0)  # [tap][og][channel][C_out]
             packed[:-1].reshape(taps, og, blocks * 4, 4 * coutp)[:, :, :cin_og, :cout] = per_tap

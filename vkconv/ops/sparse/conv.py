@@ -295,18 +295,19 @@ def record_conv(rec: Recording, rb: Rulebook, x: Buffer, w: PackedWeights, act: 
     sort = len(ranges) > 1 or rb.has_schedule(inverse=inverse) or wants_schedule(w, rb)
     y = lease(ctx, 16 * n_out * w.cout4, "sparse conv output", staged=staged, texel=texel_capable(ctx))
     blocks = w.coutp // tile.cb
+    texel = (x.texel and w.weight.texel and table.texel and texel_fits(ctx, x.size)
+             and texel_fits(ctx, w.weight.size) and texel_fits(ctx, table.size, TEXEL1))
     for taps in ranges:
         sched, n_rows = rb.schedule(taps, inverse=inverse) if sort else (None, n_out)
         if n_rows == 0:  # no row has taps in this range (and it is not the last)
             continue
         tiles = -(-n_rows // tile.rows)
         rows = sched or table  # bound either way; read only with a schedule
-        texel = (x.texel and w.weight.texel and table.texel and rows.texel and texel_fits(ctx, x.size)
-                 and texel_fits(ctx, w.weight.size) and texel_fits(ctx, table.size, TEXEL1)
-                 and texel_fits(ctx, rows.size, TEXEL1))
         shader = "sparse_gemm_subgroup" if tile.subgroup else "sparse_gemm"
-        shader, kinds = ((shader + "_texel", (TEXEL4, TEXEL4, TEXEL1, STORAGE, STORAGE, TEXEL1)) if texel
-                         else (shader, None))
+        if texel and rows.texel and texel_fits(ctx, rows.size, TEXEL1):
+            shader, kinds = shader + "_texel", (TEXEL4, TEXEL4, TEXEL1, STORAGE, STORAGE, TEXEL1)
+        else:
+            kinds = None
         push = _GEMM_PUSH.pack(n_in, n_out, kv, rb.words, w.cin4, w.cout4, w.coutp, *taps, n_rows, act.a, act.b)
         rec.dispatch(shader, [x, w.weight, table, masks, y, rows], push,
                      tiles * (blocks if tile.share else 1), kinds=kinds,
