@@ -21,14 +21,28 @@
 // store adds the input gates, updates the cell state and writes h_t to the layer's output and, in
 // the padded layout this kernel reads, to the next step's input (vkconv/ops/conv_lstm.py).
 //
+// The SHARED variants (conv_rows_shared*, SPIR-V 1.3) give the SG lanes of a subgroup one pixel
+// tile and SG neighbouring output-channel blocks instead of SG tiles of one block: lane l loads
+// vec4s l, l + SG, ... of each input row segment and the lanes hand them to each other by subgroup
+// shuffles, so a row costs one gather per lane (two past SG vec4s) instead of SEGV; the weights
+// stay per lane. The same sums in the same order as the plain variants: bitwise their results.
+// Measured on lavapipe (docs/PERFORMANCE.md): 0.86-0.98x the time of Winograd's GEMMs at 256-512
+// channels, a loss at 64 (with fewer blocks than lanes, lanes duplicate the last block).
+//
 // variant: conv_rows -DTEXEL=1
 // variant: conv_rows_ssbo
 // variant: conv_rows_lstm -DTEXEL=1 -DLSTM=1
 // variant: conv_rows_lstm_ssbo -DLSTM=1
+// variant: conv_rows_shared -DTEXEL=1 -DSHARED=1 --target-env=vulkan1.1
+// variant: conv_rows_shared_ssbo -DSHARED=1 --target-env=vulkan1.1
 #extension GL_EXT_samplerless_texture_functions : require  // textureBuffer: SPIR-V 1.6 forbids sampled Buffer images
 #extension GL_GOOGLE_include_directive : require
 #extension GL_EXT_control_flow_attributes : require
 #include "activation.glsl"
+#ifdef SHARED
+#extension GL_KHR_shader_subgroup_basic : require
+#extension GL_KHR_shader_subgroup_shuffle : require
+#endif
 
 layout(local_size_x_id = 0, local_size_y = 1, local_size_z = 1) in;
 #include "grid.glsl"  // after the local size: it reads gl_WorkGroupSize
@@ -41,6 +55,8 @@ layout(constant_id = 9) const bool VEC_OUT = false;  // out_w % 4 == 0: store ve
 // Floats between neighbouring output pixels of a row: 1, or the stride of a strided store (one stride
 // phase of a transposed convolution written straight into place, see vkconv/ops/conv_transpose.py)
 layout(constant_id = 12) const int OUT_SX = 1;
+layout(constant_id = 14) const int SG = 8;  // SHARED: the subgroup size (the local size a multiple of it)
+layout(constant_id = 15) const int KU = 1;  // input rows per step of the row loop
 const int MV = MB / 4;
 
 #ifdef TEXEL
@@ -94,13 +110,28 @@ layout(push_constant) uniform Params {
 
 void main()
 {
+    const int tiles = p.tiles_w * p.out_h * p.out_d;
+#ifdef SHARED
+    // Subgroups run over (tile, group of SG oc blocks), lane l holding block l of its group; lanes
+    // past the last block compute a copy of it (so every lane takes part in the shuffles) and
+    // store nothing.
+    const int lane = int(gl_SubgroupInvocationID);
+    const int sgid = flat_group() * int(gl_NumSubgroups) + int(gl_SubgroupID);
+    const int ocb_groups = (p.oc_blocks + SG - 1) / SG;
+    const int tile = sgid / ocb_groups;
+    if (tile >= tiles) return;  // the whole subgroup
+    const int ocb_raw = (sgid - tile * ocb_groups) * SG + lane;
+    const bool ocb_ok = ocb_raw < p.oc_blocks;
+    const int ocb = min(ocb_raw, p.oc_blocks - 1);
+    const int SEGS = (SEGV + SG - 1) / SG;  // vec4s each lane loads per row segment
+#else
     // Invocations run over (oc block, tile) with the tile fastest: neighbouring invocations
     // share weights, and a small image still fills whole SIMD groups (lavapipe runs 8 at a time).
-    const int tiles = p.tiles_w * p.out_h * p.out_d;
     const int id = flat_invocation();
     if (id >= tiles * p.oc_blocks) return;
     const int tile = id % tiles;
     const int ocb = id / tiles;
+#endif
     const int ng = int(gl_WorkGroupID.z);  // n * groups + g
     const int g = ng % p.groups;
     const int ox0 = (tile % p.tiles_w) * PB;
@@ -128,37 +159,61 @@ void main()
     const int step_y = p.d_h * row;
     const int jump_z = p.d_d * slice - p.k_h * step_y;   // last ky -> next kz
     const int jump_c = plane - p.k_d * p.d_d * slice;    // last kz -> next input channel
+    // Row 0 of this tile's first input plane: a valid address to read for rows that add nothing
+    const int safe = xc - iz0 * slice - iy0 * row;
     int xr = xc, ky = 0, kz = 0, iy = iy0, iz = iz0;
-    for (int r = 0; r < rows; ++r) {
-        // MASKED: a row outside the input is padding (all zeros): nothing to add
-        if (!MASKED || (uint(iy) < uint(p.ph) && uint(iz) < uint(p.pd))) {
-            vec4 seg[SEGV];
-            [[unroll]] for (int v = 0; v < SEGV; ++v) seg[v] = segment_vec4(xr, v, col4, p.pw4);
-            [[unroll]] for (int kx = 0; kx < KW; ++kx) {
-                vec4 wv[MV];
-                [[unroll]] for (int m = 0; m < MV; ++m) wv[m] = LOAD_W(wi + kx * MV + m);
-                [[unroll]] for (int j = 0; j < PB; ++j) {
-                    const int e = SHIFT + j * SW + kx * DW;
-                    const vec4 xv = vec4(seg[e >> 2][e & 3]);
-                    [[unroll]] for (int m = 0; m < MV; ++m) acc[j][m] = fma(xv, wv[m], acc[j][m]);
-                }
+    for (int r = 0; r < rows; r += KU) {
+        // KU rows a step, each accumulator updated KU times in a row: the register tile exceeds
+        // the CPU's registers, so every update loads and stores it, and KU updates per load and
+        // store took 0.65-0.85x the time of one on 1x1 GEMMs (docs/PERFORMANCE.md). A row past the
+        // last, or (MASKED) outside the input, is read as zeros and adds nothing (fma(0, w, a) == a);
+        // with one row a step such a row is skipped instead (a 3x3 stride-2 layer took 1.05x with
+        // the zeros).
+        bool live[KU];
+        int at[KU], wr[KU];  // each row's first input and weight vec4 (valid addresses for every row)
+        [[unroll]] for (int u = 0; u < KU; ++u) {
+            live[u] = r + u < rows && (!MASKED || (uint(iy) < uint(p.ph) && uint(iz) < uint(p.pd)));
+            at[u] = live[u] ? xr : safe;
+            wr[u] = r + u < rows ? wi + u * KW * MV : wi;
+            // Next row without branches: ky, then kz, then the input channel wrap around.
+            ++ky;
+            xr += step_y;
+            iy += p.d_h;
+            const bool wrap_y = ky == p.k_h;
+            ky = wrap_y ? 0 : ky;
+            kz += wrap_y ? 1 : 0;
+            xr += wrap_y ? jump_z : 0;
+            iy = wrap_y ? iy0 : iy;
+            iz += wrap_y ? p.d_d : 0;
+            const bool wrap_z = kz == p.k_d;
+            kz = wrap_z ? 0 : kz;
+            xr += wrap_z ? jump_c : 0;
+            iz = wrap_z ? iz0 : iz;
+        }
+        wi += KU * KW * MV;
+        if (KU == 1 && !live[0])
+            continue;
+        vec4 seg[KU][SEGV];
+        [[unroll]] for (int u = 0; u < KU; ++u) {
+#ifdef SHARED
+            vec4 mine[SEGS];
+            [[unroll]] for (int k = 0; k < SEGS; ++k) mine[k] = segment_vec4(at[u], min(k * SG + lane, SEGV - 1), col4, p.pw4);
+            [[unroll]] for (int v = 0; v < SEGV; ++v) seg[u][v] = subgroupShuffle(mine[v / SG], v % SG);
+#else
+            [[unroll]] for (int v = 0; v < SEGV; ++v) seg[u][v] = segment_vec4(at[u], v, col4, p.pw4);
+#endif
+            if (KU > 1 && !live[u]) [[unroll]] for (int v = 0; v < SEGV; ++v) seg[u][v] = vec4(0.0);
+        }
+        [[unroll]] for (int kx = 0; kx < KW; ++kx) {
+            vec4 wv[KU][MV];
+            [[unroll]] for (int u = 0; u < KU; ++u)
+                [[unroll]] for (int m = 0; m < MV; ++m) wv[u][m] = LOAD_W(wr[u] + kx * MV + m);
+            [[unroll]] for (int j = 0; j < PB; ++j) {
+                const int e = SHIFT + j * SW + kx * DW;
+                [[unroll]] for (int m = 0; m < MV; ++m)
+                    [[unroll]] for (int u = 0; u < KU; ++u) acc[j][m] = fma(vec4(seg[u][e >> 2][e & 3]), wv[u][m], acc[j][m]);
             }
         }
-        wi += KW * MV;
-        // Next row without branches: ky, then kz, then the input channel wrap around.
-        ++ky;
-        xr += step_y;
-        iy += p.d_h;
-        const bool wrap_y = ky == p.k_h;
-        ky = wrap_y ? 0 : ky;
-        kz += wrap_y ? 1 : 0;
-        xr += wrap_y ? jump_z : 0;
-        iy = wrap_y ? iy0 : iy;
-        iz += wrap_y ? p.d_d : 0;
-        const bool wrap_z = kz == p.k_d;
-        kz = wrap_z ? 0 : kz;
-        xr += wrap_z ? jump_c : 0;
-        iz = wrap_z ? iz0 : iz;
     }
 
     const int oc0 = ocb * MB;
@@ -186,6 +241,9 @@ void main()
         }
     }
 #else
+#ifdef SHARED
+    if (!ocb_ok) return;
+#endif
     const int y0 = (ng * p.cout_g + oc0) * p.y_plane + p.y_off + oz * p.y_sz + oy * p.y_sy + ox0 * OUT_SX;
     const int bias0 = (g * p.oc_blocks + ocb) * MV;
     [[unroll]] for (int m = 0; m < MV; ++m) {

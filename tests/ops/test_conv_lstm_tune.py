@@ -174,7 +174,8 @@ def test_cached_candidate_is_used_and_tune_false_ignores_it(monkeypatch, tmp_pat
     with CASE.op() as op:
         heuristic = op.choice_for(CASE.x_shape, True)
         assert heuristic.source == "heuristic"
-        planted = ConvLSTMCandidate(Candidate("implicit_gemm", 8, 16, 128, True), Candidate("winograd", 4, 8, 64, True))
+        planted = ConvLSTMCandidate(Candidate("implicit_gemm", 8, 16, 128, True, shared=False, unroll=2),
+                                    Candidate("winograd", 4, 8, 64, True, shared=False, unroll=2))
         cache_for(op.ctx).put(op.signature(CASE.x_shape, True), {"candidate": planted.to_json()})
     with CASE.op() as op:
         assert op.choice_for(CASE.x_shape, True) == Choice(planted, "cache")

@@ -6,6 +6,7 @@ depends on a timing: the budget test uses a budget of 0, which admits the baseli
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -26,10 +27,10 @@ from cv_plugin import tuning as net_tuning
 from cv_plugin.input_shapes import fix_input_shapes
 from tests.conftest import needs_opencv_layers
 from tests.oracles import assert_close, onnxruntime_reference
-from vkconv.kernels.tiling import tuning
+from vkconv.kernels.tiling import UNROLLS, rows_unroll, tuning
 from vkconv.ops import tune
 from vkconv.ops.conv.kernels import KERNELS, Geometry
-from vkconv.ops.conv.selection import Candidate, candidates
+from vkconv.ops.conv.selection import Candidate, candidates, shared_unusable
 from vkconv.runtime.tunecache import TuneCache, cache_for, device_identity
 
 REL = 1e-4
@@ -72,20 +73,30 @@ SHAPES = {
 }
 
 
+_LAUNCH = ("local_size", "texel", "shared", "unroll")
+
+
 def sampled(cands: list[Candidate]) -> list[Candidate]:
-    """Per kernel family: every register tile and tile shape (at the default local size and reads),
-    and every local size and read path (at the family's first tile).  The tile, local size and
-    read path are independent specialization constants / bindings, so this covers each value of
-    each without the whole product (hundreds of pipelines)."""
+    """Per kernel family: every register tile and tile shape (at the family's first launch
+    choices), and every value of each launch choice -- local size, read path, shared input rows,
+    rows per step -- with the others as the first's (at the family's first tile).  They are
+    independent specialization constants / shader variants / bindings, so this covers each value of
+    each without the whole product (thousands of pipelines)."""
     chosen: list[Candidate] = []
     for name in KERNELS:
         family = [c for c in cands if c.kernel == name]
         if not family:
             continue
         first = family[0]
-        chosen += [c for c in family if c.local_size == first.local_size and c.texel == first.texel]
-        chosen += [c for c in family if (c.mb, c.pb, c.tile) == (first.mb, first.pb, first.tile)
-                   and (c.local_size, c.texel) != (first.local_size, first.texel)]
+
+        def launch(c: Candidate) -> tuple:
+            return tuple(getattr(c, a) for a in _LAUNCH)
+
+        chosen += [c for c in family if launch(c) == launch(first)]
+        for attr in _LAUNCH:
+            chosen += [c for c in family if (c.mb, c.pb, c.tile) == (first.mb, first.pb, first.tile)
+                       and getattr(c, attr) != getattr(first, attr)
+                       and all(getattr(c, a) == getattr(first, a) for a in _LAUNCH if a != attr)]
     return chosen
 
 
@@ -114,6 +125,41 @@ def test_every_candidate_matches_onnxruntime(name):
             assert_close(op(x), expected, REL, what=f"{name} {cand.label()}")
 
 
+# Shapes for the subgroup-shared rows kernel: 44 output channels per group in blocks of 4 are 11
+# blocks, more than a subgroup of 8 lanes holds and not a multiple of it (the second subgroup's
+# lanes past block 11 store nothing); the stride-2 row segments of 16 pixels are 9 vec4s, more
+# than one per lane; input widths a multiple of 4 are read in place, their padding masked.
+SHARED_SHAPES = {
+    "implicit_gemm": (Shape((2, 10, 9, 12), 88, (3, 3), strides=2, pads=1, group=2), 16),
+    "gemm1x1": (Shape((2, 13, 5, 7), 44, (1, 1)), 8),
+    "winograd": (Shape((2, 9, 10, 13), 44, (3, 3), pads=1), 8),
+    "winograd63": (Shape((1, 6, 14, 12), 44, (3, 3), pads=1), 8),
+}
+
+
+@pytest.mark.parametrize("unroll", UNROLLS)
+@pytest.mark.parametrize("kernel", SHARED_SHAPES)
+def test_shared_rows_and_rows_per_step_match_onnxruntime(kernel, unroll):
+    """Each rows kernel with subgroup-shared input rows and each rows-per-step (rows of 9-26, so
+    most steps end past the last row), against onnxruntime."""
+    shape, pb = SHARED_SHAPES[kernel]
+    x, _, _ = shape.arrays()
+    expected = shape.expected()
+    reason = shared_unusable(vkconv.get_context(), vkconv.get_context().local_size())
+    for shared in (False, True) if reason is None else (False,):
+        cand = Candidate(kernel, 4, pb, shared=shared, unroll=unroll)
+        with shape.conv(kernel=cand) as op:
+            assert_close(op(x), expected, REL, what=f"{kernel} {op.choice_for(x.shape).candidate.label()}")
+
+
+def test_rows_per_step_follows_the_kernel_width_and_the_rows():
+    base = tuning(vkconv.get_context(), False)
+    # 1x1 GEMMs (Winograd's too) take 4 rows a step, fewer where whole steps would add over 1/8 rows
+    assert [rows_unroll(rows, 1, base) for rows in (64, 9, 10, 3)] == [4, 2, 2, 1]
+    assert rows_unroll(27, 3, base) == 1   # a 3x3 kernel updates each accumulator 3 times a row already
+    assert rows_unroll(64, 3, dataclasses.replace(base, unroll=8)) == 8
+
+
 def test_candidate_space_is_restricted_to_eligible_kernels():
     assert {c.kernel for c in _candidates(SHAPES["depthwise-x2"])} >= {"depthwise"}
     assert "winograd" not in {c.kernel for c in _candidates(SHAPES["groups-batch2-s2"])}
@@ -121,6 +167,12 @@ def test_candidate_space_is_restricted_to_eligible_kernels():
     assert "gemm1x1" not in {c.kernel for c in _candidates(SHAPES["3x3-odd"])}
     with pytest.raises(ValueError, match="multiples of 4"):
         Candidate("implicit_gemm", mb=6)
+    with pytest.raises(ValueError, match="unroll"):
+        Candidate("implicit_gemm", unroll=3)
+    x, _, _ = SHAPES["depthwise-x2"].arrays()
+    with SHAPES["depthwise-x2"].conv(kernel=Candidate("depthwise", shared=True)) as op, \
+            pytest.raises(ValueError, match="shared input rows"):
+        op(x)
     x, _, _ = SHAPES["3x3-odd"].arrays()
     with SHAPES["3x3-odd"].conv(kernel=Candidate("gemm1x1")) as op, pytest.raises(ValueError, match="1x1"):
         op(x)

@@ -30,6 +30,12 @@ class Tuning:
     mb: int = 0
     pb: int = 0
     tile: TileShape | None = None
+    # The rows kernels' subgroup-shared input rows (conv_rows_shared: the lanes of a subgroup share
+    # one pixel tile and hold neighbouring output-channel blocks); chosen per shape by
+    # vkconv.ops.conv.selection, never by the device alone.
+    shared: bool = False
+    # The rows kernels' input rows per step of their row loop (0: chosen by rows_unroll)
+    unroll: int = 0
 
 
 def tuning(ctx: Context, fp16: bool | None = None) -> Tuning:
@@ -101,6 +107,22 @@ def choose_pb(mb: int, out_w: int, tune: Tuning, speeds=ROWS_SPEED) -> int:
         if best is None or score > best[0]:
             best = (score, pb)
     return best[1] if best else 4
+
+
+UNROLLS = (1, 2, 4, 8)
+
+
+def rows_unroll(rows: int, kw: int, tune: Tuning) -> int:
+    """Input rows per step of conv_rows' row loop for ``rows`` rows (input channels x kernel depth x
+    kernel height) of a kernel ``kw`` wide: ``tune.unroll`` when a candidate fixes it, else about 4
+    updates of each accumulator per step (4 // kw rows, at least 1), fewer where rounding ``rows`` up
+    to whole steps would add more than 1/8 (the rows past the last add zeros).  Measured on
+    lavapipe, both drivers (docs/PERFORMANCE.md): 4 rows a step took 0.65-0.85x the time of 1 on
+    VGG-16's Winograd GEMMs and a 1x1 GEMM; 3x3 implicit GEMMs, whose 3 kernel columns already
+    update each accumulator 3 times a row, gained nothing (0.95-1.12x)."""
+    if tune.unroll:
+        return tune.unroll
+    return next(u for u in (4, 2, 1) if u <= max(1, 4 // kw) and -rows % u <= rows / 8)
 
 
 def parallel_tuning(tune: Tuning, outputs: int, workgroups: int = 4) -> Tuning:

@@ -28,6 +28,9 @@ unit depth and height, a 2-D one unit depth) and fuses bias and activation:
     strips through shared memory, an RM x RN register tile per invocation, the input read in place.
     Chosen instead of ``implicit_gemm`` on non-CPU devices.
 
+The ``conv_rows`` kernels take ``Tuning.unroll`` input rows a step (:func:`rows_unroll`: 4 for the 1x1
+GEMMs, Winograd's included) and, with ``Tuning.shared``, share each input row segment between the
+lanes of a subgroup (the conv_rows_shared variants); :mod:`vkconv.ops.conv.selection` decides both.
 Tile sizes and local sizes are specialization constants chosen from the device (:func:`tuning`).
 The operands are read through uniform texel buffers where the device allows
 (:mod:`vkconv.runtime.pipeline` says why), else through storage buffers; ``VKCONV_CONV_TEXEL=0``
@@ -44,7 +47,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vkconv.kernels.activation import Activation
-from vkconv.kernels.tiling import DEPTHWISE_TILES, Tuning, choose_mb, choose_pb, choose_tiles
+from vkconv.kernels.tiling import DEPTHWISE_TILES, Tuning, choose_mb, choose_pb, choose_tiles, rows_unroll
 from vkconv.runtime.buffer import Buffer
 from vkconv.runtime.command import CommandBuffer
 from vkconv.runtime.context import Context
@@ -430,7 +433,7 @@ class RowsKernel(_PaddedInputKernel):
         pipe, weights = self._rows_pipeline(g, pb, lay, texel, False, 1, recurrent)
         sets = [DescriptorSet(pipe, [states[i], weights, gates, output, cell, states[1 - i]]) for i in (0, 1)]
         plan.keep += sets
-        groups = self._rows_groups(g, lay)
+        groups = self._rows_groups(g, lay, recurrent=True)
         hw = g.out[1] * g.out[2]
 
         def step(cmd: CommandBuffer, src: int, gx_n: int, gx_off: int, y_n: int, y_off: int,
@@ -458,13 +461,17 @@ class RowsKernel(_PaddedInputKernel):
         kind = TEXEL4 if texel else STORAGE
         weights, weight_kind = self.weights.binding(texel)
         pads = lay.pad or (0, 0, 0)
+        unroll = rows_unroll(g.cin_g * g.kernel[0] * g.kernel[1], g.kernel[2], self.tune)
         spec: tuple = (self.tune.local_size, 1, 1, self.act, self.mb, pb, g.kernel[2], g.strides[2],
-                       g.dilations[2], int(vec_out), int(lay.pad is not None), -pads[2] % 4, step_x)
+                       g.dilations[2], int(vec_out), int(lay.pad is not None), -pads[2] % 4, step_x,
+                       recurrent.kind if recurrent is not None else 0, self.ctx.info.subgroup_size, unroll)
         name, push_size = "conv_rows", _PUSH_ROWS.size
         kinds: tuple[str, ...] = (kind, weight_kind, STORAGE, STORAGE)
         if recurrent is not None:
             name, kinds = "conv_rows_lstm", kinds + (STORAGE, STORAGE)
-            spec, push_size = spec + (recurrent.kind,), push_size + _PUSH_GATES.size
+            push_size += _PUSH_GATES.size
+        elif self.tune.shared:
+            name = "conv_rows_shared"
         pipe = get_pipeline(self.ctx, name if texel else name + "_ssbo", kinds, push_size, spec)
         return pipe, weights
 
@@ -475,8 +482,11 @@ class RowsKernel(_PaddedInputKernel):
                                self.act.a, self.act.b, out_map.plane, out_map.offset, out_map.step_z,
                                out_map.step_y)
 
-    def _rows_groups(self, g: Geometry, lay: _Padded):
+    def _rows_groups(self, g: Geometry, lay: _Padded, recurrent: bool = False):
         blocks = -(-self.cout_g // self.mb)
+        if self.tune.shared and not recurrent:  # a subgroup per (tile, group of sg blocks)
+            sg = self.ctx.info.subgroup_size
+            blocks = -(-blocks // sg) * sg
         return grid(self.ctx, lay.tiles_w * g.out[1] * g.out[0] * blocks, self.tune.local_size,
                     g.n * g.group, "x (conv output size)")
 

@@ -25,7 +25,17 @@ from vkconv.kernels import shapes
 from vkconv.kernels.tiling import tuning
 from vkconv.ops.base import WeightedOp
 from vkconv.ops.conv.kernels import KERNELS, Geometry, Kernel, make_kernel
-from vkconv.ops.conv.selection import Candidate, eligible, local_sizes, resolve, search_plan, select, tile_shapes
+from vkconv.ops.conv.selection import (
+    ROWS_KERNELS,
+    Candidate,
+    eligible,
+    local_sizes,
+    resolve,
+    search_plan,
+    select,
+    shared_unusable,
+    tile_shapes,
+)
 from vkconv.ops.tune import (
     Agreement,
     Choice,
@@ -199,6 +209,12 @@ class Conv(WeightedOp):
             return f"local size {cand.local_size} is not one of {local_sizes(self.ctx, cand.kernel)} here"
         if cand.tile is not None and cand.tile not in tile_shapes(self.ctx):
             return f"tile {cand.tile} exceeds this device's workgroup limits"
+        if cand.shared:
+            if cand.kernel not in ROWS_KERNELS:
+                return f"shared input rows are for the kernels {', '.join(ROWS_KERNELS)}, not {cand.kernel}"
+            reason = shared_unusable(self.ctx, cand.local_size or self.tuning.local_size)
+            if reason is not None:
+                return f"shared input rows: {reason}"
         if not self._kernel(cand).fits(geo):
             return "its scratch buffers exceed the device's storage buffer range"
         return None

@@ -1,6 +1,6 @@
 """How a convolution is run: which kernel family a shape calls for (the heuristic), and the
 candidates the tuner may measure instead (family x register tile x local size x texel reads x
-tile shape)."""
+rows per step x subgroup-shared input rows x tile shape)."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,11 +13,13 @@ from vkconv.kernels.tiling import (
     DEPTHWISE_TILES,
     ROWS_SPEED,
     TILE_SHAPES,
+    UNROLLS,
     TileShape,
     Tuning,
     choose_mb,
     choose_pb,
     choose_tiles,
+    rows_unroll,
 )
 from vkconv.ops.conv.kernels import KERNELS, Geometry, winograd_tiles
 from vkconv.runtime.context import Context
@@ -35,6 +37,9 @@ def eligible(name: str, geo: Geometry) -> str | None:
 
 
 GPU_TYPES = ("discrete", "integrated", "virtual")
+# The kernels whose work runs in conv_rows.comp (Winograd's batched GEMM too): register tiles and
+# subgroup-shared input rows apply to them.
+ROWS_KERNELS = ("implicit_gemm", "gemm1x1", "winograd", "winograd63")
 
 
 def select(geo: Geometry, device_type: str = "cpu") -> str:
@@ -71,6 +76,28 @@ def winograd63_pays(geo: Geometry) -> bool:
             and 64 * winograd_tiles(geo, 6)[3] <= 0.9 * 36 * winograd_tiles(geo)[3])
 
 
+def shared_unusable(ctx: Context, local_size: int) -> str | None:
+    """Why conv_rows_shared cannot run here at ``local_size`` invocations per workgroup (None if
+    it can): it needs subgroup shuffles, and whole subgroups in a workgroup."""
+    info = ctx.info
+    if not info.subgroup_shuffle:
+        return "the device has no subgroup shuffles"
+    if local_size % info.subgroup_size:
+        return f"local size {local_size} is not a multiple of the {info.subgroup_size}-lane subgroup"
+    return None
+
+
+def shared_pays(ctx: Context, name: str, geo: Geometry, mb: int, local_size: int) -> bool:
+    """Subgroup-shared input rows for kernel ``name`` with ``mb`` output channels per block: on CPU
+    devices, for Winograd's GEMMs of at least 128 input channels and two blocks for every lane.
+    Measured on both lavapipe drivers with 4 rows a step (docs/PERFORMANCE.md): 0.84-0.97x the
+    plain kernel's time on VGG-16's layers of 128-512 input and 256-512 output channels, 1.03-1.05x
+    at 128 -> 128 (one block a lane), a loss at 64 input channels, and no steady gain for the
+    implicit GEMM.  GPUs keep it off until measured there (the tuner may still pick it)."""
+    return (ctx.info.type not in GPU_TYPES and name in ("winograd", "winograd63") and geo.cin_g >= 128
+            and -(-geo.cout_g // mb) >= 2 * ctx.info.subgroup_size and shared_unusable(ctx, local_size) is None)
+
+
 @dataclass(frozen=True)
 class Candidate:
     """One way to run a convolution: a kernel family and the launch choices it leaves open
@@ -79,7 +106,9 @@ class Candidate:
     ``mb`` x ``pb``: the rows kernels' register tile (``implicit_gemm``, ``gemm1x1``, and
     ``winograd``'s GEMM); ``pb`` alone for ``depthwise``.  ``local_size``: invocations per
     workgroup (not ``tiled``, whose tile fixes it).  ``texel``: operands through texel buffers
-    (True) or storage buffers (False).  ``tile``: ``tiled``'s tile shape.
+    (True) or storage buffers (False).  ``tile``: ``tiled``'s tile shape.  ``shared``: the rows
+    kernels' subgroup-shared input rows (conv_rows_shared) or not; ``unroll``: their input rows
+    per step of the row loop.
     """
 
     kernel: str
@@ -88,23 +117,31 @@ class Candidate:
     local_size: int = 0
     texel: bool | None = None
     tile: TileShape | None = None
+    shared: bool | None = None
+    unroll: int = 0
 
     def __post_init__(self):
         if self.mb % 4 or self.pb % 4 or min(self.mb, self.pb, self.local_size) < 0:
             raise ValueError(f"candidate: mb and pb must be multiples of 4 and local_size >= 0, got {self}")
+        if self.unroll and self.unroll not in UNROLLS:
+            raise ValueError(f"candidate: unroll must be one of {UNROLLS}, got {self.unroll}")
 
     def tuning(self, base: Tuning) -> Tuning:
         """``base`` with this candidate's choices fixed.  Texel reads stay off where ``base`` has
         them off (``VKCONV_CONV_TEXEL=0``, or the kernel reads storage buffers only)."""
         texel = base.texel and (self.texel is None or self.texel)
         return dataclasses.replace(base, local_size=self.local_size or base.local_size, texel=texel,
-                                   fp16=base.fp16 and texel, mb=self.mb, pb=self.pb, tile=self.tile)
+                                   fp16=base.fp16 and texel, mb=self.mb, pb=self.pb, tile=self.tile,
+                                   shared=bool(self.shared), unroll=self.unroll)
 
     def label(self) -> str:
-        """Short text for tables and logs, e.g. ``implicit_gemm 16x8 ls64 ssbo``."""
+        """Short text for tables and logs, e.g. ``implicit_gemm 16x8 ls64 ssbo`` or ``winograd 16x28
+        u4 ls64 texel shared``."""
         parts = [self.kernel]
         if self.mb or self.pb:
             parts.append(f"{self.mb}x{self.pb}" if self.mb else f"pb{self.pb}")
+        if self.unroll:
+            parts.append(f"u{self.unroll}")
         if self.tile is not None:
             t = self.tile
             parts.append(f"{t.tm}x{t.tn}/{t.tk}:{t.rm}x{t.rn}")
@@ -112,15 +149,20 @@ class Candidate:
             parts.append(f"ls{self.local_size}")
         if self.texel is not None:
             parts.append("texel" if self.texel else "ssbo")
+        if self.shared:
+            parts.append("shared")
         return " ".join(parts)
 
     def to_json(self) -> dict:
         record: dict = {"kernel": self.kernel}
-        record |= {k: v for k, v in (("mb", self.mb), ("pb", self.pb), ("local_size", self.local_size)) if v}
+        record |= {k: v for k, v in (("mb", self.mb), ("pb", self.pb), ("local_size", self.local_size),
+                                     ("unroll", self.unroll)) if v}
         if self.texel is not None:
             record["texel"] = self.texel
         if self.tile is not None:
             record["tile"] = dataclasses.astuple(self.tile)
+        if self.shared is not None:
+            record["shared"] = self.shared
         return record
 
     @classmethod
@@ -132,7 +174,9 @@ class Candidate:
         return cls(kernel=record["kernel"], mb=int(record.get("mb", 0)), pb=int(record.get("pb", 0)),
                    local_size=int(record.get("local_size", 0)),
                    texel=None if record.get("texel") is None else bool(record["texel"]),
-                   tile=None if tile is None else TileShape(*(int(v) for v in tile)))
+                   tile=None if tile is None else TileShape(*(int(v) for v in tile)),
+                   shared=None if record.get("shared") is None else bool(record["shared"]),
+                   unroll=int(record.get("unroll", 0)))
 
 
 _DEPTHWISE_PB = tuple(sorted(DEPTHWISE_SPEED, reverse=True))
@@ -144,7 +188,7 @@ def register_tiles(name: str, base: Tuning) -> list[tuple[int, int]]:
     lavapipe speed (fastest first); ``(0, PB)`` for ``depthwise``; none for the others."""
     if name == "depthwise":
         return [(0, pb) for pb in _DEPTHWISE_PB]
-    if name in ("implicit_gemm", "gemm1x1", "winograd", "winograd63"):
+    if name in ROWS_KERNELS:
         tiles = sorted(ROWS_SPEED, key=lambda t: -ROWS_SPEED[t])
         return [(mb, pb) for mb, pb in tiles if mb * pb <= base.max_tile]
     return []
@@ -173,10 +217,18 @@ def texel_choices(name: str, base: Tuning) -> list[bool]:
     return [True, False]
 
 
+def shared_choices(ctx: Context, name: str, local_size: int) -> list[bool]:
+    """Whether kernel ``name`` at ``local_size`` can run with subgroup-shared input rows, without,
+    or both (none for the kernels that are not conv_rows)."""
+    if name not in ROWS_KERNELS:
+        return []
+    return [False] if shared_unusable(ctx, local_size) else [False, True]
+
+
 def candidates(ctx: Context, geo: Geometry, base: Tuning) -> list[Candidate]:
     """Every candidate for ``geo`` on this device: each eligible kernel family x register tile x
-    local size x texel/storage reads (x tile shape for ``tiled``).  Whether a candidate's scratch
-    buffers fit is known once its kernel is built (:meth:`Kernel.fits`)."""
+    local size x texel/storage reads x shared input rows or not (x tile shape for ``tiled``).
+    Whether a candidate's scratch buffers fit is known once its kernel is built (:meth:`Kernel.fits`)."""
     found = []
     for name in KERNELS:
         if eligible(name, geo) is not None:
@@ -184,8 +236,11 @@ def candidates(ctx: Context, geo: Geometry, base: Tuning) -> list[Candidate]:
         tiles = register_tiles(name, base) or [(0, 0)]
         shapes = tile_shapes(ctx) if name == "tiled" else [None]
         texels: list[bool | None] = [*texel_choices(name, base)] or [None]
-        for (mb, pb), tile, ls, texel in itertools.product(tiles, shapes, local_sizes(ctx, name) or [0], texels):
-            found.append(Candidate(name, mb, pb, ls, texel, tile))
+        unrolls = UNROLLS if name in ROWS_KERNELS else (0,)
+        for (mb, pb), tile, ls, texel, unroll in itertools.product(tiles, shapes, local_sizes(ctx, name) or [0],
+                                                                   texels, unrolls):
+            shareds: list[bool | None] = [*shared_choices(ctx, name, ls)] or [None]
+            found += [Candidate(name, mb, pb, ls, texel, tile, shared, unroll) for shared in shareds]
     return found
 
 
@@ -193,17 +248,21 @@ def resolve(ctx: Context, cand: Candidate, geo: Geometry, base: Tuning) -> Candi
     """``cand`` with every choice it leaves to the heuristics filled in as the kernel will make it
     for ``geo``: what actually runs (and what the tuner and the cache compare)."""
     tune = cand.tuning(base)
-    name, mb, pb = cand.kernel, 0, 0
-    if name in ("implicit_gemm", "gemm1x1", "winograd", "winograd63"):
+    name, mb, pb, shared, unroll = cand.kernel, 0, 0, None, 0
+    if name in ROWS_KERNELS:
         mb = choose_mb(geo.cout_g, tune)
         width = ({"implicit_gemm": geo.out[2], "gemm1x1": math.prod(geo.size)}.get(name)
                  or winograd_tiles(geo, 6 if name == "winograd63" else 4)[3])
         pb = choose_pb(mb, width, tune)
+        shared = cand.shared if cand.shared is not None else shared_pays(ctx, name, geo, mb, tune.local_size)
+        rows, kw = (geo.cin_g * geo.kernel[0] * geo.kernel[1], geo.kernel[2]) if name == "implicit_gemm" \
+            else (geo.cin_g, 1)
+        unroll = rows_unroll(rows, kw, tune)
     elif name == "depthwise":
         pb = choose_pb(0, geo.out[2], tune, DEPTHWISE_TILES)
     return Candidate(name, mb, pb, 0 if name == "tiled" else tune.local_size,
                      tune.texel if texel_choices(name, base) else None,
-                     (tune.tile or choose_tiles(ctx)) if name == "tiled" else None)
+                     (tune.tile or choose_tiles(ctx)) if name == "tiled" else None, shared, unroll)
 
 
 # Expected time relative to the best candidate, for the tuning budget: on CPU devices the GPU
@@ -231,7 +290,13 @@ def search_plan(ctx: Context, geo: Geometry, base: Tuning):
     def texels(best: Candidate) -> list[Candidate]:
         return [dataclasses.replace(best, texel=t) for t in texel_choices(best.kernel, base)]
 
+    def unrolls(best: Candidate) -> list[Candidate]:
+        return [dataclasses.replace(best, unroll=u) for u in UNROLLS] if best.kernel in ROWS_KERNELS else []
+
+    def shares(best: Candidate) -> list[Candidate]:
+        return [dataclasses.replace(best, shared=s) for s in shared_choices(ctx, best.kernel, best.local_size)]
+
     def prior(cand: Candidate) -> float:
         return _CPU_PRIOR.get(cand.kernel, 1.0) if ctx.info.type not in GPU_TYPES else 1.0
 
-    return [families, tiles, sizes, texels], prior
+    return [families, tiles, sizes, texels, unrolls, shares], prior
