@@ -26,8 +26,9 @@
 // vec4s l, l + SG, ... of each input row segment and the lanes hand them to each other by subgroup
 // shuffles, so a row costs one gather per lane (two past SG vec4s) instead of SEGV; the weights
 // stay per lane. The same sums in the same order as the plain variants: bitwise their results.
-// Measured on lavapipe (docs/PERFORMANCE.md): 0.86-0.98x the time of Winograd's GEMMs at 256-512
-// channels, a loss at 64 (with fewer blocks than lanes, lanes duplicate the last block).
+// Measured on lavapipe, both drivers (docs/PERFORMANCE.md): 0.91-0.99x the plain variant's time on
+// VGG-16's Winograd layers of 128-512 input and 256-512 output channels, 1.02-1.06x at 64 input
+// channels or one block per lane (with fewer blocks than lanes, lanes duplicate the last block).
 //
 // variant: conv_rows -DTEXEL=1
 // variant: conv_rows_ssbo

@@ -90,9 +90,9 @@ def shared_unusable(ctx: Context, local_size: int) -> str | None:
 def shared_pays(ctx: Context, name: str, geo: Geometry, mb: int, local_size: int) -> bool:
     """Subgroup-shared input rows for kernel ``name`` with ``mb`` output channels per block: on CPU
     devices, for Winograd's GEMMs of at least 128 input channels and two blocks for every lane.
-    Measured on both lavapipe drivers with 4 rows a step (docs/PERFORMANCE.md): 0.84-0.97x the
-    plain kernel's time on VGG-16's layers of 128-512 input and 256-512 output channels, 1.03-1.05x
-    at 128 -> 128 (one block a lane), a loss at 64 input channels, and no steady gain for the
+    Measured on both lavapipe drivers with 4 rows a step (docs/PERFORMANCE.md): 0.84-0.99x the
+    plain kernel's time on VGG-16's layers of 128-512 input and 256-512 output channels, 1.03-1.06x
+    at 128 -> 128 (one block a lane), 1.02-1.04x at 64 input channels, and 0.93-1.04x for the
     implicit GEMM.  GPUs keep it off until measured there (the tuner may still pick it)."""
     return (ctx.info.type not in GPU_TYPES and name in ("winograd", "winograd63") and geo.cin_g >= 128
             and -(-geo.cout_g // mb) >= 2 * ctx.info.subgroup_size and shared_unusable(ctx, local_size) is None)
