@@ -439,17 +439,19 @@ def _tune_table(rows: list[tuple[str, tuple[int, ...], dict, str]], spent: float
             return ConvLSTMCandidate.from_json(record).label()
         return (TransposeCandidate.from_json(record) if "method" in record else Candidate.from_json(record)).label()
 
+    labels = [(label(entry["heuristic"])[:48], label(entry["candidate"])[:48]) for _, _, entry, _ in rows]
     width = max([len("layer")] + [len(r[0][:48]) for r in rows])
-    print(f"  {'layer':<{width}}  {'input':<18}  {'heuristic':<30} {'ms':>8}  {'tuned':<30} {'ms':>8}  "
+    lw = max([len("heuristic")] + [len(text) for pair in labels for text in pair])
+    print(f"  {'layer':<{width}}  {'input':<18}  {'heuristic':<{lw}} {'ms':>8}  {'tuned':<{lw}} {'ms':>8}  "
           f"{'speedup':>7}  from")
     before = after = 0.0
-    for key, shape, entry, source in rows:
+    for (key, shape, entry, source), (heuristic, tuned) in zip(rows, labels):
         h_ms, t_ms = float(entry["heuristic_ms"]), float(entry["ms"])
         before, after = before + h_ms, after + t_ms
-        print(f"  {key[:48]:<{width}}  {'x'.join(map(str, shape)):<18}  {label(entry['heuristic'])[:30]:<30} "
-              f"{h_ms:8.3f}  {label(entry['candidate'])[:30]:<30} {t_ms:8.3f}  {h_ms / t_ms:7.2f}  {source}")
+        print(f"  {key[:48]:<{width}}  {'x'.join(map(str, shape)):<18}  {heuristic:<{lw}} "
+              f"{h_ms:8.3f}  {tuned:<{lw}} {t_ms:8.3f}  {h_ms / t_ms:7.2f}  {source}")
     ratio = before / after if after else float("nan")
-    print(f"  {'sum':<{width}}  {'':<18}  {'':<30} {before:8.3f}  {'':<30} {after:8.3f}  {ratio:7.2f}")
+    print(f"  {'sum':<{width}}  {'':<18}  {'':<{lw}} {before:8.3f}  {'':<{lw}} {after:8.3f}  {ratio:7.2f}")
     print(f"{len(rows)} layers; tuning took {spent:.1f} s (budget {budget:.0f} ms per shape); "
           f"device ms from the tuner's timings; cache {path}")
 
