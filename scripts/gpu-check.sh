@@ -77,7 +77,7 @@ step info 20 bash -c "$PY -m vkconv info --json > '$OUT/info.json' && $PY -m vkc
 # Limits add up to 425 s (470 s with the venv step), under 8 minutes with the 5 s kill grace.
 # 3. tests with validation (the slowest step; the limit leaves room for the rest)
 step tests 140 env VKCONV_VALIDATION=1 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT/tests.xml" \
-    tests/test_conv.py tests/test_conv_kernels.py tests/test_plugin.py tests/test_tune.py
+    tests/ops/test_conv.py tests/ops/test_conv_kernels.py tests/ops/test_tune.py tests/plugin/test_plugin.py
 cp "$OUT/tests.log" "$OUT/tests.txt"
 
 # 4. tuning: VGG-16's 13 convolutions at 224 and a PP-OCR-det-shaped model at 640
