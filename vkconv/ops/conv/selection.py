@@ -37,8 +37,8 @@ def eligible(name: str, geo: Geometry) -> str | None:
 
 
 GPU_TYPES = ("discrete", "integrated", "virtual")
-# The kernels whose work runs in conv_rows.comp (Winograd's batched GEMM too): register tiles and
-# subgroup-shared input rows apply to them.
+# The kernels whose work runs in conv_rows.comp (Winograd's batched GEMM too): register tiles, rows
+# per step and subgroup-shared input rows apply to them.
 ROWS_KERNELS = ("implicit_gemm", "gemm1x1", "winograd", "winograd63")
 
 
@@ -227,7 +227,8 @@ def shared_choices(ctx: Context, name: str, local_size: int) -> list[bool]:
 
 def candidates(ctx: Context, geo: Geometry, base: Tuning) -> list[Candidate]:
     """Every candidate for ``geo`` on this device: each eligible kernel family x register tile x
-    local size x texel/storage reads x shared input rows or not (x tile shape for ``tiled``).
+    local size x texel/storage reads x rows per step x shared input rows or not (x tile shape for
+    ``tiled``).
     Whether a candidate's scratch buffers fit is known once its kernel is built (:meth:`Kernel.fits`)."""
     found = []
     for name in KERNELS:
