@@ -90,15 +90,14 @@ def sampled(cands: list[Candidate]) -> list[Candidate]:
         if not family:
             continue
         first = family[0]
+        family = [c for c in family if (c.shared, c.unroll) == (first.shared, first.unroll)]
 
         def launch(c: Candidate) -> tuple:
             return tuple(getattr(c, a) for a in _LAUNCH)
 
-        chosen += [c for c in family if launch(c) == launch(first)
-                   and (c.shared, c.unroll) == (first.shared, first.unroll)]
+        chosen += [c for c in family if launch(c) == launch(first)]
         for attr in _LAUNCH:
-            chosen += [c for c in family if (c.mb, c.pb, c.tile, c.shared, c.unroll)
-                       == (first.mb, first.pb, first.tile, first.shared, first.unroll)
+            chosen += [c for c in family if (c.mb, c.pb, c.tile) == (first.mb, first.pb, first.tile)
                        and getattr(c, attr) != getattr(first, attr)
                        and all(getattr(c, a) == getattr(first, a) for a in _LAUNCH if a != attr)]
     return chosen

@@ -408,11 +408,10 @@ class RowsKernel(_PaddedInputKernel):
         recorder of its dispatch."""
         out_map = out_map or OutputMap.dense(g.out)
         vec_out = out_map == OutputMap.dense(g.out) and g.out[2] % 4 == 0
-        pipe, weights = self._rows_pipeline(g, pb, lay, texel, vec_out, out_map.step_x)
+        pipe, weights, groups = self._rows_pipeline(g, pb, lay, texel, vec_out, out_map.step_x)
         dset = DescriptorSet(pipe, [source, weights, self.bias, output])
         plan.keep.append(dset)
         push = self._rows_push(g, lay, out_map, lay.pad or (0, 0, 0))
-        groups = self._rows_groups(g, lay)
         return lambda cmd: cmd.dispatch(pipe, dset, push, groups)
 
     def gate_steps(self, plan: Plan, g: Geometry, pb: int, lay: _Padded, states: tuple[Buffer, Buffer],
@@ -430,10 +429,9 @@ class RowsKernel(_PaddedInputKernel):
         if self.mb % 4 or self.group != 1 or lay.pad is not None:
             raise VkconvError("gate_steps needs whole filters per register tile, one group and a padded input")
         texel = self._use_texel([lay.nbytes], [self.weights])
-        pipe, weights = self._rows_pipeline(g, pb, lay, texel, False, 1, recurrent)
+        pipe, weights, groups = self._rows_pipeline(g, pb, lay, texel, False, 1, recurrent)
         sets = [DescriptorSet(pipe, [states[i], weights, gates, output, cell, states[1 - i]]) for i in (0, 1)]
         plan.keep += sets
-        groups = self._rows_groups(g, lay, recurrent=True)
         hw = g.out[1] * g.out[2]
 
         def step(cmd: CommandBuffer, src: int, gx_n: int, gx_off: int, y_n: int, y_off: int,
@@ -456,8 +454,8 @@ class RowsKernel(_PaddedInputKernel):
 
     def _rows_pipeline(self, g: Geometry, pb: int, lay: _Padded, texel: bool, vec_out: bool, step_x: int,
                        recurrent: Activation | None = None):
-        """The conv_rows pipeline (conv_rows_lstm with a ``recurrent`` activation) and the weights
-        buffer it binds."""
+        """The conv_rows pipeline (conv_rows_lstm with a ``recurrent`` activation, conv_rows_shared
+        with ``Tuning.shared``), the weights buffer it binds and its grid of workgroups."""
         kind = TEXEL4 if texel else STORAGE
         weights, weight_kind = self.weights.binding(texel)
         pads = lay.pad or (0, 0, 0)
@@ -467,13 +465,20 @@ class RowsKernel(_PaddedInputKernel):
                        recurrent.kind if recurrent is not None else 0, self.ctx.info.subgroup_size, unroll)
         name, push_size = "conv_rows", _PUSH_ROWS.size
         kinds: tuple[str, ...] = (kind, weight_kind, STORAGE, STORAGE)
+        shared = self.tune.shared and recurrent is None  # the LSTM variants have no shared form
         if recurrent is not None:
             name, kinds = "conv_rows_lstm", kinds + (STORAGE, STORAGE)
             push_size += _PUSH_GATES.size
-        elif self.tune.shared:
+        elif shared:
             name = "conv_rows_shared"
         pipe = get_pipeline(self.ctx, name if texel else name + "_ssbo", kinds, push_size, spec)
-        return pipe, weights
+        blocks = -(-self.cout_g // self.mb)
+        if shared:  # a subgroup per (tile, group of sg blocks)
+            sg = self.ctx.info.subgroup_size
+            blocks = -(-blocks // sg) * sg
+        groups = grid(self.ctx, lay.tiles_w * g.out[1] * g.out[0] * blocks, self.tune.local_size,
+                      g.n * g.group, "x (conv output size)")
+        return pipe, weights, groups
 
     def _rows_push(self, g: Geometry, lay: _Padded, out_map: OutputMap, pads) -> bytes:
         return _PUSH_ROWS.pack(g.cin_g, g.cout_g, g.group, -(-self.cout_g // self.mb), lay.pd, lay.ph, lay.pw4,
@@ -481,14 +486,6 @@ class RowsKernel(_PaddedInputKernel):
                                g.dilations[0], g.dilations[1], *g.out, lay.tiles_w,
                                self.act.a, self.act.b, out_map.plane, out_map.offset, out_map.step_z,
                                out_map.step_y)
-
-    def _rows_groups(self, g: Geometry, lay: _Padded, recurrent: bool = False):
-        blocks = -(-self.cout_g // self.mb)
-        if self.tune.shared and not recurrent:  # a subgroup per (tile, group of sg blocks)
-            sg = self.ctx.info.subgroup_size
-            blocks = -(-blocks // sg) * sg
-        return grid(self.ctx, lay.tiles_w * g.out[1] * g.out[0] * blocks, self.tune.local_size,
-                    g.n * g.group, "x (conv output size)")
 
 
 class DepthwiseKernel(_PaddedInputKernel):
